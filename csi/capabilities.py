@@ -1,0 +1,133 @@
+"""Volume capabilities and StorageClass parameters: what this driver supports, checked in one place.
+
+Supported: mount (ext4, xfs) or block; access modes SINGLE_NODE_WRITER, SINGLE_NODE_READER_ONLY,
+SINGLE_NODE_SINGLE_WRITER, SINGLE_NODE_MULTI_WRITER, MULTI_NODE_READER_ONLY (read-only LUN, filesystem
+mounted read-only without journal replay), and MULTI_NODE_MULTI_WRITER for block only (a filesystem
+mounted on two nodes at once would be corrupted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from csi import errors
+from csi.proto import csi_pb2 as csi
+
+Mode = csi.VolumeCapability.AccessMode
+FS_TYPES = ("ext4", "xfs")
+DEFAULT_FS = "ext4"
+SINGLE_NODE = {Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ONLY, Mode.SINGLE_NODE_SINGLE_WRITER,
+               Mode.SINGLE_NODE_MULTI_WRITER}
+READ_ONLY = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
+SUPPORTED = SINGLE_NODE | {Mode.MULTI_NODE_READER_ONLY, Mode.MULTI_NODE_MULTI_WRITER}
+BLOCK_ONLY = {Mode.MULTI_NODE_MULTI_WRITER}
+
+# StorageClass parameters (and their defaults, documented in the README).
+PARAM_POOL = "pool"
+PARAM_TYPE = "type"            # thin | thick; default thin unless `pool` names a thick pool
+PARAM_FS = "fsType"            # ext4 | xfs; csi.storage.k8s.io/fstype is the same
+PARAM_MUTUAL_CHAP = "mutualChap"
+PARAM_WIPE = "wipe"            # thick volumes: zero before the space is reused (default true)
+KNOWN_PARAMS = {PARAM_POOL, PARAM_TYPE, PARAM_FS, PARAM_MUTUAL_CHAP, PARAM_WIPE}
+K8S_PREFIX = "csi.storage.k8s.io/"
+
+
+@dataclass(frozen=True)
+class Access:
+    block: bool
+    fs_type: str
+    modes: frozenset[int]
+    mount_flags: tuple[str, ...] = ()
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.modes) and self.modes <= READ_ONLY
+
+    @property
+    def single_node(self) -> bool:
+        return bool(self.modes) and self.modes <= SINGLE_NODE
+
+
+def mode_name(mode: int) -> str:
+    return Mode.Mode.Name(mode)
+
+
+def check_capability(cap: csi.VolumeCapability, default_fs: str = DEFAULT_FS) -> Access:
+    kind = cap.WhichOneof("access_type")
+    if kind is None:
+        raise errors.invalid("volume capability needs an access type (mount or block)")
+    mode = cap.access_mode.mode
+    if mode == Mode.UNKNOWN:
+        raise errors.invalid("volume capability needs an access mode")
+    if mode not in SUPPORTED:
+        raise errors.invalid(f"access mode {mode_name(mode)} is not supported")
+    if kind == "mount":
+        fs = cap.mount.fs_type or default_fs
+        if fs not in FS_TYPES:
+            raise errors.invalid(f"filesystem {fs!r} is not supported; use one of {', '.join(FS_TYPES)}")
+        if mode in BLOCK_ONLY:
+            raise errors.invalid(f"{mode_name(mode)} is supported for raw block volumes only: a filesystem "
+                                 "mounted on several nodes at once would be corrupted")
+        for flag in cap.mount.mount_flags:
+            check_mount_flag(flag)
+        return Access(False, fs, frozenset({mode}), tuple(cap.mount.mount_flags))
+    return Access(True, "", frozenset({mode}))
+
+
+def check_mount_flag(flag: str) -> str:
+    if not flag or flag.startswith("-") or any(c in flag for c in "\0\n ") or len(flag) > 256:
+        raise errors.invalid(f"mount flag {flag!r} is not allowed")
+    return flag
+
+
+def check_capabilities(caps: Iterable[csi.VolumeCapability], default_fs: str = DEFAULT_FS) -> Access:
+    """All of a request's capabilities folded into one Access; they must agree on block vs. filesystem."""
+    caps = list(caps)
+    if not caps:
+        raise errors.invalid("volume_capabilities is required")
+    parsed = [check_capability(c, default_fs) for c in caps]
+    if len({a.block for a in parsed}) > 1:
+        raise errors.invalid("a volume is either block or mount; the capabilities ask for both")
+    if len({a.fs_type for a in parsed}) > 1:
+        raise errors.invalid("the capabilities ask for different filesystems")
+    modes = frozenset().union(*(a.modes for a in parsed))
+    return Access(parsed[0].block, parsed[0].fs_type, modes, tuple(f for a in parsed for f in a.mount_flags))
+
+
+@dataclass(frozen=True)
+class Params:
+    pool: str
+    thin: bool | None
+    fs_type: str
+    mutual_chap: bool
+    wipe: bool
+
+
+def parse_params(params: Mapping[str, str]) -> Params:
+    unknown = sorted(k for k in params if k not in KNOWN_PARAMS and not k.startswith(K8S_PREFIX))
+    if unknown:
+        raise errors.invalid(f"unknown parameter(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(KNOWN_PARAMS))} and {K8S_PREFIX}*")
+    thin: bool | None = None
+    kind = params.get(PARAM_TYPE, "")
+    if kind:
+        if kind not in ("thin", "thick"):
+            raise errors.invalid(f"parameter {PARAM_TYPE}={kind!r}: use thin or thick")
+        thin = kind == "thin"
+    fs = params.get(PARAM_FS) or params.get(K8S_PREFIX + "fstype") or ""
+    if fs and fs not in FS_TYPES:
+        raise errors.invalid(f"parameter {PARAM_FS}={fs!r}: use one of {', '.join(FS_TYPES)}")
+    pool = params.get(PARAM_POOL, "")
+    if pool and not all(c.isalnum() or c in "-_." for c in pool):
+        raise errors.invalid(f"parameter {PARAM_POOL}={pool!r} is not a pool name")
+    return Params(pool, thin, fs, _bool(params, PARAM_MUTUAL_CHAP, False), _bool(params, PARAM_WIPE, True))
+
+
+def _bool(params: Mapping[str, str], key: str, default: bool) -> bool:
+    value = params.get(key)
+    if value is None or value == "":
+        return default
+    if value.lower() not in ("true", "false"):
+        raise errors.invalid(f"parameter {key}={value!r}: use true or false")
+    return value.lower() == "true"

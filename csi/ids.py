@@ -1,0 +1,114 @@
+"""Names and identifiers. There is no database, so the IDs carry the routing.
+
+volume_id   = "v1:<storage node>:<vg>:<lv>"      (snapshot ids use "s1:")
+LV name     = "<cluster>-<slug of the request name>-<10 hex of a hash of kind, cluster and name>"
+target IQN  = IQN_PREFIX + "<vg>.<lv>" made IQN-safe (lower case; the hash keeps it unique)
+
+Everything here is pure: unit tests cover it without a kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from csi import errors
+
+DRIVER_NAME = "lvm-iscsi.csi.dev"
+IQN_PREFIX = "iqn.2026-11.dev.csi.lvm-iscsi:"
+TAG_PREFIX = "dev.csi.lvm-iscsi"
+AGENT_SERVER_NAME = "lvm-iscsi-agent"
+
+
+def topology_key(driver_name: str) -> str:
+    return f"topology.{driver_name}/zone"
+
+
+MAX_ID = 128
+MAX_NAME = 128      # request names: the CSI spec lets a plugin choose; Kubernetes sends 40 ("pvc-<uuid>")
+_CLUSTER_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?$")
+_NODE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+_LVM_NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
+# RFC 3720: iqn.yyyy-mm.reversed.domain[:anything]; restricted here to what iscsiadm and LIO take safely
+IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[a-z0-9.:_-]{1,200})?$")
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+_RESERVED_LV = ("snapshot", "pvmove", "_")
+
+
+def check_cluster_id(cluster_id: str) -> str:
+    if not _CLUSTER_RE.match(cluster_id) or cluster_id.startswith(_RESERVED_LV):
+        raise ValueError(f"cluster id {cluster_id!r}: 1-16 lower-case letters, digits and '-'")
+    return cluster_id
+
+
+def check_node_name(name: str) -> str:
+    if not _NODE_RE.match(name):
+        raise ValueError(f"storage node name {name!r}: a DNS label/subdomain of at most 63 characters")
+    return name
+
+
+def check_request_name(name: str, what: str = "name") -> str:
+    if not name:
+        raise errors.invalid(f"{what} is required")
+    if len(name.encode()) > MAX_NAME:
+        raise errors.invalid(f"{what} is longer than {MAX_NAME} bytes")
+    if not name.isprintable():
+        raise errors.invalid(f"{what} holds control characters")
+    return name
+
+
+def lv_name(cluster_id: str, request_name: str, kind: str = "volume") -> str:
+    """Deterministic LV name for a CSI request name: a retried CreateVolume finds the LV it made before."""
+    digest = hashlib.sha256(f"{kind}\0{cluster_id}\0{request_name}".encode()).hexdigest()[:10]
+    slug = _NAME_CHARS.sub("_", request_name)[:40].strip("_.-") or "x"
+    middle = "s-" if kind == "snapshot" else ""
+    return f"{cluster_id}-{middle}{slug}-{digest}"
+
+
+def target_iqn(vg: str, lv: str) -> str:
+    return IQN_PREFIX + re.sub(r"[^a-z0-9.-]", "-", f"{vg}.{lv}".lower())
+
+
+def is_iqn(value: str) -> bool:
+    return bool(IQN_RE.match(value)) and len(value) <= 223
+
+
+@dataclass(frozen=True)
+class LvRef:
+    """Where a volume or snapshot lives: storage node, VG and LV."""
+    node: str
+    vg: str
+    lv: str
+    kind: str = "volume"
+
+    def encode(self) -> str:
+        prefix = "s1" if self.kind == "snapshot" else "v1"
+        return f"{prefix}:{self.node}:{self.vg}:{self.lv}"
+
+    @property
+    def iqn(self) -> str:
+        return target_iqn(self.vg, self.lv)
+
+    def __str__(self) -> str:
+        return self.encode()
+
+
+def parse_id(value: str, kind: str = "volume") -> LvRef | None:
+    """The LvRef an ID names, or None when it is not an ID this driver could have made (another driver's,
+    malformed, too long). Callers turn None into NOT_FOUND or success as the RPC's rules say."""
+    if not value or len(value) > MAX_ID:
+        return None
+    parts = value.split(":")
+    if len(parts) != 4 or parts[0] != ("s1" if kind == "snapshot" else "v1"):
+        return None
+    _, node, vg, lv = parts
+    if not _NODE_RE.match(node) or not _LVM_NAME_RE.match(vg) or not _LVM_NAME_RE.match(lv):
+        return None
+    return LvRef(node, vg, lv, kind)
+
+
+def check_lvm_name(value: str, what: str) -> str:
+    if not _LVM_NAME_RE.match(value) or value.startswith(_RESERVED_LV):
+        raise errors.invalid(f"{what} {value!r} is not a valid LVM name")
+    return value

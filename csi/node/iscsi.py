@@ -1,0 +1,151 @@
+"""The open-iscsi initiator, through iscsiadm (os-brick's lessons kept).
+
+- Node records are made directly (`-m node -o new`), never by discovery, with node.startup=manual: a rebooted
+  worker logs into nothing by itself, and a record nobody stages is deleted at unstage or at start.
+- Exit codes carry meaning: 15 = session exists (success for login), 21 = no records / no sessions (success
+  for logout and delete).
+- CHAP secrets are masked in every log line and error message (runner's `secrets`).
+- Login is bounded: a short login timeout and few retries instead of open-iscsi's 8 x 15 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi import errors, runner
+from csi.runner import CommandError
+
+log = logging.getLogger(__name__)
+
+RC_SESSION_EXISTS = 15
+RC_NO_OBJECTS = 21
+LOGIN_TIMEOUT_S = 10
+LOGIN_RETRIES = 2
+_SESSION_RE = re.compile(r"^(\w+): \[(\d+)\] (\S+?),\d+ (\S+)")
+
+
+@dataclass(frozen=True)
+class Target:
+    iqn: str
+    portals: tuple[str, ...]
+    lun: int
+    chap_user: str = ""
+    chap_secret: str = ""
+    mutual_user: str = ""
+    mutual_secret: str = ""
+
+
+@dataclass(frozen=True)
+class Session:
+    sid: int
+    portal: str
+    iqn: str
+
+
+def read_initiator_name(path: Path) -> str:
+    try:
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line.startswith("InitiatorName="):
+                return line.split("=", 1)[1].strip()
+    except OSError as exc:
+        raise errors.precondition(f"cannot read the initiator name from {path}: {exc}") from None
+    raise errors.precondition(f"{path} holds no InitiatorName= line")
+
+
+def by_path(portal: str, iqn: str, lun: int) -> Path:
+    return Path(f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-{lun}")
+
+
+def parse_sessions(text: str) -> list[Session]:
+    out = []
+    for line in text.splitlines():
+        m = _SESSION_RE.match(line.strip())
+        if m:
+            out.append(Session(int(m.group(2)), m.group(3), m.group(4)))
+    return out
+
+
+class Iscsiadm:
+    def sessions(self) -> list[Session]:
+        r = runner.run(["iscsiadm", "-m", "session"], ok_codes=(0, RC_NO_OBJECTS))
+        return parse_sessions(r.stdout) if r.rc == 0 else []
+
+    def _node(self, iqn: str, portal: str, *args: str, ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()):
+        return runner.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args], ok_codes=ok,
+                          secrets=secrets)
+
+    def _set(self, iqn: str, portal: str, key: str, value: str, secret: bool = False) -> None:
+        self._node(iqn, portal, "-o", "update", "-n", key, "-v", value, secrets=(value,) if secret else ())
+
+    def login(self, target: Target) -> None:
+        """Records with our settings, then login on every portal. Already logged in is success."""
+        live = {(s.iqn, s.portal) for s in self.sessions()}
+        for portal in target.portals:
+            self._node(target.iqn, portal, "-o", "new", ok=(0, RC_SESSION_EXISTS))
+            settings = [("node.startup", "manual", False),
+                        ("node.conn[0].timeo.login_timeout", str(LOGIN_TIMEOUT_S), False),
+                        ("node.session.initial_login_retry_max", str(LOGIN_RETRIES), False)]
+            if target.chap_user:
+                settings += [("node.session.auth.authmethod", "CHAP", False),
+                             ("node.session.auth.username", target.chap_user, False),
+                             ("node.session.auth.password", target.chap_secret, True)]
+            if target.mutual_user:
+                settings += [("node.session.auth.username_in", target.mutual_user, False),
+                             ("node.session.auth.password_in", target.mutual_secret, True)]
+            for key, value, secret in settings:
+                self._set(target.iqn, portal, key, value, secret)
+            if (target.iqn, portal) in live:
+                continue
+            try:
+                self._node(target.iqn, portal, "--login", ok=(0, RC_SESSION_EXISTS))
+            except CommandError as exc:
+                if exc.rc == 24:  # ISCSI_ERR_LOGIN_AUTH_FAILED
+                    raise errors.precondition(f"iSCSI login to {target.iqn} at {portal} refused: "
+                                              "CHAP authentication failed") from None
+                if exc.rc in (8, 19, 20):  # timeout / no connection / transport
+                    raise errors.unavailable(f"cannot reach iSCSI portal {portal} for {target.iqn}: "
+                                             f"{exc.stderr.strip()[-200:]}") from None
+                raise
+
+    def logout(self, iqn: str) -> None:
+        """Logs out of every portal of the target and deletes its node records. Gone already is success."""
+        runner.run(["iscsiadm", "-m", "node", "-T", iqn, "--logout"], ok_codes=(0, RC_NO_OBJECTS))
+        runner.run(["iscsiadm", "-m", "node", "-T", iqn, "-o", "delete"], ok_codes=(0, RC_NO_OBJECTS))
+
+    def rescan(self, iqn: str) -> None:
+        runner.run(["iscsiadm", "-m", "node", "-T", iqn, "-R"], ok_codes=(0, RC_NO_OBJECTS))
+
+    def records(self) -> list[tuple[str, str]]:
+        """(portal, iqn) of every node record."""
+        r = runner.run(["iscsiadm", "-m", "node"], ok_codes=(0, RC_NO_OBJECTS))
+        out = []
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                out.append((parts[0].split(",")[0], parts[1]))
+        return out
+
+    def wait_for_device(self, target: Target, timeout: float = 20.0) -> Path:
+        """The disk of LUN `lun` through any portal, once udev made it; rescans on a bounded schedule."""
+        deadline = time.monotonic() + min(timeout, runner.time_left())
+        delay, rescans = 0.1, 0
+        while True:
+            for portal in target.portals:
+                link = by_path(portal, target.iqn, target.lun)
+                if link.exists():
+                    return Path(os.path.realpath(link))
+            if time.monotonic() >= deadline:
+                raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED,
+                                      f"logged in to {target.iqn}, but LUN {target.lun} did not appear under "
+                                      f"/dev/disk/by-path within {timeout:.0f}s (is udev running?)")
+            if delay >= 1.0 and rescans < 3:
+                self.rescan(target.iqn)
+                rescans += 1
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -1,0 +1,250 @@
+"""CSI Node service: iSCSI login / logout, mkfs, mount, bind mount, stats. Never talks to an agent.
+
+What each stage needs to be undone (target IQN, portals, device) is written to a small record before the
+login, so NodeUnstageVolume can always log out, even after a crash, a reboot or a vanished target. The IQN is
+also derivable from the volume ID, so even without a record nothing stays logged in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from csi import capabilities as caps
+from csi import errors, ids
+from csi.config import NodeConfig
+from csi.controller.service import (CTX_CHAP_SECRET, CTX_CHAP_USER, CTX_IQN, CTX_LUN, CTX_MUTUAL_SECRET,
+                                    CTX_MUTUAL_USER, CTX_PORTALS)
+from csi.fsutil import remove, write_atomic
+from csi.node import mount
+from csi.node.iscsi import Iscsiadm, Target, read_initiator_name
+from csi.proto import csi_pb2 as csi
+from csi.proto import csi_pb2_grpc
+from csi.server import KeyLocks
+
+log = logging.getLogger(__name__)
+
+Cap = csi.NodeServiceCapability.RPC.Type
+CAPABILITIES = (Cap.STAGE_UNSTAGE_VOLUME, Cap.GET_VOLUME_STATS, Cap.VOLUME_CONDITION, Cap.SINGLE_NODE_MULTI_WRITER)
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    def __init__(self, config: NodeConfig, iscsi: Iscsiadm | None = None, zone: str | None = None):
+        self.config = config
+        self.iscsi = iscsi or Iscsiadm()
+        self.zone = zone
+        self.locks = KeyLocks()
+
+    # ------------------------------------------------------------------------------------ checks
+
+    def _ref(self, volume_id: str) -> ids.LvRef:
+        if not volume_id:
+            raise errors.invalid("volume_id is required")
+        ref = ids.parse_id(volume_id)
+        if ref is None:
+            raise errors.not_found(f"volume {volume_id!r} is not a volume of this driver")
+        return ref
+
+    def _path(self, value: str, what: str) -> Path:
+        if not value:
+            raise errors.invalid(f"{what} is required")
+        if "\0" in value or not value.startswith("/") or len(value) > 4096:
+            raise errors.invalid(f"{what} must be an absolute path")
+        path = Path(os.path.normpath(value))
+        real = Path(os.path.realpath(path.parent)) / path.name
+        if self.config.kubelet_dir not in real.parents:
+            raise errors.invalid(f"{what} {value!r} is outside the kubelet directory {self.config.kubelet_dir}")
+        return real
+
+    def _record_path(self, volume_id: str) -> Path:
+        return self.config.state_dir / (hashlib.sha256(volume_id.encode()).hexdigest()[:32] + ".json")
+
+    def _record(self, volume_id: str) -> dict | None:
+        try:
+            return json.loads(self._record_path(volume_id).read_text())
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------------------------------ stage
+
+    def NodeStageVolume(self, request, context):
+        ref = self._ref(request.volume_id)
+        staging = self._path(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise errors.invalid("volume_capability is required")
+        default_fs = request.volume_context.get("fsType") or caps.DEFAULT_FS
+        access = caps.check_capability(request.volume_capability, default_fs)
+        ctx = request.publish_context
+        missing = [k for k in (CTX_IQN, CTX_PORTALS, CTX_LUN) if not ctx.get(k)]
+        if missing:
+            raise errors.invalid(f"publish_context lacks {', '.join(missing)} (was the volume published by this "
+                                 "driver's controller?)")
+        if ctx[CTX_IQN] != ref.iqn:
+            raise errors.invalid("publish_context names another target than the volume")
+        target = Target(ctx[CTX_IQN], tuple(p for p in ctx[CTX_PORTALS].split(",") if p), int(ctx[CTX_LUN]),
+                        ctx.get(CTX_CHAP_USER, ""), ctx.get(CTX_CHAP_SECRET, ""), ctx.get(CTX_MUTUAL_USER, ""),
+                        ctx.get(CTX_MUTUAL_SECRET, ""))
+        with self.locks.hold(request.volume_id):
+            if not access.block:
+                existing = mount.mount_at(staging)
+                if existing is not None:
+                    return csi.NodeStageVolumeResponse()
+            # Written before the login: from here on, unstage knows what to log out of.
+            write_atomic(self._record_path(request.volume_id), json.dumps(
+                {"volume_id": request.volume_id, "iqn": target.iqn, "portals": list(target.portals),
+                 "lun": target.lun, "staging": str(staging), "block": access.block}), mode=0o600)
+            try:
+                self.iscsi.login(target)
+                device = self.iscsi.wait_for_device(target)
+                if access.block:
+                    return csi.NodeStageVolumeResponse()
+                staging.mkdir(parents=True, exist_ok=True)
+                found = mount.fs_type(device)
+                if found is None:
+                    if access.read_only:
+                        raise errors.precondition("the volume is blank and published read-only: it cannot be "
+                                                  "formatted; write to it once through a writable claim")
+                    log.info("formatting %s (%s) as %s", ref, device, access.fs_type)
+                    mount.mkfs(device, access.fs_type)
+                    found = access.fs_type
+                elif found not in caps.FS_TYPES:
+                    raise errors.precondition(f"the volume holds {found!r}, not a filesystem this driver mounts; "
+                                              "nothing was changed")
+                mount.mount(device, staging, found, self._options(found, access))
+            except Exception:
+                # Leave nothing half-done: a failed stage logs out again (the CO will retry the whole stage).
+                self._undo_stage(request.volume_id, ref, staging)
+                raise
+        return csi.NodeStageVolumeResponse()
+
+    @staticmethod
+    def _options(fs: str, access: caps.Access) -> list[str]:
+        opts = list(access.mount_flags)
+        if access.read_only:
+            # A read-only LUN cannot take a journal replay: mount without one.
+            opts += ["ro", "noload" if fs == "ext4" else "norecovery"]
+        if fs == "xfs":
+            opts.append("nouuid")  # clones and restored snapshots carry their source's UUID
+        return opts
+
+    def NodeUnstageVolume(self, request, context):
+        ref = self._ref(request.volume_id)
+        staging = self._path(request.staging_target_path, "staging_target_path")
+        with self.locks.hold(request.volume_id):
+            self._undo_stage(request.volume_id, ref, staging)
+        return csi.NodeUnstageVolumeResponse()
+
+    def _undo_stage(self, volume_id: str, ref: ids.LvRef, staging: Path) -> None:
+        """umount, flush, logout, delete the node record and our record: every step tried, errors raised once."""
+        problems: list[str] = []
+        rec = self._record(volume_id) or {}
+        iqn = rec.get("iqn") or ref.iqn
+        device = None
+        m = mount.mount_at(staging)
+        if m is not None:
+            device = Path(m.source)
+            try:
+                mount.umount(staging)
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"umount {staging}: {exc}")
+        if device is not None and device.exists() and not problems:
+            try:
+                mount.flush(device)
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"flush {device}: {exc}")
+        if problems:
+            # Still mounted: logging out now would lose writes. The CO retries.
+            raise errors.internal("; ".join(problems))
+        self.iscsi.logout(iqn)
+        remove(self._record_path(volume_id))
+
+    # ------------------------------------------------------------------------------------ publish
+
+    def NodePublishVolume(self, request, context):
+        ref = self._ref(request.volume_id)
+        staging = self._path(request.staging_target_path, "staging_target_path")
+        target = self._path(request.target_path, "target_path")
+        if not request.HasField("volume_capability"):
+            raise errors.invalid("volume_capability is required")
+        access = caps.check_capability(request.volume_capability,
+                                       request.volume_context.get("fsType") or caps.DEFAULT_FS)
+        read_only = request.readonly or access.read_only
+        with self.locks.hold(request.volume_id + "@" + str(target)):
+            existing = mount.mount_at(target)
+            if existing is not None:
+                if existing.read_only != read_only:
+                    raise errors.exists(f"{target} is already mounted {'read-only' if existing.read_only else 'rw'}")
+                return csi.NodePublishVolumeResponse()
+            if access.block:
+                rec = self._record(request.volume_id)
+                if rec is None:
+                    raise errors.precondition(f"volume {ref} is not staged on this node")
+                device = self.iscsi.wait_for_device(Target(rec["iqn"], tuple(rec["portals"]), rec["lun"]),
+                                                    timeout=5)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.exists():
+                    target.touch(mode=0o600)
+                mount.bind(device, target, read_only)
+            else:
+                if mount.mount_at(staging) is None:
+                    raise errors.precondition(f"volume {ref} is not staged at {staging}")
+                target.mkdir(parents=True, exist_ok=True)
+                mount.bind(staging, target, read_only)
+        return csi.NodePublishVolumeResponse()
+
+    def NodeUnpublishVolume(self, request, context):
+        self._ref(request.volume_id)
+        target = self._path(request.target_path, "target_path")
+        with self.locks.hold(request.volume_id + "@" + str(target)):
+            while mount.mount_at(target) is not None:
+                mount.umount(target)
+            if target.is_dir():
+                target.rmdir()
+            elif target.exists():
+                target.unlink()
+        return csi.NodeUnpublishVolumeResponse()
+
+    # ------------------------------------------------------------------------------------ info
+
+    def NodeGetVolumeStats(self, request, context):
+        ref = self._ref(request.volume_id)
+        if not request.volume_path:
+            raise errors.invalid("volume_path is required")
+        path = Path(request.volume_path)
+        if not path.exists():
+            raise errors.not_found(f"volume path {path} does not exist")
+        live = any(s.iqn == ref.iqn for s in self.iscsi.sessions())
+        condition = csi.VolumeCondition(abnormal=not live, message="healthy" if live else
+                                        f"no iSCSI session to {ref.iqn}: the target is unreachable or gone")
+        m = mount.mount_at(path)
+        if path.is_dir():
+            if m is None:
+                raise errors.not_found(f"{path} is not mounted")
+            st = os.statvfs(path)
+            usage = [csi.VolumeUsage(unit=csi.VolumeUsage.BYTES, total=st.f_blocks * st.f_frsize,
+                                     available=st.f_bavail * st.f_frsize,
+                                     used=(st.f_blocks - st.f_bfree) * st.f_frsize),
+                     csi.VolumeUsage(unit=csi.VolumeUsage.INODES, total=st.f_files, available=st.f_favail,
+                                     used=st.f_files - st.f_ffree)]
+        else:
+            size = mount.device_size(Path(m.source)) if m and live else 0
+            usage = [csi.VolumeUsage(unit=csi.VolumeUsage.BYTES, total=size)]
+        return csi.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    def NodeGetCapabilities(self, request, context):
+        return csi.NodeGetCapabilitiesResponse(capabilities=[
+            csi.NodeServiceCapability(rpc=csi.NodeServiceCapability.RPC(type=c)) for c in CAPABILITIES])
+
+    def NodeGetInfo(self, request, context):
+        iqn = read_initiator_name(self.config.initiator_name_file)
+        topology = None
+        if self.zone:
+            topology = csi.Topology(segments={ids.topology_key(self.config.driver_name): self.zone})
+        return csi.NodeGetInfoResponse(node_id=iqn, max_volumes_per_node=self.config.max_volumes,
+                                       accessible_topology=topology)
+
+    def NodeExpandVolume(self, request, context):
+        raise errors.CsiError(errors.Code.UNIMPLEMENTED, "NodeExpandVolume is not supported by this driver yet")

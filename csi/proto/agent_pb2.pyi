@@ -1,0 +1,211 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Pool(_message.Message):
+    __slots__ = ("name", "vg", "thin_pool", "extent_bytes", "physical_total_bytes", "physical_used_bytes", "overprovision_ratio", "available_bytes", "data_percent", "metadata_percent", "max_fill_percent", "warn_fill_percent", "volume_count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VG_FIELD_NUMBER: _ClassVar[int]
+    THIN_POOL_FIELD_NUMBER: _ClassVar[int]
+    EXTENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PHYSICAL_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PHYSICAL_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OVERPROVISION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILL_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    WARN_FILL_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vg: str
+    thin_pool: str
+    extent_bytes: int
+    physical_total_bytes: int
+    physical_used_bytes: int
+    overprovision_ratio: float
+    available_bytes: int
+    data_percent: float
+    metadata_percent: float
+    max_fill_percent: float
+    warn_fill_percent: float
+    volume_count: int
+    def __init__(self, name: _Optional[str] = ..., vg: _Optional[str] = ..., thin_pool: _Optional[str] = ..., extent_bytes: _Optional[int] = ..., physical_total_bytes: _Optional[int] = ..., physical_used_bytes: _Optional[int] = ..., overprovision_ratio: _Optional[float] = ..., available_bytes: _Optional[int] = ..., data_percent: _Optional[float] = ..., metadata_percent: _Optional[float] = ..., max_fill_percent: _Optional[float] = ..., warn_fill_percent: _Optional[float] = ..., volume_count: _Optional[int] = ...) -> None: ...
+
+class AgentInfo(_message.Message):
+    __slots__ = ("node_name", "api_version", "agent_version", "pools", "portals", "ready", "not_ready_reason")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    PORTALS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    api_version: str
+    agent_version: str
+    pools: _containers.RepeatedCompositeFieldContainer[Pool]
+    portals: _containers.RepeatedScalarFieldContainer[str]
+    ready: bool
+    not_ready_reason: str
+    def __init__(self, node_name: _Optional[str] = ..., api_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., portals: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...
+
+class CreateVolumeRequest(_message.Message):
+    __slots__ = ("name", "pool", "size_bytes", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pool: str
+    size_bytes: int
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., size_bytes: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Initiator(_message.Message):
+    __slots__ = ("iqn", "read_only")
+    IQN_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    iqn: str
+    read_only: bool
+    def __init__(self, iqn: _Optional[str] = ..., read_only: _Optional[bool] = ...) -> None: ...
+
+class Volume(_message.Message):
+    __slots__ = ("name", "pool", "vg", "lv", "size_bytes", "attributes", "target_iqn", "initiators", "exported", "created_unix", "healthy", "condition")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_IQN_FIELD_NUMBER: _ClassVar[int]
+    INITIATORS_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pool: str
+    vg: str
+    lv: str
+    size_bytes: int
+    attributes: _containers.ScalarMap[str, str]
+    target_iqn: str
+    initiators: _containers.RepeatedCompositeFieldContainer[Initiator]
+    exported: bool
+    created_unix: int
+    healthy: bool
+    condition: str
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., target_iqn: _Optional[str] = ..., initiators: _Optional[_Iterable[_Union[Initiator, _Mapping]]] = ..., exported: _Optional[bool] = ..., created_unix: _Optional[int] = ..., healthy: _Optional[bool] = ..., condition: _Optional[str] = ...) -> None: ...
+
+class DeleteVolumeRequest(_message.Message):
+    __slots__ = ("vg", "lv")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ...) -> None: ...
+
+class DeleteVolumeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetVolumeRequest(_message.Message):
+    __slots__ = ("vg", "lv", "name")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    name: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListVolumesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVolumesResponse(_message.Message):
+    __slots__ = ("volumes",)
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    volumes: _containers.RepeatedCompositeFieldContainer[Volume]
+    def __init__(self, volumes: _Optional[_Iterable[_Union[Volume, _Mapping]]] = ...) -> None: ...
+
+class ExpandVolumeRequest(_message.Message):
+    __slots__ = ("vg", "lv", "size_bytes")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    size_bytes: int
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class GrantAccessRequest(_message.Message):
+    __slots__ = ("vg", "lv", "initiator_iqn", "read_only", "mutual_chap")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    INITIATOR_IQN_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_CHAP_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    initiator_iqn: str
+    read_only: bool
+    mutual_chap: bool
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., initiator_iqn: _Optional[str] = ..., read_only: _Optional[bool] = ..., mutual_chap: _Optional[bool] = ...) -> None: ...
+
+class GrantAccessResponse(_message.Message):
+    __slots__ = ("target_iqn", "portals", "lun", "chap_user", "chap_secret", "mutual_chap_user", "mutual_chap_secret")
+    TARGET_IQN_FIELD_NUMBER: _ClassVar[int]
+    PORTALS_FIELD_NUMBER: _ClassVar[int]
+    LUN_FIELD_NUMBER: _ClassVar[int]
+    CHAP_USER_FIELD_NUMBER: _ClassVar[int]
+    CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_CHAP_USER_FIELD_NUMBER: _ClassVar[int]
+    MUTUAL_CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
+    target_iqn: str
+    portals: _containers.RepeatedScalarFieldContainer[str]
+    lun: int
+    chap_user: str
+    chap_secret: str
+    mutual_chap_user: str
+    mutual_chap_secret: str
+    def __init__(self, target_iqn: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., lun: _Optional[int] = ..., chap_user: _Optional[str] = ..., chap_secret: _Optional[str] = ..., mutual_chap_user: _Optional[str] = ..., mutual_chap_secret: _Optional[str] = ...) -> None: ...
+
+class RevokeAccessRequest(_message.Message):
+    __slots__ = ("vg", "lv", "initiator_iqn")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    INITIATOR_IQN_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    initiator_iqn: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., initiator_iqn: _Optional[str] = ...) -> None: ...
+
+class RevokeAccessResponse(_message.Message):
+    __slots__ = ("sessions_ended",)
+    SESSIONS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    sessions_ended: int
+    def __init__(self, sessions_ended: _Optional[int] = ...) -> None: ...

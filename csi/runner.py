@@ -1,0 +1,125 @@
+"""The one place that runs external commands.
+
+Every command is an argv list (never a shell string), runs with LC_ALL=C, keeps stderr apart from stdout, and
+gets a timeout from the deadline of the RPC being served (see `deadline`), so a command never outlives the
+call that started it. Failures raise `CommandError` carrying argv, exit code and stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 120.0
+# Never let a command run with less than this, even when the RPC is almost out of time: a command killed
+# half-way (lvcreate, iscsiadm --login) costs more to clean up than a deadline overrun by a second.
+MIN_TIMEOUT = 2.0
+MAX_DEADLINE = 24 * 3600.0
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(seconds_left: float | None) -> Iterator[None]:
+    """Commands run inside this block time out when `seconds_left` (from now) is spent."""
+    # gRPC reports "no deadline" as None or as an enormous number of seconds: both mean no deadline here.
+    if seconds_left is not None and seconds_left > MAX_DEADLINE:
+        seconds_left = None
+    token = _deadline.set(None if seconds_left is None else time.monotonic() + seconds_left)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def time_left(default: float = DEFAULT_TIMEOUT) -> float:
+    end = _deadline.get()
+    if end is None:
+        return default
+    return max(MIN_TIMEOUT, end - time.monotonic())
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class CommandError(Exception):
+    """A command failed: not found, timed out, or exited with a code the caller did not accept."""
+
+    def __init__(self, argv: Sequence[str], rc: int | None, stderr: str, stdout: str = "", reason: str = ""):
+        self.argv = tuple(argv)
+        self.rc = rc
+        self.stderr = stderr
+        self.stdout = stdout
+        self.reason = reason or f"exit code {rc}"
+        super().__init__(f"{' '.join(self.argv[:3])}{' ...' if len(self.argv) > 3 else ''}: "
+                         f"{self.reason}: {stderr.strip()[-500:]}")
+
+
+class CommandTimeout(CommandError):
+    pass
+
+
+class CommandNotFound(CommandError):
+    pass
+
+
+def mask(argv: Sequence[str], secrets: Iterable[str]) -> list[str]:
+    hidden = {s for s in secrets if s}
+    return ["***" if a in hidden else a for a in argv]
+
+
+def run(argv: Sequence[str], *, timeout: float | None = None, input: str | None = None,
+        ok_codes: Iterable[int] = (0,), env: dict[str, str] | None = None,
+        secrets: Iterable[str] = ()) -> Result:
+    """Runs argv and returns its Result; raises CommandError unless the exit code is in ok_codes.
+
+    `secrets` are argv items (CHAP passwords) that must never reach a log line or an error message.
+    """
+    argv = [str(a) for a in argv]
+    secrets = tuple(secrets)
+    shown = mask(argv, secrets)
+    limit = min(timeout, time_left()) if timeout is not None else time_left()
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env["LC_ALL"] = "C"
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=limit,
+                              env=full_env, check=False, stdin=None if input is not None else subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise CommandNotFound(shown, None, "", reason=f"{argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired as exc:
+        raise CommandTimeout(shown, None, _text(exc.stderr), reason=f"timed out after {limit:.1f}s") from None
+    took = time.monotonic() - started
+    stderr = _scrub(proc.stderr, secrets)
+    log.debug("ran %s rc=%d in %.3fs", shown, proc.returncode, took)
+    result = Result(tuple(shown), proc.returncode, proc.stdout, stderr)
+    if proc.returncode not in tuple(ok_codes):
+        raise CommandError(shown, proc.returncode, stderr, _scrub(proc.stdout, secrets))
+    return result
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text

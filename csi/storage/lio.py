@@ -1,0 +1,209 @@
+"""The LIO iSCSI target through rtslib-fb: one target per volume, LUN 0, portals, one ACL per initiator.
+
+Every layer (backstore, target, TPG, LUN, portal, ACL, mapped LUN) is made idempotent on its own, so a call
+cut short at any point is finished by its retry. Objects are looked up by name (configfs paths), never by a
+scan of every target, and nothing here saves the whole LIO configuration: records.py keeps what rebuilds each
+export. The kernel modules are loaded by the agent at start through the runner, so rtslib never runs its
+own (shell-based) modprobe.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from csi import runner
+
+log = logging.getLogger(__name__)
+
+MODULES = ("configfs", "target_core_mod", "target_core_iblock", "iscsi_target_mod")
+CONFIGFS = Path("/sys/kernel/config/target")
+
+
+@dataclass(frozen=True)
+class Portal:
+    ip: str
+    port: int = 3260
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Portal":
+        host, _, port = text.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"portal {text!r}: expected ip:port")
+        return cls(host.strip("[]"), int(port))
+
+
+@dataclass(frozen=True)
+class Access:
+    """One initiator's ACL on a target."""
+    initiator: str
+    read_only: bool
+    chap_user: str
+    chap_secret: str
+    mutual_user: str = ""
+    mutual_secret: str = ""
+
+
+@dataclass(frozen=True)
+class AclState:
+    initiator: str
+    read_only: bool
+    logged_in: bool
+
+
+def load_modules() -> None:
+    runner.run(["modprobe", "-a", *MODULES])
+
+
+def _rts():
+    # Imported late: rtslib-fb reads configfs when its objects are made, and the unit tests and the
+    # controller never need it.
+    import rtslib_fb
+    return rtslib_fb
+
+
+class Lio:
+    def __init__(self, portals: Sequence[Portal]):
+        self.portals = tuple(portals)
+
+    def _fabric(self):
+        return _rts().FabricModule("iscsi")
+
+    def _target(self, iqn: str, mode: str = "lookup"):
+        rts = _rts()
+        try:
+            return rts.Target(self._fabric(), iqn, mode=mode)
+        except rts.RTSLibNotInCFSError:
+            return None
+
+    def _tpg(self, iqn: str):
+        rts = _rts()
+        target = self._target(iqn)
+        if target is None:
+            return None
+        try:
+            return rts.TPG(target, 1, mode="lookup")
+        except rts.RTSLibNotInCFSError:
+            return None
+
+    # ------------------------------------------------------------------------------------ exports
+
+    def export(self, iqn: str, backstore: str, device: str, thin: bool) -> None:
+        """Backstore, target, TPG 1 with CHAP enforced and no demo mode, LUN 0, portals."""
+        rts = _rts()
+        try:
+            so = rts.BlockStorageObject(backstore)
+        except rts.RTSLibNotInCFSError:
+            so = rts.BlockStorageObject(backstore, dev=device, wwn=str(uuid.uuid5(uuid.NAMESPACE_URL, iqn)))
+        if thin:
+            # Lets the initiator's discards (fstrim, mkfs) give blocks back to the thin pool.
+            so.set_attribute("emulate_tpu", "1")
+        target = rts.Target(self._fabric(), iqn, mode="any")
+        tpg = rts.TPG(target, 1, mode="any")
+        tpg.set_attribute("authentication", "1")
+        tpg.set_attribute("generate_node_acls", "0")
+        tpg.set_attribute("demo_mode_write_protect", "1")
+        tpg.set_attribute("cache_dynamic_acls", "0")
+        tpg.set_parameter("AuthMethod", "CHAP")
+        try:
+            rts.LUN(tpg, 0)
+        except rts.RTSLibNotInCFSError:
+            rts.LUN(tpg, 0, storage_object=so)
+        wanted = {(p.ip, p.port) for p in self.portals}
+        for np in list(tpg.network_portals):
+            if (np.ip_address, np.port) not in wanted:
+                np.delete()
+        for p in self.portals:
+            rts.NetworkPortal(tpg, p.ip, p.port, mode="any")
+        if not tpg.enable:
+            tpg.enable = True
+
+    def unexport(self, iqn: str, backstore: str) -> None:
+        """Removes the target (its TPG, LUN, portals, ACLs: the kernel ends their sessions) and the backstore."""
+        rts = _rts()
+        target = self._target(iqn)
+        if target is not None:
+            target.delete()
+        try:
+            rts.BlockStorageObject(backstore).delete()
+        except rts.RTSLibNotInCFSError:
+            pass
+
+    def is_exported(self, iqn: str) -> bool:
+        rts = _rts()
+        tpg = self._tpg(iqn)
+        if tpg is None or not tpg.enable:
+            return False
+        try:
+            rts.LUN(tpg, 0)
+        except rts.RTSLibNotInCFSError:
+            return False
+        return any(True for _ in tpg.network_portals)
+
+    def exported_iqns(self, prefix: str) -> list[str]:
+        """Targets of this driver that exist in the kernel (for orphan checks and `status`, not per call)."""
+        base = CONFIGFS / "iscsi"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.name.startswith(prefix))
+
+    # ------------------------------------------------------------------------------------ ACLs
+
+    def grant(self, iqn: str, access: Access) -> None:
+        rts = _rts()
+        tpg = self._tpg(iqn)
+        if tpg is None:
+            raise LookupError(f"target {iqn} is not exported")
+        acl = rts.NodeACL(tpg, access.initiator, mode="any")
+        if acl.chap_userid != access.chap_user:
+            acl.chap_userid = access.chap_user
+        if acl.chap_password != access.chap_secret:
+            acl.chap_password = access.chap_secret
+        if (acl.chap_mutual_userid or "") != access.mutual_user:
+            acl.chap_mutual_userid = access.mutual_user
+        if (acl.chap_mutual_password or "") != access.mutual_secret:
+            acl.chap_mutual_password = access.mutual_secret
+        try:
+            mapped = rts.MappedLUN(acl, 0)
+            if bool(mapped.write_protect) != access.read_only:
+                mapped.delete()
+                mapped = None
+        except rts.RTSLibNotInCFSError:
+            mapped = None
+        if mapped is None:
+            rts.MappedLUN(acl, 0, tpg_lun=rts.LUN(tpg, 0), write_protect=access.read_only)
+
+    def revoke(self, iqn: str, initiator: str) -> int:
+        """Removes the ACL; LIO ends the initiator's sessions with it. Returns how many were live."""
+        rts = _rts()
+        tpg = self._tpg(iqn)
+        if tpg is None:
+            return 0
+        try:
+            acl = rts.NodeACL(tpg, initiator, mode="lookup")
+        except rts.RTSLibNotInCFSError:
+            return 0
+        live = 1 if acl.session else 0
+        acl.delete()
+        return live
+
+    def acls(self, iqn: str) -> list[AclState]:
+        rts = _rts()
+        tpg = self._tpg(iqn)
+        if tpg is None:
+            return []
+        out = []
+        for acl in tpg.node_acls:
+            ro = False
+            try:
+                ro = bool(rts.MappedLUN(acl, 0).write_protect)
+            except rts.RTSLibNotInCFSError:
+                pass
+            out.append(AclState(acl.node_wwn, ro, bool(acl.session)))
+        return out

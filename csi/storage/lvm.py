@@ -1,0 +1,238 @@
+"""LVM, read only through JSON reports (`--reportformat json --units b --nosuffix`), written through argv.
+
+The agent's LVM runs with its own configuration directory (LVM_SYSTEM_DIR): it scans only the devices the
+agent is configured for, never LVs (a tenant's PVs inside a volume stay invisible), activates nothing on its
+own, and keeps its metadata backups in the agent's state directory instead of the host's /etc/lvm.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from csi import runner
+from csi.fsutil import write_atomic
+from csi.runner import CommandError
+
+LV_FIELDS = "lv_name,vg_name,lv_size,lv_tags,pool_lv,lv_attr,data_percent,metadata_percent,origin,lv_time"
+VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size,lv_count"
+POOL_FIELDS = "lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,zero"
+
+# lvs exits with 5 and says exactly this when asked for an LV or VG that is not there.
+_LV_MISSING = re.compile(r'^\s*Failed to find logical volume "[^"]+"\s*$', re.M)
+_VG_MISSING = re.compile(r'^\s*Volume group "[^"]+" not found\s*$', re.M)
+
+
+@dataclass(frozen=True)
+class LogicalVolume:
+    vg: str
+    name: str
+    size: int
+    tags: tuple[str, ...]
+    pool: str
+    attr: str
+    data_percent: float | None = None
+    metadata_percent: float | None = None
+    origin: str = ""
+
+    @property
+    def active(self) -> bool:
+        return len(self.attr) > 4 and self.attr[4] == "a"
+
+    @property
+    def is_thin_pool(self) -> bool:
+        return self.attr.startswith("t")
+
+    @property
+    def path(self) -> str:
+        return f"/dev/{self.vg}/{self.name}"
+
+    def tag(self, key: str) -> str | None:
+        prefix = key + "="
+        for t in self.tags:
+            if t.startswith(prefix):
+                return t[len(prefix):]
+        return None
+
+
+@dataclass(frozen=True)
+class VolumeGroup:
+    name: str
+    size: int
+    free: int
+    extent_size: int
+    lv_count: int
+
+
+@dataclass(frozen=True)
+class ThinPoolState:
+    vg: str
+    name: str
+    size: int
+    data_percent: float
+    metadata_percent: float
+    zeroing: bool
+
+
+def lvm_config(devices: Sequence[str], state_dir: Path) -> str:
+    """lvm.conf for the agent: an accept-list of the configured devices, nothing else."""
+    accept = ", ".join(f'"a|{_glob_to_regex(d)}|"' for d in devices)
+    return f"""# Written by the lvm-iscsi-csi agent at start; changes are overwritten.
+devices {{
+    global_filter = [ {accept}, "r|.*|" ]
+    filter = [ "a|.*|" ]
+    scan_lvs = 0
+    use_devicesfile = 0
+}}
+activation {{
+    monitoring = 0
+    auto_activation_volume_list = [ ]
+}}
+global {{
+    event_activation = 0
+}}
+backup {{
+    backup = 1
+    backup_dir = "{state_dir}/lvm/backup"
+    archive = 0
+    archive_dir = "{state_dir}/lvm/archive"
+}}
+"""
+
+
+def _glob_to_regex(glob: str) -> str:
+    if "|" in glob or '"' in glob:
+        raise ValueError(f"device pattern {glob!r} may not hold '|' or '\"'")
+    out = []
+    for ch in glob:
+        out.append(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) if ch in ".+()[]{}^$\\" else ch)
+    return "^" + "".join(out) + "$"
+
+
+def _num(value: str) -> int:
+    return int(float(value)) if value else 0
+
+
+def _pct(value: str) -> float | None:
+    return float(value) if value not in ("", None) else None
+
+
+class Lvm:
+    """The agent's LVM. `system_dir` holds the lvm.conf written by `configure`."""
+
+    def __init__(self, system_dir: Path):
+        self.system_dir = system_dir
+
+    def configure(self, devices: Sequence[str], state_dir: Path) -> None:
+        self.system_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("backup", "archive"):
+            (state_dir / "lvm" / sub).mkdir(parents=True, exist_ok=True)
+        write_atomic(self.system_dir / "lvm.conf", lvm_config(devices, state_dir), mode=0o644)
+
+    def _run(self, argv: list[str], ok_codes: Iterable[int] = (0,)) -> runner.Result:
+        return runner.run(argv, ok_codes=ok_codes, env={"LVM_SYSTEM_DIR": str(self.system_dir),
+                                                        "LVM_SUPPRESS_FD_WARNINGS": "1"})
+
+    @staticmethod
+    def _report(stdout: str, kind: str) -> list[dict[str, str]]:
+        rows: list[dict[str, str]] = []
+        for part in json.loads(stdout).get("report", []):
+            rows.extend(part.get(kind, []))
+        return rows
+
+    # ------------------------------------------------------------------------------------ reads
+
+    def vg(self, name: str) -> VolumeGroup | None:
+        try:
+            out = self._run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", VG_FIELDS, name])
+        except CommandError as exc:
+            if exc.rc == 5 and _VG_MISSING.search(exc.stderr):
+                return None
+            raise
+        rows = self._report(out.stdout, "vg")
+        if not rows:
+            return None
+        r = rows[0]
+        return VolumeGroup(r["vg_name"], _num(r["vg_size"]), _num(r["vg_free"]), _num(r["vg_extent_size"]),
+                           _num(r["lv_count"]))
+
+    def lv(self, vg: str, name: str) -> LogicalVolume | None:
+        try:
+            out = self._run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", LV_FIELDS,
+                             f"{vg}/{name}"])
+        except CommandError as exc:
+            if exc.rc == 5 and (_LV_MISSING.search(exc.stderr) or _VG_MISSING.search(exc.stderr)):
+                return None
+            raise
+        rows = self._report(out.stdout, "lv")
+        return _lv(rows[0]) if rows else None
+
+    def lvs(self, vg: str, select: str | None = None) -> list[LogicalVolume]:
+        argv = ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", LV_FIELDS]
+        if select:
+            argv += ["--select", select]
+        try:
+            out = self._run(argv + [vg])
+        except CommandError as exc:
+            if exc.rc == 5 and _VG_MISSING.search(exc.stderr):
+                return []
+            raise
+        return [_lv(r) for r in self._report(out.stdout, "lv")]
+
+    def thin_pool(self, vg: str, pool: str) -> ThinPoolState | None:
+        try:
+            out = self._run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", POOL_FIELDS,
+                             f"{vg}/{pool}"])
+        except CommandError as exc:
+            if exc.rc == 5 and (_LV_MISSING.search(exc.stderr) or _VG_MISSING.search(exc.stderr)):
+                return None
+            raise
+        rows = self._report(out.stdout, "lv")
+        if not rows or not rows[0]["lv_attr"].startswith("t"):
+            return None
+        r = rows[0]
+        return ThinPoolState(r["vg_name"], r["lv_name"], _num(r["lv_size"]), _pct(r["data_percent"]) or 0.0,
+                             _pct(r["metadata_percent"]) or 0.0, r.get("zero", "") in ("zero", "1"))
+
+    # ------------------------------------------------------------------------------------ writes
+
+    def create(self, vg: str, name: str, size: int, tags: Sequence[str], thin_pool: str = "") -> None:
+        argv = ["lvcreate", "--yes", "--name", name, "--activate", "y", "--setactivationskip", "n"]
+        for t in tags:
+            argv += ["--addtag", t]
+        if thin_pool:
+            argv += ["--virtualsize", f"{size}b", "--thin", f"{vg}/{thin_pool}"]
+        else:
+            argv += ["--size", f"{size}b", "--wipesignatures", "y", "--zero", "y", vg]
+        self._run(argv)
+
+    def remove(self, vg: str, name: str) -> None:
+        try:
+            self._run(["lvremove", "--yes", f"{vg}/{name}"])
+        except CommandError as exc:
+            if exc.rc == 5 and (_LV_MISSING.search(exc.stderr) or _VG_MISSING.search(exc.stderr)):
+                return
+            raise
+
+    def extend(self, vg: str, name: str, size: int) -> None:
+        self._run(["lvextend", "--yes", "--size", f"{size}b", f"{vg}/{name}"])
+
+    def activate(self, vg: str, name: str) -> None:
+        self._run(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{vg}/{name}"])
+
+    def set_zeroing(self, vg: str, pool: str) -> None:
+        self._run(["lvchange", "--zero", "y", f"{vg}/{pool}"])
+
+    def zero_out(self, path: str) -> None:
+        """Overwrites a thick LV with zeros before its extents go back to the VG."""
+        self._run(["blkdiscard", "--zeroout", path])
+
+
+def _lv(r: dict[str, str]) -> LogicalVolume:
+    tags = tuple(t for t in r.get("lv_tags", "").split(",") if t)
+    return LogicalVolume(r["vg_name"], r["lv_name"], _num(r["lv_size"]), tags, r.get("pool_lv", ""),
+                         r.get("lv_attr", ""), _pct(r.get("data_percent", "")), _pct(r.get("metadata_percent", "")),
+                         r.get("origin", ""))

@@ -1,0 +1,79 @@
+"""LVM argv and report parsing, against output recorded from a real LVM (UML, see recorded/)."""
+
+import json
+
+import pytest
+
+from csi.storage.lvm import Lvm, lvm_config
+from tests.unit.conftest import recorded, recorded_failure
+
+LVS_ONE = json.dumps({"report": [{"lv": [{
+    "lv_name": "c1-pvc-1-abc", "vg_name": "csi-vg", "lv_size": "1073741824",
+    "lv_tags": "dev.csi.lvm-iscsi/cluster=c1,dev.csi.lvm-iscsi/kind=volume", "pool_lv": "thinpool",
+    "lv_attr": "Vwi-a-tz--", "data_percent": "0.00", "metadata_percent": "", "origin": "", "lv_time": "x"}]}]})
+
+
+@pytest.fixture
+def lvm(tmp_path):
+    return Lvm(tmp_path / "sys")
+
+
+def test_lv_parses_json_report_and_uses_own_config_dir(fake_run, lvm, tmp_path):
+    fake_run.on("lvs", stdout=LVS_ONE)
+    lv = lvm.lv("csi-vg", "c1-pvc-1-abc")
+    assert fake_run.calls[0] == ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
+                                 "lv_name,vg_name,lv_size,lv_tags,pool_lv,lv_attr,data_percent,metadata_percent,"
+                                 "origin,lv_time", "csi-vg/c1-pvc-1-abc"]
+    assert fake_run.envs[0]["LVM_SYSTEM_DIR"] == str(tmp_path / "sys")
+    assert fake_run.envs[0]["LC_ALL"] == "C"
+    assert (lv.size, lv.pool, lv.active, lv.tag("dev.csi.lvm-iscsi/cluster")) == (1 << 30, "thinpool", True, "c1")
+    assert lv.path == "/dev/csi-vg/c1-pvc-1-abc"
+
+
+@pytest.mark.parametrize("name", ["lvs_missing", "lvs_novg"])
+def test_missing_lv_or_vg_is_none(fake_run, lvm, name):
+    rc, out, err = recorded_failure(name)
+    fake_run.on("lvs", rc=rc, stderr=err)
+    assert lvm.lv("csi-vg", "missing") is None
+
+
+def test_other_lvs_failures_raise(fake_run, lvm):
+    fake_run.on("lvs", rc=5, stderr="  Some other problem\n")
+    with pytest.raises(Exception, match="Some other problem"):
+        lvm.lv("csi-vg", "x")
+
+
+def test_vg_from_recorded_report(fake_run, lvm):
+    fake_run.on("vgs", stdout=recorded("vgs.json"))
+    vg = lvm.vg("csi-vg")
+    assert (vg.name, vg.size, vg.free, vg.extent_size, vg.lv_count) == ("csi-vg", 2143289344, 2143289344, 4 << 20, 0)
+    rc, _, err = recorded_failure("vgs_missing")
+    fake_run.on("vgs", rc=rc, stderr=err)
+    assert lvm.vg("nosuchvg") is None
+
+
+def test_remove_of_missing_lv_succeeds(fake_run, lvm):
+    rc, _, err = recorded_failure("lvremove_missing")
+    fake_run.on("lvremove", rc=rc, stderr=err)
+    lvm.remove("csi-vg", "missing")
+    assert fake_run.calls == [["lvremove", "--yes", "csi-vg/missing"]]
+
+
+def test_create_thin_and_thick_argv(fake_run, lvm):
+    fake_run.on("lvcreate")
+    lvm.create("vg", "lv1", 1 << 30, ["t=1", "u=2"], thin_pool="tp")
+    lvm.create("vg", "lv2", 8 << 20, ["t=1"])
+    assert fake_run.calls == [
+        ["lvcreate", "--yes", "--name", "lv1", "--activate", "y", "--setactivationskip", "n", "--addtag", "t=1",
+         "--addtag", "u=2", "--virtualsize", "1073741824b", "--thin", "vg/tp"],
+        ["lvcreate", "--yes", "--name", "lv2", "--activate", "y", "--setactivationskip", "n", "--addtag", "t=1",
+         "--size", "8388608b", "--wipesignatures", "y", "--zero", "y", "vg"]]
+
+
+def test_config_accepts_only_configured_devices_and_never_scans_lvs(tmp_path):
+    text = lvm_config(["/dev/loop*", "/dev/sdb"], tmp_path)
+    assert 'global_filter = [ "a|^/dev/loop.*$|", "a|^/dev/sdb$|", "r|.*|" ]' in text
+    assert "scan_lvs = 0" in text and "auto_activation_volume_list = [ ]" in text
+    assert f'backup_dir = "{tmp_path}/lvm/backup"' in text
+    with pytest.raises(ValueError):
+        lvm_config(['/dev/x|"'], tmp_path)

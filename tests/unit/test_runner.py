@@ -1,0 +1,63 @@
+"""The runner with real processes: exit codes, timeouts from the deadline, missing tools, masked secrets."""
+
+import time
+
+import pytest
+
+from csi import errors, runner
+
+
+def test_ok_and_output_apart():
+    r = runner.run(["sh", "-c", "echo out; echo err >&2"])
+    assert (r.rc, r.stdout, r.stderr) == (0, "out\n", "err\n")
+
+
+def test_failure_carries_argv_rc_and_stderr():
+    with pytest.raises(runner.CommandError) as e:
+        runner.run(["sh", "-c", "echo boom >&2; exit 3"])
+    assert e.value.rc == 3 and "boom" in e.value.stderr and e.value.argv[0] == "sh"
+    assert runner.run(["sh", "-c", "exit 21"], ok_codes=(0, 21)).rc == 21
+
+
+def test_locale_is_c():
+    assert runner.run(["sh", "-c", "echo $LC_ALL"]).stdout.strip() == "C"
+
+
+def test_deadline_bounds_the_command():
+    started = time.monotonic()
+    with runner.deadline(0.5), pytest.raises(runner.CommandTimeout):
+        runner.run(["sleep", "30"])
+    assert time.monotonic() - started < runner.MIN_TIMEOUT + 2
+    code, _ = errors.status_of(runner.CommandTimeout(["x"], None, ""))
+    assert code == errors.Code.DEADLINE_EXCEEDED
+
+
+def test_missing_tool_is_a_clear_failed_precondition():
+    with pytest.raises(runner.CommandNotFound) as e:
+        runner.run(["no-such-tool-xyz", "a"])
+    code, message = errors.status_of(e.value)
+    assert code == errors.Code.FAILED_PRECONDITION and "no-such-tool-xyz is not installed" in message
+
+
+def test_secrets_never_reach_errors_or_logs(caplog):
+    caplog.set_level("DEBUG")
+    with pytest.raises(runner.CommandError) as e:
+        runner.run(["sh", "-c", "echo $0 >&2; exit 1", "s3cr3t-value"], secrets=["s3cr3t-value"])
+    assert "s3cr3t-value" not in str(e.value) and "s3cr3t-value" not in e.value.stderr
+    assert "s3cr3t-value" not in " ".join(e.value.argv)
+    runner.run(["true", "s3cr3t-value"], secrets=["s3cr3t-value"])
+    assert "s3cr3t-value" not in caplog.text and "***" in caplog.text
+
+
+def test_unknown_exceptions_map_to_internal_not_unknown():
+    code, message = errors.status_of(ValueError("bad"))
+    assert code == errors.Code.INTERNAL and "ValueError" in message
+
+
+def test_no_deadline_reported_as_huge_number_means_default():
+    with runner.deadline(1e300):
+        assert runner.time_left() == runner.DEFAULT_TIMEOUT
+    with runner.deadline(None):
+        assert runner.time_left() == runner.DEFAULT_TIMEOUT
+    with runner.deadline(30):
+        assert 29 < runner.time_left() <= 30
