@@ -63,6 +63,7 @@ class Lab:
         self._entered_from: int | None = None
         self._forwarders: list[Forwarder] = []
         self._state_file = STATE_DIR / f"{name}.json"
+        self._owner = False  # set once this object may tear down csilab-<name> (it is not another's)
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -84,6 +85,7 @@ class Lab:
         reap_stale()
         if netns.exists(self.netns):
             raise LabError(f"network namespace {self.netns} exists and belongs to a live lab: pick another name")
+        self._owner = True
         self.workdir.mkdir(parents=True, exist_ok=True)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         self._state_file.write_text(json.dumps({"pid": os.getpid(), "netns": self.netns,
@@ -111,6 +113,9 @@ class Lab:
 
     def close(self, raise_errors: bool = False) -> None:
         """Stop everything the lab started; every step is tried. Console and process logs stay in workdir."""
+        if not self._owner:
+            return
+        self._owner = False
         errors: list[str] = []
 
         def attempt(what, fn, *args):
@@ -178,8 +183,8 @@ class Lab:
         for node in todo:
             node.start()
         with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
-            futures = {node.name: pool.submit(node.wait_ready, timeout) for node in todo}
-        failed = [f"{name}: {f.exception()}" for name, f in futures.items() if f.exception()]
+            futures = [pool.submit(node.wait_ready, timeout) for node in todo]
+        failed = [str(f.exception()) for f in futures if f.exception()]
         if failed:
             raise LabError("boot failed:\n" + "\n".join(failed))
 

@@ -1,0 +1,27 @@
+"""Fixtures of the e2e tests: a lab of User-Mode Linux nodes (csi/lab).
+
+The test process stays in the host's network namespace: a LabNode's run/spawn/signal reach the node by
+themselves (csi.lab creates its sockets inside the lab namespace). A host program that must reach the
+nodes' addresses runs with lab.popen_in_netns(...), or talks through lab.expose(ip, port).
+"""
+
+import os
+
+import pytest
+
+from csi.lab import Lab, preflight
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A booted lab: storage-1 (<subnet>.11, VG csi-vg with csi-vg/thinpool) and worker-1 (<subnet>.21).
+    One per test module; logs stay in the pytest tmp dir (lab*/<node>/console.log)."""
+    problem = preflight()
+    if problem:
+        pytest.fail(f"e2e tests need User-Mode Linux: {problem}", pytrace=False)
+    workdir = tmp_path_factory.mktemp("lab")
+    with Lab(workdir, name=f"e2e{os.getpid()}") as the_lab:
+        the_lab.add_node("storage-1", role="storage", disk_bytes=4 << 30)
+        the_lab.add_node("worker-1", role="worker")
+        the_lab.boot_all(timeout=120)
+        yield the_lab

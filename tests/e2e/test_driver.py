@@ -1,0 +1,406 @@
+"""The driver on real kernels: two storage nodes and one worker as separate UML instances on one virtual switch,
+real LVM, LIO and open-iscsi, the controller on the host reaching the agents over mutual TLS.
+
+Covers issue 2's e2e list: placement on both storage nodes, the whole lifecycle with checksums, ACL and
+CHAP refusals, fencing by ControllerUnpublishVolume, agent restart (and a lost LIO configuration rebuilt
+from the records), bad input against the running driver, `status`, and TLS refusal of a foreign client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi import ids
+from csi.lab import Lab, preflight
+from csi.lab.deploy import Deployment
+from csi.proto import agent_pb2 as apb
+from csi.proto import agent_pb2_grpc
+from csi.proto import csi_pb2 as csi
+from csi.proto import csi_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+GiB, MiB = 1 << 30, 1 << 20
+M = csi.VolumeCapability.AccessMode
+ZONE_KEY = "topology.lvm-iscsi.csi.dev/zone"
+MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext4"),
+                             access_mode=M(mode=M.SINGLE_NODE_WRITER))
+BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
+
+
+class Cluster:
+    def __init__(self, lab: Lab, d: Deployment):
+        self.lab, self.d = lab, d
+        self.s1, self.s2, self.w = lab.node("storage-1"), lab.node("storage-2"), lab.node("worker-1")
+        self._cch = grpc.insecure_channel(d.controller_target)
+        self._nch = grpc.insecure_channel(d.node_target(self.w))
+        self.ctrl = csi_pb2_grpc.ControllerStub(self._cch)
+        self.node = csi_pb2_grpc.NodeStub(self._nch)
+        self.node_id = self.node.NodeGetInfo(csi.NodeGetInfoRequest()).node_id
+        self.kubelet = d.kubelet_dir(self.w)
+
+    def create(self, name: str, size: int = 64 * MiB, zone: str | None = None, cap=MOUNT, params=None):
+        req = csi.CreateVolumeRequest(name=name, capacity_range=csi.CapacityRange(required_bytes=size),
+                                      volume_capabilities=[cap], parameters=params or {})
+        if zone:
+            req.accessibility_requirements.requisite.add(segments={ZONE_KEY: zone})
+        return self.ctrl.CreateVolume(req, timeout=120).volume
+
+    def publish(self, vid: str, cap=MOUNT, node_id: str | None = None) -> dict:
+        return dict(self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id=node_id or self.node_id, volume_capability=cap), timeout=60).publish_context)
+
+    def paths(self, vid: str) -> tuple[Path, Path]:
+        h = hashlib.sha256(vid.encode()).hexdigest()[:16]
+        return (self.kubelet / "plugins/kubernetes.io/csi/lvm-iscsi.csi.dev" / h / "globalmount",
+                self.kubelet / "pods" / h / "volumes/mount")
+
+    def stage_publish(self, vid: str, ctx: dict, cap=MOUNT) -> Path:
+        staging, target = self.paths(vid)
+        staging.mkdir(parents=True, exist_ok=True)
+        self.node.NodeStageVolume(csi.NodeStageVolumeRequest(volume_id=vid, publish_context=ctx,
+                                                             staging_target_path=str(staging),
+                                                             volume_capability=cap), timeout=120)
+        self.node.NodePublishVolume(csi.NodePublishVolumeRequest(volume_id=vid, publish_context=ctx,
+                                                                 staging_target_path=str(staging),
+                                                                 target_path=str(target), volume_capability=cap),
+                                    timeout=60)
+        return target
+
+    def teardown(self, vid: str) -> None:
+        staging, target = self.paths(vid)
+        self.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target)),
+                                      timeout=60)
+        self.node.NodeUnstageVolume(csi.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging)),
+                                    timeout=60)
+        self.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=vid,
+                                                                                 node_id=self.node_id), timeout=60)
+        self.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid), timeout=120)
+
+    def storage_state(self) -> dict[str, tuple]:
+        """LVs of the driver and LIO targets on each storage node: for 'nothing changed' checks."""
+        out = {}
+        for n in (self.s1, self.s2):
+            lvs = n.run(["lvs", "--noheadings", "-o", "lv_name", "csi-vg"], timeout=30).stdout.split()
+            tg = n.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split()
+            out[n.name] = (sorted(x for x in lvs if x != "thinpool"), sorted(t for t in tg if t.startswith("iqn")))
+        return out
+
+    def write(self, target: Path, mib: int = 8) -> str:
+        data = os.urandom(mib * MiB)
+        src = self.w.workdir / f"src-{os.getpid()}.bin"
+        src.write_bytes(data)
+        self.w.run(["dd", f"if={src}", f"of={target}/data.bin", "bs=1M", "conv=fsync", "status=none"],
+                   timeout=120, check=True)
+        return hashlib.sha256(data).hexdigest()
+
+    def read(self, target: Path, on=None) -> str:
+        node = on or self.w
+        back = node.workdir / f"back-{os.getpid()}.bin"
+        node.run(["dd", f"if={target}/data.bin", f"of={back}", "bs=1M", "iflag=direct", "status=none"],
+                 timeout=120, check=True)
+        return hashlib.sha256(back.read_bytes()).hexdigest()
+
+    def close(self):
+        self._cch.close()
+        self._nch.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    problem = preflight()
+    if problem:
+        pytest.fail(f"e2e tests need User-Mode Linux: {problem}", pytrace=False)
+    workdir = tmp_path_factory.mktemp("driver")
+    with Lab(workdir, name=f"drv{os.getpid() % 100000}", subnet="10.213.1") as lab:
+        s1 = lab.add_node("storage-1", role="storage", disk_bytes=4 * GiB)
+        s2 = lab.add_node("storage-2", role="storage", disk_bytes=4 * GiB)
+        w = lab.add_node("worker-1", role="worker")
+        lab.boot_all(timeout=180)
+        d = Deployment(lab, cluster_id="e2e", zones={"storage-1": "zone-a", "storage-2": "zone-b",
+                                                     "worker-1": "zone-a"})
+        d.start_agent(s1)
+        d.start_agent(s2)
+        d.start_node_plugin(w)
+        d.start_controller([s1, s2])
+        c = Cluster(lab, d)
+        try:
+            yield c
+        finally:
+            c.close()
+            d.stop_controller()
+
+
+def code(fn, req, timeout=60) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        fn(req, timeout=timeout)
+    return e.value.code()
+
+
+def test_volumes_land_on_both_storage_nodes_by_zone(cluster):
+    a = cluster.create("zone-a-vol", zone="zone-a")
+    b = cluster.create("zone-b-vol", zone="zone-b")
+    assert a.volume_id.startswith("v1:storage-1:") and a.accessible_topology[0].segments[ZONE_KEY] == "zone-a"
+    assert b.volume_id.startswith("v1:storage-2:") and b.accessible_topology[0].segments[ZONE_KEY] == "zone-b"
+    assert cluster.create("zone-a-vol", zone="zone-a").volume_id == a.volume_id   # idempotent
+    lvs = cluster.storage_state()
+    assert ids.parse_id(a.volume_id).lv in lvs["storage-1"][0]
+    assert ids.parse_id(b.volume_id).lv in lvs["storage-2"][0]
+    for v in (a, b):
+        cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
+
+
+def test_lifecycle_across_the_network_with_checksums(cluster):
+    v = cluster.create("lifecycle", size=128 * MiB, zone="zone-b")   # storage-2: the worker logs in over vde
+    ctx = cluster.publish(v.volume_id)
+    assert ctx["portals"] == f"{cluster.s2.ip}:3260" and len(ctx["chapSecret"]) >= 12
+    assert cluster.publish(v.volume_id) == ctx   # a repeated publish returns the same secret
+    target = cluster.stage_publish(v.volume_id, ctx)
+    digest = cluster.write(target)
+    assert cluster.read(target) == digest
+    # unstage and stage again: the data came from the storage node, not from a cache
+    staging, _ = cluster.paths(v.volume_id)
+    cluster.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=v.volume_id, target_path=str(target)))
+    cluster.node.NodeUnstageVolume(csi.NodeUnstageVolumeRequest(volume_id=v.volume_id,
+                                                                staging_target_path=str(staging)))
+    assert cluster.w.run(["iscsiadm", "-m", "session"], timeout=30).rc == 21
+    target = cluster.stage_publish(v.volume_id, ctx)
+    assert cluster.read(target) == digest
+    stats = cluster.node.NodeGetVolumeStats(csi.NodeGetVolumeStatsRequest(volume_id=v.volume_id,
+                                                                          volume_path=str(target)))
+    assert not stats.volume_condition.abnormal and stats.usage[0].used >= 8 * MiB
+    got = cluster.ctrl.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=v.volume_id))
+    assert list(got.status.published_node_ids) == [cluster.node_id] and not got.status.volume_condition.abnormal
+    cluster.teardown(v.volume_id)
+    assert cluster.w.run(["iscsiadm", "-m", "node"], timeout=30).rc == 21      # no node record left
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
+
+
+def _login(node, ctx: dict, secret: str | None = None) -> int:
+    """A raw login attempt from `node` with the credentials of ctx (or another secret): its exit code."""
+    iqn, portal = ctx["targetIqn"], ctx["portals"].split(",")[0]
+    base = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal]
+    node.run(base + ["-o", "new"], timeout=30)
+    for k, v in (("node.session.auth.authmethod", "CHAP"), ("node.session.auth.username", ctx["chapUser"]),
+                 ("node.session.auth.password", secret or ctx["chapSecret"]),
+                 ("node.session.initial_login_retry_max", "1"), ("node.conn[0].timeo.login_timeout", "5")):
+        node.run(base + ["-o", "update", "-n", k, "-v", v], timeout=30, check=True)
+    rc = node.run(base + ["--login"], timeout=60).rc
+    node.run(base + ["--logout"], timeout=30)
+    node.run(base + ["-o", "delete"], timeout=30)
+    return rc
+
+
+def test_acl_refuses_another_initiator_and_chap_refuses_a_wrong_secret(cluster):
+    v = cluster.create("acl", zone="zone-a")
+    ctx = cluster.publish(v.volume_id)
+    assert _login(cluster.s2, ctx) != 0                          # storage-2's initiator has no ACL
+    assert _login(cluster.w, ctx, secret="wrong-secret-123456") != 0
+    assert _login(cluster.w, ctx) == 0                            # the right one works
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id,
+                                                                                node_id=cluster.node_id))
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
+def test_unpublish_fences_a_live_session(cluster):
+    v = cluster.create("fence", cap=BLOCK, zone="zone-a")
+    ctx = cluster.publish(v.volume_id, cap=BLOCK)
+    target = cluster.stage_publish(v.volume_id, ctx, cap=BLOCK)
+    assert cluster.w.run(["dd", f"if={target}", "of=/dev/null", "bs=4k", "count=1", "iflag=direct"],
+                         timeout=30).rc == 0
+    # Fail queued I/O after 5 s instead of open-iscsi's 120 s, so the test need not wait that long.
+    sessions = cluster.w.run(["sh", "-c", "for s in /sys/class/iscsi_session/session*; do echo 5 > $s/recovery_tmo;"
+                                          " done"], timeout=30)
+    assert sessions.rc == 0
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id,
+                                                                                node_id=cluster.node_id))
+    r = cluster.w.run(["dd", f"if={target}", "of=/dev/null", "bs=4k", "count=1", "skip=100", "iflag=direct"],
+                      timeout=90)
+    assert r.rc != 0, "the worker could still read after ControllerUnpublishVolume"
+    w = cluster.w.run(["dd", "if=/dev/zero", f"of={target}", "bs=4k", "count=1", "oflag=direct"], timeout=90)
+    assert w.rc != 0, "the worker could still write after ControllerUnpublishVolume"
+    staging, _ = cluster.paths(v.volume_id)
+    cluster.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=v.volume_id, target_path=str(target)))
+    cluster.node.NodeUnstageVolume(csi.NodeUnstageVolumeRequest(volume_id=v.volume_id,
+                                                                staging_target_path=str(staging)), timeout=120)
+    assert cluster.w.run(["iscsiadm", "-m", "session"], timeout=30).rc == 21
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
+def test_agent_restart_and_lost_lio_config_keep_exports_and_data(cluster):
+    v = cluster.create("restart", zone="zone-a")
+    ctx = cluster.publish(v.volume_id)
+    target = cluster.stage_publish(v.volume_id, ctx)
+    digest = cluster.write(target)
+    s1 = cluster.s1
+    s1.signal("agent", 9)
+    s1.wait_exit("agent")
+    # LIO's configuration is gone after a reboot: take it away, the agent must rebuild it from its records.
+    r = s1.run([sys.executable, "-c", "from rtslib_fb import RTSRoot\nRTSRoot().clear_existing(confirm=True)"],
+               timeout=60)
+    assert r.rc == 0, r.stderr
+    assert not [t for t in s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split()
+                if t.startswith("iqn.")]
+    cluster.d.start_agent(s1)
+    assert ids.parse_id(v.volume_id).iqn in s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout
+    # the worker's session recovers by itself (same ACL and CHAP) and the data is intact
+    assert cluster.read(target) == digest
+    assert cluster.publish(v.volume_id) == ctx
+    cluster.teardown(v.volume_id)
+
+
+def test_bad_input_gets_the_right_code_and_changes_nothing(cluster):
+    before = cluster.storage_state()
+    good = cluster.create("bad-input-ref", zone="zone-a")
+    ref_state = cluster.storage_state()
+    vid = good.volume_id
+    staging, target = cluster.paths(vid)
+    outside = "/etc/passwd-csi"
+    ctrl, node = cluster.ctrl, cluster.node
+    cases = [
+        (ctrl.CreateVolume, csi.CreateVolumeRequest(volume_capabilities=[MOUNT]), grpc.StatusCode.INVALID_ARGUMENT),
+        (ctrl.CreateVolume, csi.CreateVolumeRequest(name="x", volume_capabilities=[MOUNT],
+                                                    parameters={"nonsense": "1"}), grpc.StatusCode.INVALID_ARGUMENT),
+        (ctrl.CreateVolume, csi.CreateVolumeRequest(name="x", volume_capabilities=[MOUNT], capacity_range=
+                                                    csi.CapacityRange(required_bytes=-5)),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (ctrl.CreateVolume, csi.CreateVolumeRequest(name="x", volume_capabilities=[MOUNT],
+                                                    capacity_range=csi.CapacityRange()),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (ctrl.CreateVolume, csi.CreateVolumeRequest(name="x", volume_capabilities=[MOUNT], capacity_range=
+                                                    csi.CapacityRange(required_bytes=1 << 45)),
+         grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (ctrl.CreateVolume, csi.CreateVolumeRequest(name="x", volume_capabilities=[MOUNT], capacity_range=
+                                                    csi.CapacityRange(required_bytes=2 * GiB, limit_bytes=GiB)),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (ctrl.CreateVolume, csi.CreateVolumeRequest(name="x", volume_capabilities=[csi.VolumeCapability(
+            mount=csi.VolumeCapability.MountVolume(), access_mode=M(mode=M.MULTI_NODE_MULTI_WRITER))]),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (ctrl.CreateVolume, csi.CreateVolumeRequest(name="$(reboot); `rm -rf /`", volume_capabilities=[MOUNT],
+                                                    parameters={"pool": "../../etc"}),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (ctrl.CreateVolume, csi.CreateVolumeRequest(name="bad-input-ref", volume_capabilities=[MOUNT],
+                                                    capacity_range=csi.CapacityRange(required_bytes=GiB)),
+         grpc.StatusCode.ALREADY_EXISTS),
+        (ctrl.DeleteVolume, csi.DeleteVolumeRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+        (ctrl.ControllerPublishVolume, csi.ControllerPublishVolumeRequest(
+            volume_id="v1:storage-1:csi-vg:-rf", node_id=cluster.node_id, volume_capability=MOUNT),
+         grpc.StatusCode.NOT_FOUND),
+        (ctrl.ControllerPublishVolume, csi.ControllerPublishVolumeRequest(
+            volume_id="other-driver-id", node_id=cluster.node_id, volume_capability=MOUNT),
+         grpc.StatusCode.NOT_FOUND),
+        (ctrl.ControllerPublishVolume, csi.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id="--op=delete", volume_capability=MOUNT), grpc.StatusCode.NOT_FOUND),
+        (ctrl.ControllerPublishVolume, csi.ControllerPublishVolumeRequest(volume_id=vid, node_id=cluster.node_id),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (ctrl.ValidateVolumeCapabilities, csi.ValidateVolumeCapabilitiesRequest(
+            volume_id="v1:storage-1:csi-vg:e2e-gone-0000000000", volume_capabilities=[MOUNT]),
+         grpc.StatusCode.NOT_FOUND),
+        (ctrl.ListVolumes, csi.ListVolumesRequest(starting_token="bogus"), grpc.StatusCode.ABORTED),
+        (node.NodeStageVolume, csi.NodeStageVolumeRequest(volume_id=vid, staging_target_path=outside,
+                                                          volume_capability=MOUNT, publish_context={"x": "y"}),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (node.NodeStageVolume, csi.NodeStageVolumeRequest(volume_id=vid, staging_target_path=str(staging),
+                                                          volume_capability=MOUNT),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (node.NodeStageVolume, csi.NodeStageVolumeRequest(volume_id="nope", staging_target_path=str(staging),
+                                                          volume_capability=MOUNT), grpc.StatusCode.NOT_FOUND),
+        (node.NodePublishVolume, csi.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), target_path=str(cluster.kubelet / ".." / "escape"),
+            volume_capability=MOUNT), grpc.StatusCode.INVALID_ARGUMENT),
+        (node.NodePublishVolume, csi.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), target_path=str(target), volume_capability=MOUNT),
+         grpc.StatusCode.FAILED_PRECONDITION),
+        (node.NodeUnstageVolume, csi.NodeUnstageVolumeRequest(volume_id=vid), grpc.StatusCode.INVALID_ARGUMENT),
+        (node.NodeGetVolumeStats, csi.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target)),
+         grpc.StatusCode.NOT_FOUND),
+    ]
+    failures = []
+    for fn, req, want in cases:
+        try:
+            fn(req, timeout=60)
+            failures.append(f"{type(req).__name__} {str(req)[:80]!r}: succeeded, want {want.name}")
+        except grpc.RpcError as exc:
+            if exc.code() != want:
+                failures.append(f"{type(req).__name__} {str(req)[:80]!r}: {exc.code().name} ({exc.details()}), "
+                                f"want {want.name}")
+    assert not failures, "\n".join(failures)
+    assert cluster.storage_state() == ref_state
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid))
+    assert cluster.storage_state() == before
+
+
+def test_concurrent_calls_on_one_id_get_aborted_not_corruption(cluster):
+    from concurrent.futures import ThreadPoolExecutor
+    req = csi.CreateVolumeRequest(name="concurrent", capacity_range=csi.CapacityRange(required_bytes=64 * MiB),
+                                  volume_capabilities=[MOUNT])
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: _try(cluster.ctrl.CreateVolume, req), range(4)))
+    codes = {r if isinstance(r, grpc.StatusCode) else "ok" for r in results}
+    assert "ok" in codes and codes <= {"ok", grpc.StatusCode.ABORTED}
+    vid = next(r.volume.volume_id for r in results if not isinstance(r, grpc.StatusCode))
+    assert cluster.ctrl.CreateVolume(req, timeout=120).volume.volume_id == vid
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid))
+
+
+def _try(fn, req):
+    try:
+        return fn(req, timeout=120)
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def test_status_shows_agents_pools_and_volumes(cluster):
+    v = cluster.create("status-vol", zone="zone-b")
+    r = cluster.d.status([cluster.s1, cluster.s2])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "storage-1  zone-a  up" in r.stdout and "storage-2  zone-b  up" in r.stdout
+    assert v.volume_id in r.stdout and "status-vol" in r.stdout
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
+def test_agent_refuses_a_client_without_a_certificate_of_its_ca(cluster):
+    pki = cluster.d.pki
+    port = cluster.lab.expose(cluster.s1.ip, 7600)
+    rogue = grpc.ssl_channel_credentials((pki / "rogue" / "ca.crt").read_bytes(),
+                                         (pki / "rogue" / "tls.key").read_bytes(),
+                                         (pki / "rogue" / "tls.crt").read_bytes())
+    opts = [("grpc.ssl_target_name_override", "lvm-iscsi-agent")]
+    with grpc.secure_channel(f"127.0.0.1:{port}", rogue, options=opts) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            agent_pb2_grpc.AgentStub(ch).GetInfo(apb.GetInfoRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with pytest.raises(grpc.RpcError):
+            agent_pb2_grpc.AgentStub(ch).GetInfo(apb.GetInfoRequest(), timeout=10)
+    good = grpc.ssl_channel_credentials((pki / "controller" / "ca.crt").read_bytes(),
+                                        (pki / "controller" / "tls.key").read_bytes(),
+                                        (pki / "controller" / "tls.crt").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{port}", good, options=opts) as ch:
+        assert agent_pb2_grpc.AgentStub(ch).GetInfo(apb.GetInfoRequest(), timeout=10).node_name == "storage-1"
+
+
+def test_no_secret_in_any_log_and_records_are_private(cluster):
+    v = cluster.create("secret-check", zone="zone-a")
+    ctx = cluster.publish(v.volume_id)
+    logs = [cluster.lab.workdir / "controller.log"] + [n.log_path(p) for n, p in
+                                                       ((cluster.s1, "agent"), (cluster.s2, "agent"),
+                                                        (cluster.w, "node-plugin"))]
+    text = "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
+    assert ctx["chapSecret"] not in text
+    ref = ids.parse_id(v.volume_id)
+    record = cluster.d.agent_state(cluster.s1) / "volumes" / ref.vg / f"{ref.lv}.json"
+    assert ctx["chapSecret"] in record.read_text()
+    assert record.stat().st_mode & 0o777 == 0o600
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id,
+                                                                                node_id=cluster.node_id))
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id))
+    assert not record.exists()
