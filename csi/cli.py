@@ -35,7 +35,7 @@ def run_controller(a: argparse.Namespace) -> int:
                                     agent_server_name=a.agent_server_name, default_size=a.default_size)
     agents = Agents(config)
     srv = server.make_server()
-    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, True, lambda: None), srv)
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, lambda: None), srv)
     csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(config, agents), srv)
     server.serve(srv, a.endpoint)
     log.info("controller %s (cluster %s) with storage nodes: %s", config.driver_name, config.cluster_id,
@@ -66,7 +66,7 @@ def run_node(a: argparse.Namespace) -> int:
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     srv = server.make_server()
-    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, False, probe), srv)
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, probe), srv)
     csi_pb2_grpc.add_NodeServicer_to_server(NodeService(config, zone=zone or None), srv)
     server.serve(srv, a.endpoint)
     log.info("node plugin on %s, zone %s, kubelet dir %s", a.node_name, zone or "-", config.kubelet_dir)

@@ -16,19 +16,18 @@ Service = csi.PluginCapability.Service
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, driver_name: str, controller: bool, probe: Callable[[], str | None]):
+    def __init__(self, driver_name: str, probe: Callable[[], str | None]):
         """`probe` returns None when ready, else what is missing (reported in the log, not ready)."""
         self.driver_name = driver_name
-        self.controller = controller
         self.probe = probe
 
     def GetPluginInfo(self, request, context):
         return csi.GetPluginInfoResponse(name=self.driver_name, vendor_version=__version__)
 
     def GetPluginCapabilities(self, request, context):
-        caps = [Service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
-        if self.controller:
-            caps.insert(0, Service.CONTROLLER_SERVICE)
+        # The plugin as a whole has a controller service, so the node plugin says so too (as csi-sanity and
+        # other tools that ask the node endpoint expect); only the controller deployment serves it.
+        caps = [Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
         return csi.GetPluginCapabilitiesResponse(capabilities=[
             csi.PluginCapability(service=csi.PluginCapability.Service(type=c)) for c in caps])
 

@@ -192,12 +192,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return self.agents.get(ref.node).call("GetVolume", apb.GetVolumeRequest(vg=ref.vg, lv=ref.lv))
 
     def ControllerPublishVolume(self, request, context):
-        ref = self._require_ref(request.volume_id)
+        if not request.volume_id:
+            raise errors.invalid("volume_id is required")
         if not request.node_id:
             raise errors.invalid("node_id is required")
         if not request.HasField("volume_capability"):
             raise errors.invalid("volume_capability is required")
         access = caps.check_capability(request.volume_capability)
+        ref = self._require_ref(request.volume_id)
         if not ids.is_iqn(request.node_id):
             raise errors.not_found(f"node {request.node_id!r} does not exist: node ids of this driver are iSCSI "
                                    "initiator names (iqn.*)")
@@ -209,6 +211,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise errors.precondition(f"volume {request.volume_id} is published to {others[0]} and its access "
                                           "mode allows one node only")
             read_only = request.readonly or access.read_only
+            mine = [i for i in vol.initiators if i.iqn == request.node_id]
+            if mine and mine[0].read_only != read_only:
+                raise errors.exists(f"volume {request.volume_id} is already published to {request.node_id} "
+                                    f"{'read-only' if mine[0].read_only else 'read-write'}; unpublish it first")
             grant = self.agents.get(ref.node).call("GrantAccess", apb.GrantAccessRequest(
                 vg=ref.vg, lv=ref.lv, initiator_iqn=request.node_id, read_only=read_only,
                 mutual_chap=vol.attributes.get("mutualChap") == "true"))

@@ -31,6 +31,13 @@ Cap = csi.NodeServiceCapability.RPC.Type
 CAPABILITIES = (Cap.STAGE_UNSTAGE_VOLUME, Cap.GET_VOLUME_STATS, Cap.VOLUME_CONDITION, Cap.SINGLE_NODE_MULTI_WRITER)
 
 
+def _require(value: str, what: str) -> None:
+    # Presence is checked before existence: a request missing a field is INVALID_ARGUMENT even when its
+    # volume does not exist.
+    if not value:
+        raise errors.invalid(f"{what} is required")
+
+
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, config: NodeConfig, iscsi: Iscsiadm | None = None, zone: str | None = None):
         self.config = config
@@ -71,10 +78,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # ------------------------------------------------------------------------------------ stage
 
     def NodeStageVolume(self, request, context):
-        ref = self._ref(request.volume_id)
+        _require(request.volume_id, "volume_id")
         staging = self._path(request.staging_target_path, "staging_target_path")
         if not request.HasField("volume_capability"):
             raise errors.invalid("volume_capability is required")
+        ref = self._ref(request.volume_id)
         default_fs = request.volume_context.get("fsType") or caps.DEFAULT_FS
         access = caps.check_capability(request.volume_capability, default_fs)
         ctx = request.publish_context
@@ -131,8 +139,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return opts
 
     def NodeUnstageVolume(self, request, context):
-        ref = self._ref(request.volume_id)
+        _require(request.volume_id, "volume_id")
         staging = self._path(request.staging_target_path, "staging_target_path")
+        ref = self._ref(request.volume_id)
         with self.locks.hold(request.volume_id):
             self._undo_stage(request.volume_id, ref, staging)
         return csi.NodeUnstageVolumeResponse()
@@ -164,22 +173,27 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # ------------------------------------------------------------------------------------ publish
 
     def NodePublishVolume(self, request, context):
-        ref = self._ref(request.volume_id)
+        _require(request.volume_id, "volume_id")
         staging = self._path(request.staging_target_path, "staging_target_path")
         target = self._path(request.target_path, "target_path")
         if not request.HasField("volume_capability"):
             raise errors.invalid("volume_capability is required")
+        ref = self._ref(request.volume_id)
         access = caps.check_capability(request.volume_capability,
                                        request.volume_context.get("fsType") or caps.DEFAULT_FS)
         read_only = request.readonly or access.read_only
-        with self.locks.hold(request.volume_id + "@" + str(target)):
+        with self.locks.hold(request.volume_id):
             existing = mount.mount_at(target)
             if existing is not None:
                 if existing.read_only != read_only:
                     raise errors.exists(f"{target} is already mounted {'read-only' if existing.read_only else 'rw'}")
                 return csi.NodePublishVolumeResponse()
+            rec = self._record(request.volume_id)
+            others = [t for t in (rec or {}).get("targets", []) if t != str(target) and mount.mount_at(Path(t))]
+            if others and caps.Mode.SINGLE_NODE_SINGLE_WRITER in access.modes:
+                raise errors.precondition(f"volume {ref} is SINGLE_NODE_SINGLE_WRITER and already published at "
+                                          f"{others[0]}")
             if access.block:
-                rec = self._record(request.volume_id)
                 if rec is None:
                     raise errors.precondition(f"volume {ref} is not staged on this node")
                 device = self.iscsi.wait_for_device(Target(rec["iqn"], tuple(rec["portals"]), rec["lun"]),
@@ -193,26 +207,34 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     raise errors.precondition(f"volume {ref} is not staged at {staging}")
                 target.mkdir(parents=True, exist_ok=True)
                 mount.bind(staging, target, read_only)
+            if rec is not None:
+                rec["targets"] = sorted(set(others) | {str(target)})
+                write_atomic(self._record_path(request.volume_id), json.dumps(rec), mode=0o600)
         return csi.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(self, request, context):
-        self._ref(request.volume_id)
+        _require(request.volume_id, "volume_id")
         target = self._path(request.target_path, "target_path")
-        with self.locks.hold(request.volume_id + "@" + str(target)):
+        self._ref(request.volume_id)
+        with self.locks.hold(request.volume_id):
             while mount.mount_at(target) is not None:
                 mount.umount(target)
             if target.is_dir():
                 target.rmdir()
             elif target.exists():
                 target.unlink()
+            rec = self._record(request.volume_id)
+            if rec is not None and str(target) in rec.get("targets", []):
+                rec["targets"].remove(str(target))
+                write_atomic(self._record_path(request.volume_id), json.dumps(rec), mode=0o600)
         return csi.NodeUnpublishVolumeResponse()
 
     # ------------------------------------------------------------------------------------ info
 
     def NodeGetVolumeStats(self, request, context):
+        _require(request.volume_id, "volume_id")
+        _require(request.volume_path, "volume_path")
         ref = self._ref(request.volume_id)
-        if not request.volume_path:
-            raise errors.invalid("volume_path is required")
         path = Path(request.volume_path)
         if not path.exists():
             raise errors.not_found(f"volume path {path} does not exist")
