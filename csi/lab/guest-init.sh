@@ -41,6 +41,15 @@ done
 # The lab's workdir, read-write, at the same path as on the host (under /tmp the mount point is on our tmpfs).
 must mkdir -p "$csilab_labdir"
 must mount -t hostfs -o "$csilab_labdir" none "$csilab_labdir"
+# The project and its venv, read-only, where our tmpfs hides them (a checkout under /tmp, say).
+IFS=: 
+for d in $csilab_hostdirs; do
+    if [ ! -e "$d" ]; then
+        must mkdir -p "$d"
+        must mount -r -t hostfs -o "$d" none "$d"
+    fi
+done
+unset IFS
 
 # A machine-id of its own: with the host's, udev gives every node the same MAC address and ARP fails.
 echo "$csilab_machine_id" > /run/csilab/machine-id

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 GUEST_INIT = Path(__file__).with_name("guest-init.sh")
 GUESTD = Path(__file__).with_name("guestd.py")
 GUESTD_PORT = 7000
+PROJECT_DIR = Path(__file__).resolve().parents[2]   # the checkout (holds csi/)
 IQN_PREFIX = "iqn.2026-11.dev.csi.lvm-iscsi.lab:"
 VG_NAME = "csi-vg"
 THIN_POOL_PERCENT = 60
@@ -89,6 +90,9 @@ class LabNode:
             "machine_id": hashlib.md5(f"{lab.name}/{self.name}".encode()).hexdigest(),
             "vg": VG_NAME, "thinpool_percent": str(THIN_POOL_PERCENT),
             "python": sys.executable, "guestd": str(GUESTD),
+            # host directories a guest needs that its own tmpfs (/tmp, /run) would hide: the project and
+            # its venv, wherever the checkout is (CI may clone under /tmp)
+            "hostdirs": ":".join(sorted({str(PROJECT_DIR), sys.prefix})),
         }
         for key, value in params.items():
             if not value or any(c.isspace() or c == "," for c in value):
