@@ -117,7 +117,7 @@ def lifecycle(steps: Steps, ctrl, nodesvc, node, kubelet: Path) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     steps.run("NodeStageVolume", lambda: (nodesvc.NodeStageVolume(csi.NodeStageVolumeRequest(
         volume_id=vol["id"], publish_context=ctx, staging_target_path=str(staging), volume_capability=cap)),
-        f"iSCSI login, mkfs.ext4, mounted at .../globalmount")[1])
+        "iSCSI login, mkfs.ext4, mounted at .../globalmount")[1])
     steps.run("NodePublishVolume", lambda: (nodesvc.NodePublishVolume(csi.NodePublishVolumeRequest(
         volume_id=vol["id"], publish_context=ctx, staging_target_path=str(staging), target_path=str(target),
         volume_capability=cap)), "bind-mounted into the pod's directory")[1])

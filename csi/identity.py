@@ -29,7 +29,9 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         # other tools that ask the node endpoint expect); only the controller deployment serves it.
         caps = [Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
         return csi.GetPluginCapabilitiesResponse(capabilities=[
-            csi.PluginCapability(service=csi.PluginCapability.Service(type=c)) for c in caps])
+            csi.PluginCapability(service=csi.PluginCapability.Service(type=c)) for c in caps] + [
+            csi.PluginCapability(volume_expansion=csi.PluginCapability.VolumeExpansion(
+                type=csi.PluginCapability.VolumeExpansion.ONLINE))])
 
     def Probe(self, request, context):
         missing = self.probe()

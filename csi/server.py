@@ -127,9 +127,13 @@ class CallInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.unary_stream is not None:
+            return self._stream(handler, method)
+        if handler.unary_unary is None:
+            return handler
         inner = handler.unary_unary
 
         def call(request, context):
@@ -151,6 +155,28 @@ class CallInterceptor(grpc.ServerInterceptor):
             return response
 
         return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+    @staticmethod
+    def _stream(handler, method: str):
+        inner = handler.unary_stream
+
+        def call(request, context):
+            started = time.monotonic()
+            try:
+                with deadline(context.time_remaining()):
+                    yield from inner(request, context)
+            except Exception as exc:  # noqa: BLE001 - as for unary calls
+                code, message = errors.status_of(exc)
+                log.log(logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO,
+                        "%s stream failed after %.3fs: %s %s", method, time.monotonic() - started, code.name,
+                        message)
+                context.abort(code, message)
+            log.info("%s stream done in %.3fs", method, time.monotonic() - started)
+
+        return grpc.unary_stream_rpc_method_handler(
             call, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 

@@ -34,8 +34,8 @@ def status(storage_nodes: str, tls_dir: str, server_name: str, cluster_id: str, 
                                     storage_nodes_file=storage_nodes, tls_dir=tls_dir,
                                     agent_server_name=server_name, default_size="1Gi")
     agents = Agents(config)
-    infos = agents.each(lambda a: a.info(timeout=5))
-    lists = agents.each(lambda a: a.call("ListVolumes", apb.ListVolumesRequest(), timeout=10))
+    infos = agents.each(lambda a: a.info(timeout=20))
+    lists = agents.each(lambda a: a.call("ListVolumes", apb.ListVolumesRequest(), timeout=30))
     rows = [["NODE", "ZONE", "STATE", "POOL", "TYPE", "SIZE", "USED%", "AVAILABLE", "VOLUMES", "NOTE"]]
     warnings = 0
     for client in agents.all():

@@ -32,8 +32,10 @@ def _issue(cn: str, ca_key, ca_name, key, *, ca: bool = False, san: str | None =
     if san:
         b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
     if not ca:
-        b = b.add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        # Agents serve the controller and also call each other (copies across storage nodes): both uses.
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server else \
+            [ExtendedKeyUsageOID.CLIENT_AUTH]
+        b = b.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     return b.sign(ca_key, hashes.SHA256())
 
 

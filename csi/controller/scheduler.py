@@ -36,8 +36,11 @@ def round_up(size: int, extent: int) -> int:
 
 def choose(candidates: Iterable[Candidate], *, required: int, limit: int = 0, pool: str = "",
            thin: bool | None = None, requisite_zones: Sequence[str] | None = None,
-           preferred_zones: Sequence[str] = ()) -> Placement:
-    """The best pool for a volume of at least `required` bytes (and at most `limit`, when set)."""
+           preferred_zones: Sequence[str] = (), near: str = "") -> Placement:
+    """The best pool for a volume of at least `required` bytes (and at most `limit`, when set).
+
+    `near` names the storage node that holds the volume's content source: after the preferred zones, it
+    comes first, since a restore there needs no copy across the network."""
     pool_out = type_out = zone_out = limit_out = 0
     largest = 0
     fitting: list[Placement] = []
@@ -60,8 +63,8 @@ def choose(candidates: Iterable[Candidate], *, required: int, limit: int = 0, po
             fitting.append(Placement(c, size))
     if fitting:
         rank = {z: i for i, z in enumerate(preferred_zones)}
-        fitting.sort(key=lambda p: (rank.get(p.candidate.zone, len(rank)), -p.candidate.available,
-                                    p.candidate.node, p.candidate.pool))
+        fitting.sort(key=lambda p: (rank.get(p.candidate.zone, len(rank)), p.candidate.node != near,
+                                    -p.candidate.available, p.candidate.node, p.candidate.pool))
         return fitting[0]
     if limit_out and not (largest or pool_out or type_out or zone_out):
         raise errors.out_of_range(f"{required} bytes rounded up to the pools' extent size exceeds the limit {limit}")

@@ -5,7 +5,9 @@ Holds no state: the volume ID names the storage node, VG and LV; the agents hold
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from dataclasses import dataclass
 
 from google.protobuf.wrappers_pb2 import Int64Value
 
@@ -24,7 +26,8 @@ log = logging.getLogger(__name__)
 Cap = csi.ControllerServiceCapability.RPC.Type
 CAPABILITIES = (Cap.CREATE_DELETE_VOLUME, Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.LIST_VOLUMES, Cap.GET_CAPACITY,
                 Cap.LIST_VOLUMES_PUBLISHED_NODES, Cap.GET_VOLUME, Cap.VOLUME_CONDITION, Cap.PUBLISH_READONLY,
-                Cap.SINGLE_NODE_MULTI_WRITER)
+                Cap.SINGLE_NODE_MULTI_WRITER, Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.CLONE_VOLUME,
+                Cap.EXPAND_VOLUME)
 
 # publish_context keys: what NodeStageVolume needs to log in. Holds CHAP secrets: see README on who can
 # read VolumeAttachments.
@@ -44,6 +47,15 @@ def volume_attributes(access: caps.Access, params: caps.Params) -> dict[str, str
             "accessModes": ",".join(sorted(caps.mode_name(m) for m in access.modes)),
             "mutualChap": str(params.mutual_chap).lower(),
             "wipe": str(params.wipe).lower()}
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str          # snapshot | volume
+    ref: ids.LvRef
+    size: int
+    text: str          # "snapshot:<id>" / "volume:<id>": part of the request's identity
+    pool: str = ""     # the source volume's pool
 
 
 def _lookup(agent, name: str) -> tuple[apb.Volume | None, apb.AgentInfo]:
@@ -105,8 +117,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def _to_volume(self, ref: ids.LvRef, vol: apb.Volume) -> csi.Volume:
         ctx = {"fsType": vol.attributes.get("fsType", ""), "accessType": vol.attributes.get("accessType", "")}
-        return csi.Volume(volume_id=ref.encode(), capacity_bytes=vol.size_bytes, volume_context=ctx,
-                          accessible_topology=self._topology(ref.node))
+        out = csi.Volume(volume_id=ref.encode(), capacity_bytes=vol.size_bytes, volume_context=ctx,
+                         accessible_topology=self._topology(ref.node))
+        kind, _, sid = vol.attributes.get("source", "").partition(":")
+        if kind == "snapshot":
+            out.content_source.snapshot.snapshot_id = sid
+        elif kind == "volume":
+            out.content_source.volume.volume_id = sid
+        return out
 
     # ------------------------------------------------------------------------------------ volumes
 
@@ -114,11 +132,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         name = ids.check_request_name(request.name)
         params = caps.parse_params(request.parameters)
         access = caps.check_capabilities(request.volume_capabilities, params.fs_type or caps.DEFAULT_FS)
-        if request.HasField("volume_content_source"):
-            raise errors.invalid("creating a volume from a snapshot or another volume is not supported yet")
         required, limit = self._size(request)
         requisite, preferred = self._zones(request)
         attributes = volume_attributes(access, params)
+        source = self._source(request) if request.HasField("volume_content_source") else None
+        if source is not None:
+            if not request.HasField("capacity_range") or request.capacity_range.required_bytes == 0:
+                required = max(required, source.size)
+            if required < source.size:
+                raise errors.out_of_range(f"the source holds {source.size} bytes; a volume of {required} "
+                                          "cannot hold it")
+            if limit and source.size > limit:
+                raise errors.out_of_range(f"the source holds {source.size} bytes, above limit_bytes {limit}")
+            attributes["source"] = source.text
         with self.locks.hold("name:" + name):
             # A retry must find what an earlier attempt made, wherever the scheduler put it: ask every agent.
             # An unreachable agent might hold it, so creating elsewhere could leak a duplicate: UNAVAILABLE.
@@ -140,18 +166,59 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                                               bool(p.thin_pool), p.available_bytes, p.extent_bytes))
                 wanted_thin = params.thin if params.thin is not None else (None if params.pool else True)
                 place = scheduler.choose(candidates, required=required, limit=limit, pool=params.pool,
-                                         thin=wanted_thin, requisite_zones=requisite, preferred_zones=preferred)
+                                         thin=wanted_thin, requisite_zones=requisite, preferred_zones=preferred,
+                                         near=source.ref.node if source else "")
                 node, pool, size = place.candidate.node, place.candidate.pool, place.size
             else:
                 node, vol = existing[0]
                 pool, size = vol.pool, required
                 if vol.size_bytes < required or (limit and vol.size_bytes > limit):
                     raise errors.exists(f"volume {name!r} exists with size {vol.size_bytes}, outside the range asked")
+            agent_source = self._agent_source(source, node, pool, name) if source else None
             vol = self.agents.get(node).call("CreateVolume", apb.CreateVolumeRequest(
-                name=name, pool=pool, size_bytes=size, attributes=attributes))
+                name=name, pool=pool, size_bytes=size, attributes=attributes, source=agent_source))
+            if source is not None and source.kind == "volume" and agent_source.lv != source.ref.lv:
+                # the point-in-time copy of a volume in use served its purpose
+                self.agents.get(source.ref.node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(
+                    vg=agent_source.vg, lv=agent_source.lv))
             ref = ids.LvRef(node, vol.vg, vol.lv)
-            log.info("volume %s is %s (%d bytes, pool %s)", name, ref, vol.size_bytes, pool)
+            log.info("volume %s is %s (%d bytes, pool %s%s)", name, ref, vol.size_bytes, pool,
+                     f", from {source.text}" if source else "")
             return csi.CreateVolumeResponse(volume=self._to_volume(ref, vol))
+
+    def _source(self, request) -> "Source":
+        src = request.volume_content_source
+        if src.HasField("snapshot"):
+            sid = src.snapshot.snapshot_id
+            if not sid:
+                raise errors.invalid("volume_content_source.snapshot.snapshot_id is required")
+            ref = ids.parse_id(sid, kind="snapshot")
+            if ref is None or self.config.node(ref.node) is None:
+                raise errors.not_found(f"snapshot {sid!r} does not exist")
+            snap = self.agents.get(ref.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=ref.vg, lv=ref.lv))
+            return Source("snapshot", ref, snap.size_bytes, "snapshot:" + sid)
+        if src.HasField("volume"):
+            vid = src.volume.volume_id
+            if not vid:
+                raise errors.invalid("volume_content_source.volume.volume_id is required")
+            ref = self._ref(vid)
+            if ref is None or self.config.node(ref.node) is None:
+                raise errors.not_found(f"volume {vid!r} does not exist")
+            vol = self._get(ref)
+            return Source("volume", ref, vol.size_bytes, "volume:" + vid, vol.pool)
+        raise errors.invalid("volume_content_source names neither a snapshot nor a volume")
+
+    def _agent_source(self, source: "Source", node: str, pool: str, name: str) -> apb.VolumeSource:
+        ref = source.ref
+        if source.kind == "volume" and (ref.node != node or pool != source.pool):
+            # A volume in use changes under a copy: copy a point-in-time snapshot of it instead. (In the
+            # same thin pool, the agent's thin snapshot of the volume is that point in time already.)
+            transfer = "transfer/" + hashlib.sha256(name.encode()).hexdigest()[:32]
+            snap = self.agents.get(ref.node).call("CreateSnapshot", apb.CreateSnapshotRequest(
+                name=transfer, source_vg=ref.vg, source_lv=ref.lv, transient=True))
+            ref = ids.LvRef(ref.node, snap.vg, snap.lv, "snapshot")
+        return apb.VolumeSource(node=ref.node, address=self.config.node(ref.node).address, vg=ref.vg, lv=ref.lv,
+                                snapshot=ref.kind == "snapshot", size_bytes=source.size)
 
     @staticmethod
     def _info_or_none(found, node: str):
@@ -339,21 +406,106 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi.ControllerGetCapabilitiesResponse(capabilities=[
             csi.ControllerServiceCapability(rpc=csi.ControllerServiceCapability.RPC(type=c)) for c in CAPABILITIES])
 
-    # Not advertised: the CSI spec asks for UNIMPLEMENTED. (Snapshots and expansion: issue 3.)
-    def _unimplemented(self, what: str):
-        raise errors.CsiError(errors.Code.UNIMPLEMENTED, f"{what} is not supported by this driver yet")
+    # ------------------------------------------------------------------------------------ snapshots
+
+    def _to_snapshot(self, node: str, snap: apb.Snapshot) -> csi.Snapshot:
+        out = csi.Snapshot(snapshot_id=ids.LvRef(node, snap.vg, snap.lv, "snapshot").encode(),
+                           source_volume_id=ids.LvRef(node, snap.source_vg, snap.source_lv).encode(),
+                           size_bytes=snap.size_bytes, ready_to_use=snap.ready)
+        out.creation_time.FromSeconds(snap.created_unix)
+        return out
 
     def CreateSnapshot(self, request, context):
-        self._unimplemented("CreateSnapshot")
+        name = ids.check_request_name(request.name)
+        if not request.source_volume_id:
+            raise errors.invalid("source_volume_id is required")
+        ref = self._require_ref(request.source_volume_id)
+        if self.config.node(ref.node) is None:
+            raise errors.not_found(f"volume {request.source_volume_id!r} does not exist")
+        with self.locks.hold("snapshot:" + name):
+            found = self.agents.each(lambda a: a.call("GetSnapshot", apb.GetSnapshotRequest(name=name)))
+            for node, result in found.items():
+                if isinstance(result, errors.CsiError):
+                    if result.code == errors.Code.NOT_FOUND:
+                        continue
+                    raise errors.unavailable(f"cannot rule out that snapshot {name!r} exists: {result.message}")
+                if node != ref.node or result.source_lv != ref.lv:
+                    raise errors.exists(f"snapshot {name!r} exists for another volume")
+            snap = self.agents.get(ref.node).call("CreateSnapshot", apb.CreateSnapshotRequest(
+                name=name, source_vg=ref.vg, source_lv=ref.lv))
+            return csi.CreateSnapshotResponse(snapshot=self._to_snapshot(ref.node, snap))
 
     def DeleteSnapshot(self, request, context):
-        self._unimplemented("DeleteSnapshot")
+        if not request.snapshot_id:
+            raise errors.invalid("snapshot_id is required")
+        ref = ids.parse_id(request.snapshot_id, kind="snapshot")
+        if ref is None or not ref.lv.startswith(self.config.cluster_id + "-"):
+            return csi.DeleteSnapshotResponse()
+        if self.config.node(ref.node) is None:
+            raise errors.precondition(f"storage node {ref.node} of snapshot {request.snapshot_id} is not in the "
+                                      "controller's configuration; add it back to delete the snapshot")
+        with self.locks.hold(request.snapshot_id):
+            self.agents.get(ref.node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(vg=ref.vg, lv=ref.lv))
+        return csi.DeleteSnapshotResponse()
 
     def ListSnapshots(self, request, context):
-        self._unimplemented("ListSnapshots")
+        if request.max_entries < 0:
+            raise errors.invalid("max_entries must not be negative")
+        if request.starting_token and ids.parse_id(request.starting_token, kind="snapshot") is None:
+            raise errors.aborted(f"starting_token {request.starting_token!r} is not one this driver gave out")
+        entries: list[tuple[str, csi.Snapshot]] = []
+        if request.snapshot_id:
+            ref = ids.parse_id(request.snapshot_id, kind="snapshot")
+            if ref is not None and self.config.node(ref.node) is not None:
+                try:
+                    snap = self.agents.get(ref.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=ref.vg,
+                                                                                                lv=ref.lv))
+                    entries.append((request.snapshot_id, self._to_snapshot(ref.node, snap)))
+                except errors.CsiError as exc:
+                    if exc.code != errors.Code.NOT_FOUND:
+                        raise
+        else:
+            for node, result in self.agents.each(lambda a: a.call("ListSnapshots",
+                                                                  apb.ListSnapshotsRequest())).items():
+                if isinstance(result, errors.CsiError):
+                    raise errors.unavailable(f"cannot list snapshots: {result.message}")
+                for snap in result.snapshots:
+                    s = self._to_snapshot(node, snap)
+                    entries.append((s.snapshot_id, s))
+        if request.source_volume_id:
+            entries = [e for e in entries if e[1].source_volume_id == request.source_volume_id]
+        entries.sort(key=lambda e: e[0])
+        if request.starting_token:
+            entries = [e for e in entries if e[0] > request.starting_token]
+        page = entries[:request.max_entries] if request.max_entries else entries
+        next_token = page[-1][0] if request.max_entries and len(entries) > len(page) else ""
+        return csi.ListSnapshotsResponse(entries=[csi.ListSnapshotsResponse.Entry(snapshot=s) for _, s in page],
+                                         next_token=next_token)
+
+    # ------------------------------------------------------------------------------------ expansion
 
     def ControllerExpandVolume(self, request, context):
-        self._unimplemented("ControllerExpandVolume")
+        if not request.volume_id:
+            raise errors.invalid("volume_id is required")
+        if not request.HasField("capacity_range"):
+            raise errors.invalid("capacity_range is required")
+        required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
+        if required < 0 or limit < 0 or (required == 0 and limit == 0):
+            raise errors.invalid("capacity_range needs a positive required_bytes or limit_bytes")
+        if limit and required > limit:
+            raise errors.invalid(f"required_bytes {required} exceeds limit_bytes {limit}")
+        ref = self._require_ref(request.volume_id)
+        with self.locks.hold(request.volume_id):
+            vol = self.agents.get(ref.node).call("ExpandVolume", apb.ExpandVolumeRequest(
+                vg=ref.vg, lv=ref.lv, size_bytes=required or limit))
+        if limit and vol.size_bytes > limit:
+            raise errors.out_of_range(f"the volume is {vol.size_bytes} bytes, above limit_bytes {limit}")
+        # The node always has work: rescan the iSCSI session, then grow the filesystem (block: rescan only).
+        return csi.ControllerExpandVolumeResponse(capacity_bytes=vol.size_bytes, node_expansion_required=True)
+
+    # Not advertised: the CSI spec asks for UNIMPLEMENTED.
+    def _unimplemented(self, what: str):
+        raise errors.CsiError(errors.Code.UNIMPLEMENTED, f"{what} is not supported by this driver")
 
     def ControllerModifyVolume(self, request, context):
         self._unimplemented("ControllerModifyVolume")

@@ -91,3 +91,13 @@ def flush(device: Path) -> None:
 
 def device_size(device: Path) -> int:
     return int(runner.run(["blockdev", "--getsize64", str(device)]).stdout.strip())
+
+
+def grow_filesystem(device: Path, fs: str, mountpoint: Path) -> None:
+    """Grows a mounted filesystem to fill its device (online); a no-op when it already does."""
+    if fs == "ext4":
+        runner.run(["resize2fs", str(device)], timeout=600)
+    elif fs == "xfs":
+        runner.run(["xfs_growfs", str(mountpoint)], timeout=600)
+    else:
+        raise ValueError(f"unsupported filesystem {fs}")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from csi import capabilities as caps
@@ -28,7 +29,8 @@ from csi.server import KeyLocks
 log = logging.getLogger(__name__)
 
 Cap = csi.NodeServiceCapability.RPC.Type
-CAPABILITIES = (Cap.STAGE_UNSTAGE_VOLUME, Cap.GET_VOLUME_STATS, Cap.VOLUME_CONDITION, Cap.SINGLE_NODE_MULTI_WRITER)
+CAPABILITIES = (Cap.STAGE_UNSTAGE_VOLUME, Cap.GET_VOLUME_STATS, Cap.VOLUME_CONDITION, Cap.SINGLE_NODE_MULTI_WRITER,
+                Cap.EXPAND_VOLUME)
 
 
 def _require(value: str, what: str) -> None:
@@ -122,6 +124,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     raise errors.precondition(f"the volume holds {found!r}, not a filesystem this driver mounts; "
                                               "nothing was changed")
                 mount.mount(device, staging, found, self._options(found, access))
+                if not access.read_only:
+                    # A volume restored or cloned bigger than its source: the filesystem fills it on first stage.
+                    mount.grow_filesystem(device, found, staging)
             except Exception:
                 # Leave nothing half-done: a failed stage logs out again (the CO will retry the whole stage).
                 self._undo_stage(request.volume_id, ref, staging)
@@ -269,4 +274,37 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                        accessible_topology=topology)
 
     def NodeExpandVolume(self, request, context):
-        raise errors.CsiError(errors.Code.UNIMPLEMENTED, "NodeExpandVolume is not supported by this driver yet")
+        _require(request.volume_id, "volume_id")
+        _require(request.volume_path, "volume_path")
+        ref = self._ref(request.volume_id)
+        path = Path(request.volume_path)
+        if not path.exists():
+            raise errors.not_found(f"volume path {path} does not exist")
+        required = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
+        with self.locks.hold(request.volume_id):
+            rec = self._record(request.volume_id)
+            if rec is None:
+                raise errors.not_found(f"volume {ref} is not staged on this node")
+            device = self.iscsi.wait_for_device(Target(rec["iqn"], tuple(rec["portals"]), rec["lun"]), timeout=5)
+            # The target already serves the new size; the initiator learns it from a rescan.
+            self.iscsi.rescan(rec["iqn"])
+            size = self._wait_size(device, required)
+            block = (request.HasField("volume_capability") and request.volume_capability.HasField("block")) or \
+                rec.get("block", False)
+            if not block:
+                m = mount.mount_at(Path(rec["staging"])) or mount.mount_at(path)
+                if m is None:
+                    raise errors.precondition(f"volume {ref} is not mounted at {rec['staging']} or {path}")
+                mount.grow_filesystem(device, m.fs_type, Path(m.target))
+        return csi.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    @staticmethod
+    def _wait_size(device: Path, required: int, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            size = mount.device_size(device)
+            if size >= required or time.monotonic() > deadline:
+                if size < required:
+                    raise errors.internal(f"{device} is {size} bytes after the rescan, {required} expected")
+                return size
+            time.sleep(0.5)

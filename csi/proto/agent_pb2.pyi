@@ -58,8 +58,24 @@ class AgentInfo(_message.Message):
     not_ready_reason: str
     def __init__(self, node_name: _Optional[str] = ..., api_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., portals: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...
 
+class VolumeSource(_message.Message):
+    __slots__ = ("node", "address", "vg", "lv", "snapshot", "size_bytes")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    address: str
+    vg: str
+    lv: str
+    snapshot: bool
+    size_bytes: int
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., snapshot: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
 class CreateVolumeRequest(_message.Message):
-    __slots__ = ("name", "pool", "size_bytes", "attributes")
+    __slots__ = ("name", "pool", "size_bytes", "attributes", "source")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,11 +87,13 @@ class CreateVolumeRequest(_message.Message):
     POOL_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     pool: str
     size_bytes: int
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., size_bytes: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    source: VolumeSource
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., size_bytes: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., source: _Optional[_Union[VolumeSource, _Mapping]] = ...) -> None: ...
 
 class Initiator(_message.Message):
     __slots__ = ("iqn", "read_only")
@@ -86,7 +104,7 @@ class Initiator(_message.Message):
     def __init__(self, iqn: _Optional[str] = ..., read_only: _Optional[bool] = ...) -> None: ...
 
 class Volume(_message.Message):
-    __slots__ = ("name", "pool", "vg", "lv", "size_bytes", "attributes", "target_iqn", "initiators", "exported", "created_unix", "healthy", "condition")
+    __slots__ = ("name", "pool", "vg", "lv", "size_bytes", "attributes", "target_iqn", "initiators", "exported", "created_unix", "healthy", "condition", "ready")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +124,7 @@ class Volume(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     name: str
     pool: str
     vg: str
@@ -118,7 +137,8 @@ class Volume(_message.Message):
     created_unix: int
     healthy: bool
     condition: str
-    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., target_iqn: _Optional[str] = ..., initiators: _Optional[_Iterable[_Union[Initiator, _Mapping]]] = ..., exported: _Optional[bool] = ..., created_unix: _Optional[int] = ..., healthy: _Optional[bool] = ..., condition: _Optional[str] = ...) -> None: ...
+    ready: bool
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., target_iqn: _Optional[str] = ..., initiators: _Optional[_Iterable[_Union[Initiator, _Mapping]]] = ..., exported: _Optional[bool] = ..., created_unix: _Optional[int] = ..., healthy: _Optional[bool] = ..., condition: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class DeleteVolumeRequest(_message.Message):
     __slots__ = ("vg", "lv")
@@ -209,3 +229,89 @@ class RevokeAccessResponse(_message.Message):
     SESSIONS_ENDED_FIELD_NUMBER: _ClassVar[int]
     sessions_ended: int
     def __init__(self, sessions_ended: _Optional[int] = ...) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("name", "vg", "lv", "source_vg", "source_lv", "size_bytes", "created_unix", "ready")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VG_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LV_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vg: str
+    lv: str
+    source_vg: str
+    source_lv: str
+    size_bytes: int
+    created_unix: int
+    ready: bool
+    def __init__(self, name: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., source_vg: _Optional[str] = ..., source_lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class CreateSnapshotRequest(_message.Message):
+    __slots__ = ("name", "source_vg", "source_lv", "transient")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VG_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LV_FIELD_NUMBER: _ClassVar[int]
+    TRANSIENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source_vg: str
+    source_lv: str
+    transient: bool
+    def __init__(self, name: _Optional[str] = ..., source_vg: _Optional[str] = ..., source_lv: _Optional[str] = ..., transient: _Optional[bool] = ...) -> None: ...
+
+class DeleteSnapshotRequest(_message.Message):
+    __slots__ = ("vg", "lv")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetSnapshotRequest(_message.Message):
+    __slots__ = ("vg", "lv", "name")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    name: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots",)
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ...) -> None: ...
+
+class ReadDataRequest(_message.Message):
+    __slots__ = ("vg", "lv")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ...) -> None: ...
+
+class DataChunk(_message.Message):
+    __slots__ = ("offset", "data", "done", "size_bytes", "sha256")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    done: bool
+    size_bytes: int
+    sha256: str
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...

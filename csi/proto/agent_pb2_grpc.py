@@ -74,6 +74,31 @@ class AgentStub:
                 request_serializer=agent__pb2.RevokeAccessRequest.SerializeToString,
                 response_deserializer=agent__pb2.RevokeAccessResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/CreateSnapshot',
+                request_serializer=agent__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=agent__pb2.Snapshot.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/DeleteSnapshot',
+                request_serializer=agent__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=agent__pb2.DeleteSnapshotResponse.FromString,
+                _registered_method=True)
+        self.GetSnapshot = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/GetSnapshot',
+                request_serializer=agent__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=agent__pb2.Snapshot.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/ListSnapshots',
+                request_serializer=agent__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=agent__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.ReadData = channel.unary_stream(
+                '/lvmiscsi.agent.v1.Agent/ReadData',
+                request_serializer=agent__pb2.ReadDataRequest.SerializeToString,
+                response_deserializer=agent__pb2.DataChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -134,6 +159,41 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """A thin snapshot of a volume: crash-consistent, independent of its source (the source may be deleted).
+        FAILED_PRECONDITION for a thick volume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadData(self, request, context):
+        """Streams the content of a volume or snapshot to another agent (a restore or clone across storage
+        nodes): only the chunks that are not all zeros, then one last message with the size and the SHA-256 of
+        the whole content, so the receiver can verify what it wrote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +236,31 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.RevokeAccess,
                     request_deserializer=agent__pb2.RevokeAccessRequest.FromString,
                     response_serializer=agent__pb2.RevokeAccessResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=agent__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=agent__pb2.Snapshot.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=agent__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=agent__pb2.DeleteSnapshotResponse.SerializeToString,
+            ),
+            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshot,
+                    request_deserializer=agent__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=agent__pb2.Snapshot.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=agent__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=agent__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'ReadData': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadData,
+                    request_deserializer=agent__pb2.ReadDataRequest.FromString,
+                    response_serializer=agent__pb2.DataChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +479,141 @@ class Agent:
             '/lvmiscsi.agent.v1.Agent/RevokeAccess',
             agent__pb2.RevokeAccessRequest.SerializeToString,
             agent__pb2.RevokeAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/CreateSnapshot',
+            agent__pb2.CreateSnapshotRequest.SerializeToString,
+            agent__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/DeleteSnapshot',
+            agent__pb2.DeleteSnapshotRequest.SerializeToString,
+            agent__pb2.DeleteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/GetSnapshot',
+            agent__pb2.GetSnapshotRequest.SerializeToString,
+            agent__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/ListSnapshots',
+            agent__pb2.ListSnapshotsRequest.SerializeToString,
+            agent__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/ReadData',
+            agent__pb2.ReadDataRequest.SerializeToString,
+            agent__pb2.DataChunk.FromString,
             options,
             channel_credentials,
             insecure,

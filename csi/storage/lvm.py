@@ -7,6 +7,7 @@ own, and keeps its metadata backups in the agent's state directory instead of th
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from csi.runner import CommandError
 
 LV_FIELDS = "lv_name,vg_name,lv_size,lv_tags,pool_lv,lv_attr,data_percent,metadata_percent,origin,lv_time"
 VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size,lv_count"
-POOL_FIELDS = "lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,zero"
+POOL_FIELDS = "lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,zero,vg_size,vg_free,vg_extent_size,lv_count"
 
 # lvs exits with 5 and says exactly this when asked for an LV or VG that is not there.
 _LV_MISSING = re.compile(r'^\s*Failed to find logical volume "[^"]+"\s*$', re.M)
@@ -37,6 +38,7 @@ class LogicalVolume:
     data_percent: float | None = None
     metadata_percent: float | None = None
     origin: str = ""
+    created: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -75,6 +77,7 @@ class ThinPoolState:
     data_percent: float
     metadata_percent: float
     zeroing: bool
+    group: VolumeGroup | None = None   # its VG, from the same report (one command instead of two)
 
 
 def lvm_config(devices: Sequence[str], state_dir: Path) -> str:
@@ -194,8 +197,10 @@ class Lvm:
         if not rows or not rows[0]["lv_attr"].startswith("t"):
             return None
         r = rows[0]
+        group = VolumeGroup(r["vg_name"], _num(r["vg_size"]), _num(r["vg_free"]), _num(r["vg_extent_size"]),
+                            _num(r["lv_count"])) if "vg_size" in r else None
         return ThinPoolState(r["vg_name"], r["lv_name"], _num(r["lv_size"]), _pct(r["data_percent"]) or 0.0,
-                             _pct(r["metadata_percent"]) or 0.0, r.get("zero", "") in ("zero", "1"))
+                             _pct(r["metadata_percent"]) or 0.0, r.get("zero", "") in ("zero", "1"), group)
 
     # ------------------------------------------------------------------------------------ writes
 
@@ -220,6 +225,16 @@ class Lvm:
     def extend(self, vg: str, name: str, size: int) -> None:
         self._run(["lvextend", "--yes", "--size", f"{size}b", f"{vg}/{name}"])
 
+    def snapshot(self, vg: str, origin: str, name: str, tags: Sequence[str], activate: bool) -> None:
+        """A thin snapshot (no size: it shares the origin's pool). Snapshots kept for users stay inactive
+        and skipped by activation; a volume made from one is active like any volume."""
+        argv = ["lvcreate", "--yes", "--snapshot", "--name", name]
+        argv += ["--setactivationskip", "n", "--activate", "y"] if activate else \
+            ["--setactivationskip", "y", "--activate", "n"]
+        for t in tags:
+            argv += ["--addtag", t]
+        self._run(argv + [f"{vg}/{origin}"])
+
     def activate(self, vg: str, name: str) -> None:
         self._run(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{vg}/{name}"])
 
@@ -235,4 +250,12 @@ def _lv(r: dict[str, str]) -> LogicalVolume:
     tags = tuple(t for t in r.get("lv_tags", "").split(",") if t)
     return LogicalVolume(r["vg_name"], r["lv_name"], _num(r["lv_size"]), tags, r.get("pool_lv", ""),
                          r.get("lv_attr", ""), _pct(r.get("data_percent", "")), _pct(r.get("metadata_percent", "")),
-                         r.get("origin", ""))
+                         r.get("origin", ""), _time(r.get("lv_time", "")))
+
+
+def _time(value: str) -> float:
+    """lv_time as LVM prints it ("2026-11-26 03:34:34 +0000") -> seconds since the epoch; 0 if unknown."""
+    try:
+        return datetime.datetime.strptime(value, "%Y-%m-%d %H:%M:%S %z").timestamp()
+    except (TypeError, ValueError):
+        return 0.0

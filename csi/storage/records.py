@@ -45,6 +45,10 @@ class VolumeRecord:
     created: float = field(default_factory=time.time)
     # Set before the LV is removed: a record found with it at start is finished off, never re-exported.
     deleting: bool = False
+    # "copying" while the content comes from another LV or node (never exported then); "ready" after.
+    state: str = "ready"
+    # Where the content comes from: {"node", "address", "vg", "lv", "snapshot", "size"}; empty for blank.
+    source: dict = field(default_factory=dict)
     version: int = VERSION
 
     def to_json(self) -> str:

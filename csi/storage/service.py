@@ -15,13 +15,19 @@ import hashlib
 import logging
 import secrets
 import string
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from csi import errors, ids
+import grpc
+
+from csi import errors, ids, runner
 from csi.config import AgentConfig, PoolConfig
 from csi.proto import agent_pb2 as pb
 from csi.proto import agent_pb2_grpc
-from csi.server import KeyLocks
+from csi.server import KeyLocks, TlsFiles
+from csi.storage import copy
 from csi.storage.lio import Access, Lio
 from csi.storage.lvm import LogicalVolume, Lvm
 from csi.storage.records import Grant, RecordStore, VolumeRecord
@@ -47,6 +53,15 @@ def encode_name(name: str) -> str:
     return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
 
 
+def _source_dict(source) -> dict:
+    return {"node": source.node, "address": source.address, "vg": source.vg, "lv": source.lv,
+            "snapshot": source.snapshot, "size": source.size_bytes}
+
+
+def _decode_name(encoded: str) -> str:
+    return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode(errors="replace")
+
+
 def new_secret() -> str:
     return "".join(secrets.choice(CHAP_ALPHABET) for _ in range(CHAP_SECRET_LEN))
 
@@ -63,6 +78,50 @@ class PoolUsage:
     volumes: int
 
 
+TOTALS_TTL = 60.0
+
+
+@dataclass
+class Totals:
+    virtual: int = 0      # sum of the sizes of every thin LV in the pool (any owner: all of them use it)
+    volumes: int = 0      # this cluster's volumes in the pool
+    at: float = 0.0
+
+
+class PoolTotals:
+    """Per-pool LV totals without listing every LV on every call (see AgentService.usage)."""
+
+    def __init__(self, service: "AgentService"):
+        self._service = service
+        self._totals: dict[str, Totals] = {}
+        self._mutex = threading.Lock()
+
+    def get(self, pool: PoolConfig) -> Totals:
+        with self._mutex:
+            t = self._totals.get(pool.name)
+            if t is not None and time.monotonic() - t.at < TOTALS_TTL:
+                return Totals(t.virtual, t.volumes, t.at)
+        lvs = self._service.lvm.lvs(pool.vg)
+        if pool.thin:
+            inside = [lv for lv in lvs if lv.pool == pool.thin_pool]
+        else:
+            inside = [lv for lv in lvs if not lv.pool and not lv.is_thin_pool and not lv.attr.startswith(("e", "l"))]
+        t = Totals(sum(lv.size for lv in inside), sum(1 for lv in inside if self._service._ours(lv)),
+                   time.monotonic())
+        with self._mutex:
+            self._totals[pool.name] = t
+        return Totals(t.virtual, t.volumes, t.at)
+
+    def add(self, pool: PoolConfig | None, size: int, volumes: int = 0) -> None:
+        if pool is None:
+            return
+        with self._mutex:
+            t = self._totals.get(pool.name)
+            if t is not None:
+                t.virtual += size if pool.thin else 0
+                t.volumes += volumes
+
+
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, config: AgentConfig, lvm: Lvm, lio: Lio, records: RecordStore):
         self.config = config
@@ -70,6 +129,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.lio = lio
         self.records = records
         self.locks = KeyLocks()
+        self.copies = copy.CopyJobs()
+        self.totals = PoolTotals(self)
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -91,31 +152,34 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return None
 
     def usage(self, pool: PoolConfig) -> PoolUsage:
-        vg = self.lvm.vg(pool.vg)
-        if vg is None:
-            raise errors.precondition(f"volume group {pool.vg} of pool {pool.name} is missing")
-        ours = [lv for lv in self.lvm.lvs(pool.vg) if self._ours(lv) or self._ours(lv, "snapshot")]
+        """Capacity of a pool, from one LVM report of the thin pool (or of the VG, for a thick pool) plus
+        the totals of the LVs in it, which are kept up to date by this agent's own changes and recounted
+        from a full listing at most every TOTALS_TTL seconds: no per-volume scan per call."""
         if pool.thin:
             tp = self.lvm.thin_pool(pool.vg, pool.thin_pool)
-            if tp is None:
+            if tp is None or tp.group is None:
                 raise errors.precondition(f"thin pool {pool.vg}/{pool.thin_pool} of pool {pool.name} is missing")
-            mine = [lv for lv in ours if lv.pool == pool.thin_pool]
-            virtual = sum(lv.size for lv in mine)
-            available = max(0, int(tp.size * pool.overprovision_ratio) - virtual)
+            totals = self.totals.get(pool)
+            available = max(0, int(tp.size * pool.overprovision_ratio) - totals.virtual)
             if tp.data_percent >= pool.max_fill_percent or tp.metadata_percent >= pool.max_fill_percent:
                 available = 0
             used = int(tp.size * tp.data_percent / 100)
-            return PoolUsage(pool, vg.extent_size, tp.size, used, available, tp.data_percent, tp.metadata_percent,
-                             len(mine))
-        mine = [lv for lv in ours if not lv.pool]
+            return PoolUsage(pool, tp.group.extent_size, tp.size, used, available, tp.data_percent,
+                             tp.metadata_percent, totals.volumes)
+        vg = self.lvm.vg(pool.vg)
+        if vg is None:
+            raise errors.precondition(f"volume group {pool.vg} of pool {pool.name} is missing")
         return PoolUsage(pool, vg.extent_size, vg.size, vg.size - vg.free, vg.free,
-                         100.0 * (vg.size - vg.free) / vg.size if vg.size else 0.0, 0.0, len(mine))
+                         100.0 * (vg.size - vg.free) / vg.size if vg.size else 0.0, 0.0, self.totals.get(pool).volumes)
 
     def _volume_message(self, rec: VolumeRecord, lv: LogicalVolume | None, exported: bool | None = None) -> pb.Volume:
         if exported is None:
             exported = self.lio.is_exported(rec.target_iqn)
         healthy, condition = True, ""
-        if lv is None:
+        if rec.state == "copying":
+            p = self.copies.progress(f"{rec.vg}/{rec.lv}")
+            healthy, condition = False, f"content being copied: {p.percent:.0f}%" if p else "copy not finished"
+        elif lv is None:
             healthy, condition = False, f"logical volume {rec.vg}/{rec.lv} is missing"
         elif not lv.active:
             healthy, condition = False, f"logical volume {rec.vg}/{rec.lv} is not active"
@@ -124,7 +188,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return pb.Volume(name=rec.name, pool=rec.pool, vg=rec.vg, lv=rec.lv, size_bytes=lv.size if lv else rec.size,
                          attributes=rec.attributes, target_iqn=rec.target_iqn,
                          initiators=[pb.Initiator(iqn=g.initiator, read_only=g.read_only) for g in rec.grants.values()],
-                         exported=exported, created_unix=int(rec.created), healthy=healthy, condition=condition)
+                         exported=exported, created_unix=int(rec.created), healthy=healthy, condition=condition,
+                         ready=rec.state == "ready")
 
     @staticmethod
     def _round(size: int, extent: int) -> int:
@@ -151,42 +216,134 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if request.size_bytes <= 0:
             raise errors.invalid("size_bytes must be positive")
         attributes = dict(request.attributes)
+        source = request.source if request.HasField("source") else None
+        if source is not None:
+            ids.check_lvm_name(source.vg, "source vg")
+            ids.check_lvm_name(source.lv, "source lv")
         lv_name = ids.lv_name(self.config.cluster_id, name)
         with self.locks.hold(f"{pool.vg}/{lv_name}"):
             vg = self.lvm.vg(pool.vg)
             if vg is None:
                 raise errors.precondition(f"volume group {pool.vg} of pool {pool.name} is missing")
-            size = self._round(request.size_bytes, vg.extent_size)
+            size = self._round(max(request.size_bytes, source.size_bytes if source else 0), vg.extent_size)
             digest = attributes_digest(size, attributes)
             lv = self.lvm.lv(pool.vg, lv_name)
             if lv is None:
-                usage = self.usage(pool)
-                if size > usage.available:
-                    raise errors.exhausted(
-                        f"pool {pool.name} on {self.config.node_name} has {usage.available} bytes available "
-                        f"for new volumes, {size} requested"
-                        + (f" (thin pool {usage.data_percent:.0f}% full, limit {pool.max_fill_percent:.0f}%)"
-                           if pool.thin and usage.available == 0 else ""))
-                tags = [tag("cluster", self.config.cluster_id), tag("kind", "volume"), tag("name", encode_name(name)),
-                        tag("request", digest)]
-                self.lvm.create(pool.vg, lv_name, size, tags, pool.thin_pool)
-                lv = self.lvm.lv(pool.vg, lv_name)
-                if lv is None:
-                    raise errors.internal(f"lvcreate {pool.vg}/{lv_name} succeeded but the LV is not there")
+                lv = self._create_lv(name, pool, lv_name, size, digest, source)
             elif not self._ours(lv) or lv.tag(f"{ids.TAG_PREFIX}/request") != digest or \
                     (lv.pool or "") != pool.thin_pool:
-                raise errors.exists(f"volume {name!r} exists with another size, pool or capabilities")
+                raise errors.exists(f"volume {name!r} exists with another size, pool, source or capabilities")
             rec = self.records.load(pool.vg, lv_name)
-            if rec is None or rec.deleting:
-                if rec is not None and rec.deleting:
-                    raise errors.aborted(f"volume {name!r} is being deleted")
+            if rec is not None and rec.deleting:
+                raise errors.aborted(f"volume {name!r} is being deleted")
+            if rec is None:
+                copying = lv.tag(f"{ids.TAG_PREFIX}/content") == "copy"
                 rec = VolumeRecord(name=name, pool=pool.name, vg=pool.vg, lv=lv_name, size=lv.size,
-                                   attributes=attributes, target_iqn=ids.target_iqn(pool.vg, lv_name))
+                                   attributes=attributes, target_iqn=ids.target_iqn(pool.vg, lv_name),
+                                   state="copying" if copying else "ready",
+                                   source=_source_dict(source) if copying and source else {})
                 self.records.save(rec)
             if not lv.active:
                 self.lvm.activate(pool.vg, lv_name)
+            if rec.state == "copying":
+                rec = self._finish_copy(rec, lv, pool)
             self.lio.export(rec.target_iqn, lv_name, lv.path, pool.thin)
             return self._volume_message(rec, lv, exported=True)
+
+    def _create_lv(self, name: str, pool: PoolConfig, lv_name: str, size: int, digest: str, source) -> LogicalVolume:
+        usage = self.usage(pool)
+        if size > usage.available:
+            raise errors.exhausted(
+                f"pool {pool.name} on {self.config.node_name} has {usage.available} bytes available "
+                f"for new volumes, {size} requested"
+                + (f" (thin pool {usage.data_percent:.0f}% full, limit {pool.max_fill_percent:.0f}%)"
+                   if pool.thin and usage.available == 0 else ""))
+        tags = [tag("cluster", self.config.cluster_id), tag("kind", "volume"), tag("name", encode_name(name)),
+                tag("request", digest)]
+        src_lv = None
+        if source is not None and source.node == self.config.node_name:
+            src_lv = self.lvm.lv(source.vg, source.lv)
+            if src_lv is None or not (self._ours(src_lv) or self._ours(src_lv, "snapshot") or
+                                      self._ours(src_lv, "transfer")):
+                raise errors.not_found(f"source {source.vg}/{source.lv} is not on {self.config.node_name}")
+        if src_lv is not None and pool.thin and src_lv.pool == pool.thin_pool and source.vg == pool.vg:
+            # Same thin pool: a thin snapshot of the source is the new volume, at once and independent of it.
+            self.lvm.snapshot(pool.vg, source.lv, lv_name, tags, activate=True)
+            lv = self.lvm.lv(pool.vg, lv_name)
+            if lv is not None and lv.size < size:
+                self.lvm.extend(pool.vg, lv_name, size)
+        else:
+            if source is not None:
+                tags.append(tag("content", "copy"))   # its content is copied in: see _finish_copy
+            self.lvm.create(pool.vg, lv_name, size, tags, pool.thin_pool)
+        lv = self.lvm.lv(pool.vg, lv_name)
+        if lv is None:
+            raise errors.internal(f"lvcreate {pool.vg}/{lv_name} succeeded but the LV is not there")
+        self.totals.add(pool, lv.size, 1)
+        return lv
+
+    def _finish_copy(self, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig) -> VolumeRecord:
+        """Starts or joins the copy into this volume and waits for it while the call's time lasts."""
+        key = f"{rec.vg}/{rec.lv}"
+        job = self.copies.start(key, int(rec.source.get("size", 0)),
+                                lambda progress: self._copy(rec, lv, pool, progress))
+        try:
+            job.result(timeout=max(1.0, runner.time_left() - 2.0))
+        except FutureTimeout:
+            p = self.copies.progress(key)
+            raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED,
+                                  f"copying into {rec.name!r} is in progress ({p.percent if p else 0:.0f}%); "
+                                  "a retry joins it") from None
+        except Exception:
+            self.copies.forget(key)   # the next retry starts the copy again from the beginning
+            raise
+        done = self.records.load(rec.vg, rec.lv)
+        return done if done is not None else rec
+
+    def _copy(self, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig, progress: copy.Progress) -> None:
+        src = rec.source
+        size = int(src["size"])
+        if src["node"] == self.config.node_name:
+            src_lv = self.lvm.lv(src["vg"], src["lv"])
+            if src_lv is None:
+                raise errors.not_found(f"source {src['vg']}/{src['lv']} is gone")
+            if not src_lv.active:
+                self.lvm.activate(src["vg"], src["lv"])
+            stream = copy.sparse_stream(src_lv.path, size)
+        else:
+            stream = self._remote_stream(src)
+        sent = copy.write_stream(lv.path, size, stream, sparse=pool.thin, progress=progress)
+        written = copy.digest_of(lv.path, size)
+        if written != sent:
+            raise errors.internal(f"copy into {rec.name!r} does not verify: sha256 {written} != source {sent}")
+        rec.state = "ready"
+        self.records.save(rec)
+
+    def _remote_stream(self, src: dict):
+        creds = TlsFiles(self.config.tls_dir).channel_credentials()
+        options = [("grpc.ssl_target_name_override", ids.AGENT_SERVER_NAME),
+                   ("grpc.max_receive_message_length", 8 << 20)]
+        with grpc.secure_channel(src["address"], creds, options=options) as channel:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            for chunk in stub.ReadData(pb.ReadDataRequest(vg=src["vg"], lv=src["lv"])):
+                if chunk.done:
+                    yield chunk.size_bytes, None, chunk.sha256
+                    return
+                yield chunk.offset, chunk.data, ""
+
+    def ReadData(self, request, context):
+        ids.check_lvm_name(request.vg, "vg")
+        ids.check_lvm_name(request.lv, "lv")
+        lv = self.lvm.lv(request.vg, request.lv)
+        if lv is None or not any(self._ours(lv, k) for k in ("volume", "snapshot", "transfer")):
+            raise errors.not_found(f"no volume or snapshot {request.vg}/{request.lv} on {self.config.node_name}")
+        if not lv.active:
+            self.lvm.activate(request.vg, request.lv)
+        for offset, data, final in copy.sparse_stream(lv.path, lv.size):
+            if final:
+                yield pb.DataChunk(done=True, size_bytes=lv.size, sha256=final)
+            elif data is not None:
+                yield pb.DataChunk(offset=offset, data=data)
 
     def DeleteVolume(self, request, context):
         vg, lv_name = request.vg, request.lv
@@ -215,6 +372,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 log.info("zeroing thick volume %s/%s before removal", vg, lv_name)
                 self.lvm.zero_out(lv.path)
             self.lvm.remove(vg, lv_name)
+            self.totals.add(pool, -lv.size, -1)
             log.info("deleted %s/%s (pool %s)", vg, lv_name, pool.name if pool else "?")
         self.records.delete(vg, lv_name)
 
@@ -261,11 +419,15 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             pool = self._pool(rec.pool)
             usage = self.usage(pool)
             size = self._round(request.size_bytes, usage.extent)
+            if size < lv.size:
+                raise errors.out_of_range(f"volume {rec.name!r} is {lv.size} bytes; shrinking to {size} is not "
+                                          "supported")
             if size > lv.size:
                 if size - lv.size > usage.available:
                     raise errors.exhausted(f"pool {pool.name} on {self.config.node_name} has {usage.available} "
                                            f"bytes available, growing needs {size - lv.size}")
                 self.lvm.extend(request.vg, request.lv, size)
+                self.totals.add(pool, size - lv.size)
                 lv = self.lvm.lv(request.vg, request.lv)
                 rec.size = lv.size if lv else size
                 self.records.save(rec)
@@ -313,6 +475,75 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             ended = self.lio.revoke(ids.target_iqn(request.vg, request.lv), request.initiator_iqn)
             return pb.RevokeAccessResponse(sessions_ended=ended)
 
+    # ------------------------------------------------------------------------------------ snapshots
+
+    def _snapshot_message(self, lv: LogicalVolume) -> pb.Snapshot:
+        return pb.Snapshot(name=_decode_name(lv.tag(f"{ids.TAG_PREFIX}/name") or ""), vg=lv.vg, lv=lv.name,
+                           source_vg=lv.vg, source_lv=lv.tag(f"{ids.TAG_PREFIX}/source") or "",
+                           size_bytes=lv.size, created_unix=int(lv.created), ready=True)
+
+    def CreateSnapshot(self, request, context):
+        name = ids.check_request_name(request.name)
+        ids.check_lvm_name(request.source_vg, "source vg")
+        ids.check_lvm_name(request.source_lv, "source lv")
+        kind = "transfer" if request.transient else "snapshot"
+        snap = ids.lv_name(self.config.cluster_id, name, kind="snapshot")
+        vg = request.source_vg
+        with self.locks.hold(f"{vg}/{snap}"):
+            existing = self.lvm.lv(vg, snap)
+            if existing is not None:
+                if self._ours(existing, kind) and existing.tag(f"{ids.TAG_PREFIX}/source") == request.source_lv:
+                    return self._snapshot_message(existing)
+                raise errors.exists(f"snapshot {name!r} exists with another source")
+            src = self.lvm.lv(vg, request.source_lv)
+            rec = self.records.load(vg, request.source_lv)
+            if src is None or not self._ours(src) or rec is None or rec.deleting:
+                raise errors.not_found(f"no volume {vg}/{request.source_lv} on {self.config.node_name}")
+            pool = self._pool_of(vg, src)
+            if not src.pool or pool is None or not pool.thin:
+                raise errors.precondition(f"volume {rec.name!r} is in a thick pool: snapshots need a thin pool "
+                                          "(StorageClass parameter type: thin)")
+            usage = self.usage(pool)
+            if usage.available == 0:
+                raise errors.exhausted(f"thin pool of {pool.name} on {self.config.node_name} is above "
+                                       f"{pool.max_fill_percent:.0f}% full: no new snapshots")
+            tags = [tag("cluster", self.config.cluster_id), tag("kind", kind), tag("name", encode_name(name)),
+                    tag("source", request.source_lv)]
+            self.lvm.snapshot(vg, request.source_lv, snap, tags, activate=False)
+            self.totals.add(pool, src.size)
+            created = self.lvm.lv(vg, snap)
+            if created is None:
+                raise errors.internal(f"lvcreate --snapshot {vg}/{snap} succeeded but the LV is not there")
+            return self._snapshot_message(created)
+
+    def DeleteSnapshot(self, request, context):
+        ids.check_lvm_name(request.vg, "vg")
+        ids.check_lvm_name(request.lv, "lv")
+        with self.locks.hold(f"{request.vg}/{request.lv}"):
+            lv = self.lvm.lv(request.vg, request.lv)
+            if lv is not None and (self._ours(lv, "snapshot") or self._ours(lv, "transfer")):
+                self.lvm.remove(request.vg, request.lv)
+                self.totals.add(self._pool_of(request.vg, lv), -lv.size)
+        return pb.DeleteSnapshotResponse()
+
+    def GetSnapshot(self, request, context):
+        if request.name:
+            snap = ids.lv_name(self.config.cluster_id, ids.check_request_name(request.name), kind="snapshot")
+            places = [(vg, snap) for vg in sorted({p.vg for p in self.config.pools})]
+        else:
+            places = [(ids.check_lvm_name(request.vg, "vg"), ids.check_lvm_name(request.lv, "lv"))]
+        for vg, lv_name in places:
+            lv = self.lvm.lv(vg, lv_name)
+            if lv is not None and (self._ours(lv, "snapshot") or self._ours(lv, "transfer")):
+                return self._snapshot_message(lv)
+        raise errors.not_found(f"no such snapshot on {self.config.node_name}")
+
+    def ListSnapshots(self, request, context):
+        out = []
+        for vg in sorted({p.vg for p in self.config.pools}):
+            out += [self._snapshot_message(lv) for lv in self.lvm.lvs(vg) if self._ours(lv, "snapshot")]
+        return pb.ListSnapshotsResponse(snapshots=out)
+
     # ------------------------------------------------------------------------------------ start-up
 
     def restore(self) -> dict[str, int]:
@@ -332,6 +563,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     self._delete(rec.vg, rec.lv)
                     counts["finished_deletes"] += 1
                     continue
+                if rec.state != "ready":
+                    continue   # an unfinished copy is never exported; CreateVolume's retry restarts it
                 if not lv.active:
                     self.lvm.activate(rec.vg, rec.lv)
                 pool = self._pool_of(rec.vg, lv)

@@ -25,3 +25,12 @@ def lab(tmp_path_factory):
         the_lab.add_node("worker-1", role="worker")
         the_lab.boot_all(timeout=120)
         yield the_lab
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """storage-1 (zone-a), storage-2 (zone-b) and worker-1 (zone-a) with the driver deployed: agents on the
+    storage nodes, the node plugin on the worker, the controller on the host. Shared by the test modules;
+    every test leaves the storage nodes as it found them."""
+    from tests.e2e.cluster import make_cluster
+    yield from make_cluster(tmp_path_factory)
