@@ -1,0 +1,967 @@
+"""The Helm chart (deploy/helm/lvm-iscsi-csi), its plain rendering (deploy/manifests) and their security scan.
+
+What runs here, all offline but for the Go module proxy:
+- helm, built by scripts/setup into the cache: lint, template with the default values and the value sets in the
+  chart's ci/ directory, and template --dry-run=server against a fake API server on 127.0.0.1 for `lookup`;
+- kubernetes-validate's bundled OpenAPI schemas, strict (unknown fields rejected), for every rendered object;
+- the external-snapshotter CRDs, downloaded from the Go module proxy into the cache at the csi-snapshotter version
+  the chart pins, for the snapshot objects;
+- checkov with its downloads switched off, over the default rendering: its findings must be exactly the ones the
+  chart README lists with their reasons.
+A missing tool fails the test, naming scripts/setup; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlparse
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "lvm-iscsi-csi"
+MANIFESTS = ROOT / "deploy" / "manifests"
+CACHE = Path(os.environ.get("CSI_CACHE", "/var/cache/lvm-iscsi-csi"))
+RELEASE = "lvm-iscsi-csi"
+NAMESPACE = "lvm-iscsi-csi"
+# The chart's kubeVersion floor and the newest release kubernetes-validate bundles a schema for.
+KUBE_VERSIONS = ("1.34.0", "1.37.0")
+RENDER_KUBE_VERSION = "1.37.0"
+VALUE_SETS = ["default"] + sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))
+SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
+AGENT_SAN = "lvm-iscsi-agent"
+
+
+# ---------------------------------------------------------------------------------------------- tools
+
+def _missing(what: str, where: str) -> None:
+    pytest.fail(f"{what} not found ({where}): run scripts/setup", pytrace=False)
+
+
+@functools.cache
+def helm_binary() -> str:
+    path = Path(os.environ.get("HELM", CACHE / "bin" / "helm"))
+    if not os.access(path, os.X_OK):
+        _missing("helm", str(path))
+    return str(path)
+
+
+@functools.cache
+def checkov_binary() -> str:
+    candidates = [os.environ.get("CHECKOV", ""), str(Path(sys.executable).parent / "checkov"),
+                  str(CACHE / "checkov" / "bin" / "checkov")]
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return c
+    _missing("checkov", ", ".join(c for c in candidates if c))
+
+
+@functools.cache
+def go_binary() -> str:
+    found = shutil.which("go") or ("/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None)
+    if not found:
+        _missing("go (for the snapshot CRDs from the Go module proxy)", "PATH, /usr/local/go/bin")
+    return found
+
+
+def helm(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    if check and r.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed ({r.returncode}):\n{r.stderr}", pytrace=False)
+    return r
+
+
+def values_args(value_set: str) -> list[str]:
+    return [] if value_set == "default" else ["-f", str(CHART / "ci" / f"{value_set}-values.yaml")]
+
+
+def template(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", RENDER_KUBE_VERSION,
+                *args, check=check)
+
+
+def objects(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@functools.cache
+def _rendered(value_set: str) -> tuple[dict, ...]:
+    return tuple(objects(template(*values_args(value_set)).stdout))
+
+
+def rendered(value_set: str = "default") -> list[dict]:
+    return copy.deepcopy(list(_rendered(value_set)))
+
+
+@functools.cache
+def values(value_set: str = "default") -> dict:
+    """The values a value set amounts to: values.yaml with the set's file merged over it, as helm merges."""
+    merged = yaml.safe_load((CHART / "values.yaml").read_text())
+    if value_set != "default":
+        merged = _merge(merged, yaml.safe_load((CHART / "ci" / f"{value_set}-values.yaml").read_text()))
+    return merged
+
+
+def _merge(base, over):
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merge(base[k], v) if k in base else v
+        return out
+    return over
+
+
+def one(objs: list[dict], kind: str, suffix: str = "") -> dict:
+    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"expected one {kind} *{suffix}, found {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def containers(workload: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in workload["spec"]["template"]["spec"]["containers"]}
+
+
+def mounts(container: dict) -> dict[str, dict]:
+    return {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+
+
+def volumes(workload: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+
+
+def host_path_of(workload: dict, container: dict, mount_path: str) -> str | None:
+    m = mounts(container).get(mount_path)
+    return volumes(workload)[m["name"]].get("hostPath", {}).get("path") if m else None
+
+
+# ---------------------------------------------------------------------------------------------- lint and render
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_helm_lint_is_clean(value_set):
+    r = helm("lint", str(CHART), "--strict", "--kube-version", RENDER_KUBE_VERSION, *values_args(value_set))
+    assert "0 chart(s) failed" in r.stdout
+    assert "[WARNING]" not in r.stdout and "[ERROR]" not in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_renders_the_expected_objects(value_set):
+    kinds = sorted({o["kind"] for o in rendered(value_set)})
+    expected = {"ClusterRole", "ClusterRoleBinding", "ConfigMap", "CSIDriver", "DaemonSet", "Deployment", "Role",
+                "RoleBinding", "ServiceAccount", "StorageClass", "NetworkPolicy"}
+    assert expected <= set(kinds), kinds
+    names = [(o["kind"], o["metadata"]["name"]) for o in rendered(value_set)]
+    assert len(names) == len(set(names)), "duplicate objects"
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+
+def _validate_k8s(obj: dict, version: str) -> str | None:
+    """None when valid; the error otherwise. Snapshot kinds are the CRDs' business (below)."""
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.utils.SchemaNotFoundError:
+        if obj["apiVersion"].startswith(SNAPSHOT_GROUP + "/"):
+            return None
+        return f"no schema for {obj['apiVersion']} {obj['kind']} in Kubernetes {version}"
+    except kubernetes_validate.ValidationError as exc:
+        return f"{obj['kind']}/{obj['metadata'].get('name')}: {exc.message} at {list(exc.absolute_path)}"
+    except kubernetes_validate.utils.VersionNotSupportedError:
+        pytest.fail(f"kubernetes-validate {kubernetes_validate.__version__} has no Kubernetes {version} schemas: "
+                    "run scripts/setup (the test extra needs kubernetes-validate>=1.37)", pytrace=False)
+    return None
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_object_validates_strictly_against_kubernetes(value_set, kube_version):
+    errors = [e for o in rendered(value_set) if (e := _validate_k8s(o, kube_version))]
+    assert not errors, "\n".join(errors)
+
+
+def test_strict_validation_catches_a_misspelled_field():
+    # The check above must be able to fail: one misspelled field in a real object.
+    deployment = one(rendered(), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePulPolicy"] = "Always"
+    assert _validate_k8s(deployment, RENDER_KUBE_VERSION)
+
+
+@functools.cache
+def snapshot_crd_schemas() -> dict[str, dict]:
+    """kind -> openAPIV3Schema of the served snapshot.storage.k8s.io/v1 CRDs, at the pinned csi-snapshotter tag."""
+    tag = yaml.safe_load((CHART / "values.yaml").read_text())["sidecars"]["snapshotter"]["image"]["tag"]
+    major = tag.lstrip("v").split(".")[0]
+    module = f"github.com/kubernetes-csi/external-snapshotter/client/v{major}@{tag}"
+    env = {**os.environ, "GOPATH": str(CACHE / "go"), "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
+    env.pop("GOMODCACHE", None)
+    r = subprocess.run([go_binary(), "mod", "download", "-json", module], capture_output=True, text=True,
+                       cwd=CACHE if CACHE.is_dir() else "/", env=env, timeout=600)
+    if r.returncode != 0:
+        pytest.fail(f"go mod download {module} failed (Go module proxy unreachable? run scripts/setup):\n"
+                    f"{r.stdout}\n{r.stderr}", pytrace=False)
+    crd_dir = Path(json.loads(r.stdout)["Dir"]) / "config" / "crd"
+    schemas = {}
+    for path in sorted(crd_dir.glob(f"{SNAPSHOT_GROUP}_*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            if version["name"] == "v1" and version.get("served"):
+                schemas[crd["spec"]["names"]["kind"]] = version["schema"]["openAPIV3Schema"]
+    assert {"VolumeSnapshot", "VolumeSnapshotClass", "VolumeSnapshotContent"} <= set(schemas), sorted(schemas)
+    return schemas
+
+
+def _strict(schema):
+    """The API server prunes and (with strict field validation) rejects unknown fields: forbid them here."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    return schema
+
+
+@functools.cache
+def _object_meta_validator():
+    defs = json.loads((Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+                       / f"v{RENDER_KUBE_VERSION}-local-strict" / "_definitions.json").read_text())
+    return jsonschema.Draft202012Validator({"$ref": "#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+                                            "$defs": defs["$defs"]})
+
+
+def _validate_snapshot_object(obj: dict) -> list[str]:
+    schema = snapshot_crd_schemas().get(obj["kind"])
+    if schema is None or obj["apiVersion"] != f"{SNAPSHOT_GROUP}/v1":
+        return [f"{obj['apiVersion']} {obj['kind']} is not a served snapshot CRD version"]
+    schema = _strict(schema)
+    schema["properties"]["metadata"] = {"type": "object"}  # checked against ObjectMeta below
+    errors = [f"{obj['kind']}/{obj['metadata'].get('name')}: {e.message} at {list(e.absolute_path)}"
+              for e in jsonschema.Draft7Validator(schema).iter_errors(obj)]
+    errors += [f"{obj['kind']} metadata: {e.message}" for e in _object_meta_validator().iter_errors(obj["metadata"])]
+    return errors
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_snapshot_objects_validate_against_the_snapshot_crds(value_set):
+    snapshot_objects = [o for o in rendered(value_set) if o["apiVersion"].startswith(SNAPSHOT_GROUP + "/")]
+    create = values(value_set)["volumeSnapshotClass"]["create"]
+    assert [o["kind"] for o in snapshot_objects] == (["VolumeSnapshotClass"] if create else [])
+    errors = [e for o in snapshot_objects for e in _validate_snapshot_object(o)]
+    assert not errors, "\n".join(errors)
+
+
+def test_snapshot_crd_validation_catches_a_wrong_field():
+    cls = one(rendered(), "VolumeSnapshotClass")
+    assert not _validate_snapshot_object(cls)
+    assert _validate_snapshot_object({**cls, "deletionPolicy": "Keep"})
+    assert _validate_snapshot_object({**cls, "parameter": {"a": "b"}})
+
+
+# ---------------------------------------------------------------------------------------------- values schema
+
+@pytest.mark.parametrize("args,message", [
+    (["--set-string", "controller.replicas=two"], "/controller/replicas"),
+    (["--set", "controller.replicas=0"], "/controller/replicas"),
+    (["--set-string", "tls.generate=yes"], "/tls/generate"),
+    (["--set", "nope=1"], "'nope' not allowed"),
+    (["--set", "agent.pool=x"], "'pool' not allowed"),
+    (["--set", "agent.port=70000"], "/agent/port"),
+    (["--set", "logLevel=verbose"], "/logLevel"),
+    (["--set", "clusterId=Prod_1"], "/clusterId"),
+    (["--set", "clusterId=snapshots"], "/clusterId"),
+    (["--set", "image.digest=sha256:abc"], "/image/digest"),
+    (["--set", "sidecars.provisioner.image.tag=latest"], "/sidecars/provisioner/image/tag"),
+    (["--set", "sidecars.resizer.timeout=3 minutes"], "/sidecars/resizer/timeout"),
+    (["--set", "storageClasses[0].name=x,storageClasses[0].pool=thin,storageClasses[0].type=thinn"],
+     "/storageClasses/0/type"),
+    (["--set", "storageClasses[0].name=x,storageClasses[0].pool=thin,storageClasses[0].type=thin,"
+               "storageClasses[0].fsType=btrfs"], "/storageClasses/0/fsType"),
+    (["--set", "storageNodes[0].name=s1,storageNodes[0].zone=a"], "missing property 'address'"),
+    (["--set", "storageNodes[0].name=s1,storageNodes[0].address=10.0.0.1,storageNodes[0].zone=a"],
+     "/storageNodes/0/address"),
+    (["--set", "storageNodes[0].name=S1,storageNodes[0].address=h:1,storageNodes[0].zone=a"],
+     "/storageNodes/0/name"),
+    (["--set-json", 'storageNodes=[{"name":"s1","address":"h:1","zone":7}]'], "/storageNodes/0/zone"),
+    (["--set-json", 'agent.pools=[{"name":"p","vg":"snapshot-vg"}]'], "/agent/pools/0/vg"),
+    (["--set-json", 'agent.pools=[{"name":"p","vg":"vg","overprovisionRatio":"4"}]'],
+     "/agent/pools/0/overprovisionRatio"),
+    (["--set-json", 'agent.devices=["sdb"]'], "/agent/devices/0"),
+    (["--set-json", 'node.tolerations={"operator":"Exists"}'], "/node/tolerations"),
+    (["--set", "csiDriver.fsGroupPolicy=Always"], "/csiDriver/fsGroupPolicy"),
+    (["--set", "volumeSnapshotClass.deletionPolicy=Keep"], "/volumeSnapshotClass/deletionPolicy"),
+])
+def test_values_schema_rejects_wrong_values(args, message):
+    r = template(*args, check=False)
+    assert r.returncode != 0, f"accepted: {args}"
+    assert "schema" in r.stderr and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set-json", 'storageNodes=[{"name":"s1","address":"h:1","zone":"a"},{"name":"s1","address":"h:2","zone":"b"}]',
+      "--set-json", 'agent.devices=["/dev/sdb"]'], 'node "s1" is listed twice'),
+    (["--set-json", 'storageNodes=[{"name":"s1","address":"h:7600","zone":"a"}]'], "agent.devices is empty"),
+    (["--set-json", 'storageClasses=[{"name":"a","pool":"thin","type":"thin","isDefault":true},'
+                    '{"name":"b","pool":"thin","type":"thin","isDefault":true}]'], "more than one class has isDefault"),
+    (["--set-json", 'storageClasses=[{"name":"x","pool":"nope","type":"thin"}]'], 'pool "nope"'),
+    (["--set-json", 'storageClasses=[{"name":"x","pool":"thick","type":"thin"}]'], "has no thinPool"),
+    (["--set-json", 'storageClasses=[{"name":"x","pool":"thin","type":"thin","wipe":true}]'], "thick volumes only"),
+    (["--set-json", 'agent.pools=[{"name":"t","vg":"vg","overprovisionRatio":2}]',
+      "--set-json", "storageClasses=[]"], "overprovisionRatio must be 1"),
+    (["--set-json", 'agent.pools=[{"name":"t","vg":"vg","thinPool":"tp","warnFillPercent":95,"maxFillPercent":90}]',
+      "--set-json", "storageClasses=[]"], "warnFillPercent must not exceed"),
+])
+def test_chart_rejects_inconsistent_values(args, message):
+    r = template(*args, check=False)
+    assert r.returncode != 0, f"accepted: {args}"
+    assert message in r.stderr, r.stderr
+
+
+# Values that are Kubernetes structures passed through as they are: their fields are Kubernetes' to document.
+PASSTHROUGH = {"podSecurityContext", "containerSecurityContext", "securityContext", "resources", "updateStrategy",
+               "nodeSelector", "affinity", "tolerations", "podLabels", "podAnnotations", "image"}
+
+
+def test_values_yaml_is_documented_field_by_field():
+    """Every key of values.yaml down to the third level has a comment right above it, but for list items after the
+    first and the fields of Kubernetes structures passed through (resources, securityContext, ...)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented, stack, list_items_at = [], [], None
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        indent = len(line) - len(stripped)
+        if not stripped or stripped.startswith("#"):
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if stripped.startswith("- "):
+            # Only the first item of a list documents its fields; the others follow it.
+            first = list_items_at != indent
+            list_items_at = indent
+            if first:
+                stack.append((indent, "-"))
+                continue
+            stack.append((indent, "-skip"))
+            continue
+        m = re.match(r"([A-Za-z][A-Za-z0-9]*):", stripped)
+        if not m:
+            continue
+        keys = [k for _, k in stack]
+        commented = lines[i - 1].lstrip().startswith(("#", "- #"))
+        if len(keys) < 3 and "-skip" not in keys and not PASSTHROUGH & set(keys) and not commented:
+            undocumented.append(f"line {i + 1}: {line.strip()}")
+        stack.append((indent, m.group(1)))
+    assert not undocumented, "values.yaml keys without a comment:\n" + "\n".join(undocumented)
+
+
+def test_values_yaml_matches_its_schema():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(yaml.safe_load((CHART / "values.yaml").read_text()))
+
+
+# ---------------------------------------------------------------------------------------------- workloads
+
+def test_controller_runs_the_sidecars_with_leader_election_topology_and_capacity():
+    dep = one(rendered(), "Deployment", "-controller")
+    c = containers(dep)
+    assert list(c) == ["driver", "csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer", "liveness-probe"]
+    for name in ("csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer"):
+        assert "--leader-election=true" in c[name]["args"], name
+        assert c[name]["livenessProbe"]["httpGet"]["path"] == "/healthz/leader-election", name
+    prov = c["csi-provisioner"]["args"]
+    for flag in ("--feature-gates=Topology=true", "--enable-capacity=true", "--capacity-ownerref-level=2",
+                 "--strict-topology=true", "--extra-create-metadata=true", "--default-fstype=ext4", "--timeout=300s"):
+        assert flag in prov
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["csi-provisioner"]["env"]}
+    assert env == {"POD_NAME": "metadata.name", "NAMESPACE": "metadata.namespace"}
+    assert "--handle-volume-inuse-error=false" in c["csi-resizer"]["args"]
+    assert "--feature-gates=CSIVolumeGroupSnapshot=false" in c["csi-snapshotter"]["args"]
+    assert c["driver"]["args"][:1] == ["controller"]
+    assert c["driver"]["livenessProbe"]["httpGet"]["port"] == "healthz"
+
+
+def test_controller_is_unprivileged_and_its_token_reaches_only_the_sidecars():
+    dep = one(rendered(), "Deployment", "-controller")
+    spec = dep["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] >= 10000
+    assert "hostNetwork" not in spec
+    for name, c in containers(dep).items():
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, name
+        assert sc["capabilities"]["drop"] == ["ALL"], name
+        has_token = "/var/run/secrets/kubernetes.io/serviceaccount" in mounts(c)
+        assert has_token == name.startswith("csi-"), name
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], name
+    cfg = volumes(dep)["config"]["projected"]["sources"]
+    assert [i["path"] for s in cfg for i in next(iter(s.values()))["items"]] == [
+        "storage-nodes.yaml", "tls/ca.crt", "tls/tls.crt", "tls/tls.key"]
+    assert mounts(containers(dep)["driver"])["/etc/lvm-iscsi-csi"]["readOnly"] is True
+
+
+def test_node_plugin_reaches_the_hosts_iscsid_and_kubelet():
+    ds = one(rendered(), "DaemonSet", "-node")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    c = containers(ds)
+    assert list(c) == ["driver", "node-driver-registrar", "liveness-probe"]
+    driver = c["driver"]
+    assert driver["securityContext"]["privileged"] is True
+    kubelet = mounts(driver)["/var/lib/kubelet"]
+    assert kubelet["mountPropagation"] == "Bidirectional"
+    for path in ("/dev", "/sys", "/etc/iscsi", "/var/lib/iscsi", "/run/lock/iscsi", "/lib/modules"):
+        assert host_path_of(ds, driver, path) == path, path
+    assert mounts(driver)["/lib/modules"]["readOnly"] is True
+    assert volumes(ds)["etc-iscsi"]["hostPath"]["type"] == "Directory"
+    assert "--initiator-name-file=/etc/iscsi/initiatorname.iscsi" in driver["args"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in driver["env"]
+    # Only the driver container reads the API server (its Node's zone label).
+    assert [n for n, x in c.items() if "/var/run/secrets/kubernetes.io/serviceaccount" in mounts(x)] == ["driver"]
+    reg = c["node-driver-registrar"]
+    sock = "/var/lib/kubelet/plugins/lvm-iscsi.csi.dev/csi.sock"
+    assert f"--kubelet-registration-path={sock}" in reg["args"]
+    assert f"--kubelet-registration-path={sock}" in reg["livenessProbe"]["exec"]["command"]
+    assert host_path_of(ds, reg, "/registration") == "/var/lib/kubelet/plugins_registry"
+    assert host_path_of(ds, reg, str(Path(sock).parent)) == str(Path(sock).parent)
+
+
+def test_agent_runs_on_the_selected_storage_nodes_with_what_lvm_and_lio_need():
+    for value_set in VALUE_SETS:
+        ds = one(rendered(value_set), "DaemonSet", "-agent")
+        spec = ds["spec"]["template"]["spec"]
+        vals = values(value_set)["agent"]
+        assert spec["nodeSelector"] == vals["nodeSelector"], value_set
+        assert spec.get("tolerations", []) == vals["tolerations"], value_set
+        assert spec.get("affinity", {}) == vals["affinity"], value_set
+        assert spec["hostNetwork"] is True and "hostPID" not in spec and "hostIPC" not in spec
+        assert spec["automountServiceAccountToken"] is False
+        agent = containers(ds)["agent"]
+        assert agent["securityContext"]["privileged"] is True
+        for path in ("/dev", "/sys/kernel/config", "/run/lvm", "/run/lock/lvm", "/lib/modules", "/etc/target"):
+            assert host_path_of(ds, agent, path) == path, path
+        assert host_path_of(ds, agent, "/var/lib/lvm-iscsi-csi") == vals["stateDir"]
+        assert volumes(ds)["state"]["hostPath"]["type"] == "DirectoryOrCreate"
+        assert "/etc/lvm" not in mounts(agent) and "/run/udev" not in mounts(agent)
+        assert f"--portal=$(HOST_IP):{vals['portalPort']}" in agent["args"]
+        assert f"--listen={vals['listenAddress']}:{vals['port']}" in agent["args"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert agent[probe]["tcpSocket"]["port"] == "grpc"
+        assert agent["ports"][0]["containerPort"] == vals["port"]
+
+
+def test_rendered_args_and_config_files_are_accepted_by_the_driver(tmp_path):
+    """The contract with the driver: every role's args parse with its CLI, its config files load."""
+    from csi import cli
+    from csi.config import AgentConfig, ControllerConfig
+
+    objs = rendered("multi-zone")
+    cms = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "ConfigMap"}
+    (tmp_path / "storage-nodes.yaml").write_text(cms[f"{RELEASE}-controller"]["storage-nodes.yaml"])
+    (tmp_path / "agent.yaml").write_text(cms[f"{RELEASE}-agent"]["agent.yaml"])
+    env = {"NODE_NAME": "storage-a1", "HOST_IP": "10.0.1.11"}
+
+    def parse(workload, container):
+        args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in containers(workload)[container]["args"]]
+        try:
+            return cli.parser().parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{workload['metadata']['name']}/{container}: the driver's CLI rejects {args}")
+
+    ctrl = parse(one(objs, "Deployment", "-controller"), "driver")
+    node = parse(one(objs, "DaemonSet", "-node"), "driver")
+    agent = parse(one(objs, "DaemonSet", "-agent"), "agent")
+    assert (ctrl.role, node.role, agent.role) == ("controller", "node", "agent")
+    assert ctrl.storage_nodes == "/etc/lvm-iscsi-csi/storage-nodes.yaml"
+    assert agent.config == "/etc/lvm-iscsi-csi/agent.yaml"
+    assert ctrl.tls_dir == agent.tls_dir == "/etc/lvm-iscsi-csi/tls"
+    assert ctrl.agent_server_name == AGENT_SAN and ctrl.cluster_id == agent.cluster_id == "prod-eu1"
+
+    controller = ControllerConfig.build(driver_name=ctrl.driver_name, cluster_id=ctrl.cluster_id,
+                                        storage_nodes_file=str(tmp_path / "storage-nodes.yaml"), tls_dir=ctrl.tls_dir,
+                                        agent_server_name=ctrl.agent_server_name, default_size=ctrl.default_size)
+    assert [(n.name, n.address, n.zone) for n in controller.storage_nodes] == [
+        (n["name"], n["address"], n["zone"]) for n in values("multi-zone")["storageNodes"]]
+    agent_config = AgentConfig.build(node_name=agent.node_name, listen=agent.listen, portals=agent.portal,
+                                     state_dir=agent.state_dir, cluster_id=agent.cluster_id, tls_dir=agent.tls_dir,
+                                     config_file=str(tmp_path / "agent.yaml"))
+    assert [(p.name, p.vg, p.thin_pool, p.overprovision_ratio) for p in agent_config.pools] == [
+        ("fast", "vg-nvme", "pool0", 2.5), ("bulk", "vg-hdd", "", 1.0)]
+    assert agent_config.devices == ("/dev/disk/by-id/nvme-*", "/dev/sdb") and agent_config.wipe_thick is False
+
+
+def test_sidecar_images_are_pinned_released_versions():
+    for value_set in VALUE_SETS:
+        for w in (o for o in rendered(value_set) if o["kind"] in ("Deployment", "DaemonSet")):
+            for c in containers(w).values():
+                image = c["image"]
+                pinned = re.search(r":v?\d+\.\d+\.\d+$", image) or "@sha256:" in image
+                assert pinned and not image.endswith(":latest"), image
+
+
+# ---------------------------------------------------------------------------------------------- cluster objects
+
+def test_csidriver_storage_classes_and_snapshot_class():
+    objs = rendered()
+    driver = one(objs, "CSIDriver")
+    assert driver["metadata"]["name"] == "lvm-iscsi.csi.dev"
+    assert driver["spec"] == {"attachRequired": True, "podInfoOnMount": False, "fsGroupPolicy": "File",
+                              "volumeLifecycleModes": ["Persistent"], "storageCapacity": True,
+                              "requiresRepublish": False}
+    classes = {o["metadata"]["name"]: o for o in objs if o["kind"] == "StorageClass"}
+    assert sorted(classes) == ["lvm-iscsi-block", "lvm-iscsi-thick", "lvm-iscsi-thin", "lvm-iscsi-thin-xfs"]
+    defaults = [n for n, o in classes.items()
+                if o["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true"]
+    assert defaults == ["lvm-iscsi-thin"]
+    assert classes["lvm-iscsi-thin"]["parameters"] == {"pool": "thin", "type": "thin",
+                                                       "csi.storage.k8s.io/fstype": "ext4", "mutualChap": "false"}
+    assert classes["lvm-iscsi-thin-xfs"]["parameters"]["csi.storage.k8s.io/fstype"] == "xfs"
+    assert "csi.storage.k8s.io/fstype" not in classes["lvm-iscsi-block"]["parameters"]
+    assert classes["lvm-iscsi-thick"]["parameters"] == {"pool": "thick", "type": "thick",
+                                                        "csi.storage.k8s.io/fstype": "ext4", "mutualChap": "false",
+                                                        "wipe": "true"}
+    for sc in classes.values():
+        assert sc["provisioner"] == "lvm-iscsi.csi.dev"
+        assert sc["volumeBindingMode"] == "WaitForFirstConsumer" and sc["allowVolumeExpansion"] is True
+    vsc = one(objs, "VolumeSnapshotClass")
+    assert vsc["driver"] == "lvm-iscsi.csi.dev" and vsc["deletionPolicy"] == "Delete"
+
+
+def test_zones_and_storage_nodes_reach_the_classes_and_the_controller():
+    objs = rendered("multi-zone")
+    classes = {o["metadata"]["name"]: o for o in objs if o["kind"] == "StorageClass"}
+    assert "allowedTopologies" not in classes["fast"]
+    assert classes["bulk-eu-1a-1b"]["allowedTopologies"] == [{"matchLabelExpressions": [
+        {"key": "topology.lvm-iscsi.csi.dev/zone", "values": ["eu-1a", "eu-1b"]}]}]
+    assert classes["fast-eu-1a"]["reclaimPolicy"] == "Retain"
+    assert classes["bulk-eu-1a-1b"]["allowVolumeExpansion"] is False
+    assert classes["fast"]["parameters"]["mutualChap"] == "true" and classes["fast"]["mountOptions"] == ["noatime"]
+    nodes = yaml.safe_load(one(objs, "ConfigMap", "-controller")["data"]["storage-nodes.yaml"])
+    assert nodes == {"storageNodes": values("multi-zone")["storageNodes"]}
+    assert one(objs, "Deployment")["spec"]["replicas"] == 2
+    pdb = one(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert not [o for o in rendered() if o["kind"] == "PodDisruptionBudget"]
+
+
+def test_custom_selectors_driver_name_kubelet_dir_and_digests():
+    objs = rendered("custom-selectors")
+    vals = values("custom-selectors")
+    node = one(objs, "DaemonSet", "-node")
+    spec = node["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == vals["node"]["nodeSelector"] and spec["tolerations"] == vals["node"]["tolerations"]
+    assert "priorityClassName" not in spec
+    ctrl = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert ctrl["affinity"] == vals["controller"]["affinity"]
+    assert ctrl["tolerations"] == vals["controller"]["tolerations"]
+    assert ctrl["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    images = {c["name"]: c["image"] for c in ctrl["containers"]}
+    assert images["driver"] == f"{vals['image']['repository']}@{vals['image']['digest']}"
+    assert images["csi-provisioner"].endswith("@" + vals["sidecars"]["provisioner"]["image"]["digest"])
+    driver = containers(node)["driver"]
+    assert "--kubelet-dir=/var/lib/k0s/kubelet" in driver["args"] and "--zone=hall-1" in driver["args"]
+    assert mounts(driver)["/var/lib/k0s/kubelet"]["mountPropagation"] == "Bidirectional"
+    sock = "/var/lib/k0s/kubelet/plugins/iscsi.storage.example.com/csi.sock"
+    assert f"--kubelet-registration-path={sock}" in containers(node)["node-driver-registrar"]["args"]
+    assert one(objs, "CSIDriver")["metadata"]["name"] == "iscsi.storage.example.com"
+    assert {o["provisioner"] for o in objs if o["kind"] == "StorageClass"} == {"iscsi.storage.example.com"}
+    assert not [o for o in objs if o["kind"] == "VolumeSnapshotClass"]
+
+
+EXPECTED_RULES = {
+    "provisioner": {("", "persistentvolumes"): "create delete get list patch watch",
+                    ("", "persistentvolumeclaims"): "get list update watch",
+                    ("storage.k8s.io", "storageclasses"): "get list watch",
+                    ("", "events"): "create list patch update watch",
+                    ("snapshot.storage.k8s.io", "volumesnapshots"): "get list update watch",
+                    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): "get list",
+                    ("storage.k8s.io", "csinodes"): "get list watch",
+                    ("", "nodes"): "get list watch",
+                    ("storage.k8s.io", "volumeattachments"): "get list watch"},
+    "attacher": {("", "persistentvolumes"): "get list patch watch",
+                 ("storage.k8s.io", "csinodes"): "get list watch",
+                 ("storage.k8s.io", "volumeattachments"): "get list patch watch",
+                 ("storage.k8s.io", "volumeattachments/status"): "patch"},
+    "snapshotter": {("", "events"): "create list patch update watch",
+                    ("snapshot.storage.k8s.io", "volumesnapshotclasses"): "get list watch",
+                    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): "get list patch update watch",
+                    ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): "patch update"},
+    "resizer": {("", "persistentvolumes"): "get list patch watch",
+                ("", "persistentvolumeclaims"): "get list watch",
+                ("", "persistentvolumeclaims/status"): "patch",
+                ("", "events"): "create list patch update watch"},
+    "node": {("", "nodes"): "get"},
+    "controller": {("coordination.k8s.io", "leases"): "create delete get list update watch",
+                   ("storage.k8s.io", "csistoragecapacities"): "create delete get list patch update watch",
+                   ("", "pods"): "get",
+                   ("apps", "replicasets"): "get"},
+}
+
+
+def _rules(role: dict) -> dict:
+    out = {}
+    for rule in role["rules"]:
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out[(group, resource)] = " ".join(sorted(rule["verbs"]))
+    return out
+
+
+def test_rbac_grants_each_role_exactly_what_it_needs():
+    objs = rendered()
+    roles = {o["metadata"]["name"].removeprefix(RELEASE + "-"): o for o in objs if o["kind"] in ("ClusterRole", "Role")}
+    assert {k: _rules(v) for k, v in roles.items()} == EXPECTED_RULES
+    assert one(objs, "Role")["metadata"]["namespace"] == NAMESPACE
+    for o in objs:
+        if o["kind"] in ("ClusterRole", "Role"):
+            text = json.dumps(o["rules"])
+            assert '"*"' not in text and "secrets" not in text, o["metadata"]["name"]
+    bindings = {o["metadata"]["name"].removeprefix(RELEASE + "-"): o
+                for o in objs if o["kind"] in ("ClusterRoleBinding", "RoleBinding")}
+    for name, b in bindings.items():
+        assert b["roleRef"]["name"] == f"{RELEASE}-{name}"
+        sa = "node" if name == "node" else "controller"
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-{sa}", "namespace": NAMESPACE}]
+    # The agent's account has no binding and no token.
+    agent_sa = one(objs, "ServiceAccount", "-agent")
+    assert agent_sa["automountServiceAccountToken"] is False
+    assert not [b for b in bindings.values() if b["subjects"][0]["name"] == agent_sa["metadata"]["name"]]
+
+
+def test_controller_network_policy_admits_only_the_health_ports():
+    objs = rendered()
+    policy = one(objs, "NetworkPolicy")
+    dep = one(objs, "Deployment")
+    assert policy["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    ports = sorted(p["port"] for p in policy["spec"]["ingress"][0]["ports"])
+    declared = sorted(p["containerPort"] for c in containers(dep).values() for p in c.get("ports", []))
+    assert ports == declared and policy["spec"]["policyTypes"] == ["Ingress"]
+
+
+# ---------------------------------------------------------------------------------------------- certificates
+
+def _secret_files(objs: list[dict]) -> dict[str, dict[str, bytes]]:
+    return {o["metadata"]["name"].removeprefix(RELEASE + "-").removesuffix("-tls"):
+            {k: base64.b64decode(v) for k, v in o["data"].items()}
+            for o in objs if o["kind"] == "Secret"}
+
+
+def test_generated_certificates_fit_the_controller_and_agent():
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    objs = rendered()
+    for o in objs:
+        if o["kind"] == "Secret":
+            assert o["type"] == "kubernetes.io/tls" and sorted(o["data"]) == ["ca.crt", "tls.crt", "tls.key"]
+    files = _secret_files(objs)
+    assert sorted(files) == ["agent", "controller"]
+    assert files["agent"]["ca.crt"] == files["controller"]["ca.crt"]
+    ca = x509.load_pem_x509_certificate(files["agent"]["ca.crt"])
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for role, usage in (("agent", x509.oid.ExtendedKeyUsageOID.SERVER_AUTH),
+                        ("controller", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)):
+        cert = x509.load_pem_x509_certificate(files[role]["tls.crt"])
+        key = load_pem_private_key(files[role]["tls.key"], password=None)
+        assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+        ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
+                               cert.signature_hash_algorithm)
+        assert cert.issuer == ca.subject
+        assert usage in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        days = (cert.not_valid_after_utc - cert.not_valid_before_utc) / datetime.timedelta(days=1)
+        assert abs(days - values()["tls"]["validityDays"]) <= 1
+    san = x509.load_pem_x509_certificate(files["agent"]["tls.crt"]).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [AGENT_SAN]
+    # Both pods roll when the material changes, and agree on it.
+    sums = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["annotations"]["checksum/tls"]
+            for w in objs if w["kind"] in ("Deployment", "DaemonSet") and w["metadata"]["name"].endswith(
+                ("-controller", "-agent"))}
+    assert len(set(sums.values())) == 1, sums
+
+
+def test_generated_certificates_make_a_mutual_tls_connection():
+    """The agent's and the controller's Secrets, as the pods mount them, as gRPC uses them."""
+    import grpc
+
+    files = _secret_files(rendered())
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Echo", {"Ping": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(files["agent"]["tls.key"], files["agent"]["tls.crt"])], root_certificates=files["agent"]["ca.crt"],
+        require_client_auth=True))
+    server.start()
+    try:
+        def call(client: dict[str, bytes] | None, server_name: str) -> bytes:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=files["controller"]["ca.crt"],
+                private_key=client["tls.key"] if client else None,
+                certificate_chain=client["tls.crt"] if client else None)
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                                     options=[("grpc.ssl_target_name_override", server_name)]) as channel:
+                return channel.unary_unary("/test.Echo/Ping")(b"ping", timeout=10)
+
+        assert call(files["controller"], AGENT_SAN) == b"ping"
+        with pytest.raises(grpc.RpcError):
+            call(files["controller"], "storage-1.example.com")  # the name the controller checks is fixed
+        with pytest.raises(grpc.RpcError):
+            call(None, AGENT_SAN)  # no client certificate, no service
+    finally:
+        server.stop(None)
+
+
+def test_supplied_certificates_are_mounted_and_none_generated():
+    objs = rendered("tls-supplied")
+    assert not [o for o in objs if o["kind"] == "Secret"]
+    for suffix, container, secret in (("-controller", "driver", "lvm-iscsi-controller-tls"),
+                                      ("-agent", "agent", "lvm-iscsi-agent-tls")):
+        w = next(o for o in objs if o["kind"] in ("Deployment", "DaemonSet") and o["metadata"]["name"].endswith(suffix))
+        sources = volumes(w)["config"]["projected"]["sources"]
+        assert [s["secret"]["name"] for s in sources if "secret" in s] == [secret]
+        assert "/etc/lvm-iscsi-csi" in mounts(containers(w)[container])
+
+
+class FakeApiServer:
+    """Just enough of the Kubernetes API for helm's `lookup` of Secrets: discovery, GET, and empty lists."""
+
+    def __init__(self):
+        self.secrets: dict[tuple[str, str], dict] = {}
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                path = urlparse(self.path).path
+                outer.requests.append(path)
+                parts = path.strip("/").split("/")
+                if path == "/version":
+                    return self._send(200, {"major": "1", "minor": "37", "gitVersion": "v1.37.0"})
+                if path == "/api":
+                    return self._send(200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+                        {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})
+                if path == "/apis":
+                    return self._send(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+                if path == "/api/v1":
+                    return self._send(200, {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+                        {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
+                         "verbs": ["get", "list"]}]})
+                if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "secrets":
+                    if (parts[3], parts[5]) in outer.secrets:
+                        return self._send(200, outer.secrets[(parts[3], parts[5])])
+                if len(parts) == 5 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "secrets":
+                    return self._send(200, {"kind": "SecretList", "apiVersion": "v1", "metadata": {}, "items": []})
+                return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                        "reason": "NotFound", "code": 404})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kubeconfig(self, directory: Path) -> Path:
+        path = directory / "kubeconfig"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{self.server.server_address[1]}"}}],
+            "users": [{"name": "fake", "user": {"token": "fake"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": NAMESPACE}}]}))
+        path.chmod(0o600)
+        return path
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_helm_upgrade_keeps_the_certificates_through_lookup(tmp_path):
+    """`helm template --dry-run=server --is-upgrade` runs the templates as `helm upgrade` does, lookup included,
+    against a fake API server that holds the Secrets of the first install."""
+    api = FakeApiServer()
+    try:
+        kubeconfig = str(api.kubeconfig(tmp_path))
+
+        def render(*extra: str) -> list[dict]:
+            return objects(template("--dry-run=server", "--kubeconfig", kubeconfig, *extra).stdout)
+
+        def store(objs: list[dict], only: tuple[str, ...] = ("agent", "controller")) -> None:
+            api.secrets.clear()
+            for o in objs:
+                role = o["metadata"]["name"].removeprefix(RELEASE + "-").removesuffix("-tls")
+                if o["kind"] == "Secret" and role in only:
+                    api.secrets[(NAMESPACE, o["metadata"]["name"])] = o
+
+        def checksums(objs: list[dict]) -> set[str]:
+            return {o["spec"]["template"]["metadata"]["annotations"]["checksum/tls"] for o in objs
+                    if o["kind"] in ("Deployment", "DaemonSet") and "annotations" in o["spec"]["template"]["metadata"]}
+
+        install = render()
+        assert f"/api/v1/namespaces/{NAMESPACE}/secrets/{RELEASE}-agent-tls" in api.requests
+        assert f"/api/v1/namespaces/{NAMESPACE}/secrets/{RELEASE}-controller-tls" in api.requests
+        store(install)
+        upgrade = render("--is-upgrade")
+        assert _secret_files(upgrade) == _secret_files(install)
+        assert checksums(upgrade) == checksums(install) and len(checksums(install)) == 1
+        # Without lookup (plain helm template) every render makes a new CA: that is what lookup prevents.
+        assert _secret_files(rendered())["agent"]["ca.crt"] != _secret_files(install)["agent"]["ca.crt"]
+        # One Secret gone (deleted to rotate, or never written): a new CA and both certificates.
+        store(install, only=("agent",))
+        rotated = render("--is-upgrade")
+        assert _secret_files(rotated)["agent"]["ca.crt"] != _secret_files(install)["agent"]["ca.crt"]
+        assert _secret_files(rotated)["agent"]["ca.crt"] == _secret_files(rotated)["controller"]["ca.crt"]
+        assert checksums(rotated) != checksums(install)
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize("value_set", ["default", "multi-zone"])
+def test_install_notes_render(tmp_path, value_set):
+    # `helm template` leaves NOTES.txt out: render it as the data of a ConfigMap in a copy of the chart.
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n"
+        + "".join(f"    {line}\n" for line in notes.splitlines()))
+    r = helm("template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", RENDER_KUBE_VERSION,
+             *values_args(value_set), "--show-only", "templates/zz-notes.yaml")
+    text = yaml.safe_load(r.stdout)["data"]["notes"]
+    assert ("storageNodes is empty" in text) == (value_set == "default")
+    assert f"--cluster-id {values(value_set)['clusterId']}" in text
+    assert "lvm-iscsi.csi.dev/storage-node=true" in text
+
+
+# ---------------------------------------------------------------------------------------------- README
+
+def _readme_yaml_blocks() -> list[str]:
+    return re.findall(r"```yaml\n(.*?)```", (CHART / "README.md").read_text(), re.S)
+
+
+def test_readme_examples_are_valid(tmp_path):
+    """Kubernetes objects in the README validate (snapshot objects against the CRDs); value snippets render."""
+    blocks = _readme_yaml_blocks()
+    assert len(blocks) >= 5
+    kinds = []
+    for i, block in enumerate(blocks):
+        docs = objects(block)
+        if all("apiVersion" in d for d in docs):
+            for d in docs:
+                kinds.append(d["kind"])
+                errors = (_validate_snapshot_object(d) if d["apiVersion"].startswith(SNAPSHOT_GROUP)
+                          else [e for e in [_validate_k8s(d, RENDER_KUBE_VERSION)] if e])
+                assert not errors, f"README block {i + 1}: {errors}"
+        else:
+            path = tmp_path / f"readme-{i}.yaml"
+            path.write_text(block)
+            template("-f", str(path))
+    assert {"StorageClass", "PersistentVolumeClaim", "VolumeSnapshot"} <= set(kinds)
+
+
+def test_readme_documents_every_storage_class_parameter_and_value():
+    text = (CHART / "README.md").read_text()
+    for parameter in ("`pool`", "`type`", "`csi.storage.k8s.io/fstype`", "`mutualChap`", "`wipe`"):
+        assert parameter in text
+    for heading in ("## Install", "## Upgrade", "## Uninstall", "## Snapshots", "### Workers: open-iscsi",
+                    "target.service", "### Security scan: accepted findings"):
+        assert heading in text, heading
+
+
+# ---------------------------------------------------------------------------------------------- plain manifests
+
+def test_plain_manifests_match_the_chart(tmp_path):
+    render = ROOT / "scripts" / "render-manifests"
+    helm_binary()
+    r = subprocess.run([str(render), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HELM": helm_binary()})
+    assert r.returncode == 0, r.stderr
+    fresh = sorted(p.name for p in tmp_path.iterdir())
+    committed = sorted(p.name for p in MANIFESTS.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+    assert fresh == committed, f"deploy/manifests has {committed}, the chart renders {fresh}"
+    for name in fresh:
+        assert (tmp_path / name).read_text() == (MANIFESTS / name).read_text(), (
+            f"deploy/manifests/{name} drifted from the chart: run scripts/render-manifests")
+
+
+def test_plain_manifests_are_valid_and_carry_no_private_key():
+    docs = [d for p in sorted(MANIFESTS.glob("*.yaml")) for d in objects(p.read_text())]
+    assert docs[0]["kind"] == "Namespace"
+    assert docs[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    errors = [e for d in docs for e in ([_validate_k8s(d, RENDER_KUBE_VERSION)] if not d["apiVersion"].startswith(
+        SNAPSHOT_GROUP) else _validate_snapshot_object(d)) if e]
+    assert not errors, errors
+    for d in docs:
+        if d["kind"] != "Namespace" and d["kind"] not in ("CSIDriver", "StorageClass", "VolumeSnapshotClass",
+                                                           "ClusterRole", "ClusterRoleBinding"):
+            assert d["metadata"]["namespace"] == docs[0]["metadata"]["name"], d["metadata"]["name"]
+
+
+# ---------------------------------------------------------------------------------------------- security scan
+
+def checkov(directory: Path, framework: str) -> list[dict]:
+    """checkov's failed checks, offline: --skip-download, and no other network use."""
+    r = subprocess.run([checkov_binary(), "-d", str(directory), "--framework", framework, "--skip-download",
+                        "--compact", "--quiet", "--output", "json"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"})
+    assert r.returncode in (0, 1), f"checkov failed ({r.returncode}):\n{r.stderr[-3000:]}"
+    reports = json.loads(r.stdout) if r.stdout.strip() else []
+    reports = reports if isinstance(reports, list) else [reports]
+    assert reports and all(rep.get("check_type") == framework for rep in reports), r.stdout[:2000]
+    assert sum(rep["summary"]["passed"] for rep in reports) > 0, "checkov checked nothing"
+    return [c for rep in reports for c in rep["results"]["failed_checks"]]
+
+
+def _component(resource: str) -> str:
+    # "DaemonSet.<ns>.<release>-agent" or "Pod.<ns>.<release>-node.<labels...>component-node"
+    m = re.search(r"app\.kubernetes\.io/component-([a-z]+)$", resource) or re.search(r"-([a-z]+)$", resource)
+    return m.group(1) if m else resource
+
+
+def accepted_findings() -> set[tuple[str, str]]:
+    text = (CHART / "README.md").read_text().split("### Security scan: accepted findings", 1)[1]
+    out = set()
+    for row in re.findall(r"^\| (CKV2?_[A-Z0-9_]+) \| ([^|]+) \|", text, re.M):
+        check, where = row
+        out |= {(check, w.strip()) for w in where.split(",")}
+    return out
+
+
+def test_checkov_findings_are_exactly_the_accepted_ones(tmp_path):
+    (tmp_path / "chart.yaml").write_text(template().stdout)
+    found = {(c["check_id"], _component(c["resource"])) for c in checkov(tmp_path, "kubernetes")}
+    accepted = accepted_findings()
+    assert accepted, "the README lists no accepted findings"
+    assert found - accepted == set(), "checkov findings not listed (with a reason) in the chart README"
+    assert accepted - found == set(), "README lists findings checkov no longer reports: remove them"
