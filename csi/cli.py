@@ -183,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _logging(args.log_level)
+    from csi import faults
+    faults.warn_if_enabled()
     from csi.config import ConfigError
     try:
         return args.func(args)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from google.protobuf.wrappers_pb2 import Int64Value
 
 from csi import capabilities as caps
-from csi import errors, ids
+from csi import errors, faults, ids
 from csi.config import ControllerConfig
 from csi.controller import scheduler
 from csi.controller.agents import Agents
@@ -216,6 +216,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             transfer = "transfer/" + hashlib.sha256(name.encode()).hexdigest()[:32]
             snap = self.agents.get(ref.node).call("CreateSnapshot", apb.CreateSnapshotRequest(
                 name=transfer, source_vg=ref.vg, source_lv=ref.lv, transient=True))
+            faults.step("clone.transfer-snapshot")
             ref = ids.LvRef(ref.node, snap.vg, snap.lv, "snapshot")
         return apb.VolumeSource(node=ref.node, address=self.config.node(ref.node).address, vg=ref.vg, lv=ref.lv,
                                 snapshot=ref.kind == "snapshot", size_bytes=source.size)

@@ -56,6 +56,7 @@ class Deployment:
 
     def start_agent(self, node: LabNode, pools=None, extra: list[str] | None = None,
                     env: dict[str, str] | None = None) -> None:
+        self._stop(node, "agent")
         config = node.workdir / "agent.yaml"
         config.write_text(yaml.safe_dump({"pools": pools or DEFAULT_POOLS, "devices": ["/dev/loop*"],
                                           "wipeThick": True}))
@@ -64,6 +65,21 @@ class Deployment:
                              "--state-dir", str(self.agent_state(node)), "--cluster-id", self.cluster_id,
                              "--tls-dir", str(self.pki / "agent"), *(extra or [])], env=env)
         self._wait_port(node, AGENT_PORT, "agent")
+
+    @staticmethod
+    def _stop(node: LabNode, name: str) -> None:
+        """Stops a spawned daemon (SIGTERM, then SIGKILL) so that it can be started again."""
+        try:
+            running = node.status(name)["running"]
+        except LabError:
+            return   # never started
+        if running:
+            node.signal(name, 15)
+            try:
+                node.wait_exit(name, timeout=20)
+            except LabError:
+                node.signal(name, 9)
+                node.wait_exit(name, timeout=10)
 
     def _wait_port(self, node: LabNode, port: int, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -84,6 +100,7 @@ class Deployment:
         return node.workdir / "kubelet"
 
     def start_node_plugin(self, node: LabNode, env: dict[str, str] | None = None) -> str:
+        self._stop(node, "node-plugin")
         kubelet = self.kubelet_dir(node)
         kubelet.mkdir(parents=True, exist_ok=True)
         argv = [PYTHON, "-m", "csi", "node", "--endpoint", f"{node.ip}:{NODE_PORT}", "--node-name", node.name,

@@ -206,6 +206,8 @@ class Cluster:
             "--service-account-signing-key-file", str(pki.dir / "sa.key"),
             "--service-account-issuer", f"https://kubernetes.default.svc.{CLUSTER_DOMAIN}",
             "--authorization-mode", "Node,RBAC", "--enable-admission-plugins", "NodeRestriction",
+            # node names resolve nowhere in the lab (no DNS): exec, logs and port-forward use the node's IP
+            "--kubelet-preferred-address-types", "InternalIP",
             "--profiling=false", "--v=1"])
         self._wait_api(timeout, t0)
         self.timings["apiserver ready"] = round(time.monotonic() - t0, 1)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from csi import capabilities as caps
-from csi import errors, ids
+from csi import errors, faults, ids
 from csi.config import NodeConfig
 from csi.controller.service import (CTX_CHAP_SECRET, CTX_CHAP_USER, CTX_IQN, CTX_LUN, CTX_MUTUAL_SECRET,
                                     CTX_MUTUAL_USER, CTX_PORTALS)
@@ -106,8 +106,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             write_atomic(self._record_path(request.volume_id), json.dumps(
                 {"volume_id": request.volume_id, "iqn": target.iqn, "portals": list(target.portals),
                  "lun": target.lun, "staging": str(staging), "block": access.block}), mode=0o600)
+            faults.step("stage.record")
             try:
                 self.iscsi.login(target)
+                faults.step("stage.login")
                 device = self.iscsi.wait_for_device(target)
                 if access.block:
                     return csi.NodeStageVolumeResponse()
@@ -119,11 +121,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                                   "formatted; write to it once through a writable claim")
                     log.info("formatting %s (%s) as %s", ref, device, access.fs_type)
                     mount.mkfs(device, access.fs_type)
+                    faults.step("stage.mkfs")
                     found = access.fs_type
                 elif found not in caps.FS_TYPES:
                     raise errors.precondition(f"the volume holds {found!r}, not a filesystem this driver mounts; "
                                               "nothing was changed")
                 mount.mount(device, staging, found, self._options(found, access))
+                faults.step("stage.mount")
                 if not access.read_only:
                     # A volume restored or cloned bigger than its source: the filesystem fills it on first stage.
                     mount.grow_filesystem(device, found, staging)
@@ -162,6 +166,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             device = Path(m.source)
             try:
                 mount.umount(staging)
+                faults.step("unstage.umount")
             except Exception as exc:  # noqa: BLE001
                 problems.append(f"umount {staging}: {exc}")
         if device is not None and device.exists() and not problems:
@@ -173,6 +178,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             # Still mounted: logging out now would lose writes. The CO retries.
             raise errors.internal("; ".join(problems))
         self.iscsi.logout(iqn)
+        faults.step("unstage.logout")
         remove(self._record_path(volume_id))
 
     # ------------------------------------------------------------------------------------ publish
@@ -212,6 +218,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     raise errors.precondition(f"volume {ref} is not staged at {staging}")
                 target.mkdir(parents=True, exist_ok=True)
                 mount.bind(staging, target, read_only)
+            faults.step("publish.mount")
             if rec is not None:
                 rec["targets"] = sorted(set(others) | {str(target)})
                 write_atomic(self._record_path(request.volume_id), json.dumps(rec), mode=0o600)
@@ -288,6 +295,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             device = self.iscsi.wait_for_device(Target(rec["iqn"], tuple(rec["portals"]), rec["lun"]), timeout=5)
             # The target already serves the new size; the initiator learns it from a rescan.
             self.iscsi.rescan(rec["iqn"])
+            faults.step("expand.rescan")
             size = self._wait_size(device, required)
             block = (request.HasField("volume_capability") and request.volume_capability.HasField("block")) or \
                 rec.get("block", False)

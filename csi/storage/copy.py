@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from csi import faults
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
@@ -70,6 +72,7 @@ def write_stream(dst: str, size: int, stream: Iterable[tuple[int, bytes | None, 
                 data = ZERO[:min(CHUNK, size - offset)]
             if data is not None:
                 os.pwrite(fd, data, offset)
+                faults.step("copy.chunk")
             progress.done = min(size, offset + CHUNK)
         os.fsync(fd)
     finally:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from csi import errors, ids, runner
+from csi import errors, faults, ids, runner
 from csi.config import AgentConfig, PoolConfig
 from csi.proto import agent_pb2 as pb
 from csi.proto import agent_pb2_grpc
@@ -243,11 +243,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                                    state="copying" if copying else "ready",
                                    source=_source_dict(source) if copying and source else {})
                 self.records.save(rec)
+                faults.step("create.record")
             if not lv.active:
                 self.lvm.activate(pool.vg, lv_name)
             if rec.state == "copying":
                 rec = self._finish_copy(rec, lv, pool)
             self.lio.export(rec.target_iqn, lv_name, lv.path, pool.thin)
+            faults.step("create.export")
             return self._volume_message(rec, lv, exported=True)
 
     def _create_lv(self, name: str, pool: PoolConfig, lv_name: str, size: int, digest: str, source) -> LogicalVolume:
@@ -269,6 +271,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if src_lv is not None and pool.thin and src_lv.pool == pool.thin_pool and source.vg == pool.vg:
             # Same thin pool: a thin snapshot of the source is the new volume, at once and independent of it.
             self.lvm.snapshot(pool.vg, source.lv, lv_name, tags, activate=True)
+            faults.step("create.lv")
             lv = self.lvm.lv(pool.vg, lv_name)
             if lv is not None and lv.size < size:
                 self.lvm.extend(pool.vg, lv_name, size)
@@ -276,6 +279,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             if source is not None:
                 tags.append(tag("content", "copy"))   # its content is copied in: see _finish_copy
             self.lvm.create(pool.vg, lv_name, size, tags, pool.thin_pool)
+            faults.step("create.lv")
         lv = self.lvm.lv(pool.vg, lv_name)
         if lv is None:
             raise errors.internal(f"lvcreate {pool.vg}/{lv_name} succeeded but the LV is not there")
@@ -363,7 +367,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if rec is not None and not rec.deleting:
             rec.deleting = True
             self.records.save(rec)
+            faults.step("delete.marked")
         self.lio.unexport(ids.target_iqn(vg, lv_name), lv_name)
+        faults.step("delete.unexported")
         if lv is not None and self._ours(lv):
             pool = self._pool_of(vg, lv)
             if not lv.pool and self.config.wipe_thick and (rec is None or rec.attributes.get("wipe") != "false"):
@@ -373,6 +379,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 self.lvm.zero_out(lv.path)
             self.lvm.remove(vg, lv_name)
             self.totals.add(pool, -lv.size, -1)
+            faults.step("delete.lv")
             log.info("deleted %s/%s (pool %s)", vg, lv_name, pool.name if pool else "?")
         self.records.delete(vg, lv_name)
 
@@ -427,6 +434,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     raise errors.exhausted(f"pool {pool.name} on {self.config.node_name} has {usage.available} "
                                            f"bytes available, growing needs {size - lv.size}")
                 self.lvm.extend(request.vg, request.lv, size)
+                faults.step("expand.lv")
                 self.totals.add(pool, size - lv.size)
                 lv = self.lvm.lv(request.vg, request.lv)
                 rec.size = lv.size if lv else size
@@ -455,12 +463,14 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                                              if wanted_mutual else ""))
                 rec.grants[request.initiator_iqn] = grant
                 self.records.save(rec)
+                faults.step("grant.record")
             if not lv.active:
                 self.lvm.activate(request.vg, request.lv)
             pool = self._pool_of(request.vg, lv)
             self.lio.export(rec.target_iqn, rec.lv, lv.path, bool(pool and pool.thin))
             self.lio.grant(rec.target_iqn, Access(grant.initiator, grant.read_only, grant.chap_user,
                                                   grant.chap_secret, grant.mutual_user, grant.mutual_secret))
+            faults.step("grant.acl")
             return pb.GrantAccessResponse(target_iqn=rec.target_iqn, portals=[str(p) for p in self.config.portals],
                                           lun=0, chap_user=grant.chap_user, chap_secret=grant.chap_secret,
                                           mutual_chap_user=grant.mutual_user, mutual_chap_secret=grant.mutual_secret)
@@ -472,6 +482,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             rec = self.records.load(request.vg, request.lv)
             if rec is not None and rec.grants.pop(request.initiator_iqn, None) is not None:
                 self.records.save(rec)
+                faults.step("revoke.record")
             ended = self.lio.revoke(ids.target_iqn(request.vg, request.lv), request.initiator_iqn)
             return pb.RevokeAccessResponse(sessions_ended=ended)
 
@@ -510,6 +521,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             tags = [tag("cluster", self.config.cluster_id), tag("kind", kind), tag("name", encode_name(name)),
                     tag("source", request.source_lv)]
             self.lvm.snapshot(vg, request.source_lv, snap, tags, activate=False)
+            faults.step("snapshot.lv")
             self.totals.add(pool, src.size)
             created = self.lvm.lv(vg, snap)
             if created is None:
