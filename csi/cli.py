@@ -1,7 +1,8 @@
 """The one command, `lvm-iscsi-csi <role>`: parses flags, builds the role's configuration, starts it.
 
-Roles: controller, node, agent (long-running daemons), status (an operator's view), demo (the whole volume
-lifecycle on a throw-away storage node in User-Mode Linux), certs (test/demo certificates).
+Roles: controller, node, agent (long-running daemons), status (an operator's view), cleanup (orphans: dry
+run unless --delete), demo (the whole volume lifecycle on a throw-away storage node in User-Mode Linux),
+certs (test/demo certificates).
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ def run_node(a: argparse.Namespace) -> int:
         return None
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    node_service = NodeService(config, zone=zone or None)
+    node_service.clean_stale()
     srv = server.make_server()
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, probe), srv)
-    csi_pb2_grpc.add_NodeServicer_to_server(NodeService(config, zone=zone or None), srv)
+    csi_pb2_grpc.add_NodeServicer_to_server(node_service, srv)
     server.serve(srv, a.endpoint)
     log.info("node plugin on %s, zone %s, kubelet dir %s", a.node_name, zone or "-", config.kubelet_dir)
     server.wait_forever(srv)
@@ -105,6 +108,11 @@ def run_agent(a: argparse.Namespace) -> int:
 def run_status(a: argparse.Namespace) -> int:
     from csi.status import status
     return status(a.storage_nodes, a.tls_dir, a.agent_server_name, a.cluster_id, sys.stdout)
+
+
+def run_cleanup(a: argparse.Namespace) -> int:
+    from csi.status import cleanup
+    return cleanup(a.storage_nodes, a.tls_dir, a.agent_server_name, a.cluster_id, sys.stdout, a.min_age, a.delete)
 
 
 def run_demo(a: argparse.Namespace) -> int:
@@ -167,6 +175,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--agent-server-name", default=ids.AGENT_SERVER_NAME)
     s.add_argument("--cluster-id", default="default")
     s.set_defaults(func=run_status)
+
+    o = sub.add_parser("cleanup", help="list (dry run) or remove objects of this driver that no record explains")
+    o.add_argument("--storage-nodes", required=True)
+    o.add_argument("--tls-dir", required=True)
+    o.add_argument("--agent-server-name", default=ids.AGENT_SERVER_NAME)
+    o.add_argument("--cluster-id", default="default")
+    o.add_argument("--min-age", type=int, default=600, help="seconds; younger objects may belong to a call in flight")
+    o.add_argument("--delete", action="store_true", help="remove them (default: only list)")
+    o.set_defaults(func=run_cleanup)
 
     d = sub.add_parser("demo", help="the whole volume lifecycle on a throw-away storage node (User-Mode Linux)")
     d.add_argument("--workdir", default="/tmp/lvm-iscsi-csi-demo")

@@ -29,11 +29,18 @@ def table(rows: list[list[str]], out: TextIO) -> None:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
 
 
-def status(storage_nodes: str, tls_dir: str, server_name: str, cluster_id: str, out: TextIO) -> int:
-    config = ControllerConfig.build(driver_name=ids.DRIVER_NAME, cluster_id=cluster_id,
-                                    storage_nodes_file=storage_nodes, tls_dir=tls_dir,
-                                    agent_server_name=server_name, default_size="1Gi")
-    agents = Agents(config)
+ORPHAN_MIN_AGE = 600
+
+
+def _agents(storage_nodes: str, tls_dir: str, server_name: str, cluster_id: str) -> Agents:
+    return Agents(ControllerConfig.build(driver_name=ids.DRIVER_NAME, cluster_id=cluster_id,
+                                         storage_nodes_file=storage_nodes, tls_dir=tls_dir,
+                                         agent_server_name=server_name, default_size="1Gi"))
+
+
+def status(storage_nodes: str, tls_dir: str, server_name: str, cluster_id: str, out: TextIO,
+           min_age: int = ORPHAN_MIN_AGE) -> int:
+    agents = _agents(storage_nodes, tls_dir, server_name, cluster_id)
     infos = agents.each(lambda a: a.info(timeout=20))
     lists = agents.each(lambda a: a.call("ListVolumes", apb.ListVolumesRequest(), timeout=30))
     rows = [["NODE", "ZONE", "STATE", "POOL", "TYPE", "SIZE", "USED%", "AVAILABLE", "VOLUMES", "NOTE"]]
@@ -71,4 +78,37 @@ def status(storage_nodes: str, tls_dir: str, server_name: str, cluster_id: str, 
         out.write("no volumes\n")
     else:
         table(vrows, out)
+    found = _orphans(agents, min_age, remove=False)
+    if found:
+        out.write(f"\nORPHANS (older than {min_age}s, explained by no record; `lvm-iscsi-csi cleanup` removes "
+                  "them):\n")
+        table([["NODE", "KIND", "NAME", "AGE", "WHY"]] + found, out)
+        warnings += 1
     return 1 if warnings else 0
+
+
+def _orphans(agents: Agents, min_age: int, remove: bool) -> list[list[str]]:
+    rows = []
+    results = agents.each(lambda a: a.call("Orphans", apb.OrphansRequest(min_age_seconds=min_age, remove=remove),
+                                           timeout=120))
+    for node, result in results.items():
+        if isinstance(result, errors.CsiError):
+            continue
+        for o in result.orphans:
+            rows.append([node, o.kind, o.name, f"{o.age_seconds}s" if o.age_seconds >= 0 else "?",
+                         o.reason + (" [removed]" if o.removed else "")])
+    return rows
+
+
+def cleanup(storage_nodes: str, tls_dir: str, server_name: str, cluster_id: str, out: TextIO, min_age: int,
+            delete: bool) -> int:
+    """Lists the orphans; removes them only with delete=True (dry run by default)."""
+    agents = _agents(storage_nodes, tls_dir, server_name, cluster_id)
+    rows = _orphans(agents, min_age, remove=delete)
+    if not rows:
+        out.write("no orphans\n")
+        return 0
+    table([["NODE", "KIND", "NAME", "AGE", "WHY"]] + rows, out)
+    if not delete:
+        out.write("\ndry run: nothing removed; run again with --delete to remove these\n")
+    return 0

@@ -154,10 +154,14 @@ class Deployment:
         self.controller = None
 
     def status(self, storage: list[LabNode]) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.lab.netns, PYTHON, "-m", "csi", "status",
+        return self.operator("status", storage)
+
+    def operator(self, command: str, storage: list[LabNode], *extra: str) -> subprocess.CompletedProcess:
+        """`lvm-iscsi-csi status|cleanup ...` as an operator runs it, from the host inside the lab."""
+        return subprocess.run(["ip", "netns", "exec", self.lab.netns, PYTHON, "-m", "csi", command,
                                "--storage-nodes", str(self.storage_nodes_file(storage)),
-                               "--tls-dir", str(self.pki / "controller"), "--cluster-id", self.cluster_id],
-                              capture_output=True, text=True, timeout=60)
+                               "--tls-dir", str(self.pki / "controller"), "--cluster-id", self.cluster_id, *extra],
+                              capture_output=True, text=True, timeout=180)
 
 
 def wait_ready(target: str, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,

@@ -77,6 +77,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         except FileNotFoundError:
             return None
 
+    def clean_stale(self) -> list[str]:
+        """At start: logs out of and deletes the node records of this driver's targets that no staged volume
+        uses (left by a crash, a reboot, a failed unstage), so a worker never keeps sessions or logs in at
+        boot to targets nobody uses. Targets of other drivers are not touched."""
+        staged = set()
+        if self.config.state_dir.is_dir():
+            for path in self.config.state_dir.glob("*.json"):
+                try:
+                    staged.add(json.loads(path.read_text())["iqn"])
+                except (OSError, ValueError, KeyError):
+                    continue
+        iqns = {iqn for _, iqn in self.iscsi.records()} | {s.iqn for s in self.iscsi.sessions()}
+        stale = sorted(i for i in iqns if i.startswith(ids.IQN_PREFIX) and i not in staged)
+        for iqn in stale:
+            log.warning("logging out of %s: no staged volume uses it", iqn)
+            self.iscsi.logout(iqn)
+        return stale
+
     # ------------------------------------------------------------------------------------ stage
 
     def NodeStageVolume(self, request, context):

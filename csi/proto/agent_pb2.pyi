@@ -315,3 +315,31 @@ class DataChunk(_message.Message):
     size_bytes: int
     sha256: str
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class OrphansRequest(_message.Message):
+    __slots__ = ("min_age_seconds", "remove")
+    MIN_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    min_age_seconds: int
+    remove: bool
+    def __init__(self, min_age_seconds: _Optional[int] = ..., remove: _Optional[bool] = ...) -> None: ...
+
+class Orphan(_message.Message):
+    __slots__ = ("kind", "name", "reason", "age_seconds", "removed")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    reason: str
+    age_seconds: int
+    removed: bool
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ..., age_seconds: _Optional[int] = ..., removed: _Optional[bool] = ...) -> None: ...
+
+class OrphansResponse(_message.Message):
+    __slots__ = ("orphans",)
+    ORPHANS_FIELD_NUMBER: _ClassVar[int]
+    orphans: _containers.RepeatedCompositeFieldContainer[Orphan]
+    def __init__(self, orphans: _Optional[_Iterable[_Union[Orphan, _Mapping]]] = ...) -> None: ...

@@ -99,6 +99,11 @@ class AgentStub:
                 request_serializer=agent__pb2.ReadDataRequest.SerializeToString,
                 response_deserializer=agent__pb2.DataChunk.FromString,
                 _registered_method=True)
+        self.Orphans = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/Orphans',
+                request_serializer=agent__pb2.OrphansRequest.SerializeToString,
+                response_deserializer=agent__pb2.OrphansResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -194,6 +199,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Orphans(self, request, context):
+        """What of this cluster's objects no record explains (LVs, transient snapshots, targets, ACLs) and is
+        older than min_age_seconds, so no call in flight is one; removed too when remove is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -261,6 +274,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ReadData,
                     request_deserializer=agent__pb2.ReadDataRequest.FromString,
                     response_serializer=agent__pb2.DataChunk.SerializeToString,
+            ),
+            'Orphans': grpc.unary_unary_rpc_method_handler(
+                    servicer.Orphans,
+                    request_deserializer=agent__pb2.OrphansRequest.FromString,
+                    response_serializer=agent__pb2.OrphansResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -614,6 +632,33 @@ class Agent:
             '/lvmiscsi.agent.v1.Agent/ReadData',
             agent__pb2.ReadDataRequest.SerializeToString,
             agent__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Orphans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/Orphans',
+            agent__pb2.OrphansRequest.SerializeToString,
+            agent__pb2.OrphansResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -135,6 +135,17 @@ class Lio:
         except rts.RTSLibNotInCFSError:
             pass
 
+    def remove_target(self, iqn: str) -> None:
+        """Removes a target and the backstores its LUNs use, when nothing else says which backstore it is."""
+        target = self._target(iqn)
+        if target is None:
+            return
+        stores = [lun.storage_object for tpg in target.tpgs for lun in tpg.luns]
+        target.delete()
+        for so in stores:
+            if not any(True for _ in so.attached_luns):
+                so.delete()
+
     def is_exported(self, iqn: str) -> bool:
         rts = _rts()
         tpg = self._tpg(iqn)

@@ -27,7 +27,7 @@ from csi.config import AgentConfig, PoolConfig
 from csi.proto import agent_pb2 as pb
 from csi.proto import agent_pb2_grpc
 from csi.server import KeyLocks, TlsFiles
-from csi.storage import copy
+from csi.storage import copy, orphans
 from csi.storage.lio import Access, Lio
 from csi.storage.lvm import LogicalVolume, Lvm
 from csi.storage.records import Grant, RecordStore, VolumeRecord
@@ -555,6 +555,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         for vg in sorted({p.vg for p in self.config.pools}):
             out += [self._snapshot_message(lv) for lv in self.lvm.lvs(vg) if self._ours(lv, "snapshot")]
         return pb.ListSnapshotsResponse(snapshots=out)
+
+    def Orphans(self, request, context):
+        if request.min_age_seconds < 0:
+            raise errors.invalid("min_age_seconds must not be negative")
+        return pb.OrphansResponse(orphans=orphans.find(self, request.min_age_seconds, request.remove))
 
     # ------------------------------------------------------------------------------------ start-up
 

@@ -5,6 +5,8 @@ should exist do (LV, target, ACL, record, node record, session, mount), nothing 
 
 from __future__ import annotations
 
+import sys
+
 import grpc
 import pytest
 
@@ -228,3 +230,64 @@ def test_kill_points_cover_every_step():
     untried = [s for s in faults.AGENT_STEPS + faults.NODE_STEPS if s not in tried]
     print(f"kill points tried: {len(TRIED)}: {', '.join(TRIED)}")
     assert not untried, f"steps never killed at: {untried}"
+
+
+ORPHAN_TARGET = """
+from rtslib_fb import FabricModule, Target, TPG, NodeACL
+import sys
+tpg = TPG(Target(FabricModule("iscsi"), sys.argv[1]), 1)
+if len(sys.argv) > 2:
+    NodeACL(tpg, sys.argv[2])
+"""
+
+
+def test_orphans_are_listed_then_removed_only_on_request(cluster):
+    s1 = cluster.s1
+    real = cluster.ctrl.CreateVolume(create_req("orphan-real"), timeout=120).volume
+    ref = ids.parse_id(real.volume_id)
+    tags = ["--addtag", "dev.csi.lvm-iscsi/kind=volume"]
+    s1.run(["lvcreate", "-q", "-V", "8m", "-T", "csi-vg/thinpool", "-n", "e2e-orphan-lv",
+            "--addtag", "dev.csi.lvm-iscsi/cluster=e2e", *tags], timeout=120, check=True)
+    s1.run(["lvcreate", "-q", "-V", "8m", "-T", "csi-vg/thinpool", "-n", "other-cluster-lv",
+            "--addtag", "dev.csi.lvm-iscsi/cluster=other", *tags], timeout=120, check=True)
+    py = sys.executable
+    s1.run([py, "-c", ORPHAN_TARGET, ids.IQN_PREFIX + "csi-vg.e2e-orphan-target"], timeout=60, check=True)
+    s1.run([py, "-c", ORPHAN_TARGET, ref.iqn, "iqn.2026-11.test.intruder:x"], timeout=60, check=True)
+
+    dry = cluster.d.operator("cleanup", [cluster.s1, cluster.s2], "--min-age", "0")
+    assert dry.returncode == 0, dry.stderr
+    for needle in ("csi-vg/e2e-orphan-lv", "e2e-orphan-target", "iqn.2026-11.test.intruder:x", "dry run"):
+        assert needle in dry.stdout, dry.stdout
+    assert "other-cluster-lv" not in dry.stdout and f"csi-vg/{ref.lv}" not in dry.stdout
+    assert "e2e-orphan-lv" in inventory(cluster)["lvs"]          # a dry run removes nothing
+
+    done = cluster.d.operator("cleanup", [cluster.s1, cluster.s2], "--min-age", "0", "--delete")
+    assert done.returncode == 0 and done.stdout.count("[removed]") == 3, done.stdout
+    inv = inventory(cluster)
+    assert inv["lvs"] == sorted([ref.lv, "other-cluster-lv"]) and inv["targets"] == {ref.iqn: []}
+    s1.run(["lvremove", "-q", "-y", "csi-vg/other-cluster-lv"], timeout=120, check=True)
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=real.volume_id), timeout=120)
+    assert inventory(cluster) == empty(cluster)
+
+
+def test_node_plugin_start_cleans_stale_sessions_and_node_records(cluster):
+    """What a worker reboot or a lost unstage leaves: a node record (and a session) of this driver's target
+    that no staged volume uses. The node plugin logs out and deletes it when it starts."""
+    vol = cluster.ctrl.CreateVolume(create_req("stale-session"), timeout=120).volume
+    ctx = cluster.publish(vol.volume_id)
+    staging, _ = cluster.paths(vol.volume_id)
+    staging.mkdir(parents=True, exist_ok=True)
+    cluster.node.NodeStageVolume(csi.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
+                                                            staging_target_path=str(staging),
+                                                            volume_capability=MOUNT), timeout=120)
+    cluster.w.run(["umount", str(staging)], timeout=60, check=True)
+    for record in (cluster.d.kubelet_dir(cluster.w) / "plugins/lvm-iscsi.csi.dev/staged").glob("*.json"):
+        record.unlink()   # as if the stage had been lost: the session and node record stay behind
+    assert len(inventory(cluster)["sessions"]) == 1
+    cluster.d.start_node_plugin(cluster.w)
+    inv = inventory(cluster)
+    assert inv["sessions"] == [] and inv["node_records"] == [] and inv["mounts"] == []
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id,
+                                                                                node_id=cluster.node_id))
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=120)
+    assert inventory(cluster) == empty(cluster)
