@@ -50,7 +50,10 @@ class Access:
 
 
 def mode_name(mode: int) -> str:
-    return Mode.Mode.Name(mode)
+    try:
+        return Mode.Mode.Name(mode)
+    except ValueError:
+        return f"UNKNOWN({mode})"
 
 
 def check_capability(cap: csi.VolumeCapability, default_fs: str = DEFAULT_FS) -> Access:

@@ -27,23 +27,23 @@ def topology_key(driver_name: str) -> str:
 
 MAX_ID = 128
 MAX_NAME = 128      # request names: the CSI spec lets a plugin choose; Kubernetes sends 40 ("pvc-<uuid>")
-_CLUSTER_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?$")
-_NODE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
-_LVM_NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
+_CLUSTER_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?")
+_NODE_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
+_LVM_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 # RFC 3720: iqn.yyyy-mm.reversed.domain[:anything]; restricted here to what iscsiadm and LIO take safely
-IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[a-z0-9.:_-]{1,200})?$")
+IQN_RE = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[a-z0-9.:-]{1,200})?")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _RESERVED_LV = ("snapshot", "pvmove", "_")
 
 
 def check_cluster_id(cluster_id: str) -> str:
-    if not _CLUSTER_RE.match(cluster_id) or cluster_id.startswith(_RESERVED_LV):
+    if not _CLUSTER_RE.fullmatch(cluster_id) or cluster_id.startswith(_RESERVED_LV):
         raise ValueError(f"cluster id {cluster_id!r}: 1-16 lower-case letters, digits and '-'")
     return cluster_id
 
 
 def check_node_name(name: str) -> str:
-    if not _NODE_RE.match(name):
+    if not _NODE_RE.fullmatch(name):
         raise ValueError(f"storage node name {name!r}: a DNS label/subdomain of at most 63 characters")
     return name
 
@@ -71,7 +71,7 @@ def target_iqn(vg: str, lv: str) -> str:
 
 
 def is_iqn(value: str) -> bool:
-    return bool(IQN_RE.match(value)) and len(value) <= 223
+    return bool(IQN_RE.fullmatch(value)) and len(value) <= 223
 
 
 @dataclass(frozen=True)
@@ -103,12 +103,17 @@ def parse_id(value: str, kind: str = "volume") -> LvRef | None:
     if len(parts) != 4 or parts[0] != ("s1" if kind == "snapshot" else "v1"):
         return None
     _, node, vg, lv = parts
-    if not _NODE_RE.match(node) or not _LVM_NAME_RE.match(vg) or not _LVM_NAME_RE.match(lv):
+    if not _NODE_RE.fullmatch(node) or not _is_lvm_name(vg) or not _is_lvm_name(lv):
         return None
     return LvRef(node, vg, lv, kind)
 
 
+def _is_lvm_name(value: str) -> bool:
+    # LVM refuses "." and ".."; they would also take a record path out of its directory
+    return bool(_LVM_NAME_RE.fullmatch(value)) and value not in (".", "..")
+
+
 def check_lvm_name(value: str, what: str) -> str:
-    if not _LVM_NAME_RE.match(value) or value.startswith(_RESERVED_LV):
+    if not _is_lvm_name(value) or value.startswith(_RESERVED_LV):
         raise errors.invalid(f"{what} {value!r} is not a valid LVM name")
     return value

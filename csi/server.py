@@ -25,6 +25,7 @@ from csi.runner import deadline
 log = logging.getLogger(__name__)
 
 SECRET_WORDS = ("secret", "password")
+MAX_MESSAGE = 1024
 
 
 # ---------------------------------------------------------------------------------------------- endpoints
@@ -89,7 +90,7 @@ def _redact(message: Message) -> None:
                 message.ClearField(field.name)
                 for key in keys:
                     getattr(message, field.name)[key] = "***"
-            elif field.type == field.TYPE_STRING and field.label != field.LABEL_REPEATED:
+            elif field.type == field.TYPE_STRING and not _repeated(field):
                 setattr(message, field.name, "***")
             else:
                 message.ClearField(field.name)
@@ -103,11 +104,22 @@ def _redact(message: Message) -> None:
                     _redact(value[key])
                 elif any(w in key.lower() for w in SECRET_WORDS):
                     value[key] = "***"
-        elif field.label == field.LABEL_REPEATED:
+        elif _repeated(field):
             for item in value:
                 _redact(item)
         else:
             _redact(value)
+
+
+def _repeated(field: _descriptor.FieldDescriptor) -> bool:
+    # protobuf >= 6 has is_repeated; `label` is gone in 7
+    flag = getattr(field, "is_repeated", None)
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def short(message: str, limit: int = MAX_MESSAGE) -> str:
+    """Bounds a status message or log line that may echo what a client sent (an ID of a megabyte, say)."""
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message) - limit} more characters)"
 
 
 def _is_secret_field(field: _descriptor.FieldDescriptor) -> bool:
@@ -117,6 +129,14 @@ def _is_secret_field(field: _descriptor.FieldDescriptor) -> bool:
         if ext.name == "csi_secret" and val:
             return True
     return False
+
+
+def _safe_redact(message: Message) -> str:
+    """Logging must never fail a call: a message that cannot be redacted is not logged at all."""
+    try:
+        return short(redact(message), 4096)
+    except Exception as exc:  # noqa: BLE001
+        return f"<not logged: {type(exc).__name__}>"
 
 
 # ---------------------------------------------------------------------------------------------- interceptor
@@ -139,19 +159,20 @@ class CallInterceptor(grpc.ServerInterceptor):
         def call(request, context):
             started = time.monotonic()
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s request: %s", method, redact(request))
+                log.debug("%s request: %s", method, _safe_redact(request))
             try:
                 with deadline(context.time_remaining()):
                     response = inner(request, context)
             except Exception as exc:  # noqa: BLE001 - this is the one place that maps every error
                 code, message = errors.status_of(exc)
+                message = short(message)
                 level = logging.ERROR if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else logging.INFO
                 log.log(level, "%s failed after %.3fs: %s %s", method, time.monotonic() - started, code.name, message,
                         exc_info=level == logging.ERROR and not isinstance(exc, errors.CsiError))
                 context.abort(code, message)
             log.info("%s ok in %.3fs", method, time.monotonic() - started)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s response: %s", method, redact(response))
+                log.debug("%s response: %s", method, _safe_redact(response))
             return response
 
         return grpc.unary_unary_rpc_method_handler(
@@ -170,6 +191,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                     yield from inner(request, context)
             except Exception as exc:  # noqa: BLE001 - as for unary calls
                 code, message = errors.status_of(exc)
+                message = short(message)
                 log.log(logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO,
                         "%s stream failed after %.3fs: %s %s", method, time.monotonic() - started, code.name,
                         message)

@@ -42,6 +42,7 @@ def choose(candidates: Iterable[Candidate], *, required: int, limit: int = 0, po
     `near` names the storage node that holds the volume's content source: after the preferred zones, it
     comes first, since a restore there needs no copy across the network."""
     pool_out = type_out = zone_out = limit_out = 0
+    eligible = 0        # pools that pass the pool, type and zone filters
     largest = 0
     fitting: list[Placement] = []
     for c in candidates:
@@ -54,6 +55,7 @@ def choose(candidates: Iterable[Candidate], *, required: int, limit: int = 0, po
         if requisite_zones is not None and c.zone not in requisite_zones:
             zone_out += 1
             continue
+        eligible += 1
         size = round_up(required, c.extent)
         if limit and size > limit:
             limit_out += 1
@@ -66,7 +68,7 @@ def choose(candidates: Iterable[Candidate], *, required: int, limit: int = 0, po
         fitting.sort(key=lambda p: (rank.get(p.candidate.zone, len(rank)), p.candidate.node != near,
                                     -p.candidate.available, p.candidate.node, p.candidate.pool))
         return fitting[0]
-    if limit_out and not (largest or pool_out or type_out or zone_out):
+    if limit_out and limit_out == eligible:
         raise errors.out_of_range(f"{required} bytes rounded up to the pools' extent size exceeds the limit {limit}")
     reasons = []
     if pool_out:

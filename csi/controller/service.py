@@ -171,16 +171,23 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 node, pool, size = place.candidate.node, place.candidate.pool, place.size
             else:
                 node, vol = existing[0]
-                pool, size = vol.pool, required
+                pool, size = vol.pool, vol.size_bytes
                 if vol.size_bytes < required or (limit and vol.size_bytes > limit):
                     raise errors.exists(f"volume {name!r} exists with size {vol.size_bytes}, outside the range asked")
             agent_source = self._agent_source(source, node, pool, name) if source else None
-            vol = self.agents.get(node).call("CreateVolume", apb.CreateVolumeRequest(
-                name=name, pool=pool, size_bytes=size, attributes=attributes, source=agent_source))
-            if source is not None and source.kind == "volume" and agent_source.lv != source.ref.lv:
-                # the point-in-time copy of a volume in use served its purpose
-                self.agents.get(source.ref.node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(
-                    vg=agent_source.vg, lv=agent_source.lv))
+            transient = source is not None and source.kind == "volume" and agent_source.lv != source.ref.lv
+            try:
+                vol = self.agents.get(node).call("CreateVolume", apb.CreateVolumeRequest(
+                    name=name, pool=pool, size_bytes=size, attributes=attributes, source=agent_source))
+            except errors.CsiError as exc:
+                # A copy still running (or an agent away for a moment) needs its source for the retry;
+                # any other failure ends this attempt, and the point-in-time source with it.
+                if transient and exc.code not in (errors.Code.DEADLINE_EXCEEDED, errors.Code.ABORTED,
+                                                  errors.Code.UNAVAILABLE):
+                    self._drop_transient(source.ref.node, agent_source)
+                raise
+            if transient:
+                self._drop_transient(source.ref.node, agent_source)   # it served its purpose
             ref = ids.LvRef(node, vol.vg, vol.lv)
             log.info("volume %s is %s (%d bytes, pool %s%s)", name, ref, vol.size_bytes, pool,
                      f", from {source.text}" if source else "")
@@ -207,6 +214,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             vol = self._get(ref)
             return Source("volume", ref, vol.size_bytes, "volume:" + vid, vol.pool)
         raise errors.invalid("volume_content_source names neither a snapshot nor a volume")
+
+    def _drop_transient(self, node: str, src: apb.VolumeSource) -> None:
+        self.agents.get(node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(vg=src.vg, lv=src.lv))
 
     def _agent_source(self, source: "Source", node: str, pool: str, name: str) -> apb.VolumeSource:
         ref = source.ref
@@ -498,9 +508,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         ref = self._require_ref(request.volume_id)
         with self.locks.hold(request.volume_id):
             vol = self.agents.get(ref.node).call("ExpandVolume", apb.ExpandVolumeRequest(
-                vg=ref.vg, lv=ref.lv, size_bytes=required or limit))
-        if limit and vol.size_bytes > limit:
-            raise errors.out_of_range(f"the volume is {vol.size_bytes} bytes, above limit_bytes {limit}")
+                vg=ref.vg, lv=ref.lv, size_bytes=required or limit, limit_bytes=limit))
         # The node always has work: rescan the iSCSI session, then grow the filesystem (block: rescan only).
         return csi.ControllerExpandVolumeResponse(capacity_bytes=vol.size_bytes, node_expansion_required=True)
 

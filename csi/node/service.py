@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from csi.fsutil import remove, write_atomic
 from csi.node import mount
 from csi.node.iscsi import Iscsiadm, Target, read_initiator_name
 from csi.proto import csi_pb2 as csi
+from csi.storage.lio import Portal
 from csi.proto import csi_pb2_grpc
 from csi.server import KeyLocks
 
@@ -31,6 +33,33 @@ log = logging.getLogger(__name__)
 Cap = csi.NodeServiceCapability.RPC.Type
 CAPABILITIES = (Cap.STAGE_UNSTAGE_VOLUME, Cap.GET_VOLUME_STATS, Cap.VOLUME_CONDITION, Cap.SINGLE_NODE_MULTI_WRITER,
                 Cap.EXPAND_VOLUME)
+
+
+_CHAP_VALUE = re.compile(r"[!-~]{1,255}")
+
+
+def _target_of(ctx, ref: ids.LvRef) -> Target:
+    """The iSCSI target publish_context describes, checked: it must be this volume's, on host:port portals."""
+    missing = [k for k in (CTX_IQN, CTX_PORTALS, CTX_LUN) if not ctx.get(k)]
+    if missing:
+        raise errors.invalid(f"publish_context lacks {', '.join(missing)} (was the volume published by this "
+                             "driver's controller?)")
+    if ctx[CTX_IQN] != ref.iqn:
+        raise errors.invalid("publish_context names another target than the volume")
+    lun = ctx[CTX_LUN]
+    if not re.fullmatch(r"[0-9]{1,5}", lun) or int(lun) > 16383:
+        raise errors.invalid("publish_context lun must be a number from 0 to 16383")
+    try:
+        portals = tuple(str(Portal.parse(p)) for p in ctx[CTX_PORTALS].split(",") if p)
+    except ValueError:
+        raise errors.invalid("publish_context portals must be ip:port items") from None
+    if not portals:
+        raise errors.invalid("publish_context names no portal")
+    chap = [ctx.get(k, "") for k in (CTX_CHAP_USER, CTX_CHAP_SECRET, CTX_MUTUAL_USER, CTX_MUTUAL_SECRET)]
+    # iscsiadm writes node records as "name = value" lines: a value with a newline would add a setting.
+    if any(v and not _CHAP_VALUE.fullmatch(v) for v in chap):
+        raise errors.invalid("publish_context CHAP values must be 1 to 255 printable ASCII characters, no spaces")
+    return Target(ctx[CTX_IQN], portals, int(lun), *chap)
 
 
 def _require(value: str, what: str) -> None:
@@ -58,14 +87,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return ref
 
     def _path(self, value: str, what: str) -> Path:
+        """A path the CO hands us, checked before anything is mounted on it: absolute, inside the kubelet
+        directory once every symlink (the last component's too) is resolved, not our own state directory or
+        one of its ancestors, and of names the filesystem takes."""
         if not value:
             raise errors.invalid(f"{what} is required")
         if "\0" in value or not value.startswith("/") or len(value) > 4096:
-            raise errors.invalid(f"{what} must be an absolute path")
-        path = Path(os.path.normpath(value))
-        real = Path(os.path.realpath(path.parent)) / path.name
+            raise errors.invalid(f"{what} must be an absolute path of at most 4096 bytes")
+        if any(len(part.encode()) > 255 for part in value.split("/")):
+            raise errors.invalid(f"{what} has a component longer than 255 bytes")
+        real = Path(os.path.realpath(os.path.normpath(value)))
+        shown = value if len(value) <= 200 else value[:200] + "..."
         if self.config.kubelet_dir not in real.parents:
-            raise errors.invalid(f"{what} {value!r} is outside the kubelet directory {self.config.kubelet_dir}")
+            raise errors.invalid(f"{what} {shown!r} is outside the kubelet directory {self.config.kubelet_dir}")
+        state = Path(os.path.realpath(self.config.state_dir))
+        if real == state or real in state.parents or state in real.parents:
+            raise errors.invalid(f"{what} {shown!r} is the node plugin's own state directory or holds it")
         return real
 
     def _record_path(self, volume_id: str) -> Path:
@@ -105,16 +142,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         ref = self._ref(request.volume_id)
         default_fs = request.volume_context.get("fsType") or caps.DEFAULT_FS
         access = caps.check_capability(request.volume_capability, default_fs)
-        ctx = request.publish_context
-        missing = [k for k in (CTX_IQN, CTX_PORTALS, CTX_LUN) if not ctx.get(k)]
-        if missing:
-            raise errors.invalid(f"publish_context lacks {', '.join(missing)} (was the volume published by this "
-                                 "driver's controller?)")
-        if ctx[CTX_IQN] != ref.iqn:
-            raise errors.invalid("publish_context names another target than the volume")
-        target = Target(ctx[CTX_IQN], tuple(p for p in ctx[CTX_PORTALS].split(",") if p), int(ctx[CTX_LUN]),
-                        ctx.get(CTX_CHAP_USER, ""), ctx.get(CTX_CHAP_SECRET, ""), ctx.get(CTX_MUTUAL_USER, ""),
-                        ctx.get(CTX_MUTUAL_SECRET, ""))
+        target = _target_of(request.publish_context, ref)
         with self.locks.hold(request.volume_id):
             if not access.block:
                 existing = mount.mount_at(staging)
@@ -263,9 +291,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def NodeGetVolumeStats(self, request, context):
         _require(request.volume_id, "volume_id")
-        _require(request.volume_path, "volume_path")
+        path = self._path(request.volume_path, "volume_path")
         ref = self._ref(request.volume_id)
-        path = Path(request.volume_path)
         if not path.exists():
             raise errors.not_found(f"volume path {path} does not exist")
         live = any(s.iqn == ref.iqn for s in self.iscsi.sessions())
@@ -300,12 +327,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def NodeExpandVolume(self, request, context):
         _require(request.volume_id, "volume_id")
-        _require(request.volume_path, "volume_path")
+        path = self._path(request.volume_path, "volume_path")
         ref = self._ref(request.volume_id)
-        path = Path(request.volume_path)
         if not path.exists():
             raise errors.not_found(f"volume path {path} does not exist")
         required = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
+        if required < 0 or (request.HasField("capacity_range") and request.capacity_range.limit_bytes < 0):
+            raise errors.invalid("capacity_range bytes must not be negative")
         with self.locks.hold(request.volume_id):
             rec = self._record(request.volume_id)
             if rec is None:

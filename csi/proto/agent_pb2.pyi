@@ -173,14 +173,16 @@ class ListVolumesResponse(_message.Message):
     def __init__(self, volumes: _Optional[_Iterable[_Union[Volume, _Mapping]]] = ...) -> None: ...
 
 class ExpandVolumeRequest(_message.Message):
-    __slots__ = ("vg", "lv", "size_bytes")
+    __slots__ = ("vg", "lv", "size_bytes", "limit_bytes")
     VG_FIELD_NUMBER: _ClassVar[int]
     LV_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     vg: str
     lv: str
     size_bytes: int
-    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    limit_bytes: int
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., limit_bytes: _Optional[int] = ...) -> None: ...
 
 class GrantAccessRequest(_message.Message):
     __slots__ = ("vg", "lv", "initiator_iqn", "read_only", "mutual_chap")

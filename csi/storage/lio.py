@@ -9,7 +9,9 @@ own (shell-based) modprobe.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +36,13 @@ class Portal:
     @classmethod
     def parse(cls, text: str) -> "Portal":
         host, _, port = text.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"portal {text!r}: expected ip:port")
-        return cls(host.strip("[]"), int(port))
+        try:
+            ip = str(ipaddress.ip_address(host.strip("[]")))
+        except ValueError:
+            raise ValueError(f"portal {text[:100]!r}: expected ip:port") from None
+        if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+            raise ValueError(f"portal {text[:100]!r}: expected ip:port")
+        return cls(ip, int(port))
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,9 @@ def tag(key: str, value: str) -> str:
     return f"{ids.TAG_PREFIX}/{key}={value}"
 
 
-def attributes_digest(size: int, attributes: dict[str, str]) -> str:
-    text = "\n".join([str(size)] + [f"{k}={v}" for k, v in sorted(attributes.items())])
+def attributes_digest(attributes: dict[str, str]) -> str:
+    # The size is not part of it: a retry with another but compatible capacity range gets the volume.
+    text = "\n".join(f"{k}={v}" for k, v in sorted(attributes.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -226,12 +227,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             if vg is None:
                 raise errors.precondition(f"volume group {pool.vg} of pool {pool.name} is missing")
             size = self._round(max(request.size_bytes, source.size_bytes if source else 0), vg.extent_size)
-            digest = attributes_digest(size, attributes)
+            digest = attributes_digest(attributes)
             lv = self.lvm.lv(pool.vg, lv_name)
             if lv is None:
                 lv = self._create_lv(name, pool, lv_name, size, digest, source)
             elif not self._ours(lv) or lv.tag(f"{ids.TAG_PREFIX}/request") != digest or \
-                    (lv.pool or "") != pool.thin_pool:
+                    (lv.pool or "") != pool.thin_pool or lv.size < size:
                 raise errors.exists(f"volume {name!r} exists with another size, pool, source or capabilities")
             rec = self.records.load(pool.vg, lv_name)
             if rec is not None and rec.deleting:
@@ -358,6 +359,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return pb.DeleteVolumeResponse()
 
     def _delete(self, vg: str, lv_name: str) -> None:
+        if vg not in {p.vg for p in self.config.pools}:
+            return   # not a VG of this agent: nothing of ours can be there (and a backstore of that name is
+            #          another volume's)
         rec = self.records.load(vg, lv_name)
         lv = self.lvm.lv(vg, lv_name)
         if lv is not None and not self._ours(lv):
@@ -426,6 +430,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             pool = self._pool(rec.pool)
             usage = self.usage(pool)
             size = self._round(request.size_bytes, usage.extent)
+            if request.limit_bytes and size > request.limit_bytes:
+                raise errors.out_of_range(f"{request.size_bytes} bytes rounded up to the extent size is {size}, "
+                                          f"above limit_bytes {request.limit_bytes}")
             if size < lv.size:
                 raise errors.out_of_range(f"volume {rec.name!r} is {lv.size} bytes; shrinking to {size} is not "
                                           "supported")
@@ -478,6 +485,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     def RevokeAccess(self, request, context):
         ids.check_lvm_name(request.vg, "vg")
         ids.check_lvm_name(request.lv, "lv")
+        if not ids.is_iqn(request.initiator_iqn):
+            raise errors.invalid(f"initiator {request.initiator_iqn[:230]!r} is not an iSCSI qualified name")
         with self.locks.hold(f"{request.vg}/{request.lv}"):
             rec = self.records.load(request.vg, request.lv)
             if rec is not None and rec.grants.pop(request.initiator_iqn, None) is not None:
