@@ -477,7 +477,8 @@ def portal_problem(portal: str) -> str | None:
 
 
 def context_problem(ctx: dict[str, str], ref: ids.LvRef) -> str | None:
-    """publish_context as the controller makes it: this volume's target, ip:port portals, a LUN number."""
+    """publish_context as the controller makes it: this volume's target, ip:port portals, a LUN number, CHAP
+    values of printable ASCII."""
     if not all(ctx.get(k) for k in ("targetIqn", "portals", "lun")):
         return "publish_context incomplete"
     if ctx["targetIqn"] != ref.iqn:
@@ -485,7 +486,12 @@ def context_problem(ctx: dict[str, str], ref: ids.LvRef) -> str | None:
     if not re.fullmatch(r"[0-9]+", ctx["lun"]) or int(ctx["lun"]) > 16383:
         return "lun"
     portals = [p for p in ctx["portals"].split(",") if p]
-    return "no portal" if not portals else next(filter(None, map(portal_problem, portals)), None)
+    if not portals:
+        return "no portal"
+    chap = [ctx.get(k, "") for k in ("chapUser", "chapSecret", "mutualChapUser", "mutualChapSecret")]
+    if any(v and not re.fullmatch(r"[!-~]{1,255}", v) for v in chap):
+        return "CHAP value"   # a newline would add a line to iscsiadm's node record
+    return next(filter(None, map(portal_problem, portals)), None)
 
 
 @FUZZ
