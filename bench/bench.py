@@ -1,0 +1,444 @@
+"""`bench/run`: what the driver costs on real kernels, next to what the same work costs without it.
+
+One storage node and one worker (User-Mode Linux, csi/lab) run the real agent and node plugin; the controller
+runs on the host and reaches the agent over mutual TLS (csi/lab/deploy.py, as the e2e tests run it).
+
+1. CreateVolume + ControllerPublishVolume through the controller, with N existing volumes on the storage node
+   (made through the driver, in bulk), next to the raw floor measured in the same run on the same node: the
+   agent's thin lvcreate (same argv, same LVM configuration) and the same LIO export with ACL + CHAP, done
+   directly by bench/guest.py. Samples of the two alternate; each sample's volume is removed (off the clock)
+   before the next, so every sample sees exactly N volumes. The agent logs each command it runs (runner
+   debug lines, turned on by bench/hook) and each RPC's duration: summed per sample in the profile table.
+2. Resident memory of the agent, the node plugin and the controller after the run.
+3. Read throughput of a volume staged by the node plugin (dd iflag=direct on the worker) next to raw TCP
+   between the same two nodes (bench/guest.py tcp-send / tcp-recv), measured the same way: bytes / seconds.
+
+Prints the tables as Markdown and writes them to bench/results.md (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from csi.lab import VG_NAME, Lab, LabError, LabNode, preflight
+from csi.lab.deploy import PYTHON, Deployment
+from csi.proto import csi_pb2 as csi
+from csi.proto import csi_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+GUEST = HERE / "guest.py"
+MiB, GiB = 1 << 20, 1 << 30
+VOLUME_BYTES = 4 * MiB
+THIN_POOL = "thinpool"
+TCP_PORT = 7801
+M = csi.VolumeCapability.AccessMode
+MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext4"),
+                             access_mode=M(mode=M.SINGLE_NODE_WRITER))
+BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
+# Lines of csi/runner.py (debug) and csi/server.py (info) in the agent's log.
+RAN = re.compile(r" ran (\[.*\]) rc=-?\d+ in ([\d.]+)s$", re.M)
+RPC = re.compile(r" csi\.server: (\w+) (?:ok in ([\d.]+)s$|failed after ([\d.]+)s: (\w+))", re.M)
+DD_RATE = re.compile(r"^(\d+) bytes .* copied, ([\d.]+) s", re.M)
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo = math.floor(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def command_label(argv: list[str]) -> str:
+    """What an agent command does, independent of the volume it names."""
+    cmd, last = argv[0], argv[-1]
+    if cmd == "lvs":
+        fields = argv[argv.index("-o") + 1] if "-o" in argv else ""
+        if "zero" in fields.split(","):
+            return "lvs VG/thinpool (pool state)"
+        return "lvs VG/LV (one LV)" if "/" in last else "lvs VG (every LV in the VG)"
+    if cmd == "vgs":
+        return "vgs VG"
+    if cmd == "lvcreate":
+        return "lvcreate --thin" if "--thin" in argv else "lvcreate"
+    return cmd
+
+
+@dataclass
+class Reads:
+    """Read runs of one kind: MB/s of each, and the host CPU seconds each lab process used meanwhile."""
+    rates: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    bytes: int = 0
+
+    def cpu_per_100mb(self, who: str) -> float:
+        return self.cpu[who] / self.bytes * 1e8
+
+
+@dataclass
+class Point:
+    """The samples taken with `volumes` existing volumes on the storage node."""
+    volumes: int
+    driver: list[float] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    raw_parts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    # one dict per driver sample, from the agent's log: label -> (calls, seconds)
+    commands: list[dict[str, tuple[int, float]]] = field(default_factory=list)
+    rpcs: list[dict[str, tuple[int, float]]] = field(default_factory=list)
+    storage_cpu: list[float] = field(default_factory=list)  # host CPU seconds of the storage node per sample
+
+    def ratio(self) -> float:
+        return statistics.median(self.driver) / statistics.median(self.raw)
+
+
+class Bench:
+    def __init__(self, lab: Lab, d: Deployment, storage: LabNode, worker: LabNode, samples: int, parallel: int):
+        self.lab, self.d, self.s, self.w = lab, d, storage, worker
+        self.samples, self.parallel = samples, parallel
+        self._cch = grpc.insecure_channel(d.controller_target)
+        self._nch = grpc.insecure_channel(d.node_target(worker))
+        self.ctrl = csi_pb2_grpc.ControllerStub(self._cch)
+        self.node = csi_pb2_grpc.NodeStub(self._nch)
+        self.background = 0
+        self.lvm_env = {"LVM_SYSTEM_DIR": str(d.agent_state(storage) / "lvm-system")}  # the agent's lvm.conf
+
+    def close(self) -> None:
+        self._cch.close()
+        self._nch.close()
+
+    # ------------------------------------------------------------------------------------ CSI calls
+
+    def create(self, name: str, size: int = VOLUME_BYTES, cap=MOUNT, timeout: float = 300) -> str:
+        req = csi.CreateVolumeRequest(name=name, capacity_range=csi.CapacityRange(required_bytes=size),
+                                      volume_capabilities=[cap])
+        return self.ctrl.CreateVolume(req, timeout=timeout).volume.volume_id
+
+    def publish(self, vid: str, cap=MOUNT) -> dict[str, str]:
+        return dict(self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=cap), timeout=300).publish_context)
+
+    def remove(self, vid: str) -> None:
+        self.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+            volume_id=vid, node_id=self.w.initiator_iqn), timeout=300)
+        self.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid), timeout=300)
+
+    # ------------------------------------------------------------------------------------ latency
+
+    def fill(self, count: int) -> None:
+        """Existing volumes up to `count`, through the driver, `parallel` calls at a time."""
+        names = [f"bench-bg-{k:04d}" for k in range(self.background, count)]
+        if not names:
+            return
+        log(f"creating {len(names)} background volumes ({self.background} -> {count}), {self.parallel} at a time")
+        started = time.monotonic()
+        with ThreadPoolExecutor(self.parallel) as pool:
+            for done, _ in enumerate(pool.map(lambda n: self.create(n, timeout=3600), names), 1):
+                if done % 50 == 0 or done == len(names):
+                    log(f"  {done}/{len(names)} in {time.monotonic() - started:.0f}s")
+        self.background = count
+
+    def point(self, volumes: int) -> Point:
+        self.fill(volumes)
+        p = Point(volumes)
+        for i in range(self.samples):
+            self.driver_sample(p, f"bench-sample-{volumes}-{i}")
+            self.raw_sample(p, f"bench-raw-{volumes}-{i}")
+            log(f"  {volumes} volumes, sample {i + 1}/{self.samples}: driver {p.driver[-1]:.2f}s, "
+                f"raw {p.raw[-1]:.2f}s")
+        return p
+
+    def driver_sample(self, p: Point, name: str) -> None:
+        start = self._agent_log_size()
+        cpu = self.cpu()[self.s.name]
+        began = time.monotonic()
+        vid = self.create(name)
+        self.publish(vid)
+        p.driver.append(time.monotonic() - began)
+        p.storage_cpu.append(self.cpu()[self.s.name] - cpu)
+        text = self._agent_log_since(start)
+        self.remove(vid)
+        p.commands.append(_tally((command_label(ast.literal_eval(m[1])), float(m[2])) for m in RAN.finditer(text)))
+        p.rpcs.append(_tally((f"{m[1]} -> {m[4]}" if m[4] else m[1], float(m[2] or m[3]))
+                             for m in RPC.finditer(text)))
+
+    def raw_sample(self, p: Point, lv: str) -> None:
+        iqn = f"iqn.2026-11.dev.csi.bench:{lv}"
+        r = self.s.run([PYTHON, str(GUEST), "raw-create", VG_NAME, THIN_POOL, lv, str(VOLUME_BYTES), iqn,
+                        self.s.ip, self.w.initiator_iqn], env=self.lvm_env, timeout=300, check=True)
+        parts = json.loads(r.stdout.splitlines()[-1])
+        p.raw.append(parts["total"])
+        p.raw_parts["lvcreate"].append(parts["lvcreate"])
+        p.raw_parts["export"].append(parts["export"])
+        self.s.run([PYTHON, str(GUEST), "raw-delete", VG_NAME, lv, iqn], env=self.lvm_env, timeout=300, check=True)
+
+    def _agent_log_size(self) -> int:
+        # Read through the guest: it wrote the file over hostfs and its view is the complete one.
+        r = self.s.run(["stat", "-c", "%s", str(self.s.log_path("agent"))], timeout=30, check=True)
+        return int(r.stdout)
+
+    def _agent_log_since(self, offset: int) -> str:
+        return self.s.run(["tail", "-c", f"+{offset + 1}", str(self.s.log_path("agent"))],
+                          timeout=60, check=True).stdout
+
+    # ------------------------------------------------------------------------------------ throughput
+
+    def throughput(self, size: int, runs: int) -> dict[str, Reads]:
+        """dd iflag=direct from a staged volume and raw TCP, storage node -> worker, runs alternating."""
+        vid = self.create("bench-io", size=size, cap=BLOCK)
+        ctx = self.publish(vid, cap=BLOCK)
+        h = hashlib.sha256(vid.encode()).hexdigest()[:16]
+        kubelet = self.d.kubelet_dir(self.w)
+        staging = kubelet / "plugins/kubernetes.io/csi/lvm-iscsi.csi.dev" / h / "globalmount"
+        target = kubelet / "pods" / h / "volumeDevices" / "io"
+        staging.mkdir(parents=True, exist_ok=True)
+        self.node.NodeStageVolume(csi.NodeStageVolumeRequest(
+            volume_id=vid, publish_context=ctx, staging_target_path=str(staging), volume_capability=BLOCK),
+            timeout=300)
+        self.node.NodePublishVolume(csi.NodePublishVolumeRequest(
+            volume_id=vid, publish_context=ctx, staging_target_path=str(staging), target_path=str(target),
+            volume_capability=BLOCK), timeout=300)
+        src = self.w.workdir / "bench-io.bin"
+        with open(src, "wb") as f:  # random data: thin blocks that were never written read back at no cost
+            for _ in range(size // MiB):
+                f.write(os.urandom(MiB))
+        log(f"writing {size // MiB} MiB to the staged volume")
+        self.w.run(["dd", f"if={src}", f"of={target}", "bs=1M", "oflag=direct", "conv=fsync", "status=none"],
+                   timeout=1200, check=True)
+        src.unlink()
+        reads = {"iscsi": Reads(), "tcp": Reads()}
+        for i in range(runs):
+            for kind, measure in (("iscsi", lambda: self.dd_rate(target, size)), ("tcp", lambda: self.tcp_rate(size))):
+                before = self.cpu()
+                reads[kind].rates.append(measure())
+                for who, seconds in self.cpu().items():
+                    reads[kind].cpu[who] += seconds - before[who]
+                reads[kind].bytes += size
+            log(f"  read run {i + 1}/{runs}: iSCSI {reads['iscsi'].rates[-1]:.1f} MB/s, "
+                f"TCP {reads['tcp'].rates[-1]:.1f} MB/s")
+        self.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target)),
+                                      timeout=300)
+        self.node.NodeUnstageVolume(csi.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging)),
+                                    timeout=300)
+        self.remove(vid)
+        return reads
+
+    def dd_rate(self, target: Path, size: int) -> float:
+        r = self.w.run(["dd", f"if={target}", "of=/dev/null", "bs=1M", f"count={size // MiB}", "iflag=direct"],
+                       timeout=1200, check=True)
+        m = DD_RATE.search(r.stderr)
+        return int(m.group(1)) / float(m.group(2)) / 1e6
+
+    def tcp_rate(self, size: int) -> float:
+        self.w.spawn("tcp-recv", [PYTHON, str(GUEST), "tcp-recv", self.w.ip, str(TCP_PORT)])
+        self.s.run([PYTHON, str(GUEST), "tcp-send", self.w.ip, str(TCP_PORT), str(size)], timeout=1200, check=True)
+        rc = self.w.wait_exit("tcp-recv", timeout=120)
+        last = self.w.run(["tail", "-n", "1", str(self.w.log_path("tcp-recv"))], timeout=30).stdout
+        if rc != 0:
+            raise LabError(f"tcp-recv exited with {rc}: {last}")
+        got = json.loads(last)
+        return got["bytes"] / got["seconds"] / 1e6
+
+    def cpu(self) -> dict[str, float]:
+        """Host CPU seconds used so far by each UML node (all its host processes) and the virtual switch."""
+        sessions = {n.name: int((n.workdir / f"{self.lab.netns}-{n.name}" / "pid").read_text())
+                    for n in (self.s, self.w)}
+        sessions["switch"] = int((self.lab.workdir / "switch.pid").read_text())  # a daemon: its own session
+        return {who: _session_cpu(sid) for who, sid in sessions.items()}
+
+    # ------------------------------------------------------------------------------------ memory
+
+    def memory(self) -> list[tuple[str, str, int, int]]:
+        """(daemon, where, VmRSS KiB, VmHWM KiB) of each daemon, now."""
+        out = []
+        for node, name in ((self.s, "agent"), (self.w, "node-plugin")):
+            pid = node.status(name)["pid"]
+            text = node.run(["cat", f"/proc/{pid}/status"], timeout=30, check=True).stdout
+            out.append((name, f"guest {node.name}", *_rss(text)))
+        out.append(("controller", "host", *_rss(Path(f"/proc/{self.d.controller.pid}/status").read_text())))
+        return out
+
+
+def _tally(events) -> dict[str, tuple[int, float]]:
+    """(label, seconds) events -> label: (calls, seconds)."""
+    out: dict[str, tuple[int, float]] = defaultdict(lambda: (0, 0.0))
+    for label, seconds in events:
+        n, total = out[label]
+        out[label] = (n + 1, total + seconds)
+    return dict(out)
+
+
+def _session_cpu(sid: int) -> float:
+    """user + system seconds of the processes of one session, their reaped children included."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[3]) == sid:  # fields from 3 (state) on: session is 6, utime..cstime 14..17
+            ticks += sum(int(f) for f in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _rss(status: str) -> tuple[int, int]:
+    values = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
+    return int(values["VmRSS"]), int(values["VmHWM"])
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def render(points: list[Point], memory, reads: dict[str, Reads], samples: int, io_mib: int) -> str:
+    lines = [f"### CreateVolume + ControllerPublishVolume, {samples} samples per point", "",
+             "| existing volumes | driver median (s) | driver p90 (s) | raw median (s) | raw p90 (s) | driver / raw |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        lines.append(f"| {p.volumes} | {statistics.median(p.driver):.2f} | {percentile(p.driver, .9):.2f} | "
+                     f"{statistics.median(p.raw):.2f} | {percentile(p.raw, .9):.2f} | {p.ratio():.2f} |")
+    if len(points) > 1:
+        first, last = points[0], points[-1]
+        met = "met" if last.ratio() <= first.ratio() else "NOT met"
+        lines += ["", f"Target, ratio at {last.volumes} no higher than at {first.volumes}: **{met}** "
+                      f"({first.ratio():.2f} -> {last.ratio():.2f})."]
+    lines += ["", "Raw: the agent's thin `lvcreate` (same argv, same lvm.conf) + rtslib export (backstore, target, "
+                  "TPG, LUN 0, portal, ACL with CHAP, mapped LUN), run directly on the storage node.", ""]
+    lines += _profile(points)
+    lines += ["", "### Resident memory after the run", "", "| daemon | runs on | RSS (MiB) | peak RSS (MiB) |",
+              "|---|---|---:|---:|"]
+    lines += [f"| {name} | {where} | {rss / 1024:.1f} | {hwm / 1024:.1f} |" for name, where, rss, hwm in memory]
+    lines += _throughput(reads, io_mib)
+    return "\n".join(lines) + "\n"
+
+
+def _throughput(reads: dict[str, Reads], io_mib: int) -> list[str]:
+    iscsi, tcp = (statistics.median(reads[k].rates) for k in ("iscsi", "tcp"))
+    who = list(reads["tcp"].cpu)
+    lines = ["", f"### Read throughput, storage node -> worker, {io_mib} MiB, median of {len(reads['tcp'].rates)} "
+                 "runs", "", "| path | MB/s | " + " | ".join(f"host CPU s per 100 MB: {w}" for w in who) + " |",
+             "|---|---:|" + "---:|" * len(who)]
+    for kind, name in (("iscsi", "iSCSI: `dd iflag=direct bs=1M` from the volume staged by the node plugin"),
+                       ("tcp", "raw TCP between the same two nodes (Python, 1 MiB buffers)")):
+        cpu = " | ".join(f"{reads[kind].cpu_per_100mb(w):.2f}" for w in who)
+        lines.append(f"| {name} | {statistics.median(reads[kind].rates):.1f} | {cpu} |")
+    lines.append(f"| ratio iSCSI / TCP (target >= 0.90) | {iscsi / tcp:.2f} |" + " |" * len(who))
+    return lines
+
+
+def _profile(points: list[Point]) -> list[str]:
+    heads = " | ".join(f"calls @{p.volumes} | s @{p.volumes}" for p in points)
+    lines = ["### Where the time goes (mean per CreateVolume + ControllerPublishVolume, from the agent's log)", "",
+             f"| step | {heads} |", "|---|" + "---:|---:|" * len(points)]
+
+    def row(name: str, cells: list[tuple[float | None, float]]) -> str:
+        return f"| {name} | " + " | ".join(f"{'' if c is None else f'{c:g}'} | {s:.3f}" for c, s in cells) + " |"
+
+    def mean(samples: list[dict[str, tuple[int, float]]], label: str) -> tuple[float, float]:
+        series = [sample.get(label, (0, 0.0)) for sample in samples]
+        return round(statistics.mean(n for n, _ in series), 1), statistics.mean(s for _, s in series)
+
+    def total(samples: list[dict[str, tuple[int, float]]]) -> float:
+        return statistics.mean(sum(s for _, s in sample.values()) for sample in samples)
+
+    for label in sorted({k for p in points for sample in p.commands for k in sample}):
+        lines.append(row(f"command `{label}`", [mean(p.commands, label) for p in points]))
+    totals = [(total(p.commands), total(p.rpcs), statistics.mean(p.driver)) for p in points]
+    lines.append(row("all external commands", [(None, c) for c, _, _ in totals]))
+    for label in sorted({k for p in points for sample in p.rpcs for k in sample}):
+        lines.append(row(f"agent RPC {label}", [mean(p.rpcs, label) for p in points]))
+    lines.append(row("agent, outside commands (rtslib, records, gRPC handlers)", [(None, r - c) for c, r, _ in totals]))
+    lines.append(row("controller, TLS, network (client time - agent RPCs)", [(None, t - r) for _, r, t in totals]))
+    lines.append(row("client-measured total", [(None, t) for _, _, t in totals]))
+    lines.append(row("host CPU of the storage node (UML) meanwhile, less sensitive to host load",
+                     [(None, statistics.mean(p.storage_cpu)) for p in points]))
+    for part, name in (("lvcreate", "raw floor: `lvcreate --thin`"), ("export", "raw floor: rtslib export + ACL")):
+        lines.append(row(name, [(None, statistics.mean(p.raw_parts[part])) for p in points]))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    a = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    a.add_argument("--volumes", default="10,500", help="existing volume counts to measure at (default 10,500)")
+    a.add_argument("--samples", type=int, default=5, help="samples per count (default 5)")
+    a.add_argument("--parallel", type=int, default=8, help="CreateVolume calls at a time for background volumes")
+    a.add_argument("--io-mib", type=int, default=256, help="MiB written to, then read from, the staged volume")
+    a.add_argument("--io-runs", type=int, default=3, help="read runs of each kind (median reported)")
+    a.add_argument("--disk-gib", type=int, default=16, help="sparse disk of the storage node (thin pool: 60%%)")
+    a.add_argument("--subnet", default="10.213.7", help="first three octets of the lab's private subnet")
+    a.add_argument("--workdir", default=None, help="lab directory (default: a new one under /var/tmp)")
+    a.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
+    a.add_argument("--out", default=str(HERE / "results.md"))
+    args = a.parse_args(argv)
+    try:
+        args.volumes = sorted({int(v) for v in args.volumes.split(",") if v.strip()})
+    except ValueError:
+        a.error(f"--volumes {args.volumes!r}: a comma-separated list of counts, like 10,500")
+    if not args.volumes or args.volumes[0] < 0 or args.samples < 1 or args.io_runs < 1 or args.io_mib < 1:
+        a.error("counts must be >= 0, samples, io runs and io size >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = preflight()
+    if problem:
+        print(f"bench cannot run: {problem}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="csi-bench-", dir="/var/tmp"))
+    started, load = time.monotonic(), os.getloadavg()[0]
+    try:
+        with Lab(workdir, name=f"bench{os.getpid() % 100000}", subnet=args.subnet) as lab:
+            s = lab.add_node("storage-1", role="storage", disk_bytes=args.disk_gib * GiB, mem="1G")
+            w = lab.add_node("worker-1", role="worker")
+            lab.boot_all(timeout=180)
+            d = Deployment(lab, cluster_id="bench")
+            d.start_agent(s, env={"PYTHONPATH": str(HERE / "hook")})  # the runner's debug lines only
+            d.start_node_plugin(w)
+            d.start_controller([s])
+            bench = Bench(lab, d, s, w, args.samples, args.parallel)
+            try:
+                points = [bench.point(n) for n in args.volumes]
+                log(f"read throughput, {args.io_runs} runs of {args.io_mib} MiB")
+                reads = bench.throughput(args.io_mib * MiB, args.io_runs)
+                memory = bench.memory()
+            finally:
+                bench.close()
+                d.stop_controller()
+    finally:
+        if args.keep:
+            log(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = render(points, memory, reads, args.samples, args.io_mib)
+    report = (f"## lvm-iscsi-csi benchmark, {time.strftime('%Y-%m-%d')}: UML lab on {os.cpu_count()} host CPUs, "
+              f"{(time.monotonic() - started) / 60:.0f} min, host load average {load:.1f} at start and "
+              f"{os.getloadavg()[0]:.1f} at the end\n\n") + report
+    print(report)
+    Path(args.out).write_text(report)
+    log(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

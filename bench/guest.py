@@ -1,0 +1,108 @@
+"""The benchmark's guest side: run inside a lab node (the host's tree is the guest's root), standard library
+and rtslib-fb only. Each sub-command prints one JSON line.
+
+  raw-create VG POOL LV SIZE IQN PORTAL_IP INITIATOR   the raw floor: the agent's thin lvcreate + the export
+                                                       it makes (backstore, target, TPG, LUN 0, portal, ACL
+                                                       with CHAP, mapped LUN), done directly; seconds per step
+  raw-delete VG LV IQN                                 undo raw-create
+  tcp-recv IP PORT                                     accept one connection, read to EOF: bytes, seconds
+  tcp-send IP PORT BYTES                               connect (retrying until the receiver listens), send
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+CHUNK = 1 << 20
+CHAP_USER = "ubenchraw000000"
+CHAP_SECRET = "benchRawChapSecret012345"  # throw-away target in a throw-away lab
+
+
+def lvm(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, stdin=subprocess.DEVNULL,
+                   env={**os.environ, "LC_ALL": "C"})
+
+
+def raw_create(vg, pool, lv, size, iqn, ip, initiator):
+    import rtslib_fb as rts  # imported before the clock starts: the agent has it loaded too
+
+    started = time.monotonic()
+    # The argv of csi.storage.lvm.Lvm.create for a thin volume, with as many tags of about the same length.
+    lvm("lvcreate", "--yes", "--name", lv, "--activate", "y", "--setactivationskip", "n",
+        "--addtag", "bench.raw/cluster=raw", "--addtag", "bench.raw/kind=volume",
+        "--addtag", f"bench.raw/name={lv}", "--addtag", "bench.raw/request=0123456789abcdef",
+        "--virtualsize", f"{size}b", "--thin", f"{vg}/{pool}")
+    created = time.monotonic()
+    so = rts.BlockStorageObject(lv, dev=f"/dev/{vg}/{lv}")
+    so.set_attribute("emulate_tpu", "1")
+    tpg = rts.TPG(rts.Target(rts.FabricModule("iscsi"), iqn, mode="create"), 1, mode="create")
+    tpg.set_attribute("authentication", "1")
+    tpg.set_attribute("generate_node_acls", "0")
+    tpg.set_attribute("demo_mode_write_protect", "1")
+    tpg.set_attribute("cache_dynamic_acls", "0")
+    tpg.set_parameter("AuthMethod", "CHAP")
+    lun = rts.LUN(tpg, 0, storage_object=so)
+    rts.NetworkPortal(tpg, ip, 3260, mode="create")
+    tpg.enable = True
+    acl = rts.NodeACL(tpg, initiator, mode="create")
+    acl.chap_userid = CHAP_USER
+    acl.chap_password = CHAP_SECRET
+    rts.MappedLUN(acl, 0, tpg_lun=lun, write_protect=False)
+    done = time.monotonic()
+    return {"lvcreate": created - started, "export": done - created, "total": done - started}
+
+
+def raw_delete(vg, lv, iqn):
+    import rtslib_fb as rts
+
+    try:
+        rts.Target(rts.FabricModule("iscsi"), iqn, mode="lookup").delete()
+    except rts.RTSLibNotInCFSError:
+        pass
+    try:
+        rts.BlockStorageObject(lv).delete()
+    except rts.RTSLibNotInCFSError:
+        pass
+    lvm("lvremove", "--yes", f"{vg}/{lv}")
+    return {}
+
+
+def tcp_recv(ip, port):
+    with socket.create_server((ip, int(port))) as server:
+        conn, _ = server.accept()
+        with conn:
+            started = time.monotonic()  # the sender has its data ready before it connects
+            view = memoryview(bytearray(CHUNK))
+            total = 0
+            while n := conn.recv_into(view):
+                total += n
+            return {"bytes": total, "seconds": time.monotonic() - started}
+
+
+def tcp_send(ip, port, size):
+    chunk = os.urandom(CHUNK)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            sock = socket.create_connection((ip, int(port)), timeout=10)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    left, view = int(size), memoryview(chunk)
+    with sock:
+        sock.settimeout(None)
+        while left > 0:
+            sock.sendall(view[:min(left, CHUNK)])
+            left -= CHUNK
+    return {}
+
+
+COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "tcp-recv": tcp_recv, "tcp-send": tcp_send}
+
+if __name__ == "__main__":
+    print(json.dumps(COMMANDS[sys.argv[1]](*sys.argv[2:])), flush=True)
