@@ -105,6 +105,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise errors.invalid(f"{what} {shown!r} is the node plugin's own state directory or holds it")
         return real
 
+    def _volume_path(self, value: str) -> Path:
+        """volume_path of the stats and expand calls: required (INVALID_ARGUMENT), and a path that is not a
+        volume's (relative, outside the kubelet directory, ...) holds no volume of ours: NOT_FOUND, as the
+        spec and csi-sanity expect. It is never statted or used then."""
+        _require(value, "volume_path")
+        try:
+            return self._path(value, "volume_path")
+        except errors.CsiError as exc:
+            raise errors.not_found(f"no volume at that path: {exc.message}") from None
+
     def _record_path(self, volume_id: str) -> Path:
         return self.config.state_dir / (hashlib.sha256(volume_id.encode()).hexdigest()[:32] + ".json")
 
@@ -291,7 +301,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def NodeGetVolumeStats(self, request, context):
         _require(request.volume_id, "volume_id")
-        path = self._path(request.volume_path, "volume_path")
+        path = self._volume_path(request.volume_path)
         ref = self._ref(request.volume_id)
         if not path.exists():
             raise errors.not_found(f"volume path {path} does not exist")
@@ -327,7 +337,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def NodeExpandVolume(self, request, context):
         _require(request.volume_id, "volume_id")
-        path = self._path(request.volume_path, "volume_path")
+        path = self._volume_path(request.volume_path)
         ref = self._ref(request.volume_id)
         if not path.exists():
             raise errors.not_found(f"volume path {path} does not exist")
