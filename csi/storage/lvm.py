@@ -89,8 +89,14 @@ devices {{
     filter = [ "a|.*|" ]
     scan_lvs = 0
     use_devicesfile = 0
+    obtain_device_list_from_udev = 0
 }}
 activation {{
+    # LVM makes its own device nodes and never waits on udev: in a pod, /run/udev is absent and udev's
+    # semaphores live in the host's IPC namespace, so a thin pool's activation otherwise fails with
+    # "/dev/mapper/<vg>-<pool>_tmeta: open failed" (seen in the Kubernetes end-to-end run).
+    udev_sync = 0
+    udev_rules = 0
     monitoring = 0
     auto_activation_volume_list = [ ]
 }}

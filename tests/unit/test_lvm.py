@@ -74,6 +74,9 @@ def test_config_accepts_only_configured_devices_and_never_scans_lvs(tmp_path):
     text = lvm_config(["/dev/loop*", "/dev/sdb"], tmp_path)
     assert 'global_filter = [ "a|^/dev/loop.*$|", "a|^/dev/sdb$|", "r|.*|" ]' in text
     assert "scan_lvs = 0" in text and "auto_activation_volume_list = [ ]" in text
+    # In a pod there is no udev to wait on (thin pool activation failed without these in the k8s e2e run).
+    for line in ("udev_sync = 0", "udev_rules = 0", "obtain_device_list_from_udev = 0"):
+        assert line in text, line
     assert f'backup_dir = "{tmp_path}/lvm/backup"' in text
     with pytest.raises(ValueError):
         lvm_config(['/dev/x|"'], tmp_path)
