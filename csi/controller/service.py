@@ -266,8 +266,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self.agents.get(ref.node).call("DeleteVolume", apb.DeleteVolumeRequest(vg=ref.vg, lv=ref.lv))
         return csi.DeleteVolumeResponse()
 
-    def _get(self, ref: ids.LvRef) -> apb.Volume:
-        return self.agents.get(ref.node).call("GetVolume", apb.GetVolumeRequest(vg=ref.vg, lv=ref.lv))
+    def _get(self, ref: ids.LvRef, brief: bool = True) -> apb.Volume:
+        """The volume as its agent's record has it; with brief=False also its health (an LVM report and a
+        look at the target), which only ControllerGetVolume needs."""
+        return self.agents.get(ref.node).call("GetVolume", apb.GetVolumeRequest(vg=ref.vg, lv=ref.lv,
+                                                                                brief=brief))
 
     def ControllerPublishVolume(self, request, context):
         if not request.volume_id:
@@ -382,7 +385,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def ControllerGetVolume(self, request, context):
         ref = self._require_ref(request.volume_id)
-        vol = self._get(ref)
+        vol = self._get(ref, brief=False)
         return csi.ControllerGetVolumeResponse(
             volume=self._to_volume(ref, vol),
             status=csi.ControllerGetVolumeResponse.VolumeStatus(

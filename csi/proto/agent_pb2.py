@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x11lvmiscsi.agent.v1\"\x10\n\x0eGetInfoRequest\"\xb5\x02\n\x04Pool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02vg\x18\x02 \x01(\t\x12\x11\n\tthin_pool\x18\x03 \x01(\t\x12\x14\n\x0c\x65xtent_bytes\x18\x04 \x01(\x03\x12\x1c\n\x14physical_total_bytes\x18\x05 \x01(\x03\x12\x1b\n\x13physical_used_bytes\x18\x06 \x01(\x03\x12\x1b\n\x13overprovision_ratio\x18\x07 \x01(\x01\x12\x17\n\x0f\x61vailable_bytes\x18\x08 \x01(\x03\x12\x14\n\x0c\x64\x61ta_percent\x18\t \x01(\x01\x12\x18\n\x10metadata_percent\x18\n \x01(\x01\x12\x18\n\x10max_fill_percent\x18\x0b \x01(\x01\x12\x19\n\x11warn_fill_percent\x18\x0c \x01(\x01\x12\x14\n\x0cvolume_count\x18\r \x01(\x05\"\xac\x01\n\tAgentInfo\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12&\n\x05pools\x18\x04 \x03(\x0b\x32\x17.lvmiscsi.agent.v1.Pool\x12\x0f\n\x07portals\x18\x05 \x03(\t\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x18\n\x10not_ready_reason\x18\x07 \x01(\t\"k\n\x0cVolumeSource\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\n\n\x02vg\x18\x03 \x01(\t\x12\n\n\x02lv\x18\x04 \x01(\t\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\"\xf5\x01\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12J\n\nattributes\x18\x04 \x03(\x0b\x32\x36.lvmiscsi.agent.v1.CreateVolumeRequest.AttributesEntry\x12/\n\x06source\x18\x05 \x01(\x0b\x32\x1f.lvmiscsi.agent.v1.VolumeSource\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\tInitiator\x12\x0b\n\x03iqn\x18\x01 \x01(\t\x12\x11\n\tread_only\x18\x02 \x01(\x08\"\xe3\x02\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\n\n\x02vg\x18\x03 \x01(\t\x12\n\n\x02lv\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12=\n\nattributes\x18\x06 \x03(\x0b\x32).lvmiscsi.agent.v1.Volume.AttributesEntry\x12\x12\n\ntarget_iqn\x18\x07 \x01(\t\x12\x30\n\ninitiators\x18\x08 \x03(\x0b\x32\x1c.lvmiscsi.agent.v1.Initiator\x12\x10\n\x08\x65xported\x18\t \x01(\x08\x12\x14\n\x0c\x63reated_unix\x18\n \x01(\x03\x12\x0f\n\x07healthy\x18\x0b \x01(\x08\x12\x11\n\tcondition\x18\x0c \x01(\t\x12\r\n\x05ready\x18\r \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x13\x44\x65leteVolumeRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\"\x16\n\x14\x44\x65leteVolumeResponse\"8\n\x10GetVolumeRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x14\n\x12ListVolumesRequest\"A\n\x13ListVolumesResponse\x12*\n\x07volumes\x18\x01 \x03(\x0b\x32\x19.lvmiscsi.agent.v1.Volume\"V\n\x13\x45xpandVolumeRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x13\n\x0blimit_bytes\x18\x04 \x01(\x03\"k\n\x12GrantAccessRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x15\n\rinitiator_iqn\x18\x03 \x01(\t\x12\x11\n\tread_only\x18\x04 \x01(\x08\x12\x13\n\x0bmutual_chap\x18\x05 \x01(\x08\"\xa5\x01\n\x13GrantAccessResponse\x12\x12\n\ntarget_iqn\x18\x01 \x01(\t\x12\x0f\n\x07portals\x18\x02 \x03(\t\x12\x0b\n\x03lun\x18\x03 \x01(\x05\x12\x11\n\tchap_user\x18\x04 \x01(\t\x12\x13\n\x0b\x63hap_secret\x18\x05 \x01(\t\x12\x18\n\x10mutual_chap_user\x18\x06 \x01(\t\x12\x1a\n\x12mutual_chap_secret\x18\x07 \x01(\t\"D\n\x13RevokeAccessRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x15\n\rinitiator_iqn\x18\x03 \x01(\t\".\n\x14RevokeAccessResponse\x12\x16\n\x0esessions_ended\x18\x01 \x01(\x05\"\x8f\x01\n\x08Snapshot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02vg\x18\x02 \x01(\t\x12\n\n\x02lv\x18\x03 \x01(\t\x12\x11\n\tsource_vg\x18\x04 \x01(\t\x12\x11\n\tsource_lv\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x14\n\x0c\x63reated_unix\x18\x07 \x01(\x03\x12\r\n\x05ready\x18\x08 \x01(\x08\"^\n\x15\x43reateSnapshotRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tsource_vg\x18\x02 \x01(\t\x12\x11\n\tsource_lv\x18\x03 \x01(\t\x12\x11\n\ttransient\x18\x04 \x01(\x08\"/\n\x15\x44\x65leteSnapshotRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\"\x18\n\x16\x44\x65leteSnapshotResponse\":\n\x12GetSnapshotRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x16\n\x14ListSnapshotsRequest\"G\n\x15ListSnapshotsResponse\x12.\n\tsnapshots\x18\x01 \x03(\x0b\x32\x1b.lvmiscsi.agent.v1.Snapshot\")\n\x0fReadDataRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\"[\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"9\n\x0eOrphansRequest\x12\x17\n\x0fmin_age_seconds\x18\x01 \x01(\x03\x12\x0e\n\x06remove\x18\x02 \x01(\x08\"Z\n\x06Orphan\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x03\x12\x0f\n\x07removed\x18\x05 \x01(\x08\"=\n\x0fOrphansResponse\x12*\n\x07orphans\x18\x01 \x03(\x0b\x32\x19.lvmiscsi.agent.v1.Orphan2\xf9\t\n\x05\x41gent\x12L\n\x07GetInfo\x12!.lvmiscsi.agent.v1.GetInfoRequest\x1a\x1c.lvmiscsi.agent.v1.AgentInfo\"\x00\x12S\n\x0c\x43reateVolume\x12&.lvmiscsi.agent.v1.CreateVolumeRequest\x1a\x19.lvmiscsi.agent.v1.Volume\"\x00\x12\x61\n\x0c\x44\x65leteVolume\x12&.lvmiscsi.agent.v1.DeleteVolumeRequest\x1a\'.lvmiscsi.agent.v1.DeleteVolumeResponse\"\x00\x12M\n\tGetVolume\x12#.lvmiscsi.agent.v1.GetVolumeRequest\x1a\x19.lvmiscsi.agent.v1.Volume\"\x00\x12^\n\x0bListVolumes\x12%.lvmiscsi.agent.v1.ListVolumesRequest\x1a&.lvmiscsi.agent.v1.ListVolumesResponse\"\x00\x12S\n\x0c\x45xpandVolume\x12&.lvmiscsi.agent.v1.ExpandVolumeRequest\x1a\x19.lvmiscsi.agent.v1.Volume\"\x00\x12^\n\x0bGrantAccess\x12%.lvmiscsi.agent.v1.GrantAccessRequest\x1a&.lvmiscsi.agent.v1.GrantAccessResponse\"\x00\x12\x61\n\x0cRevokeAccess\x12&.lvmiscsi.agent.v1.RevokeAccessRequest\x1a\'.lvmiscsi.agent.v1.RevokeAccessResponse\"\x00\x12Y\n\x0e\x43reateSnapshot\x12(.lvmiscsi.agent.v1.CreateSnapshotRequest\x1a\x1b.lvmiscsi.agent.v1.Snapshot\"\x00\x12g\n\x0e\x44\x65leteSnapshot\x12(.lvmiscsi.agent.v1.DeleteSnapshotRequest\x1a).lvmiscsi.agent.v1.DeleteSnapshotResponse\"\x00\x12S\n\x0bGetSnapshot\x12%.lvmiscsi.agent.v1.GetSnapshotRequest\x1a\x1b.lvmiscsi.agent.v1.Snapshot\"\x00\x12\x64\n\rListSnapshots\x12\'.lvmiscsi.agent.v1.ListSnapshotsRequest\x1a(.lvmiscsi.agent.v1.ListSnapshotsResponse\"\x00\x12P\n\x08ReadData\x12\".lvmiscsi.agent.v1.ReadDataRequest\x1a\x1c.lvmiscsi.agent.v1.DataChunk\"\x00\x30\x01\x12R\n\x07Orphans\x12!.lvmiscsi.agent.v1.OrphansRequest\x1a\".lvmiscsi.agent.v1.OrphansResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x11lvmiscsi.agent.v1\"\x10\n\x0eGetInfoRequest\"\xb5\x02\n\x04Pool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02vg\x18\x02 \x01(\t\x12\x11\n\tthin_pool\x18\x03 \x01(\t\x12\x14\n\x0c\x65xtent_bytes\x18\x04 \x01(\x03\x12\x1c\n\x14physical_total_bytes\x18\x05 \x01(\x03\x12\x1b\n\x13physical_used_bytes\x18\x06 \x01(\x03\x12\x1b\n\x13overprovision_ratio\x18\x07 \x01(\x01\x12\x17\n\x0f\x61vailable_bytes\x18\x08 \x01(\x03\x12\x14\n\x0c\x64\x61ta_percent\x18\t \x01(\x01\x12\x18\n\x10metadata_percent\x18\n \x01(\x01\x12\x18\n\x10max_fill_percent\x18\x0b \x01(\x01\x12\x19\n\x11warn_fill_percent\x18\x0c \x01(\x01\x12\x14\n\x0cvolume_count\x18\r \x01(\x05\"\xac\x01\n\tAgentInfo\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12&\n\x05pools\x18\x04 \x03(\x0b\x32\x17.lvmiscsi.agent.v1.Pool\x12\x0f\n\x07portals\x18\x05 \x03(\t\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x18\n\x10not_ready_reason\x18\x07 \x01(\t\"k\n\x0cVolumeSource\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\n\n\x02vg\x18\x03 \x01(\t\x12\n\n\x02lv\x18\x04 \x01(\t\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\"\xf5\x01\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12J\n\nattributes\x18\x04 \x03(\x0b\x32\x36.lvmiscsi.agent.v1.CreateVolumeRequest.AttributesEntry\x12/\n\x06source\x18\x05 \x01(\x0b\x32\x1f.lvmiscsi.agent.v1.VolumeSource\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\tInitiator\x12\x0b\n\x03iqn\x18\x01 \x01(\t\x12\x11\n\tread_only\x18\x02 \x01(\x08\"\xe3\x02\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\n\n\x02vg\x18\x03 \x01(\t\x12\n\n\x02lv\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12=\n\nattributes\x18\x06 \x03(\x0b\x32).lvmiscsi.agent.v1.Volume.AttributesEntry\x12\x12\n\ntarget_iqn\x18\x07 \x01(\t\x12\x30\n\ninitiators\x18\x08 \x03(\x0b\x32\x1c.lvmiscsi.agent.v1.Initiator\x12\x10\n\x08\x65xported\x18\t \x01(\x08\x12\x14\n\x0c\x63reated_unix\x18\n \x01(\x03\x12\x0f\n\x07healthy\x18\x0b \x01(\x08\x12\x11\n\tcondition\x18\x0c \x01(\t\x12\r\n\x05ready\x18\r \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x13\x44\x65leteVolumeRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\"\x16\n\x14\x44\x65leteVolumeResponse\"G\n\x10GetVolumeRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x62rief\x18\x04 \x01(\x08\"\x14\n\x12ListVolumesRequest\"A\n\x13ListVolumesResponse\x12*\n\x07volumes\x18\x01 \x03(\x0b\x32\x19.lvmiscsi.agent.v1.Volume\"V\n\x13\x45xpandVolumeRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x13\n\x0blimit_bytes\x18\x04 \x01(\x03\"k\n\x12GrantAccessRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x15\n\rinitiator_iqn\x18\x03 \x01(\t\x12\x11\n\tread_only\x18\x04 \x01(\x08\x12\x13\n\x0bmutual_chap\x18\x05 \x01(\x08\"\xa5\x01\n\x13GrantAccessResponse\x12\x12\n\ntarget_iqn\x18\x01 \x01(\t\x12\x0f\n\x07portals\x18\x02 \x03(\t\x12\x0b\n\x03lun\x18\x03 \x01(\x05\x12\x11\n\tchap_user\x18\x04 \x01(\t\x12\x13\n\x0b\x63hap_secret\x18\x05 \x01(\t\x12\x18\n\x10mutual_chap_user\x18\x06 \x01(\t\x12\x1a\n\x12mutual_chap_secret\x18\x07 \x01(\t\"D\n\x13RevokeAccessRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x15\n\rinitiator_iqn\x18\x03 \x01(\t\".\n\x14RevokeAccessResponse\x12\x16\n\x0esessions_ended\x18\x01 \x01(\x05\"\x8f\x01\n\x08Snapshot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02vg\x18\x02 \x01(\t\x12\n\n\x02lv\x18\x03 \x01(\t\x12\x11\n\tsource_vg\x18\x04 \x01(\t\x12\x11\n\tsource_lv\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x14\n\x0c\x63reated_unix\x18\x07 \x01(\x03\x12\r\n\x05ready\x18\x08 \x01(\x08\"^\n\x15\x43reateSnapshotRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tsource_vg\x18\x02 \x01(\t\x12\x11\n\tsource_lv\x18\x03 \x01(\t\x12\x11\n\ttransient\x18\x04 \x01(\x08\"/\n\x15\x44\x65leteSnapshotRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\"\x18\n\x16\x44\x65leteSnapshotResponse\":\n\x12GetSnapshotRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x16\n\x14ListSnapshotsRequest\"G\n\x15ListSnapshotsResponse\x12.\n\tsnapshots\x18\x01 \x03(\x0b\x32\x1b.lvmiscsi.agent.v1.Snapshot\")\n\x0fReadDataRequest\x12\n\n\x02vg\x18\x01 \x01(\t\x12\n\n\x02lv\x18\x02 \x01(\t\"[\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"9\n\x0eOrphansRequest\x12\x17\n\x0fmin_age_seconds\x18\x01 \x01(\x03\x12\x0e\n\x06remove\x18\x02 \x01(\x08\"Z\n\x06Orphan\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x03\x12\x0f\n\x07removed\x18\x05 \x01(\x08\"=\n\x0fOrphansResponse\x12*\n\x07orphans\x18\x01 \x03(\x0b\x32\x19.lvmiscsi.agent.v1.Orphan2\xf9\t\n\x05\x41gent\x12L\n\x07GetInfo\x12!.lvmiscsi.agent.v1.GetInfoRequest\x1a\x1c.lvmiscsi.agent.v1.AgentInfo\"\x00\x12S\n\x0c\x43reateVolume\x12&.lvmiscsi.agent.v1.CreateVolumeRequest\x1a\x19.lvmiscsi.agent.v1.Volume\"\x00\x12\x61\n\x0c\x44\x65leteVolume\x12&.lvmiscsi.agent.v1.DeleteVolumeRequest\x1a\'.lvmiscsi.agent.v1.DeleteVolumeResponse\"\x00\x12M\n\tGetVolume\x12#.lvmiscsi.agent.v1.GetVolumeRequest\x1a\x19.lvmiscsi.agent.v1.Volume\"\x00\x12^\n\x0bListVolumes\x12%.lvmiscsi.agent.v1.ListVolumesRequest\x1a&.lvmiscsi.agent.v1.ListVolumesResponse\"\x00\x12S\n\x0c\x45xpandVolume\x12&.lvmiscsi.agent.v1.ExpandVolumeRequest\x1a\x19.lvmiscsi.agent.v1.Volume\"\x00\x12^\n\x0bGrantAccess\x12%.lvmiscsi.agent.v1.GrantAccessRequest\x1a&.lvmiscsi.agent.v1.GrantAccessResponse\"\x00\x12\x61\n\x0cRevokeAccess\x12&.lvmiscsi.agent.v1.RevokeAccessRequest\x1a\'.lvmiscsi.agent.v1.RevokeAccessResponse\"\x00\x12Y\n\x0e\x43reateSnapshot\x12(.lvmiscsi.agent.v1.CreateSnapshotRequest\x1a\x1b.lvmiscsi.agent.v1.Snapshot\"\x00\x12g\n\x0e\x44\x65leteSnapshot\x12(.lvmiscsi.agent.v1.DeleteSnapshotRequest\x1a).lvmiscsi.agent.v1.DeleteSnapshotResponse\"\x00\x12S\n\x0bGetSnapshot\x12%.lvmiscsi.agent.v1.GetSnapshotRequest\x1a\x1b.lvmiscsi.agent.v1.Snapshot\"\x00\x12\x64\n\rListSnapshots\x12\'.lvmiscsi.agent.v1.ListSnapshotsRequest\x1a(.lvmiscsi.agent.v1.ListSnapshotsResponse\"\x00\x12P\n\x08ReadData\x12\".lvmiscsi.agent.v1.ReadDataRequest\x1a\x1c.lvmiscsi.agent.v1.DataChunk\"\x00\x30\x01\x12R\n\x07Orphans\x12!.lvmiscsi.agent.v1.OrphansRequest\x1a\".lvmiscsi.agent.v1.OrphansResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,45 +58,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEVOLUMERESPONSE']._serialized_start=1346
   _globals['_DELETEVOLUMERESPONSE']._serialized_end=1368
   _globals['_GETVOLUMEREQUEST']._serialized_start=1370
-  _globals['_GETVOLUMEREQUEST']._serialized_end=1426
-  _globals['_LISTVOLUMESREQUEST']._serialized_start=1428
-  _globals['_LISTVOLUMESREQUEST']._serialized_end=1448
-  _globals['_LISTVOLUMESRESPONSE']._serialized_start=1450
-  _globals['_LISTVOLUMESRESPONSE']._serialized_end=1515
-  _globals['_EXPANDVOLUMEREQUEST']._serialized_start=1517
-  _globals['_EXPANDVOLUMEREQUEST']._serialized_end=1603
-  _globals['_GRANTACCESSREQUEST']._serialized_start=1605
-  _globals['_GRANTACCESSREQUEST']._serialized_end=1712
-  _globals['_GRANTACCESSRESPONSE']._serialized_start=1715
-  _globals['_GRANTACCESSRESPONSE']._serialized_end=1880
-  _globals['_REVOKEACCESSREQUEST']._serialized_start=1882
-  _globals['_REVOKEACCESSREQUEST']._serialized_end=1950
-  _globals['_REVOKEACCESSRESPONSE']._serialized_start=1952
-  _globals['_REVOKEACCESSRESPONSE']._serialized_end=1998
-  _globals['_SNAPSHOT']._serialized_start=2001
-  _globals['_SNAPSHOT']._serialized_end=2144
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=2146
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=2240
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=2242
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=2289
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=2291
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=2315
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=2317
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=2375
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=2377
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=2399
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=2401
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=2472
-  _globals['_READDATAREQUEST']._serialized_start=2474
-  _globals['_READDATAREQUEST']._serialized_end=2515
-  _globals['_DATACHUNK']._serialized_start=2517
-  _globals['_DATACHUNK']._serialized_end=2608
-  _globals['_ORPHANSREQUEST']._serialized_start=2610
-  _globals['_ORPHANSREQUEST']._serialized_end=2667
-  _globals['_ORPHAN']._serialized_start=2669
-  _globals['_ORPHAN']._serialized_end=2759
-  _globals['_ORPHANSRESPONSE']._serialized_start=2761
-  _globals['_ORPHANSRESPONSE']._serialized_end=2822
-  _globals['_AGENT']._serialized_start=2825
-  _globals['_AGENT']._serialized_end=4098
+  _globals['_GETVOLUMEREQUEST']._serialized_end=1441
+  _globals['_LISTVOLUMESREQUEST']._serialized_start=1443
+  _globals['_LISTVOLUMESREQUEST']._serialized_end=1463
+  _globals['_LISTVOLUMESRESPONSE']._serialized_start=1465
+  _globals['_LISTVOLUMESRESPONSE']._serialized_end=1530
+  _globals['_EXPANDVOLUMEREQUEST']._serialized_start=1532
+  _globals['_EXPANDVOLUMEREQUEST']._serialized_end=1618
+  _globals['_GRANTACCESSREQUEST']._serialized_start=1620
+  _globals['_GRANTACCESSREQUEST']._serialized_end=1727
+  _globals['_GRANTACCESSRESPONSE']._serialized_start=1730
+  _globals['_GRANTACCESSRESPONSE']._serialized_end=1895
+  _globals['_REVOKEACCESSREQUEST']._serialized_start=1897
+  _globals['_REVOKEACCESSREQUEST']._serialized_end=1965
+  _globals['_REVOKEACCESSRESPONSE']._serialized_start=1967
+  _globals['_REVOKEACCESSRESPONSE']._serialized_end=2013
+  _globals['_SNAPSHOT']._serialized_start=2016
+  _globals['_SNAPSHOT']._serialized_end=2159
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=2161
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=2255
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=2257
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=2304
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=2306
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=2330
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=2332
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=2390
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=2392
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=2414
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=2416
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=2487
+  _globals['_READDATAREQUEST']._serialized_start=2489
+  _globals['_READDATAREQUEST']._serialized_end=2530
+  _globals['_DATACHUNK']._serialized_start=2532
+  _globals['_DATACHUNK']._serialized_end=2623
+  _globals['_ORPHANSREQUEST']._serialized_start=2625
+  _globals['_ORPHANSREQUEST']._serialized_end=2682
+  _globals['_ORPHAN']._serialized_start=2684
+  _globals['_ORPHAN']._serialized_end=2774
+  _globals['_ORPHANSRESPONSE']._serialized_start=2776
+  _globals['_ORPHANSRESPONSE']._serialized_end=2837
+  _globals['_AGENT']._serialized_start=2840
+  _globals['_AGENT']._serialized_end=4113
 # @@protoc_insertion_point(module_scope)

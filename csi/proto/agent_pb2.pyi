@@ -153,14 +153,16 @@ class DeleteVolumeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetVolumeRequest(_message.Message):
-    __slots__ = ("vg", "lv", "name")
+    __slots__ = ("vg", "lv", "name", "brief")
     VG_FIELD_NUMBER: _ClassVar[int]
     LV_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    BRIEF_FIELD_NUMBER: _ClassVar[int]
     vg: str
     lv: str
     name: str
-    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    brief: bool
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., name: _Optional[str] = ..., brief: _Optional[bool] = ...) -> None: ...
 
 class ListVolumesRequest(_message.Message):
     __slots__ = ()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import secrets
 import string
 import threading
@@ -29,7 +30,7 @@ from csi.proto import agent_pb2_grpc
 from csi.server import KeyLocks, TlsFiles
 from csi.storage import copy, orphans
 from csi.storage.lio import Access, Lio
-from csi.storage.lvm import LogicalVolume, Lvm
+from csi.storage.lvm import LogicalVolume, Lvm, ThinPoolState, VolumeGroup
 from csi.storage.records import Grant, RecordStore, VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 API_VERSION = "v1"
 AGENT_VERSION = "0.1.0"
 CHAP_ALPHABET = string.ascii_letters + string.digits
+POOL_REPORT_TTL = 5.0
 CHAP_SECRET_LEN = 24  # LIO takes 12 to 255; many initiators want at least 12
 
 
@@ -123,6 +125,42 @@ class PoolTotals:
                 t.volumes += volumes
 
 
+class PoolReports:
+    """The reports of thin pools (size, fill, extent size) and of VGs (free space), each reused for
+    POOL_REPORT_TTL seconds: the controller asks every agent for capacity on every CreateVolume. Creating a
+    thin LV changes neither (its blocks are allocated when written); what changes a VG's free space (a thick
+    LV created, grown or removed) forgets that VG's report at once. Thin fill levels may lag by those
+    seconds; the max_fill_percent guard is a margin, not an exact line."""
+
+    def __init__(self, lvm: Lvm):
+        self._lvm = lvm
+        self._reports: dict[tuple[str, str], tuple[float, object]] = {}
+        self._mutex = threading.Lock()
+
+    def _get(self, key: tuple[str, str], read):
+        with self._mutex:
+            at, report = self._reports.get(key, (0.0, None))
+            if report is not None and time.monotonic() - at < POOL_REPORT_TTL:
+                return report
+        report = read()
+        with self._mutex:
+            if report is not None:
+                self._reports[key] = (time.monotonic(), report)
+        return report
+
+    def thin_pool(self, vg: str, pool: str) -> ThinPoolState | None:
+        return self._get((vg, pool), lambda: self._lvm.thin_pool(vg, pool))
+
+    def vg(self, vg: str) -> VolumeGroup | None:
+        return self._get((vg, ""), lambda: self._lvm.vg(vg))
+
+    def forget(self, vg: str) -> None:
+        """After a change of the VG's free space: its report and its thin pools' (their VG fields) go."""
+        with self._mutex:
+            for key in [k for k in self._reports if k[0] == vg]:
+                del self._reports[key]
+
+
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, config: AgentConfig, lvm: Lvm, lio: Lio, records: RecordStore):
         self.config = config
@@ -132,6 +170,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.locks = KeyLocks()
         self.copies = copy.CopyJobs()
         self.totals = PoolTotals(self)
+        self.pool_reports = PoolReports(lvm)
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -157,7 +196,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         the totals of the LVs in it, which are kept up to date by this agent's own changes and recounted
         from a full listing at most every TOTALS_TTL seconds: no per-volume scan per call."""
         if pool.thin:
-            tp = self.lvm.thin_pool(pool.vg, pool.thin_pool)
+            tp = self.pool_reports.thin_pool(pool.vg, pool.thin_pool)
             if tp is None or tp.group is None:
                 raise errors.precondition(f"thin pool {pool.vg}/{pool.thin_pool} of pool {pool.name} is missing")
             totals = self.totals.get(pool)
@@ -167,7 +206,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             used = int(tp.size * tp.data_percent / 100)
             return PoolUsage(pool, tp.group.extent_size, tp.size, used, available, tp.data_percent,
                              tp.metadata_percent, totals.volumes)
-        vg = self.lvm.vg(pool.vg)
+        vg = self.pool_reports.vg(pool.vg)
         if vg is None:
             raise errors.precondition(f"volume group {pool.vg} of pool {pool.name} is missing")
         return PoolUsage(pool, vg.extent_size, vg.size, vg.size - vg.free, vg.free,
@@ -191,6 +230,14 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                          initiators=[pb.Initiator(iqn=g.initiator, read_only=g.read_only) for g in rec.grants.values()],
                          exported=exported, created_unix=int(rec.created), healthy=healthy, condition=condition,
                          ready=rec.state == "ready")
+
+    @staticmethod
+    def _record_message(rec: VolumeRecord) -> pb.Volume:
+        """What the record alone says: no LVM report, no look at the kernel (health left unset)."""
+        return pb.Volume(name=rec.name, pool=rec.pool, vg=rec.vg, lv=rec.lv, size_bytes=rec.size,
+                         attributes=rec.attributes, target_iqn=rec.target_iqn,
+                         initiators=[pb.Initiator(iqn=g.initiator, read_only=g.read_only) for g in rec.grants.values()],
+                         created_unix=int(rec.created), ready=rec.state == "ready")
 
     @staticmethod
     def _round(size: int, extent: int) -> int:
@@ -223,10 +270,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             ids.check_lvm_name(source.lv, "source lv")
         lv_name = ids.lv_name(self.config.cluster_id, name)
         with self.locks.hold(f"{pool.vg}/{lv_name}"):
-            vg = self.lvm.vg(pool.vg)
-            if vg is None:
-                raise errors.precondition(f"volume group {pool.vg} of pool {pool.name} is missing")
-            size = self._round(max(request.size_bytes, source.size_bytes if source else 0), vg.extent_size)
+            # An LV's size is a whole number of extents, so comparing it with the unrounded size is the same
+            # as comparing with the rounded one: an existing volume costs no report of the VG.
+            size = max(request.size_bytes, source.size_bytes if source else 0)
             digest = attributes_digest(attributes)
             lv = self.lvm.lv(pool.vg, lv_name)
             if lv is None:
@@ -255,6 +301,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def _create_lv(self, name: str, pool: PoolConfig, lv_name: str, size: int, digest: str, source) -> LogicalVolume:
         usage = self.usage(pool)
+        size = self._round(size, usage.extent)
         if size > usage.available:
             raise errors.exhausted(
                 f"pool {pool.name} on {self.config.node_name} has {usage.available} bytes available "
@@ -276,14 +323,20 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             lv = self.lvm.lv(pool.vg, lv_name)
             if lv is not None and lv.size < size:
                 self.lvm.extend(pool.vg, lv_name, size)
+            lv = self.lvm.lv(pool.vg, lv_name)
+            if lv is None:
+                raise errors.internal(f"lvcreate {pool.vg}/{lv_name} succeeded but the LV is not there")
         else:
             if source is not None:
                 tags.append(tag("content", "copy"))   # its content is copied in: see _finish_copy
             self.lvm.create(pool.vg, lv_name, size, tags, pool.thin_pool)
+            if not pool.thin:
+                self.pool_reports.forget(pool.vg)
             faults.step("create.lv")
-        lv = self.lvm.lv(pool.vg, lv_name)
-        if lv is None:
-            raise errors.internal(f"lvcreate {pool.vg}/{lv_name} succeeded but the LV is not there")
+            # lvcreate exited 0, so the LV is what its arguments said: active, exactly `size` bytes (a whole
+            # number of extents), these tags. Describing it from them saves a report that grows with the VG.
+            lv = LogicalVolume(pool.vg, lv_name, size, tuple(tags), pool.thin_pool,
+                               "Vwi-a-tz--" if pool.thin else "-wi-a-----", created=time.time())
         self.totals.add(pool, lv.size, 1)
         return lv
 
@@ -382,6 +435,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 log.info("zeroing thick volume %s/%s before removal", vg, lv_name)
                 self.lvm.zero_out(lv.path)
             self.lvm.remove(vg, lv_name)
+            if not lv.pool:
+                self.pool_reports.forget(vg)
             self.totals.add(pool, -lv.size, -1)
             faults.step("delete.lv")
             log.info("deleted %s/%s (pool %s)", vg, lv_name, pool.name if pool else "?")
@@ -407,6 +462,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         rec = self.records.load(request.vg, request.lv)
         if rec is None or rec.deleting:
             raise errors.not_found(f"no volume {request.vg}/{request.lv} on {self.config.node_name}")
+        if request.brief:
+            return self._record_message(rec)
         return self._volume_message(rec, self.lvm.lv(request.vg, request.lv))
 
     def ListVolumes(self, request, context):
@@ -441,6 +498,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     raise errors.exhausted(f"pool {pool.name} on {self.config.node_name} has {usage.available} "
                                            f"bytes available, growing needs {size - lv.size}")
                 self.lvm.extend(request.vg, request.lv, size)
+                if not lv.pool:
+                    self.pool_reports.forget(request.vg)
                 faults.step("expand.lv")
                 self.totals.add(pool, size - lv.size)
                 lv = self.lvm.lv(request.vg, request.lv)
@@ -455,9 +514,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             raise errors.invalid(f"initiator {request.initiator_iqn!r} is not an iSCSI qualified name")
         with self.locks.hold(f"{request.vg}/{request.lv}"):
             rec = self.records.load(request.vg, request.lv)
-            lv = self.lvm.lv(request.vg, request.lv)
-            if rec is None or rec.deleting or lv is None:
+            if rec is None or rec.deleting:
                 raise errors.not_found(f"no volume {request.vg}/{request.lv} on {self.config.node_name}")
+            device = self._active_device(rec)
             grant = rec.grants.get(request.initiator_iqn)
             wanted_mutual = request.mutual_chap
             if grant is None or grant.read_only != request.read_only or bool(grant.mutual_user) != wanted_mutual:
@@ -471,16 +530,27 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 rec.grants[request.initiator_iqn] = grant
                 self.records.save(rec)
                 faults.step("grant.record")
-            if not lv.active:
-                self.lvm.activate(request.vg, request.lv)
-            pool = self._pool_of(request.vg, lv)
-            self.lio.export(rec.target_iqn, rec.lv, lv.path, bool(pool and pool.thin))
+            pool = self.config.pool(rec.pool)
+            self.lio.export(rec.target_iqn, rec.lv, device, bool(pool and pool.thin))
             self.lio.grant(rec.target_iqn, Access(grant.initiator, grant.read_only, grant.chap_user,
                                                   grant.chap_secret, grant.mutual_user, grant.mutual_secret))
             faults.step("grant.acl")
             return pb.GrantAccessResponse(target_iqn=rec.target_iqn, portals=[str(p) for p in self.config.portals],
                                           lun=0, chap_user=grant.chap_user, chap_secret=grant.chap_secret,
                                           mutual_chap_user=grant.mutual_user, mutual_chap_secret=grant.mutual_secret)
+
+    def _active_device(self, rec: VolumeRecord) -> str:
+        """The volume's device, activating the LV if it is not. The device node is there exactly while the LV
+        is active (LVM makes it: udev_rules = 0), so the common case costs no LVM report."""
+        path = f"/dev/{rec.vg}/{rec.lv}"
+        if os.path.exists(path):
+            return path
+        lv = self.lvm.lv(rec.vg, rec.lv)
+        if lv is None:
+            raise errors.not_found(f"no volume {rec.vg}/{rec.lv} on {self.config.node_name}")
+        if not lv.active:
+            self.lvm.activate(rec.vg, rec.lv)
+        return lv.path
 
     def RevokeAccess(self, request, context):
         ids.check_lvm_name(request.vg, "vg")
@@ -582,9 +652,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 log.warning("thin pool %s/%s did not zero new blocks; turning zeroing on so no tenant reads "
                             "another's old data", pool.vg, pool.thin_pool)
                 self.lvm.set_zeroing(pool.vg, pool.thin_pool)
+        lvs = {}
+        for vg in sorted({p.vg for p in self.config.pools}):
+            lvs.update({(vg, lv.name): lv for lv in self.lvm.lvs(vg)})
         for rec in self.records.all():
             try:
-                lv = self.lvm.lv(rec.vg, rec.lv)
+                lv = lvs.get((rec.vg, rec.lv))
                 if rec.deleting or lv is None:
                     self._delete(rec.vg, rec.lv)
                     counts["finished_deletes"] += 1

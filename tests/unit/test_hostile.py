@@ -54,7 +54,7 @@ from csi.server import KeyLocks
 from csi.storage.lio import AclState, Portal
 from csi.storage.lvm import Lvm
 from csi.storage.records import RecordStore
-from csi.storage.service import AgentService, PoolTotals
+from csi.storage.service import AgentService, PoolReports, PoolTotals
 from tests.unit.conftest import FakeRunner, recorded_failure
 
 Code = grpc.StatusCode
@@ -773,6 +773,7 @@ class Harness:
         a = self.agent
         a.locks = KeyLocks()
         a.totals = PoolTotals(a)
+        a.pool_reports = PoolReports(a.lvm)
         if self._agent_seed is None:
             self.lvm.reset()
             self.lio.reset()

@@ -1,0 +1,147 @@
+"""What one CreateVolume + ControllerPublishVolume costs a storage node in LVM commands, at 10 and at 300
+volumes.
+
+Each LVM command costs most of a second on a storage node, more as the VG grows, so the count is most of
+the agent's latency; and one listing of every LV per create or publish would make it grow with the number
+of volumes (DESIGN.md: the driver adds no per-volume cost). The real AgentService runs against the simulated
+LVM of test_hostile.py; FakeRunner records every argv. The calls are the ones the controller makes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+
+from csi import ids
+from csi.config import AgentConfig
+from csi.proto import agent_pb2 as apb
+from csi.storage import service as agent_service
+from csi.storage.lio import Portal
+from csi.storage.lvm import Lvm
+from csi.storage.records import RecordStore
+from csi.storage.service import AgentService
+from tests.unit.test_hostile import ATTRIBUTES, CLUSTER, GiB, POOLS, WORKER, FakeLio, LvmSim, node_responses
+
+SIZE = 64 << 20   # 300 of them fit the simulated thin pool (20 GiB, overprovisioned 2x)
+LVM_COMMANDS = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "lvchange")
+
+
+@pytest.fixture
+def agent(fake_run, tmp_path, monkeypatch):
+    sim = LvmSim()
+    fake_run.responses = node_responses(sim)
+    # The kernel's device nodes: /dev/<vg>/<lv> exists exactly for the simulated LVs that are active.
+    real_exists = os.path.exists
+
+    def exists(path):
+        vg, _, lv = str(path).removeprefix("/dev/").partition("/")
+        if str(path).startswith("/dev/") and (vg, lv) in sim.lvs:
+            return sim.lvs[(vg, lv)]["lv_attr"][4] == "a"
+        return real_exists(path)
+
+    monkeypatch.setattr(agent_service.os.path, "exists", exists)
+    a = AgentService(AgentConfig("s1", "unused", (Portal("10.0.0.1"),), tmp_path, CLUSTER, tmp_path / "tls",
+                                 POOLS, ("/dev/sdb",)),
+                     Lvm(tmp_path / "lvm-system"), FakeLio(), RecordStore(tmp_path / "volumes"))
+    return a, fake_run, sim
+
+
+def create_and_publish(a: AgentService, name: str) -> None:
+    """The agent calls behind one CreateVolume + ControllerPublishVolume of the controller."""
+    a.GetInfo(apb.GetInfoRequest(), None)
+    try:
+        a.GetVolume(apb.GetVolumeRequest(name=name), None)
+        raise AssertionError(f"{name} exists before its creation")
+    except Exception as exc:  # noqa: BLE001 - NOT_FOUND is the expected answer
+        assert "no volume named" in str(exc), exc
+    vol = a.CreateVolume(apb.CreateVolumeRequest(name=name, pool="thin", size_bytes=SIZE, attributes=ATTRIBUTES),
+                         None)
+    a.GetVolume(apb.GetVolumeRequest(vg=vol.vg, lv=vol.lv, brief=True), None)
+    a.GrantAccess(apb.GrantAccessRequest(vg=vol.vg, lv=vol.lv, initiator_iqn=WORKER), None)
+
+
+def lvm_calls(calls: list[list[str]]) -> list[list[str]]:
+    return [c for c in calls if c[0] in LVM_COMMANDS]
+
+
+def is_listing(argv: list[str]) -> bool:
+    """An lvs of a whole VG (its last argument names no LV): its cost grows with the number of LVs."""
+    return argv[0] == "lvs" and "/" not in argv[-1]
+
+
+@pytest.mark.parametrize("existing", [10, 300])
+def test_create_and_publish_cost_three_lvm_commands_at_any_count(agent, existing):
+    a, run, sim = agent
+    for i in range(existing):
+        create_and_publish(a, f"pvc-{i}")
+    run.calls.clear()
+    create_and_publish(a, "pvc-measured")
+    calls = lvm_calls(run.calls)
+    kinds = Counter(c[0] for c in calls)
+    # The controller's look-up by name (lvs vg/lv), CreateVolume's own check under its lock (lvs vg/lv), and
+    # lvcreate. The thin pool report is reused for a few seconds; publishing reads only the record.
+    assert kinds == Counter({"lvs": 2, "lvcreate": 1}), calls
+    assert not [c for c in calls if is_listing(c)], calls
+    lv = ids.lv_name(CLUSTER, "pvc-measured")
+    assert all(c[-1] == f"vg/{lv}" for c in calls if c[0] == "lvs"), calls
+    # And the description built from lvcreate's arguments is what LVM itself reports.
+    vol = a.GetVolume(apb.GetVolumeRequest(vg="vg", lv=lv), None)
+    assert vol.size_bytes == SIZE and vol.healthy and vol.exported, vol
+
+
+def test_capacity_report_is_reused_only_for_a_few_seconds(agent, monkeypatch):
+    a, run, _ = agent
+    now = [1000.0]
+    monkeypatch.setattr(agent_service.time, "monotonic", lambda: now[0])
+    a.GetInfo(apb.GetInfoRequest(), None)
+    pool_reports = lambda: [c for c in run.calls if c[0] == "lvs" and c[-1] == "vg/tp"]  # noqa: E731
+    assert len(pool_reports()) == 1
+    a.GetInfo(apb.GetInfoRequest(), None)
+    assert len(pool_reports()) == 1
+    now[0] += agent_service.POOL_REPORT_TTL + 0.1
+    a.GetInfo(apb.GetInfoRequest(), None)
+    assert len(pool_reports()) == 2
+
+
+def test_grant_activates_an_inactive_volume(agent):
+    # The device node is missing while the LV is inactive: then (and only then) the agent asks LVM.
+    a, run, sim = agent
+    vol = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-x", pool="thin", size_bytes=GiB,
+                                                 attributes=ATTRIBUTES), None)
+    row = sim.lvs[("vg", vol.lv)]
+    row["lv_attr"] = row["lv_attr"][:4] + "-" + row["lv_attr"][5:]
+    run.calls.clear()
+    a.GrantAccess(apb.GrantAccessRequest(vg=vol.vg, lv=vol.lv, initiator_iqn=WORKER), None)
+    assert [c[0] for c in lvm_calls(run.calls)] == ["lvs", "lvchange"], run.calls
+    assert sim.lvs[("vg", vol.lv)]["lv_attr"][4] == "a"
+
+
+def test_brief_get_volume_runs_no_command(agent):
+    a, run, _ = agent
+    vol = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-y", pool="thin", size_bytes=GiB,
+                                                 attributes=ATTRIBUTES), None)
+    a.GrantAccess(apb.GrantAccessRequest(vg=vol.vg, lv=vol.lv, initiator_iqn=WORKER), None)
+    run.calls.clear()
+    brief = a.GetVolume(apb.GetVolumeRequest(vg=vol.vg, lv=vol.lv, brief=True), None)
+    assert run.calls == []
+    assert [i.iqn for i in brief.initiators] == [WORKER] and brief.size_bytes == GiB
+    assert dict(brief.attributes) == ATTRIBUTES and brief.ready
+
+
+def test_thick_changes_are_seen_at_once(agent):
+    # A thick LV takes VG space when created: the VG report must not be reused after that.
+    a, _, _ = agent
+
+    def thick_available():
+        return {p.name: p.available_bytes for p in a.GetInfo(apb.GetInfoRequest(), None).pools}["thick"]
+
+    before = thick_available()
+    vol = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-thick-1", pool="thick", size_bytes=GiB,
+                                                 attributes=ATTRIBUTES), None)
+    assert thick_available() == before - GiB
+    a.ExpandVolume(apb.ExpandVolumeRequest(vg=vol.vg, lv=vol.lv, size_bytes=2 * GiB), None)
+    assert thick_available() == before - 2 * GiB
+    a.DeleteVolume(apb.DeleteVolumeRequest(vg=vol.vg, lv=vol.lv), None)
+    assert thick_available() == before
