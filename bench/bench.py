@@ -12,6 +12,8 @@ runs on the host and reaches the agent over mutual TLS (csi/lab/deploy.py, as th
 2. Resident memory of the agent, the node plugin and the controller after the run.
 3. Read throughput of a volume staged by the node plugin (dd iflag=direct on the worker) next to raw TCP
    between the same two nodes (bench/guest.py tcp-send / tcp-recv), measured the same way: bytes / seconds.
+4. Snapshot and restore latency, same storage node and across two, next to their raw floors: in its own lab,
+   see bench/snapshots.py.
 
 Prints the tables as Markdown and writes them to bench/results.md (--out).
 """
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import math
 import os
@@ -41,6 +42,10 @@ from csi.lab import VG_NAME, Lab, LabError, LabNode, preflight
 from csi.lab.deploy import PYTHON, Deployment
 from csi.proto import csi_pb2 as csi
 from csi.proto import csi_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attach  # noqa: E402  (bench/ is not a package: bench/run runs this file)
+import snapshots  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GUEST = HERE / "guest.py"
@@ -206,26 +211,9 @@ class Bench:
     def throughput(self, size: int, runs: int) -> dict[str, Reads]:
         """dd iflag=direct from a staged volume and raw TCP, storage node -> worker, runs alternating."""
         vid = self.create("bench-io", size=size, cap=BLOCK)
-        ctx = self.publish(vid, cap=BLOCK)
-        h = hashlib.sha256(vid.encode()).hexdigest()[:16]
-        kubelet = self.d.kubelet_dir(self.w)
-        staging = kubelet / "plugins/kubernetes.io/csi/lvm-iscsi.csi.dev" / h / "globalmount"
-        target = kubelet / "pods" / h / "volumeDevices" / "io"
-        staging.mkdir(parents=True, exist_ok=True)
-        self.node.NodeStageVolume(csi.NodeStageVolumeRequest(
-            volume_id=vid, publish_context=ctx, staging_target_path=str(staging), volume_capability=BLOCK),
-            timeout=300)
-        self.node.NodePublishVolume(csi.NodePublishVolumeRequest(
-            volume_id=vid, publish_context=ctx, staging_target_path=str(staging), target_path=str(target),
-            volume_capability=BLOCK), timeout=300)
-        src = self.w.workdir / "bench-io.bin"
-        with open(src, "wb") as f:  # random data: thin blocks that were never written read back at no cost
-            for _ in range(size // MiB):
-                f.write(os.urandom(MiB))
+        target = attach.attach(self.ctrl, self.node, self.d, self.w, vid, "io")
         log(f"writing {size // MiB} MiB to the staged volume")
-        self.w.run(["dd", f"if={src}", f"of={target}", "bs=1M", "oflag=direct", "conv=fsync", "status=none"],
-                   timeout=1200, check=True)
-        src.unlink()
+        attach.fill_random(self.w, target, size)
         reads = {"iscsi": Reads(), "tcp": Reads()}
         for i in range(runs):
             for kind, measure in (("iscsi", lambda: self.dd_rate(target, size)), ("tcp", lambda: self.tcp_rate(size))):
@@ -236,11 +224,8 @@ class Bench:
                 reads[kind].bytes += size
             log(f"  read run {i + 1}/{runs}: iSCSI {reads['iscsi'].rates[-1]:.1f} MB/s, "
                 f"TCP {reads['tcp'].rates[-1]:.1f} MB/s")
-        self.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target)),
-                                      timeout=300)
-        self.node.NodeUnstageVolume(csi.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging)),
-                                    timeout=300)
-        self.remove(vid)
+        attach.detach(self.ctrl, self.node, self.d, self.w, vid, "io")
+        self.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid), timeout=300)
         return reads
 
     def dd_rate(self, target: Path, size: int) -> float:
@@ -388,6 +373,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--subnet", default="10.213.7", help="first three octets of the lab's private subnet")
     a.add_argument("--workdir", default=None, help="lab directory (default: a new one under /var/tmp)")
     a.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
+    a.add_argument("--parts", default="create,snapshots",
+                   help="comma-separated: create (tables 1-3), snapshots (table 4); default both")
+    a.add_argument("--snap-mib", type=int, default=1024, help="MiB written to the snapshot bench's source volume")
+    a.add_argument("--snap-samples", type=int, default=3, help="samples per snapshot / restore kind")
     a.add_argument("--out", default=str(HERE / "results.md"))
     args = a.parse_args(argv)
     try:
@@ -396,6 +385,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.error(f"--volumes {args.volumes!r}: a comma-separated list of counts, like 10,500")
     if not args.volumes or args.volumes[0] < 0 or args.samples < 1 or args.io_runs < 1 or args.io_mib < 1:
         a.error("counts must be >= 0, samples, io runs and io size >= 1")
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not args.parts or args.parts - {"create", "snapshots"}:
+        a.error(f"--parts: create and/or snapshots, not {sorted(args.parts)}")
+    if args.snap_mib < 1 or args.snap_samples < 1:
+        a.error("--snap-mib and --snap-samples must be >= 1")
     return args
 
 
@@ -407,30 +401,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="csi-bench-", dir="/var/tmp"))
     started, load = time.monotonic(), os.getloadavg()[0]
+    report = ""
     try:
-        with Lab(workdir, name=f"bench{os.getpid() % 100000}", subnet=args.subnet) as lab:
-            s = lab.add_node("storage-1", role="storage", disk_bytes=args.disk_gib * GiB, mem="1G")
-            w = lab.add_node("worker-1", role="worker")
-            lab.boot_all(timeout=180)
-            d = Deployment(lab, cluster_id="bench")
-            d.start_agent(s, env={"PYTHONPATH": str(HERE / "hook")})  # the runner's debug lines only
-            d.start_node_plugin(w)
-            d.start_controller([s])
-            bench = Bench(lab, d, s, w, args.samples, args.parallel)
-            try:
-                points = [bench.point(n) for n in args.volumes]
-                log(f"read throughput, {args.io_runs} runs of {args.io_mib} MiB")
-                reads = bench.throughput(args.io_mib * MiB, args.io_runs)
-                memory = bench.memory()
-            finally:
-                bench.close()
-                d.stop_controller()
+        if "create" in args.parts:
+            report += create_part(args, workdir / "create")
+        if "snapshots" in args.parts:
+            log(f"snapshots and restores of {args.snap_mib} MiB, {args.snap_samples} samples each")
+            report += "\n" + snapshots.run(workdir / "snapshots", args.subnet, args.snap_mib * MiB, args.snap_samples,
+                                           args.disk_gib, log)
     finally:
         if args.keep:
             log(f"logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = render(points, memory, reads, args.samples, args.io_mib)
     report = (f"## lvm-iscsi-csi benchmark, {time.strftime('%Y-%m-%d')}: UML lab on {os.cpu_count()} host CPUs, "
               f"{(time.monotonic() - started) / 60:.0f} min, host load average {load:.1f} at start and "
               f"{os.getloadavg()[0]:.1f} at the end\n\n") + report
@@ -438,6 +421,28 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(report)
     log(f"written to {args.out}")
     return 0
+
+
+def create_part(args: argparse.Namespace, workdir: Path) -> str:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with Lab(workdir, name=f"bench{os.getpid() % 100000}", subnet=args.subnet) as lab:
+        s = lab.add_node("storage-1", role="storage", disk_bytes=args.disk_gib * GiB, mem="1G")
+        w = lab.add_node("worker-1", role="worker")
+        lab.boot_all(timeout=180)
+        d = Deployment(lab, cluster_id="bench")
+        d.start_agent(s, env={"PYTHONPATH": str(HERE / "hook")})  # the runner's debug lines only
+        d.start_node_plugin(w)
+        d.start_controller([s])
+        bench = Bench(lab, d, s, w, args.samples, args.parallel)
+        try:
+            points = [bench.point(n) for n in args.volumes]
+            log(f"read throughput, {args.io_runs} runs of {args.io_mib} MiB")
+            reads = bench.throughput(args.io_mib * MiB, args.io_runs)
+            memory = bench.memory()
+        finally:
+            bench.close()
+            d.stop_controller()
+    return render(points, memory, reads, args.samples, args.io_mib)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ and rtslib-fb only. Each sub-command prints one JSON line.
   raw-delete VG LV IQN                                 undo raw-create
   tcp-recv IP PORT                                     accept one connection, read to EOF: bytes, seconds
   tcp-send IP PORT BYTES                               connect (retrying until the receiver listens), send
+  timed CMD ARG...                                     run one command (LVM's, say): its seconds
+  recv-file IP PORT PATH                               accept one connection, write it to PATH, fsync: bytes,
+                                                       seconds from accept to fsync done
+  send-file IP PORT PATH BYTES                         connect (retrying), send the first BYTES of PATH
 """
 
 import json
@@ -82,17 +86,20 @@ def tcp_recv(ip, port):
             return {"bytes": total, "seconds": time.monotonic() - started}
 
 
-def tcp_send(ip, port, size):
-    chunk = os.urandom(CHUNK)
+def _connect(ip, port):
     deadline = time.monotonic() + 30
     while True:
         try:
-            sock = socket.create_connection((ip, int(port)), timeout=10)
-            break
+            return socket.create_connection((ip, int(port)), timeout=10)
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def tcp_send(ip, port, size):
+    chunk = os.urandom(CHUNK)
+    sock = _connect(ip, port)
     left, view = int(size), memoryview(chunk)
     with sock:
         sock.settimeout(None)
@@ -102,7 +109,41 @@ def tcp_send(ip, port, size):
     return {}
 
 
-COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "tcp-recv": tcp_recv, "tcp-send": tcp_send}
+def timed(*argv):
+    started = time.monotonic()
+    lvm(*argv)
+    return {"seconds": time.monotonic() - started}
+
+
+def recv_file(ip, port, path):
+    with socket.create_server((ip, int(port))) as server:
+        conn, _ = server.accept()
+        with conn, open(path, "r+b", buffering=0) as out:
+            started = time.monotonic()
+            view = memoryview(bytearray(CHUNK))
+            total = 0
+            while n := conn.recv_into(view):
+                out.write(view[:n])
+                total += n
+            os.fsync(out.fileno())
+            return {"bytes": total, "seconds": time.monotonic() - started}
+
+
+def send_file(ip, port, path, size):
+    left = int(size)
+    with _connect(ip, port) as sock, open(path, "rb", buffering=0) as src:
+        sock.settimeout(None)
+        while left > 0:
+            data = src.read(min(left, CHUNK))
+            if not data:
+                break
+            sock.sendall(data)
+            left -= len(data)
+    return {}
+
+
+COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "tcp-recv": tcp_recv, "tcp-send": tcp_send,
+            "timed": timed, "recv-file": recv_file, "send-file": send_file}
 
 if __name__ == "__main__":
     print(json.dumps(COMMANDS[sys.argv[1]](*sys.argv[2:])), flush=True)

@@ -1,0 +1,60 @@
+"""Attaching a block volume to the bench's worker the way kubelet would, and filling it: shared by the
+benches (bench.py's throughput, snapshots.py's source volume)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from csi.lab import LabNode
+from csi.lab.deploy import Deployment
+from csi.proto import csi_pb2 as csi
+
+MiB = 1 << 20
+M = csi.VolumeCapability.AccessMode
+BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
+
+
+def paths(d: Deployment, worker: LabNode, vid: str, leaf: str) -> tuple[Path, Path]:
+    h = hashlib.sha256(vid.encode()).hexdigest()[:16]
+    kubelet = d.kubelet_dir(worker)
+    return (kubelet / "plugins/kubernetes.io/csi/lvm-iscsi.csi.dev" / h / "globalmount",
+            kubelet / "pods" / h / "volumeDevices" / leaf)
+
+
+def attach(ctrl, node, d: Deployment, worker: LabNode, vid: str, leaf: str) -> Path:
+    """ControllerPublish + NodeStage + NodePublish of a block volume on the worker: its device path there."""
+    ctx = dict(ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+        volume_id=vid, node_id=worker.initiator_iqn, volume_capability=BLOCK), timeout=300).publish_context)
+    staging, target = paths(d, worker, vid, leaf)
+    staging.mkdir(parents=True, exist_ok=True)
+    node.NodeStageVolume(csi.NodeStageVolumeRequest(
+        volume_id=vid, publish_context=ctx, staging_target_path=str(staging), volume_capability=BLOCK), timeout=300)
+    node.NodePublishVolume(csi.NodePublishVolumeRequest(
+        volume_id=vid, publish_context=ctx, staging_target_path=str(staging), target_path=str(target),
+        volume_capability=BLOCK), timeout=300)
+    return target
+
+
+def detach(ctrl, node, d: Deployment, worker: LabNode, vid: str, leaf: str) -> None:
+    staging, target = paths(d, worker, vid, leaf)
+    node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target)), timeout=300)
+    node.NodeUnstageVolume(csi.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging)),
+                           timeout=300)
+    ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=worker.initiator_iqn),
+                                   timeout=300)
+
+
+def fill_random(worker: LabNode, target: Path, size: int) -> None:
+    """`size` bytes of random data written to the device, synced: thin blocks never written would read back
+    at no cost, and a copy could skip them."""
+    src = worker.workdir / f"fill-{target.name}.bin"
+    with open(src, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(os.urandom(MiB))
+    try:
+        worker.run(["dd", f"if={src}", f"of={target}", "bs=1M", "oflag=direct", "conv=fsync", "status=none"],
+                   timeout=3600, check=True)
+    finally:
+        src.unlink()
