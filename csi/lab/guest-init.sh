@@ -100,8 +100,16 @@ echo "InitiatorName=$csilab_iqn" > /etc/iscsi/initiatorname.iscsi
 # The host's iscsid.conf, with the two settings a lab node depends on forced.
 must sed -i -e 's|^[# ]*node\.startup *=.*|node.startup = manual|' \
     -e 's|^[# ]*iscsid\.startup *=.*|iscsid.startup = /usr/sbin/iscsid|' /etc/iscsi/iscsid.conf
+# The iSCSI node database on the node's own disk (its dir in the lab workdir), as on a real machine: node records
+# outlive a reboot, so a rebooted worker finds what a real one would (the driver must clean them up itself).
+must mkdir -p "$csilab_nodedir/iscsi-nodes" /etc/iscsi/nodes
+must mount --bind "$csilab_nodedir/iscsi-nodes" /etc/iscsi/nodes
 must iscsid
 mark iscsid started
+# What open-iscsi.service does at boot: log in to every record marked node.startup=automatic. The driver marks
+# its records manual, so this must log in to nothing; a record that said otherwise would log in here.
+iscsiadm -m node --loginall=automatic >/dev/null 2>&1
+mark "automatic logins done (rc $?)"
 
 if [ "$csilab_role" = storage ]; then
     disk="$csilab_nodedir/disk.img"

@@ -26,6 +26,8 @@ RC_SESSION_EXISTS = 15
 RC_NO_OBJECTS = 21
 LOGIN_TIMEOUT_S = 10
 LOGIN_RETRIES = 2
+SYSFS_SESSIONS = Path("/sys/class/iscsi_session")
+LOGGED_IN = "LOGGED_IN"
 _SESSION_RE = re.compile(r"^(\w+): \[(\d+)\] (\S+?),\d+ (\S+)")
 
 
@@ -75,6 +77,15 @@ class Iscsiadm:
     def sessions(self) -> list[Session]:
         r = runner.run(["iscsiadm", "-m", "session"], ok_codes=(0, RC_NO_OBJECTS))
         return parse_sessions(r.stdout) if r.rc == 0 else []
+
+    def session_state(self, session: Session) -> str:
+        """The kernel's state of a session: LOGGED_IN while it carries I/O, FAILED while the initiator tries to
+        log in again (target gone or unreachable: I/O waits, then fails at the replacement timeout); "" when
+        sysfs does not say. `iscsiadm -m session` lists a FAILED session like a healthy one."""
+        try:
+            return (SYSFS_SESSIONS / f"session{session.sid}" / "state").read_text().strip()
+        except OSError:
+            return ""
 
     def _node(self, iqn: str, portal: str, *args: str, ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()):
         return runner.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args], ok_codes=ok,

@@ -22,7 +22,7 @@ from csi.controller.service import (CTX_CHAP_SECRET, CTX_CHAP_USER, CTX_IQN, CTX
                                     CTX_MUTUAL_USER, CTX_PORTALS)
 from csi.fsutil import remove, write_atomic
 from csi.node import mount
-from csi.node.iscsi import Iscsiadm, Target, read_initiator_name
+from csi.node.iscsi import LOGGED_IN, Iscsiadm, Target, read_initiator_name
 from csi.proto import csi_pb2 as csi
 from csi.storage.lio import Portal
 from csi.proto import csi_pb2_grpc
@@ -127,15 +127,27 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def clean_stale(self) -> list[str]:
         """At start: logs out of and deletes the node records of this driver's targets that no staged volume
         uses (left by a crash, a reboot, a failed unstage), so a worker never keeps sessions or logs in at
-        boot to targets nobody uses. Targets of other drivers are not touched."""
+        boot to targets nobody uses. Targets of other drivers are not touched.
+
+        A stage record counts only while its stage is still there: its staging mount, or for a raw block
+        volume its session. After a reboot neither is (the records live on the kubelet's disk, the mounts and
+        sessions did not survive): those records go too, and kubelet's next NodeStageVolume starts afresh."""
+        sessions = self.iscsi.sessions()
         staged = set()
         if self.config.state_dir.is_dir():
             for path in self.config.state_dir.glob("*.json"):
                 try:
-                    staged.add(json.loads(path.read_text())["iqn"])
-                except (OSError, ValueError, KeyError):
+                    rec = json.loads(path.read_text())
+                    iqn, block, at = rec["iqn"], bool(rec.get("block")), Path(rec["staging"])
+                except (OSError, ValueError, KeyError, TypeError):
                     continue
-        iqns = {iqn for _, iqn in self.iscsi.records()} | {s.iqn for s in self.iscsi.sessions()}
+                if (block and any(s.iqn == iqn for s in sessions)) or (not block and mount.mount_at(at)):
+                    staged.add(iqn)
+                else:
+                    log.warning("forgetting the stage of %s at %s: it is not staged any more (a reboot, or a "
+                                "stage cut short)", rec.get("volume_id", iqn), at)
+                    remove(path)
+        iqns = {iqn for _, iqn in self.iscsi.records()} | {s.iqn for s in sessions}
         stale = sorted(i for i in iqns if i.startswith(ids.IQN_PREFIX) and i not in staged)
         for iqn in stale:
             log.warning("logging out of %s: no staged volume uses it", iqn)
@@ -229,7 +241,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             try:
                 mount.flush(device)
             except Exception as exc:  # noqa: BLE001
-                problems.append(f"flush {device}: {exc}")
+                if self._condition(ref).abnormal:
+                    # The target is gone: the kernel failed the session's I/O at the replacement timeout and took
+                    # the disk offline, so nothing can be flushed any more and waiting saves nothing. Log out.
+                    log.warning("not flushing %s: its iSCSI session to %s is not logged in (%s)", device, iqn, exc)
+                else:
+                    problems.append(f"flush {device}: {exc}")
         if problems:
             # Still mounted: logging out now would lose writes. The CO retries.
             raise errors.internal("; ".join(problems))
@@ -305,9 +322,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         ref = self._ref(request.volume_id)
         if not path.exists():
             raise errors.not_found(f"volume path {path} does not exist")
-        live = any(s.iqn == ref.iqn for s in self.iscsi.sessions())
-        condition = csi.VolumeCondition(abnormal=not live, message="healthy" if live else
-                                        f"no iSCSI session to {ref.iqn}: the target is unreachable or gone")
+        condition = self._condition(ref)
+        live = not condition.abnormal
         m = mount.mount_at(path)
         if path.is_dir():
             if m is None:
@@ -322,6 +338,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             size = mount.device_size(Path(m.source)) if m and live else 0
             usage = [csi.VolumeUsage(unit=csi.VolumeUsage.BYTES, total=size)]
         return csi.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    def _condition(self, ref: ids.LvRef) -> csi.VolumeCondition:
+        """Healthy while a session to the volume's target is logged in. A session that lost its target stays
+        listed (the initiator keeps trying to log in again), so its kernel state decides, not its presence."""
+        states = sorted({self.iscsi.session_state(s) for s in self.iscsi.sessions() if s.iqn == ref.iqn})
+        if not states:
+            return csi.VolumeCondition(abnormal=True, message=f"no iSCSI session to {ref.iqn}: the target is "
+                                                              "unreachable or gone")
+        if LOGGED_IN in states or states == [""]:   # "": sysfs does not say; the session is there
+            return csi.VolumeCondition(abnormal=False, message="healthy")
+        return csi.VolumeCondition(abnormal=True, message=f"iSCSI session to {ref.iqn} is {'/'.join(states)}: "
+                                                          "the target is unreachable or gone; I/O waits for it")
 
     def NodeGetCapabilities(self, request, context):
         return csi.NodeGetCapabilitiesResponse(capabilities=[

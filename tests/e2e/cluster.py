@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -32,6 +33,21 @@ class Cluster:
         self.node = csi_pb2_grpc.NodeStub(self._nch)
         self.node_id = self.node.NodeGetInfo(csi.NodeGetInfoRequest()).node_id
         self.kubelet = d.kubelet_dir(self.w)
+
+    def node_ready(self, timeout: float = 60) -> None:
+        """After the worker or its node plugin came back: waits until the plugin answers on the channel. The
+        channel may still hold a connection to the plugin that is gone (the first call on it fails with
+        UNAVAILABLE), or be backing off after failed reconnects."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.node.NodeGetInfo(csi.NodeGetInfoRequest(), timeout=max(1.0, deadline - time.monotonic()),
+                                      wait_for_ready=True)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.5)
 
     def create(self, name: str, size: int = 64 * MiB, zone: str | None = None, cap=MOUNT, params=None):
         req = csi.CreateVolumeRequest(name=name, capacity_range=csi.CapacityRange(required_bytes=size),

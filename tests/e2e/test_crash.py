@@ -223,11 +223,50 @@ def test_crash_in_a_copy_across_nodes_and_in_node_expansion(cluster):
     assert cluster.storage_state()["storage-2"] == ([], [])
 
 
+def test_controller_crash_after_the_transfer_snapshot_of_a_clone_across_nodes(cluster):
+    """A clone of a volume onto another storage node copies a transient snapshot of it; the controller dies
+    right after making that snapshot. The retried CreateVolume finds the same snapshot (its name comes from
+    the request's), copies it, and deletes it: the clone holds the data and no snapshot is left anywhere."""
+    src = cluster.ctrl.CreateVolume(create_req("crash-clone-src"), timeout=120).volume
+    target = cluster.stage_publish(src.volume_id, cluster.publish(src.volume_id))
+    digest = cluster.write(target, mib=4)
+    req = csi.CreateVolumeRequest(name="crash-clone-dst", capacity_range=csi.CapacityRange(required_bytes=32 * MiB),
+                                  volume_capabilities=[MOUNT])
+    req.volume_content_source.volume.volume_id = src.volume_id
+    req.accessibility_requirements.requisite.add(segments={"topology.lvm-iscsi.csi.dev/zone": "zone-b"})
+    storage = [cluster.s1, cluster.s2]
+    step = "clone.transfer-snapshot"
+    try:
+        cluster.d.start_controller(storage, env={ENV: step})
+        with pytest.raises(grpc.RpcError):
+            cluster.ctrl.CreateVolume(req, timeout=300)
+        assert cluster.d.controller.wait(60) == -9, f"the controller did not die at {step}"
+    finally:
+        cluster.d.start_controller(storage)
+    TRIED.append(f"controller:{step}")
+    src_lv = ids.parse_id(src.volume_id).lv
+    left = inventory(cluster)["lvs"]
+    assert len(left) == 2 and src_lv in left            # the transfer snapshot, on the source's node
+    assert cluster.storage_state()["storage-2"] == ([], [])
+    dst = cluster.ctrl.CreateVolume(req, timeout=300, wait_for_ready=True).volume
+    assert dst.volume_id.startswith("v1:storage-2:") and dst.content_source.volume.volume_id == src.volume_id
+    assert inventory(cluster)["lvs"] == [src_lv]         # the transfer snapshot is gone
+    dst_lv = ids.parse_id(dst.volume_id).lv
+    assert cluster.storage_state()["storage-2"] == ([dst_lv], [ids.parse_id(dst.volume_id).iqn])
+    assert cluster.ctrl.CreateVolume(req, timeout=300).volume.volume_id == dst.volume_id   # idempotent still
+    cluster.teardown(src.volume_id)
+    t2 = cluster.stage_publish(dst.volume_id, cluster.publish(dst.volume_id))
+    assert cluster.read(t2) == digest
+    cluster.teardown(dst.volume_id)
+    assert inventory(cluster) == empty(cluster)
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
+
+
 @campaign
 def test_kill_points_cover_every_step():
     """Runs last in this module: every step of csi/faults.py was tried by a test above."""
     tried = {t.split(":", 1)[1] for t in TRIED}
-    untried = [s for s in faults.AGENT_STEPS + faults.NODE_STEPS if s not in tried]
+    untried = [s for s in faults.AGENT_STEPS + faults.NODE_STEPS + faults.CONTROLLER_STEPS if s not in tried]
     print(f"kill points tried: {len(TRIED)}: {', '.join(TRIED)}")
     assert not untried, f"steps never killed at: {untried}"
 
