@@ -412,7 +412,12 @@ class Cluster:
         node.spawn("kubelet", argv)
 
     def _route_pod_cidrs(self) -> None:
-        """Each node's pod /24 reaches the other nodes and the lab namespace through that node's address."""
+        """Each node's pod /24 reaches the other nodes and the lab namespace through that node's address.
+        The Service range goes to the lab's host address: a node has no default route, and without a route a
+        hostNetwork process's connect() to a ClusterIP fails (ENETUNREACH) before kube-proxy's OUTPUT DNAT
+        can rewrite it. An address that no Service has ends in the lab namespace, which forwards nothing."""
+        for node in self.nodes.values():
+            self._run(node, ["ip", "route", "replace", SERVICE_CIDR, "via", self.lab.host_ip])
         for name, cidr in self.pod_cidrs.items():
             via = self.nodes[name].ip
             self.host_tool(["ip", "route", "replace", cidr, "via", via])

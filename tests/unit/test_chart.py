@@ -242,6 +242,21 @@ def test_driver_containers_have_a_startup_probe_before_liveness():
         assert "initialDelaySeconds" not in driver["livenessProbe"]
 
 
+def test_controller_sidecars_have_a_startup_probe_before_liveness():
+    """The sidecars open their HTTP endpoint only after reaching the driver's socket. On the Kubernetes e2e
+    cluster the driver took over 30 s to start and csi-attacher was restarted by its liveness probe (10 s initial
+    delay, one failure allowed): every sidecar probed over HTTP must wait for a startup probe instead."""
+    for value_set in VALUE_SETS:
+        for name, c in containers(one(rendered(value_set), "Deployment", "controller")).items():
+            liveness = c["livenessProbe"]
+            if "httpGet" not in liveness:
+                continue
+            startup = c.get("startupProbe")
+            assert startup and startup["httpGet"] == liveness["httpGet"], (value_set, name)
+            assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, (value_set, name)
+            assert "initialDelaySeconds" not in liveness, (value_set, name)
+
+
 def test_name_rules_catch_a_long_port_name():
     deployment = copy.deepcopy(one(rendered(), "Deployment"))
     deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"] = "http-provisioner"
@@ -520,6 +535,23 @@ def test_agent_runs_on_the_selected_storage_nodes_with_what_lvm_and_lio_need():
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert agent[probe]["tcpSocket"]["port"] == "grpc"
         assert agent["ports"][0]["containerPort"] == vals["port"]
+
+
+def test_agent_holds_rtslibs_backstore_lock_on_the_hosts_run_directory():
+    """rtslib-fb creates and flocks a file in /var/run whenever it makes a backstore. The agent's root file system
+    is read-only, so without a mount there CreateVolume fails with EROFS (seen on the Kubernetes e2e cluster); and
+    the lock serialises index choices only if it is the host's file, which a targetcli on the host also takes."""
+    from rtslib_fb import tcm
+
+    lock = Path(tcm.lock_file)
+    assert lock.parent == Path("/var/run"), tcm.lock_file   # Debian's /var/run is a link to /run
+    for value_set in VALUE_SETS:
+        ds = one(rendered(value_set), "DaemonSet", "-agent")
+        agent = containers(ds)["agent"]
+        assert agent["securityContext"]["readOnlyRootFilesystem"] is True, value_set
+        mount = mounts(agent).get(str(lock))
+        assert mount is not None and not mount.get("readOnly"), (value_set, sorted(mounts(agent)))
+        assert volumes(ds)[mount["name"]]["hostPath"] == {"path": f"/run/{lock.name}", "type": "FileOrCreate"}
 
 
 def test_rendered_args_and_config_files_are_accepted_by_the_driver(tmp_path):

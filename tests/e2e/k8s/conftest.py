@@ -1,0 +1,100 @@
+"""Fixtures of the Kubernetes e2e tests: a real cluster built from upstream parts (csi/lab/k8s.py).
+
+k8s_bin      scripts/build-k8s run once per session (idempotent: seconds when the cache is warm), -> <cache>/bin
+k8s_images   the OCI archives of tests/e2e/k8s/images.py that the cluster needs (pause, busybox), cached;
+             driver_images: the driver's and the sidecars' (imported by the scenario, which installs them)
+k8s          a lab of two UML nodes (storage-1: VG csi-vg, runs the agent and the controller; worker-1) with
+             the control plane on the host in the lab's namespace, pause and busybox imported on every node,
+             both nodes Ready. One per session (test_cluster.py, then test_scenario.py, which installs the
+             chart); logs stay in the pytest tmp dir (k8s*/k8s/*.log, k8s*/<node>/*.log).
+CSI_K8S_BUILD=0 skips scripts/build-k8s (iterating on the tests); CSI_K8S_NODE_MEM sets the nodes' memory.
+             With CSI_E2E_CLUSTER=kind, a kind cluster instead (tests/e2e/k8s/kind.py; untested here).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from csi.lab import VG_NAME, Lab, preflight
+from tests.e2e.k8s import images as e2e_images
+from tests.e2e.k8s.driver import CACHE, PROJECT, STORAGE_LABEL, ZONE, ZONE_LABEL
+
+NODE_MEM = os.environ.get("CSI_K8S_NODE_MEM", "2560M")
+
+
+@pytest.fixture(scope="session")
+def k8s_bin() -> Path:
+    if os.environ.get("CSI_K8S_BUILD") == "0":   # iterating on the tests: use what the cache has
+        return CACHE / "bin"
+    t0 = time.monotonic()
+    done = subprocess.run([str(PROJECT / "scripts/build-k8s"), str(CACHE)], capture_output=True, text=True,
+                          timeout=3 * 3600)
+    if done.returncode != 0:
+        pytest.fail(f"scripts/build-k8s failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}",
+                    pytrace=False)
+    print(f"\nscripts/build-k8s: {time.monotonic() - t0:.0f} s")
+    return CACHE / "bin"
+
+
+@pytest.fixture(scope="session")
+def k8s_images(k8s_bin) -> dict[str, e2e_images.Image]:
+    """pause and busybox: what the cluster itself needs. The scenario adds the driver's (driver_images)."""
+    return {"pause": e2e_images.pause_image(), "busybox": e2e_images.busybox_image()}
+
+
+@pytest.fixture(scope="session")
+def driver_images(k8s_bin) -> dict[str, e2e_images.Image]:
+    return {**e2e_images.sidecar_images(), "driver": e2e_images.driver_image()}
+
+
+@pytest.fixture(scope="session")
+def k8s(k8s_bin, k8s_images, tmp_path_factory):
+    if os.environ.get("CSI_E2E_CLUSTER", "uml") == "kind":
+        yield from _kind(k8s_images, tmp_path_factory)
+        return
+    from csi.lab.k8s import Cluster
+    problem = preflight()
+    if problem:
+        pytest.fail(f"e2e tests need User-Mode Linux: {problem}", pytrace=False)
+    workdir = tmp_path_factory.mktemp("k8s")
+    with Lab(workdir, name=f"k8s{os.getpid()}", subnet="10.214.0", mem=NODE_MEM) as lab:
+        storage = lab.add_node("storage-1", role="storage", disk_bytes=8 << 30)
+        worker = lab.add_node("worker-1", role="worker")
+        t0 = time.monotonic()
+        lab.boot_all(timeout=180)
+        cluster = Cluster(lab, bin_dir=k8s_bin, sandbox_image=k8s_images["pause"].ref)
+        cluster.timings["nodes booted"] = round(time.monotonic() - t0, 1)
+        try:
+            cluster.start_control_plane()
+            # The lab's boot activated the thin pool with the node's own LVM and udev; on a storage node of
+            # a cluster, activation is the agent's job (in its container, with its own lvm.conf and no udev).
+            storage.run(["vgchange", "--activate", "n", VG_NAME], timeout=60, check=True)
+            cluster.join(storage, labels={STORAGE_LABEL: "true", ZONE_LABEL: ZONE})
+            cluster.join(worker, labels={ZONE_LABEL: ZONE})
+            t1 = time.monotonic()
+            per_node = cluster.import_images([i.archive for i in k8s_images.values()])
+            cluster.timings["images imported"] = round(time.monotonic() - t1, 1)
+            cluster.timings.update({f"import on {n}": s for n, s in per_node.items()})
+            cluster.wait_nodes_ready()
+            print("\ncluster bring-up (s): " + ", ".join(f"{k} {v}" for k, v in cluster.timings.items()))
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+def _kind(k8s_images, tmp_path_factory):
+    """CSI_E2E_CLUSTER=kind: the same tests on a kind cluster (deploy/kind/cluster.yaml). Untested here."""
+    from tests.e2e.k8s.kind import KindCluster
+    cluster = KindCluster(tmp_path_factory.mktemp("kind"))
+    try:
+        cluster.create()
+        cluster.timings.update(cluster.import_images([i.archive for i in k8s_images.values()]))
+        yield cluster
+    finally:
+        if os.environ.get("CSI_E2E_KEEP_KIND") != "1":
+            cluster.delete()
