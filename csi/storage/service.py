@@ -149,7 +149,14 @@ class PoolReports:
         return report
 
     def thin_pool(self, vg: str, pool: str) -> ThinPoolState | None:
-        return self._get((vg, pool), lambda: self._lvm.thin_pool(vg, pool))
+        def read():
+            state = self._lvm.thin_pool(vg, pool)
+            if state is not None and state.group is not None:
+                # The report carries its VG's numbers too: a thick pool in the same VG needs no vgs of its own.
+                with self._mutex:
+                    self._reports[(vg, "")] = (time.monotonic(), state.group)
+            return state
+        return self._get((vg, pool), read)
 
     def vg(self, vg: str) -> VolumeGroup | None:
         return self._get((vg, ""), lambda: self._lvm.vg(vg))

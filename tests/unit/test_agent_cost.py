@@ -145,3 +145,14 @@ def test_thick_changes_are_seen_at_once(agent):
     assert thick_available() == before - 2 * GiB
     a.DeleteVolume(apb.DeleteVolumeRequest(vg=vol.vg, lv=vol.lv), None)
     assert thick_available() == before
+
+
+def test_capacity_of_a_thin_and_a_thick_pool_in_one_vg_is_one_report(agent):
+    # The thin pool's report carries the VG's size and free space: the thick pool beside it reuses them.
+    a, run, _ = agent
+    info = a.GetInfo(apb.GetInfoRequest(), None)
+    # the thin pool's report, and the first count of each pool's LVs (kept up to date from then on)
+    assert [c[0] for c in lvm_calls(run.calls)] == ["lvs", "lvs", "lvs"], run.calls
+    assert sum(1 for c in run.calls if is_listing(c)) == 2
+    thick = {p.name: p for p in info.pools}["thick"]
+    assert thick.physical_total_bytes == LvmSim.VG_SIZE and thick.available_bytes > 0
