@@ -6,27 +6,57 @@
   for logout and delete).
 - CHAP secrets are masked in every log line and error message (runner's `secrets`).
 - Login is bounded: a short login timeout and few retries instead of open-iscsi's 8 x 15 s.
+- Every `iscsiadm -m node` command of this process runs under one lock (os-brick serializes its connects
+  too): open-iscsi's update, delete, login, logout and listing walk every record in its database, and a
+  record that another volume's stage or unstage adds or removes meanwhile makes the walk fail with exit 6
+  ("Could not execute operation on all records"). Seen with 50 stages at once per worker.
+- Node record writes are never cut short by the RPC's deadline: iscsiadm truncates a record file, then writes
+  it, and one killed in between leaves a record without a target name that makes every later `-o new` of that
+  target fail (exit 6) for good. Seen under load, when a call's deadline was spent and the runner's 2 s floor
+  killed iscsiadm waiting for the record lock. Such a broken record is also removed and the write tried again.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
+import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from csi import errors, runner
+from csi import errors
 from csi.runner import CommandError
 
 log = logging.getLogger(__name__)
 
 RC_SESSION_EXISTS = 15
+RC_IDBM = 6          # ISCSI_ERR_IDBM: the node database failed (e.g. a record that a killed iscsiadm truncated)
 RC_NO_OBJECTS = 21
+# Time a node record change may take whatever the RPC's deadline (iscsiadm waits up to 30 s for its lock).
+RECORD_TIMEOUT_S = 45.0
+# Where open-iscsi keeps node records: Debian's and Red Hat's builds.
+NODE_DB_DIRS = (Path("/etc/iscsi/nodes"), Path("/var/lib/iscsi/nodes"))
 LOGIN_TIMEOUT_S = 10
 LOGIN_RETRIES = 2
 SYSFS_SESSIONS = Path("/sys/class/iscsi_session")
+_NODE_DB = threading.RLock()   # see the module doc
+
+
+def _node_db(argv: list[str], ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()) -> runner.Result:
+    """Runs one `iscsiadm -m node` command while no other of this process runs. The wait counts against the
+    call's deadline; when it is spent, nothing has been done and the caller retries."""
+    if not _NODE_DB.acquire(timeout=runner.time_left()):
+        raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED, "other iSCSI operations on this node took the "
+                                                             "call's time; nothing was done, retry")
+    try:
+        return runner.run(argv, ok_codes=ok, secrets=secrets)
+    finally:
+        _NODE_DB.release()
 LOGGED_IN = "LOGGED_IN"
 _SESSION_RE = re.compile(r"^(\w+): \[(\d+)\] (\S+?),\d+ (\S+)")
 
@@ -88,17 +118,50 @@ class Iscsiadm:
             return ""
 
     def _node(self, iqn: str, portal: str, *args: str, ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()):
-        return runner.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args], ok_codes=ok,
-                          secrets=secrets)
+        return _node_db(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args], ok=ok, secrets=secrets)
+
+    @staticmethod
+    def _record_change(argv: list[str], ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()):
+        """A node record write: given RECORD_TIMEOUT_S even when the RPC has less left (see the module doc)."""
+        with runner.deadline(max(runner.time_left(), RECORD_TIMEOUT_S)):
+            return _node_db(argv, ok=ok, secrets=secrets)
+
+    def _new_record(self, iqn: str, portal: str) -> None:
+        argv = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-o", "new"]
+        try:
+            self._record_change(argv, ok=(0, RC_SESSION_EXISTS))
+        except CommandError as exc:
+            if exc.rc != RC_IDBM or not self._drop_broken_records(iqn, portal):
+                raise
+            self._record_change(argv, ok=(0, RC_SESSION_EXISTS))
+
+    @staticmethod
+    def _drop_broken_records(iqn: str, portal: str) -> bool:
+        """Removes the node records of this target and portal by hand, when iscsiadm cannot read them any more.
+        Called only before a login, so no session uses them. True if there was one to remove."""
+        removed = False
+        for db in NODE_DB_DIRS:
+            target_dir = db / iqn
+            if target_dir.parent != db or not target_dir.is_dir():
+                continue   # an IQN is one path component; anything else is not a record of ours
+            for rec in target_dir.glob(f"{glob.escape(portal)},*"):
+                log.warning("removing the broken iSCSI node record %s (iscsiadm cannot read it)", rec)
+                if rec.is_dir() and not rec.is_symlink():
+                    shutil.rmtree(rec, ignore_errors=True)
+                else:
+                    rec.unlink(missing_ok=True)
+                removed = True
+        return removed
 
     def _set(self, iqn: str, portal: str, key: str, value: str, secret: bool = False) -> None:
-        self._node(iqn, portal, "-o", "update", "-n", key, "-v", value, secrets=(value,) if secret else ())
+        self._record_change(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-o", "update", "-n", key, "-v",
+                             value], secrets=(value,) if secret else ())
 
     def login(self, target: Target) -> None:
         """Records with our settings, then login on every portal. Already logged in is success."""
         live = {(s.iqn, s.portal) for s in self.sessions()}
         for portal in target.portals:
-            self._node(target.iqn, portal, "-o", "new", ok=(0, RC_SESSION_EXISTS))
+            self._new_record(target.iqn, portal)
             settings = [("node.startup", "manual", False),
                         ("node.conn[0].timeo.login_timeout", str(LOGIN_TIMEOUT_S), False),
                         ("node.session.initial_login_retry_max", str(LOGIN_RETRIES), False)]
@@ -126,15 +189,15 @@ class Iscsiadm:
 
     def logout(self, iqn: str) -> None:
         """Logs out of every portal of the target and deletes its node records. Gone already is success."""
-        runner.run(["iscsiadm", "-m", "node", "-T", iqn, "--logout"], ok_codes=(0, RC_NO_OBJECTS))
-        runner.run(["iscsiadm", "-m", "node", "-T", iqn, "-o", "delete"], ok_codes=(0, RC_NO_OBJECTS))
+        _node_db(["iscsiadm", "-m", "node", "-T", iqn, "--logout"], ok=(0, RC_NO_OBJECTS))
+        self._record_change(["iscsiadm", "-m", "node", "-T", iqn, "-o", "delete"], ok=(0, RC_NO_OBJECTS))
 
     def rescan(self, iqn: str) -> None:
-        runner.run(["iscsiadm", "-m", "node", "-T", iqn, "-R"], ok_codes=(0, RC_NO_OBJECTS))
+        _node_db(["iscsiadm", "-m", "node", "-T", iqn, "-R"], ok=(0, RC_NO_OBJECTS))
 
     def records(self) -> list[tuple[str, str]]:
         """(portal, iqn) of every node record."""
-        r = runner.run(["iscsiadm", "-m", "node"], ok_codes=(0, RC_NO_OBJECTS))
+        r = _node_db(["iscsiadm", "-m", "node"], ok=(0, RC_NO_OBJECTS))
         out = []
         for line in r.stdout.splitlines():
             parts = line.split()

@@ -28,6 +28,7 @@ class FakeRunner:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.envs: list[dict[str, str]] = []
+        self.timeouts: list[float | None] = []
         self.responses: list[tuple[tuple[str, ...], Callable[[list[str]], tuple[int, str, str]]]] = []
 
     def on(self, *prefix: str, rc: int = 0, stdout: str = "", stderr: str = "", fn=None) -> None:
@@ -38,6 +39,7 @@ class FakeRunner:
         argv = list(argv)
         self.calls.append(argv)
         self.envs.append(env or {})
+        self.timeouts.append(timeout)
         best = None
         for prefix, fn in self.responses:
             if tuple(argv[:len(prefix)]) == prefix and (best is None or len(prefix) >= len(best[0])):

@@ -74,3 +74,88 @@ def test_initiator_name(tmp_path):
     f.write_text("nothing")
     with pytest.raises(errors.CsiError):
         read_initiator_name(f)
+
+
+BROKEN_RECORD = ("iscsiadm: Could not stat /etc/iscsi/nodes//,3260,-1/default to delete node: No such file or "
+                 "directory\niscsiadm: Error while adding record: encountered iSCSI database failure\n")
+
+
+def test_a_record_that_a_killed_iscsiadm_truncated_is_removed_and_made_again(fake_run, tmp_path, monkeypatch):
+    # Seen with 100 stages at once (tests/e2e/test_load.py): iscsiadm killed while writing a record left one
+    # without a target name; every later `-o new` of that target failed with exit 6, so the volume never staged.
+    from csi.node import iscsi
+    db = tmp_path / "nodes"
+    broken = db / T.iqn / "10.0.0.1:3260,1"
+    broken.mkdir(parents=True)
+    (broken / "default").write_text("")
+    other = db / T.iqn / "10.0.0.2:3260,1"
+    other.mkdir()
+    monkeypatch.setattr(iscsi, "NODE_DB_DIRS", (db,))
+    fake_run.on("iscsiadm", "-m", "session", rc=21)
+    fake_run.on("iscsiadm", "-m", "node")
+    fake_run.on("iscsiadm", "-m", "node", "-T", T.iqn, "-p", "10.0.0.1:3260", "-o", "new",
+                fn=lambda argv: (6, "", BROKEN_RECORD) if broken.exists() else (0, "", ""))
+    Iscsiadm().login(T)
+    news = [c for c in fake_run.calls if c[-2:] == ["-o", "new"]]
+    assert len(news) == 2 and not broken.exists() and other.exists()
+    assert fake_run.calls[-1][-1] == "--login"
+
+
+def test_a_database_failure_without_a_broken_record_is_raised(fake_run, tmp_path, monkeypatch):
+    from csi.node import iscsi
+    from csi.runner import CommandError
+    monkeypatch.setattr(iscsi, "NODE_DB_DIRS", (tmp_path / "nodes",))
+    fake_run.on("iscsiadm", "-m", "session", rc=21)
+    fake_run.on("iscsiadm", "-m", "node", "-T", T.iqn, "-p", "10.0.0.1:3260", "-o", "new", rc=6,
+                stderr=BROKEN_RECORD)
+    with pytest.raises(CommandError) as e:
+        Iscsiadm().login(T)
+    assert e.value.rc == 6 and sum(c[-2:] == ["-o", "new"] for c in fake_run.calls) == 1
+
+
+def test_record_writes_outlive_a_spent_rpc_deadline(fake_run):
+    # A call whose deadline is almost spent gives its commands the runner's 2 s floor; a record write killed by
+    # it is what breaks a record (above), so record writes get RECORD_TIMEOUT_S whatever is left.
+    from csi import runner
+    from csi.node import iscsi
+    fake_run.on("iscsiadm", "-m", "session", rc=21)
+    fake_run.on("iscsiadm", "-m", "node")
+    with runner.deadline(0.5):
+        Iscsiadm().login(T)
+        Iscsiadm().logout(T.iqn)
+    writes = [t for c, t in zip(fake_run.calls, fake_run.timeouts) if "-o" in c]   # new, 8 updates, delete
+    assert len(writes) == 10 and all(t > iscsi.RECORD_TIMEOUT_S - 1 for t in writes), writes
+    others = [t for c, t in zip(fake_run.calls, fake_run.timeouts) if "-o" not in c]
+    assert others and all(t <= runner.MIN_TIMEOUT for t in others)
+
+
+def test_node_database_commands_of_concurrent_stages_never_overlap(fake_run):
+    # open-iscsi walks every record on update / delete / login / logout / listing: one of another volume's
+    # stage changing meanwhile fails the walk (exit 6). Seen with 50 stages at once per worker.
+    import threading
+    import time as _time
+
+    running, overlaps, mutex = [0], [0], threading.Lock()
+
+    def slow(argv):
+        with mutex:
+            running[0] += 1
+            overlaps[0] = max(overlaps[0], running[0])
+        _time.sleep(0.002)
+        with mutex:
+            running[0] -= 1
+        return 0, "", ""
+
+    rc, _, err = recorded_failure("session_none")
+    fake_run.on("iscsiadm", "-m", "session", rc=rc, stderr=err)
+    fake_run.on("iscsiadm", "-m", "node", fn=slow)
+    targets = [Target(f"iqn.2026-11.dev.csi.lvm-iscsi:vg.lv{i}", ("10.0.0.1:3260",), 0, "u1", "secret-123456789")
+               for i in range(8)]
+    threads = [threading.Thread(target=lambda t=t: (Iscsiadm().login(t), Iscsiadm().logout(t.iqn))) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    node_calls = [c for c in fake_run.calls if c[:3] == ["iscsiadm", "-m", "node"]]
+    assert len(node_calls) >= 8 * 8
+    assert overlaps[0] == 1, f"{overlaps[0]} iscsiadm -m node commands ran at once"
