@@ -242,6 +242,17 @@ def test_driver_containers_have_a_startup_probe_before_liveness():
         assert "initialDelaySeconds" not in driver["livenessProbe"]
 
 
+def test_node_driver_registrar_has_a_startup_probe_before_liveness():
+    # Registration waits for the driver: under load the registrar was restarted by liveness (3 x 30 s) while
+    # the node plugin was still starting (Kubernetes e2e run, install test: restartCount 1).
+    registrar = containers(one(rendered(), "DaemonSet", "node"))["node-driver-registrar"]
+    startup, liveness = registrar["startupProbe"], registrar["livenessProbe"]
+    assert startup["exec"]["command"] == liveness["exec"]["command"]
+    assert "--mode=kubelet-registration-probe" in startup["exec"]["command"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert "initialDelaySeconds" not in liveness
+
+
 def test_controller_sidecars_have_a_startup_probe_before_liveness():
     """The sidecars open their HTTP endpoint only after reaching the driver's socket. On the Kubernetes e2e
     cluster the driver took over 30 s to start and csi-attacher was restarted by its liveness probe (10 s initial
