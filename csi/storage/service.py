@@ -232,11 +232,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             healthy, condition = False, f"logical volume {rec.vg}/{rec.lv} is not active"
         elif not exported:
             healthy, condition = False, f"iSCSI target {rec.target_iqn} is not exported"
-        return pb.Volume(name=rec.name, pool=rec.pool, vg=rec.vg, lv=rec.lv, size_bytes=lv.size if lv else rec.size,
-                         attributes=rec.attributes, target_iqn=rec.target_iqn,
-                         initiators=[pb.Initiator(iqn=g.initiator, read_only=g.read_only) for g in rec.grants.values()],
-                         exported=exported, created_unix=int(rec.created), healthy=healthy, condition=condition,
-                         ready=rec.state == "ready")
+        msg = self._record_message(rec)
+        if lv is not None:
+            msg.size_bytes = lv.size
+        msg.exported, msg.healthy, msg.condition = exported, healthy, condition
+        return msg
 
     @staticmethod
     def _record_message(rec: VolumeRecord) -> pb.Volume:
