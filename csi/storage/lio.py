@@ -9,9 +9,11 @@ own (shell-based) modprobe.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +69,38 @@ def load_modules() -> None:
     runner.run(["modprobe", "-a", *MODULES])
 
 
+# rtslib objects are views of configfs paths that another thread may remove between two of rtslib's own
+# reads (a concurrent unexport makes a walk over the targets meet a vanished directory: FileNotFoundError).
+# Every change to LIO therefore runs under this one lock; each change takes milliseconds, so it costs
+# nothing against the LVM work around it.
+_CHANGE = threading.RLock()
+
+
 def _rts():
     # Imported late: rtslib-fb reads configfs when its objects are made, and the unit tests and the
     # controller never need it.
     import rtslib_fb
     return rtslib_fb
+
+
+def _serialised(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with _CHANGE:
+            return method(self, *args, **kwargs)
+    return locked
+
+
+def _drop_store(so) -> None:
+    """Removes a backstore whose LUN is already gone (its target was deleted).
+
+    rtslib's StorageObject.delete() first walks every LUN of every target looking for links to the store:
+    a cost that grows with the number of exports. Our store's only LUN went with its target, and the
+    kernel refuses (EBUSY) to remove a store a LUN still links to, so the walk buys nothing here.
+    """
+    from rtslib_fb.node import CFSNode
+    CFSNode.delete(so)
+    so._backstore.delete()  # the store's own HBA directory (rtslib makes one per store)
 
 
 class Lio:
@@ -100,6 +129,7 @@ class Lio:
 
     # ------------------------------------------------------------------------------------ exports
 
+    @_serialised
     def export(self, iqn: str, backstore: str, device: str, thin: bool) -> None:
         """Backstore, target, TPG 1 with CHAP enforced and no demo mode, LUN 0, portals."""
         rts = _rts()
@@ -130,6 +160,7 @@ class Lio:
         if not tpg.enable:
             tpg.enable = True
 
+    @_serialised
     def unexport(self, iqn: str, backstore: str) -> None:
         """Removes the target (its TPG, LUN, portals, ACLs: the kernel ends their sessions) and the backstore."""
         rts = _rts()
@@ -137,10 +168,12 @@ class Lio:
         if target is not None:
             target.delete()
         try:
-            rts.BlockStorageObject(backstore).delete()
+            so = rts.BlockStorageObject(backstore)
         except rts.RTSLibNotInCFSError:
-            pass
+            return
+        _drop_store(so)
 
+    @_serialised
     def remove_target(self, iqn: str) -> None:
         """Removes a target and the backstores its LUNs use, when nothing else says which backstore it is."""
         target = self._target(iqn)
@@ -172,6 +205,7 @@ class Lio:
 
     # ------------------------------------------------------------------------------------ ACLs
 
+    @_serialised
     def grant(self, iqn: str, access: Access) -> None:
         rts = _rts()
         tpg = self._tpg(iqn)
@@ -196,6 +230,7 @@ class Lio:
         if mapped is None:
             rts.MappedLUN(acl, 0, tpg_lun=rts.LUN(tpg, 0), write_protect=access.read_only)
 
+    @_serialised
     def revoke(self, iqn: str, initiator: str) -> int:
         """Removes the ACL; LIO ends the initiator's sessions with it. Returns how many were live."""
         rts = _rts()

@@ -16,6 +16,7 @@ from csi.lab import VG_NAME, GuestResult, LabError
 pytestmark = pytest.mark.e2e
 
 PYTHON = sys.executable  # the project's venv; the nodes see it through hostfs
+REPO = Path(__file__).resolve().parents[2]
 TARGET_IQN = "iqn.2026-11.dev.csi.lvm-iscsi:lab-test-vol1"
 LV = "vol1"
 CHAP_USER = "labuser"
@@ -176,6 +177,46 @@ def test_iscsi_export_login_mkfs_write_read(lab):
     assert s1.run(["sha256sum", "/run/check/data"], check=True).stdout.split()[0] == written
     s1.run(["umount", "/run/check"], timeout=60, check=True)
     WRITTEN["sha256"] = written
+
+
+CONCURRENT = """
+import glob, json, sys
+from concurrent.futures import ThreadPoolExecutor
+from csi.storage.lio import Access, Lio, Portal
+a = json.load(sys.stdin)
+lio = Lio([Portal(a["ip"])])
+def export(name):
+    iqn = a["prefix"] + name
+    lio.export(iqn, name, "/dev/%s/%s" % (a["vg"], name), thin=True)
+    lio.grant(iqn, Access(a["initiator"], False, "user" + name, "secret-of-" + name))
+def unexport(name):
+    lio.unexport(a["prefix"] + name, name)
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(export, a["names"]))  # re-raises the first failure
+    exported = sorted(i for i in lio.exported_iqns(a["prefix"]) if lio.is_exported(i))
+    list(pool.map(unexport, a["names"]))
+stores = sorted(glob.glob("/sys/kernel/config/target/core/iblock_*/race*"))
+print(json.dumps({"exported": exported, "left": lio.exported_iqns(a["prefix"]), "stores": stores}))
+"""
+
+
+def test_lio_exports_and_unexports_concurrently(lab):
+    """The agent serves calls on many threads. rtslib objects are views of configfs paths, so one thread's
+    removal of a target once broke another's walk over the targets (FileNotFoundError, found by the load test);
+    every change now runs under one lock, and a backstore goes without that walk."""
+    s1, w1 = lab.node("storage-1"), lab.node("worker-1")
+    names = [f"race{i:02d}" for i in range(16)]
+    for name in names:
+        s1.run(["lvcreate", "-q", "-V", "16M", "-T", f"{VG_NAME}/thinpool", "-n", name], timeout=60, check=True)
+    prefix = "iqn.2026-11.dev.csi.lvm-iscsi:race-"
+    try:
+        out = s1.run([PYTHON, "-c", CONCURRENT], timeout=180, check=True, cwd=str(REPO), input=json.dumps({
+            "ip": s1.ip, "prefix": prefix, "vg": VG_NAME, "names": names,
+            "initiator": w1.initiator_iqn})).stdout
+        # Every export was whole, and every target and backstore went again.
+        assert json.loads(out) == {"exported": [prefix + n for n in names], "left": [], "stores": []}
+    finally:
+        s1.run(["lvremove", "-q", "-y", *[f"{VG_NAME}/{n}" for n in names]], timeout=120)
 
 
 def test_storage_reboot_keeps_disk_and_vg(lab):
