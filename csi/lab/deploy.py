@@ -54,6 +54,15 @@ class Deployment:
     def agent_state(self, node: LabNode) -> Path:
         return node.workdir / "agent-state"   # on the host's disk: survives the node's reboot
 
+    def start_all(self, storage: list[LabNode], workers: list[LabNode]) -> None:
+        """The whole driver: an agent on every storage node, the node plugin on every worker, the controller
+        on the host knowing every storage node."""
+        for node in storage:
+            self.start_agent(node)
+        for node in workers:
+            self.start_node_plugin(node)
+        self.start_controller(storage)
+
     def start_agent(self, node: LabNode, pools=None, extra: list[str] | None = None,
                     env: dict[str, str] | None = None) -> None:
         self._stop(node, "agent")

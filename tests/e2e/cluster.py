@@ -128,10 +128,7 @@ def make_cluster(tmp_path_factory):
         lab.boot_all(timeout=180)
         d = Deployment(lab, cluster_id="e2e", zones={"storage-1": "zone-a", "storage-2": "zone-b",
                                                      "worker-1": "zone-a"})
-        d.start_agent(s1)
-        d.start_agent(s2)
-        d.start_node_plugin(w)
-        d.start_controller([s1, s2])
+        d.start_all([s1, s2], [w])
         c = Cluster(lab, d)
         try:
             yield c

@@ -110,11 +110,7 @@ def load_cluster(tmp_path_factory):
         lab.boot_all(timeout=240)
         d = Deployment(lab, cluster_id=CLUSTER_ID, zones={"storage-1": "zone-a", "storage-2": "zone-b",
                                                           "worker-1": "zone-a", "worker-2": "zone-b"})
-        d.start_agent(s1)
-        d.start_agent(s2)
-        d.start_node_plugin(w1)
-        d.start_node_plugin(w2)
-        d.start_controller([s1, s2])
+        d.start_all([s1, s2], [w1, w2])
         c = LoadCluster(lab, d)
         try:
             yield c
