@@ -2,7 +2,8 @@
 
 The agent's LVM runs with its own configuration directory (LVM_SYSTEM_DIR): it scans only the devices the
 agent is configured for, never LVs (a tenant's PVs inside a volume stay invisible), activates nothing on its
-own, and keeps its metadata backups in the agent's state directory instead of the host's /etc/lvm.
+own, and keeps its metadata backups in the agent's state directory instead of the host's /etc/lvm. A thin
+pool's fill is also read from the kernel (device-mapper's status), which costs the same at any VG size.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ POOL_FIELDS = "lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,zer
 # lvs exits with 5 and says exactly this when asked for an LV or VG that is not there.
 _LV_MISSING = re.compile(r'^\s*Failed to find logical volume "[^"]+"\s*$', re.M)
 _VG_MISSING = re.compile(r'^\s*Volume group "[^"]+" not found\s*$', re.M)
+_DM_MISSING = re.compile(r'^\s*Device does not exist\.?\s*$', re.M)
+_LV_EXISTS = re.compile(r'^\s*Logical [Vv]olume "[^"]+" already exists in [Vv]olume group "[^"]+"\s*$', re.M)
+
+
+def already_exists(exc: CommandError) -> bool:
+    """lvcreate refused a name that is taken (exit 5 and LVM's own words)."""
+    return exc.rc == 5 and bool(_LV_EXISTS.search(exc.stderr))
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,32 @@ class ThinPoolState:
     metadata_percent: float
     zeroing: bool
     group: VolumeGroup | None = None   # its VG, from the same report (one command instead of two)
+
+
+@dataclass(frozen=True)
+class ThinPoolFill:
+    """A thin pool's size and fill as the kernel's thin-pool target counts them."""
+    size: int
+    data_percent: float
+    metadata_percent: float
+
+
+def dm_name(vg: str, lv: str, layer: str = "") -> str:
+    """The device-mapper name LVM gives an LV (or one of its layers): the dashes in each name doubled."""
+    return "-".join([vg.replace("-", "--"), lv.replace("-", "--")] + ([layer] if layer else []))
+
+
+def parse_thin_pool_status(stdout: str) -> ThinPoolFill | None:
+    """`dmsetup status` of a thin-pool target: `<start> <sectors> thin-pool <transaction> <used>/<total>
+    metadata blocks <used>/<total> data blocks ...`; a failed pool says `Fail` instead: None."""
+    fields = stdout.split()
+    if len(fields) < 6 or fields[2] != "thin-pool" or "/" not in fields[4] or "/" not in fields[5]:
+        return None
+    meta_used, meta_total = (int(v) for v in fields[4].split("/"))
+    data_used, data_total = (int(v) for v in fields[5].split("/"))
+    if not meta_total or not data_total:
+        return None
+    return ThinPoolFill(int(fields[1]) * 512, 100.0 * data_used / data_total, 100.0 * meta_used / meta_total)
 
 
 def lvm_config(devices: Sequence[str], state_dir: Path) -> str:
@@ -207,6 +241,17 @@ class Lvm:
                             _num(r["lv_count"])) if "vg_size" in r else None
         return ThinPoolState(r["vg_name"], r["lv_name"], _num(r["lv_size"]), _pct(r["data_percent"]) or 0.0,
                              _pct(r["metadata_percent"]) or 0.0, r.get("zero", "") in ("zero", "1"), group)
+
+    def thin_pool_fill(self, vg: str, pool: str) -> ThinPoolFill | None:
+        """The pool's fill from the kernel (`dmsetup status` of its -tpool device): a constant cost, where an
+        LVM report reads the metadata of every LV in the VG. None when the pool is not active (or failed)."""
+        try:
+            out = runner.run(["dmsetup", "status", dm_name(vg, pool, "tpool")])
+        except CommandError as exc:
+            if exc.rc == 1 and _DM_MISSING.search(exc.stderr):
+                return None
+            raise
+        return parse_thin_pool_status(out.stdout)
 
     # ------------------------------------------------------------------------------------ writes
 

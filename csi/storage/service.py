@@ -11,6 +11,7 @@ At start, `restore` brings the kernel back to what the records say.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -28,7 +30,8 @@ from csi.config import AgentConfig, PoolConfig
 from csi.proto import agent_pb2 as pb
 from csi.proto import agent_pb2_grpc
 from csi.server import KeyLocks, TlsFiles
-from csi.storage import copy, orphans
+from csi.runner import CommandError
+from csi.storage import copy, lvm, orphans
 from csi.storage.lio import Access, Lio
 from csi.storage.lvm import LogicalVolume, Lvm, ThinPoolState, VolumeGroup
 from csi.storage.records import Grant, RecordStore, VolumeRecord
@@ -39,6 +42,7 @@ API_VERSION = "v1"
 AGENT_VERSION = "0.1.0"
 CHAP_ALPHABET = string.ascii_letters + string.digits
 POOL_REPORT_TTL = 5.0
+VG_REPORT_TTL = 60.0
 CHAP_SECRET_LEN = 24  # LIO takes 12 to 255; many initiators want at least 12
 
 
@@ -126,51 +130,70 @@ class PoolTotals:
 
 
 class PoolReports:
-    """The reports of thin pools (size, fill, extent size) and of VGs (free space), each reused for
-    POOL_REPORT_TTL seconds: the controller asks every agent for capacity on every CreateVolume. Creating a
-    thin LV changes neither (its blocks are allocated when written); what changes a VG's free space (a thick
-    LV created, grown or removed) forgets that VG's report at once. Thin fill levels may lag by those
-    seconds; the max_fill_percent guard is a margin, not an exact line."""
+    """Thin pool fill (size, data and metadata use) and VG free space, each reused for a few seconds: the
+    controller asks every agent for capacity on every CreateVolume.
+
+    Only the first look at a thin pool (or one whose kernel device is not active) takes an LVM report, which
+    reads the metadata of every LV in the VG (about 1 s at 500 LVs); afterwards its fill comes from the kernel
+    (`dmsetup status`), the same cost at any count, every POOL_REPORT_TTL seconds. Thin fill levels may lag by
+    those seconds; the max_fill_percent guard is a margin, not an exact line. A VG's free space changes only
+    through LVM: this agent's own thick changes forget the VG's report at once, and anything else (an
+    administrator, another cluster's agent on the same VG) is seen within VG_REPORT_TTL seconds."""
 
     def __init__(self, lvm: Lvm):
         self._lvm = lvm
         self._reports: dict[tuple[str, str], tuple[float, object]] = {}
         self._mutex = threading.Lock()
 
-    def _get(self, key: tuple[str, str], read):
+    def _cached(self, key: tuple[str, str], ttl: float):
+        """(report or None if too old or never read, the last report read)."""
         with self._mutex:
             at, report = self._reports.get(key, (0.0, None))
-            if report is not None and time.monotonic() - at < POOL_REPORT_TTL:
-                return report
-        report = read()
-        with self._mutex:
-            if report is not None:
+        return (report if report is not None and time.monotonic() - at < ttl else None), report
+
+    def _keep(self, key: tuple[str, str], report) -> None:
+        if report is not None:
+            with self._mutex:
                 self._reports[key] = (time.monotonic(), report)
-        return report
 
     def thin_pool(self, vg: str, pool: str) -> ThinPoolState | None:
-        def read():
+        fresh, last = self._cached((vg, pool), POOL_REPORT_TTL)
+        if fresh is not None:
+            return fresh
+        fill = self._lvm.thin_pool_fill(vg, pool) if last is not None else None
+        if fill is not None:
+            # Its extent size and zeroing are the LVM report's; they do not change while the pool exists.
+            state = dataclasses.replace(last, size=fill.size, data_percent=fill.data_percent,
+                                        metadata_percent=fill.metadata_percent)
+        else:
             state = self._lvm.thin_pool(vg, pool)
             if state is not None and state.group is not None:
                 # The report carries its VG's numbers too: a thick pool in the same VG needs no vgs of its own.
-                with self._mutex:
-                    self._reports[(vg, "")] = (time.monotonic(), state.group)
-            return state
-        return self._get((vg, pool), read)
+                self._keep((vg, ""), state.group)
+        self._keep((vg, pool), state)
+        return state
 
     def vg(self, vg: str) -> VolumeGroup | None:
-        return self._get((vg, ""), lambda: self._lvm.vg(vg))
+        fresh, _ = self._cached((vg, ""), VG_REPORT_TTL)
+        if fresh is not None:
+            return fresh
+        report = self._lvm.vg(vg)
+        self._keep((vg, ""), report)
+        return report
 
     def forget(self, vg: str) -> None:
-        """After a change of the VG's free space: its report and its thin pools' (their VG fields) go."""
+        """After this agent changed the VG's free space (a thick LV created, grown or removed)."""
         with self._mutex:
-            for key in [k for k in self._reports if k[0] == vg]:
-                del self._reports[key]
+            self._reports.pop((vg, ""), None)
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
-    def __init__(self, config: AgentConfig, lvm: Lvm, lio: Lio, records: RecordStore):
+    def __init__(self, config: AgentConfig, lvm: Lvm, lio: Lio, records: RecordStore,
+                 device_node_exists: Callable[[str], bool] = os.path.exists):
         self.config = config
+        # /dev/<vg>/<lv> is there exactly while the LV is active (LVM makes it: udev_rules = 0). The unit tests
+        # pass their simulated LVM's answer.
+        self.device_node_exists = device_node_exists
         self.lvm = lvm
         self.lio = lio
         self.records = records
@@ -281,10 +304,21 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             # as comparing with the rounded one: an existing volume costs no report of the VG.
             size = max(request.size_bytes, source.size_bytes if source else 0)
             digest = attributes_digest(attributes)
-            lv = self.lvm.lv(pool.vg, lv_name)
+            lv = None
+            if self._may_exist(pool.vg, lv_name):
+                lv = self.lvm.lv(pool.vg, lv_name)
             if lv is None:
-                lv = self._create_lv(name, pool, lv_name, size, digest, source)
-            elif not self._ours(lv) or lv.tag(f"{ids.TAG_PREFIX}/request") != digest or \
+                try:
+                    lv = self._create_lv(name, pool, lv_name, size, digest, source)
+                except CommandError as exc:
+                    # lvcreate is the atomic check: an LV that neither a record nor a device node showed
+                    # (deactivated by hand) is compared below like any existing one.
+                    if not lvm.already_exists(exc):
+                        raise
+                    lv = self.lvm.lv(pool.vg, lv_name)
+                    if lv is None:
+                        raise
+            if not self._ours(lv) or lv.tag(f"{ids.TAG_PREFIX}/request") != digest or \
                     (lv.pool or "") != pool.thin_pool or lv.size < size:
                 raise errors.exists(f"volume {name!r} exists with another size, pool, source or capabilities")
             rec = self.records.load(pool.vg, lv_name)
@@ -455,6 +489,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             lv_name = ids.lv_name(self.config.cluster_id, name)
             for vg in sorted({p.vg for p in self.config.pools}):
                 rec = self.records.load(vg, lv_name)
+                if rec is None and not self._may_exist(vg, lv_name):
+                    continue
                 lv = self.lvm.lv(vg, lv_name)
                 if lv is not None and self._ours(lv):
                     if rec is None or rec.deleting:
@@ -546,11 +582,17 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                                           lun=0, chap_user=grant.chap_user, chap_secret=grant.chap_secret,
                                           mutual_chap_user=grant.mutual_user, mutual_chap_secret=grant.mutual_secret)
 
+    def _may_exist(self, vg: str, lv_name: str) -> bool:
+        """Whether an LV with no record might exist: only if its device node does. Every LV of ours is active
+        (lvcreate activates it, restore() activates the ones whose creation was cut short), so a create or a
+        look-up by name of a new volume costs no LVM report, a cost that grows with the VG."""
+        return self.device_node_exists(f"/dev/{vg}/{lv_name}")
+
     def _active_device(self, rec: VolumeRecord) -> str:
         """The volume's device, activating the LV if it is not. The device node is there exactly while the LV
         is active (LVM makes it: udev_rules = 0), so the common case costs no LVM report."""
         path = f"/dev/{rec.vg}/{rec.lv}"
-        if os.path.exists(path):
+        if self.device_node_exists(path):
             return path
         lv = self.lvm.lv(rec.vg, rec.lv)
         if lv is None:
@@ -652,7 +694,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     def restore(self) -> dict[str, int]:
         """Brings the kernel back to what the records say: exports and ACLs re-created, deletions that
         were cut short finished, ACLs that no record holds removed."""
-        counts = {"exported": 0, "finished_deletes": 0, "stale_acls_removed": 0, "failed": 0}
+        counts = {"exported": 0, "finished_deletes": 0, "stale_acls_removed": 0, "activated_unrecorded": 0,
+                  "failed": 0}
         for pool in self.config.pools:
             state = self.lvm.thin_pool(pool.vg, pool.thin_pool) if pool.thin else None
             if state is not None and not state.zeroing:
@@ -662,7 +705,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         lvs = {}
         for vg in sorted({p.vg for p in self.config.pools}):
             lvs.update({(vg, lv.name): lv for lv in self.lvm.lvs(vg)})
-        for rec in self.records.all():
+        records = list(self.records.all())
+        recorded = {(rec.vg, rec.lv) for rec in records}
+        for (vg, name), lv in sorted(lvs.items()):
+            if (vg, name) not in recorded and self._ours(lv) and not lv.active:
+                # A creation cut short before its record (and a reboot since): active, its device node tells
+                # CreateVolume and GetVolume that it exists (see _may_exist); the retry finishes it.
+                try:
+                    self.lvm.activate(vg, name)
+                    counts["activated_unrecorded"] += 1
+                except CommandError:
+                    log.exception("could not activate %s/%s, whose creation was cut short", vg, name)
+                    counts["failed"] += 1
+        for rec in records:
             try:
                 lv = lvs.get((rec.vg, rec.lv))
                 if rec.deleting or lv is None:

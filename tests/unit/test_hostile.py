@@ -52,7 +52,7 @@ from csi.proto import csi_pb2 as csi
 from csi.proto import csi_pb2_grpc
 from csi.server import KeyLocks
 from csi.storage.lio import AclState, Portal
-from csi.storage.lvm import Lvm
+from csi.storage.lvm import Lvm, dm_name
 from csi.storage.records import RecordStore
 from csi.storage.service import AgentService, PoolReports, PoolTotals
 from tests.unit.conftest import FakeRunner, recorded_failure
@@ -404,6 +404,25 @@ class LvmSim:
                                 "metadata_percent": metadata_percent, "origin": origin,
                                 "lv_time": "2026-11-26 03:34:34 +0000"}
 
+    def device_node_exists(self, path: str) -> bool:
+        """The kernel's side: /dev/<vg>/<lv> exists exactly for the active LVs."""
+        vg, _, lv = path.removeprefix("/dev/").partition("/")
+        row = self.lvs.get((vg, lv)) if path.startswith("/dev/") else None
+        return row is not None and row["lv_attr"][4] == "a"
+
+    def dmsetup_status(self, argv: list[str]) -> tuple[int, str, str]:
+        """The kernel's thin-pool status of an active pool's -tpool device, shaped like the recorded one."""
+        rows = {dm_name(vg, n, "tpool"): r for (vg, n), r in self.lvs.items() if r["lv_attr"].startswith("t")}
+        row = rows.get(argv[-1])
+        if row is None or row["lv_attr"][4] != "a":
+            rc, _, err = recorded_failure("dmsetup_status_missing")
+            return rc, "", err
+        blocks = int(row["lv_size"]) // (64 * 1024)
+        used = int(blocks * float(row["data_percent"] or 0) / 100)
+        meta_used = int(4096 * float(row["metadata_percent"] or 0) / 100)
+        return 0, (f"0 {int(row['lv_size']) // 512} thin-pool 3 {meta_used}/4096 {used}/{blocks} - rw "
+                   "no_discard_passdown queue_if_no_space - 1024 \n"), ""
+
     def _vg_row(self, vg: str) -> dict[str, str]:
         used = sum(int(r["lv_size"]) for (g, _), r in self.lvs.items() if g == vg and not r["pool_lv"])
         return {"vg_name": vg, "vg_size": str(self.VG_SIZE), "vg_free": str(self.VG_SIZE - used),
@@ -631,6 +650,7 @@ def node_responses(lvm: LvmSim) -> list:
     r.on("blockdev", "--flushbufs")
     r.on("blockdev", "--getsize64", stdout=f"{GiB}\n")
     r.on("vgs", fn=lvm.vgs)
+    r.on("dmsetup", "status", fn=lvm.dmsetup_status)
     r.on("lvs", fn=lvm.lvs_cmd)
     for cmd in ("lvcreate", "lvremove", "lvextend", "lvchange"):
         r.on(cmd, fn=getattr(lvm, cmd))
@@ -692,7 +712,7 @@ class Harness:
         self.agent = AgentService(AgentConfig("s1", "unused", (Portal("10.0.0.1"),), self.agent_state, CLUSTER,
                                               base / "tls", POOLS, ("/dev/sdb",)),
                                   Lvm(self.agent_state / "lvm-system"), self.lio,
-                                  RecordStore(self.agent_state / "volumes"))
+                                  RecordStore(self.agent_state / "volumes"), self.lvm.device_node_exists)
         self.servers: list[grpc.Server] = []
         self.channels: dict[str, grpc.Channel] = {}
         self.stubs: dict[str, Any] = {}

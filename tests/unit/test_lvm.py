@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from csi.storage.lvm import Lvm, lvm_config
+from csi.runner import CommandError
+from csi.storage.lvm import Lvm, already_exists, lvm_config, parse_thin_pool_status
 from tests.unit.conftest import recorded, recorded_failure
 
 LVS_ONE = json.dumps({"report": [{"lv": [{
@@ -57,6 +58,33 @@ def test_remove_of_missing_lv_succeeds(fake_run, lvm):
     fake_run.on("lvremove", rc=rc, stderr=err)
     lvm.remove("csi-vg", "missing")
     assert fake_run.calls == [["lvremove", "--yes", "csi-vg/missing"]]
+
+
+def test_a_taken_name_is_recognised_from_lvcreates_own_words(fake_run, lvm):
+    # The agent's CreateVolume lets lvcreate be the atomic "does it exist?" check (see service._may_exist).
+    rc, _, err = recorded_failure("lvcreate_exists")
+    fake_run.on("lvcreate", rc=rc, stderr=err)
+    with pytest.raises(CommandError) as taken:
+        lvm.create("csi-vg", "vol1", 1 << 30, [], "thinpool")
+    assert already_exists(taken.value)
+    fake_run.on("lvcreate", rc=5, stderr='  Volume group "csi-vg" has insufficient free space (1 extents).\n')
+    with pytest.raises(CommandError) as full:
+        lvm.create("csi-vg", "vol1", 1 << 30, [])
+    assert not already_exists(full.value)
+
+
+def test_thin_pool_fill_from_the_kernels_recorded_status(fake_run, lvm):
+    # Recorded with 2 thin volumes in a 2.39 GiB pool (64 KiB chunks), one of them written with 24 MiB; `lvs`
+    # said then: Data% 0.98, Meta% 11.43.
+    fake_run.on("dmsetup", "status", stdout=recorded("dmsetup_status_thinpool.txt"))
+    fill = lvm.thin_pool_fill("csi-vg", "thinpool")
+    assert fake_run.calls == [["dmsetup", "status", "csi--vg-thinpool-tpool"]]
+    assert fill.size == 5021696 * 512
+    assert (round(fill.data_percent, 2), round(fill.metadata_percent, 2)) == (0.98, 11.43)
+    rc, _, err = recorded_failure("dmsetup_status_missing")
+    fake_run.on("dmsetup", "status", rc=rc, stderr=err)
+    assert lvm.thin_pool_fill("csi-vg", "thinpool") is None
+    assert parse_thin_pool_status("0 4194304 thin-pool Fail\n") is None
 
 
 def test_create_thin_and_thick_argv(fake_run, lvm):
