@@ -85,6 +85,8 @@ def command_label(argv: list[str]) -> str:
         return "lvs VG/LV (one LV)" if "/" in last else "lvs VG (every LV in the VG)"
     if cmd == "vgs":
         return "vgs VG"
+    if argv[:2] == ["dmsetup", "status"]:
+        return "dmsetup status (thin pool fill, from the kernel)"
     if cmd == "lvcreate":
         return "lvcreate --thin" if "--thin" in argv else "lvcreate"
     return cmd
