@@ -11,9 +11,12 @@ and rtslib-fb only. Each sub-command prints one JSON line.
   recv-file IP PORT PATH                               accept one connection, write it to PATH, fsync: bytes,
                                                        seconds from accept to fsync done
   send-file IP PORT PATH BYTES                         connect (retrying), send the first BYTES of PATH
+  send-device IP PORT DEVICE BYTES                     the same, reading the block device with O_DIRECT (as
+                                                       LIO's block backstore does: no page cache)
 """
 
 import json
+import mmap
 import os
 import socket
 import subprocess
@@ -142,8 +145,26 @@ def send_file(ip, port, path, size):
     return {}
 
 
+def send_device(ip, port, path, size):
+    left = int(size)
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with _connect(ip, port) as sock:
+            sock.settimeout(None)
+            while left > 0:
+                n = os.readv(fd, [buf])
+                if n <= 0:
+                    break
+                sock.sendall(memoryview(buf)[:min(n, left)])
+                left -= n
+    finally:
+        os.close(fd)
+    return {}
+
+
 COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "tcp-recv": tcp_recv, "tcp-send": tcp_send,
-            "timed": timed, "recv-file": recv_file, "send-file": send_file}
+            "timed": timed, "recv-file": recv_file, "send-file": send_file, "send-device": send_device}
 
 if __name__ == "__main__":
     print(json.dumps(COMMANDS[sys.argv[1]](*sys.argv[2:])), flush=True)
