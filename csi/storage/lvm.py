@@ -26,8 +26,16 @@ POOL_FIELDS = "lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,zer
 # lvs exits with 5 and says exactly this when asked for an LV or VG that is not there.
 _LV_MISSING = re.compile(r'^\s*Failed to find logical volume "[^"]+"\s*$', re.M)
 _VG_MISSING = re.compile(r'^\s*Volume group "[^"]+" not found\s*$', re.M)
+# lvcreate --snapshot says this instead, when the origin is not there.
+_ORIGIN_MISSING = re.compile(r'^\s*Snapshot origin LV \S+ not found in Volume group \S+\s*$', re.M)
 _DM_MISSING = re.compile(r'^\s*Device does not exist\.?\s*$', re.M)
 _LV_EXISTS = re.compile(r'^\s*Logical [Vv]olume "[^"]+" already exists in [Vv]olume group "[^"]+"\s*$', re.M)
+
+
+def is_missing(exc: CommandError) -> bool:
+    """An LVM command failed because the LV or VG it names is not there (exit 5 and LVM's own words)."""
+    return exc.rc == 5 and bool(_LV_MISSING.search(exc.stderr) or _VG_MISSING.search(exc.stderr) or
+                                _ORIGIN_MISSING.search(exc.stderr))
 
 
 def already_exists(exc: CommandError) -> bool:
@@ -207,7 +215,7 @@ class Lvm:
             out = self._run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", LV_FIELDS,
                              f"{vg}/{name}"])
         except CommandError as exc:
-            if exc.rc == 5 and (_LV_MISSING.search(exc.stderr) or _VG_MISSING.search(exc.stderr)):
+            if is_missing(exc):
                 return None
             raise
         rows = self._report(out.stdout, "lv")
@@ -230,7 +238,7 @@ class Lvm:
             out = self._run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", POOL_FIELDS,
                              f"{vg}/{pool}"])
         except CommandError as exc:
-            if exc.rc == 5 and (_LV_MISSING.search(exc.stderr) or _VG_MISSING.search(exc.stderr)):
+            if is_missing(exc):
                 return None
             raise
         rows = self._report(out.stdout, "lv")
@@ -269,7 +277,7 @@ class Lvm:
         try:
             self._run(["lvremove", "--yes", f"{vg}/{name}"])
         except CommandError as exc:
-            if exc.rc == 5 and (_LV_MISSING.search(exc.stderr) or _VG_MISSING.search(exc.stderr)):
+            if is_missing(exc):
                 return
             raise
 

@@ -108,16 +108,22 @@ class PoolTotals:
             t = self._totals.get(pool.name)
             if t is not None and time.monotonic() - t.at < TOTALS_TTL:
                 return Totals(t.virtual, t.volumes, t.at)
+        # One listing of the VG recounts every pool in it (a thin and a thick pool often share one).
         lvs = self._service.lvm.lvs(pool.vg)
+        now = time.monotonic()
+        counted = {p.name: self._count(p, lvs, now) for p in self._service.config.pools if p.vg == pool.vg}
+        counted.setdefault(pool.name, self._count(pool, lvs, now))
+        with self._mutex:
+            self._totals.update(counted)
+        t = counted[pool.name]
+        return Totals(t.virtual, t.volumes, t.at)
+
+    def _count(self, pool: PoolConfig, lvs: list[LogicalVolume], at: float) -> Totals:
         if pool.thin:
             inside = [lv for lv in lvs if lv.pool == pool.thin_pool]
         else:
             inside = [lv for lv in lvs if not lv.pool and not lv.is_thin_pool and not lv.attr.startswith(("e", "l"))]
-        t = Totals(sum(lv.size for lv in inside), sum(1 for lv in inside if self._service._ours(lv)),
-                   time.monotonic())
-        with self._mutex:
-            self._totals[pool.name] = t
-        return Totals(t.virtual, t.volumes, t.at)
+        return Totals(sum(lv.size for lv in inside), sum(1 for lv in inside if self._service._ours(lv)), at)
 
     def add(self, pool: PoolConfig | None, size: int, volumes: int = 0) -> None:
         if pool is None:
@@ -361,12 +367,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             # Same thin pool: a thin snapshot of the source is the new volume, at once and independent of it.
             self.lvm.snapshot(pool.vg, source.lv, lv_name, tags, activate=True)
             faults.step("create.lv")
-            lv = self.lvm.lv(pool.vg, lv_name)
-            if lv is not None and lv.size < size:
+            # A thin snapshot is its origin's size; grown when more was asked. lvcreate and lvextend exited 0,
+            # so the LV is what their arguments said, as for a new LV below.
+            if src_lv.size < size:
                 self.lvm.extend(pool.vg, lv_name, size)
-            lv = self.lvm.lv(pool.vg, lv_name)
-            if lv is None:
-                raise errors.internal(f"lvcreate {pool.vg}/{lv_name} succeeded but the LV is not there")
+            lv = LogicalVolume(pool.vg, lv_name, max(src_lv.size, size), tuple(tags), pool.thin_pool,
+                               "Vwi-a-tz--", created=time.time())
         else:
             if source is not None:
                 tags.append(tag("content", "copy"))   # its content is copied in: see _finish_copy
@@ -629,32 +635,55 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         snap = ids.lv_name(self.config.cluster_id, name, kind="snapshot")
         vg = request.source_vg
         with self.locks.hold(f"{vg}/{snap}"):
-            existing = self.lvm.lv(vg, snap)
-            if existing is not None:
-                if self._ours(existing, kind) and existing.tag(f"{ids.TAG_PREFIX}/source") == request.source_lv:
-                    return self._snapshot_message(existing)
-                raise errors.exists(f"snapshot {name!r} exists with another source")
-            src = self.lvm.lv(vg, request.source_lv)
+            # The source's record says where it is and how big; the snapshot's name is checked by lvcreate
+            # itself ("already exists"), so a new snapshot costs no LVM report before its lvcreate.
             rec = self.records.load(vg, request.source_lv)
-            if src is None or not self._ours(src) or rec is None or rec.deleting:
-                raise errors.not_found(f"no volume {vg}/{request.source_lv} on {self.config.node_name}")
-            pool = self._pool_of(vg, src)
-            if not src.pool or pool is None or not pool.thin:
-                raise errors.precondition(f"volume {rec.name!r} is in a thick pool: snapshots need a thin pool "
-                                          "(StorageClass parameter type: thin)")
-            usage = self.usage(pool)
-            if usage.available == 0:
-                raise errors.exhausted(f"thin pool of {pool.name} on {self.config.node_name} is above "
-                                       f"{pool.max_fill_percent:.0f}% full: no new snapshots")
+            pool = self.config.pool(rec.pool) if rec is not None and not rec.deleting else None
+            if pool is None or pool.vg != vg:
+                return self._existing_snapshot(vg, snap, kind, request, f"no volume {vg}/{request.source_lv} on "
+                                                                     f"{self.config.node_name}")
+            if not pool.thin:
+                return self._existing_snapshot(vg, snap, kind, request, precondition=(
+                    f"volume {rec.name!r} is in a thick pool: snapshots need a thin pool (StorageClass "
+                    "parameter type: thin)"))
+            if self.usage(pool).available == 0:
+                return self._existing_snapshot(vg, snap, kind, request, exhausted=(
+                    f"thin pool of {pool.name} on {self.config.node_name} is above {pool.max_fill_percent:.0f}% "
+                    "full: no new snapshots"))
             tags = [tag("cluster", self.config.cluster_id), tag("kind", kind), tag("name", encode_name(name)),
                     tag("source", request.source_lv)]
-            self.lvm.snapshot(vg, request.source_lv, snap, tags, activate=False)
+            try:
+                self.lvm.snapshot(vg, request.source_lv, snap, tags, activate=False)
+            except CommandError as exc:
+                if lvm.already_exists(exc):
+                    return self._existing_snapshot(vg, snap, kind, request, "")
+                if lvm.is_missing(exc):
+                    raise errors.not_found(f"no volume {vg}/{request.source_lv} on {self.config.node_name}") \
+                        from None
+                raise
             faults.step("snapshot.lv")
-            self.totals.add(pool, src.size)
+            self.totals.add(pool, rec.size)
+            # Read back once: its creation time is LVM's, the one ListSnapshots and retries will report.
             created = self.lvm.lv(vg, snap)
             if created is None:
                 raise errors.internal(f"lvcreate --snapshot {vg}/{snap} succeeded but the LV is not there")
             return self._snapshot_message(created)
+
+    def _existing_snapshot(self, vg: str, snap: str, kind: str, request, not_found: str = "",
+                           precondition: str = "", exhausted: str = "") -> pb.Snapshot:
+        """A retried CreateSnapshot finds the snapshot it made (even when its source is gone since, or the
+        pool filled up); another request with the same name gets ALREADY_EXISTS; with no snapshot, the
+        error the caller names."""
+        existing = self.lvm.lv(vg, snap)
+        if existing is not None:
+            if self._ours(existing, kind) and existing.tag(f"{ids.TAG_PREFIX}/source") == request.source_lv:
+                return self._snapshot_message(existing)
+            raise errors.exists(f"snapshot {request.name!r} exists with another source")
+        if precondition:
+            raise errors.precondition(precondition)
+        if exhausted:
+            raise errors.exhausted(exhausted)
+        raise errors.not_found(not_found or f"no volume {vg}/{request.source_lv} on {self.config.node_name}")
 
     def DeleteSnapshot(self, request, context):
         ids.check_lvm_name(request.vg, "vg")

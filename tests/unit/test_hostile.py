@@ -501,6 +501,9 @@ class LvmSim:
         active = opts.get("--activate", "y") == "y"
         if snapshot:
             vg, origin, failure = self._split(positional[0])
+            if failure and vg == "vg" and _lvm_valid(origin):   # LVM's words for a missing origin
+                rc, _, err = recorded_failure("lvcreate_snapshot_missing")
+                return rc, "", err.replace("missing", origin, 1).replace("csi-vg", vg)
             if failure:
                 return failure
             src = self.lvs[(vg, origin)]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from csi.runner import CommandError
-from csi.storage.lvm import Lvm, already_exists, lvm_config, parse_thin_pool_status
+from csi.storage.lvm import Lvm, already_exists, is_missing, lvm_config, parse_thin_pool_status
 from tests.unit.conftest import recorded, recorded_failure
 
 LVS_ONE = json.dumps({"report": [{"lv": [{
@@ -85,6 +85,14 @@ def test_thin_pool_fill_from_the_kernels_recorded_status(fake_run, lvm):
     fake_run.on("dmsetup", "status", rc=rc, stderr=err)
     assert lvm.thin_pool_fill("csi-vg", "thinpool") is None
     assert parse_thin_pool_status("0 4194304 thin-pool Fail\n") is None
+
+
+def test_a_snapshot_of_a_missing_origin_is_recognised(fake_run, lvm):
+    rc, _, err = recorded_failure("lvcreate_snapshot_missing")
+    fake_run.on("lvcreate", rc=rc, stderr=err)
+    with pytest.raises(CommandError) as missing:
+        lvm.snapshot("csi-vg", "missing", "snap1", [], activate=False)
+    assert is_missing(missing.value) and not already_exists(missing.value)
 
 
 def test_create_thin_and_thick_argv(fake_run, lvm):
