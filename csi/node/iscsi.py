@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi import errors, runner
-from csi import errors
 from csi.runner import CommandError
 
 log = logging.getLogger(__name__)
@@ -117,8 +116,12 @@ class Iscsiadm:
         except OSError:
             return ""
 
+    @staticmethod
+    def _node_argv(iqn: str, portal: str, *args: str) -> list[str]:
+        return ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args]
+
     def _node(self, iqn: str, portal: str, *args: str, ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()):
-        return _node_db(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args], ok=ok, secrets=secrets)
+        return _node_db(self._node_argv(iqn, portal, *args), ok=ok, secrets=secrets)
 
     @staticmethod
     def _record_change(argv: list[str], ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()):
@@ -127,7 +130,7 @@ class Iscsiadm:
             return _node_db(argv, ok=ok, secrets=secrets)
 
     def _new_record(self, iqn: str, portal: str) -> None:
-        argv = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-o", "new"]
+        argv = self._node_argv(iqn, portal, "-o", "new")
         try:
             self._record_change(argv, ok=(0, RC_SESSION_EXISTS))
         except CommandError as exc:
@@ -154,8 +157,8 @@ class Iscsiadm:
         return removed
 
     def _set(self, iqn: str, portal: str, key: str, value: str, secret: bool = False) -> None:
-        self._record_change(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-o", "update", "-n", key, "-v",
-                             value], secrets=(value,) if secret else ())
+        self._record_change(self._node_argv(iqn, portal, "-o", "update", "-n", key, "-v", value),
+                            secrets=(value,) if secret else ())
 
     def login(self, target: Target) -> None:
         """Records with our settings, then login on every portal. Already logged in is success."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -116,24 +117,34 @@ class Cluster:
         self._nch.close()
 
 
-def make_cluster(tmp_path_factory):
+@contextlib.contextmanager
+def driver_lab(workdir: Path, name: str, subnet: str, cluster_id: str, storage: dict[str, str],
+               workers: dict[str, str], boot_timeout: float):
+    """A booted lab (storage: node name -> zone, each with a 4 GiB disk; workers: node name -> zone) with the
+    driver deployed on it: agents, node plugins, the controller on the host. Yields (lab, deployment)."""
     problem = preflight()
     if problem:
         pytest.fail(f"e2e tests need User-Mode Linux: {problem}", pytrace=False)
-    workdir = tmp_path_factory.mktemp("driver")
-    with Lab(workdir, name=f"drv{os.getpid() % 100000}", subnet="10.213.1") as lab:
-        s1 = lab.add_node("storage-1", role="storage", disk_bytes=4 * GiB)
-        s2 = lab.add_node("storage-2", role="storage", disk_bytes=4 * GiB)
-        w = lab.add_node("worker-1", role="worker")
-        lab.boot_all(timeout=180)
-        d = Deployment(lab, cluster_id="e2e", zones={"storage-1": "zone-a", "storage-2": "zone-b",
-                                                     "worker-1": "zone-a"})
-        d.start_all([s1, s2], [w])
+    with Lab(workdir, name=name, subnet=subnet) as lab:
+        storage_nodes = [lab.add_node(n, role="storage", disk_bytes=4 * GiB) for n in storage]
+        worker_nodes = [lab.add_node(n, role="worker") for n in workers]
+        lab.boot_all(timeout=boot_timeout)
+        d = Deployment(lab, cluster_id=cluster_id, zones={**storage, **workers})
+        d.start_all(storage_nodes, worker_nodes)
+        try:
+            yield lab, d
+        finally:
+            d.stop_controller()
+
+
+def make_cluster(tmp_path_factory):
+    with driver_lab(tmp_path_factory.mktemp("driver"), f"drv{os.getpid() % 100000}", "10.213.1", "e2e",
+                    {"storage-1": "zone-a", "storage-2": "zone-b"}, {"worker-1": "zone-a"},
+                    boot_timeout=180) as (lab, d):
         c = Cluster(lab, d)
         try:
             yield c
         finally:
             c.close()
-            d.stop_controller()
 
 

@@ -35,11 +35,11 @@ import grpc
 import pytest
 
 from csi import ids
-from csi.lab import Lab, preflight
+from csi.lab import Lab
 from csi.lab.deploy import Deployment
 from csi.proto import csi_pb2 as csi
 from csi.proto import csi_pb2_grpc
-from tests.e2e.cluster import BLOCK, MOUNT, ZONE_KEY, GiB, MiB
+from tests.e2e.cluster import BLOCK, MOUNT, ZONE_KEY, MiB, driver_lab
 
 pytestmark = pytest.mark.e2e
 campaign = pytest.mark.campaign   # minutes of load: scripts/fault-campaign runs it, CI does not
@@ -98,25 +98,14 @@ class LoadCluster:
 
 @pytest.fixture(scope="module")
 def load_cluster(tmp_path_factory):
-    problem = preflight()
-    if problem:
-        pytest.fail(f"e2e tests need User-Mode Linux: {problem}", pytrace=False)
-    workdir = tmp_path_factory.mktemp("load")
-    with Lab(workdir, name=f"load{os.getpid() % 100000}", subnet="10.213.5") as lab:
-        s1 = lab.add_node("storage-1", role="storage", disk_bytes=4 * GiB)
-        s2 = lab.add_node("storage-2", role="storage", disk_bytes=4 * GiB)
-        w1 = lab.add_node("worker-1", role="worker")
-        w2 = lab.add_node("worker-2", role="worker")
-        lab.boot_all(timeout=240)
-        d = Deployment(lab, cluster_id=CLUSTER_ID, zones={"storage-1": "zone-a", "storage-2": "zone-b",
-                                                          "worker-1": "zone-a", "worker-2": "zone-b"})
-        d.start_all([s1, s2], [w1, w2])
+    with driver_lab(tmp_path_factory.mktemp("load"), f"load{os.getpid() % 100000}", "10.213.5", CLUSTER_ID,
+                    {"storage-1": "zone-a", "storage-2": "zone-b"}, {"worker-1": "zone-a", "worker-2": "zone-b"},
+                    boot_timeout=240) as (lab, d):
         c = LoadCluster(lab, d)
         try:
             yield c
         finally:
             c.close()
-            d.stop_controller()
 
 
 # ---------------------------------------------------------------------------------------------- volumes
