@@ -97,13 +97,18 @@ def command_label(argv: list[str]) -> str:
 
 @dataclass
 class Reads:
-    """Read runs of one kind: MB/s of each, and the host CPU seconds each lab process used meanwhile."""
+    """Read runs of one kind: MB/s of each, the host CPU seconds each lab process used meanwhile, and the
+    frames each node sent (every one is a packet the virtual switch forwards)."""
     rates: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    frames: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes: int = 0
 
     def cpu_per_100mb(self, who: str) -> float:
         return self.cpu[who] / self.bytes * 1e8
+
+    def frames_per_mb(self, who: str) -> float:
+        return self.frames[who] / self.bytes * 1e6
 
 
 @dataclass
@@ -227,10 +232,12 @@ class Bench:
                                   ("device", lambda: self.tcp_rate(size, device))):
                 for node in (self.s, self.w):  # every kind starts with cold caches on both nodes
                     node.run(["sysctl", "-q", "vm.drop_caches=3"], timeout=60, check=True)
-                before = self.cpu()
+                before, sent = self.cpu(), self.frames_sent()
                 reads[kind].rates.append(measure())
                 for who, seconds in self.cpu().items():
                     reads[kind].cpu[who] += seconds - before[who]
+                for who, frames in self.frames_sent().items():
+                    reads[kind].frames[who] += frames - sent[who]
                 reads[kind].bytes += size
             log(f"  read run {i + 1}/{runs}: iSCSI {reads['iscsi'].rates[-1]:.1f} MB/s, "
                 f"TCP {reads['tcp'].rates[-1]:.1f} MB/s, device over TCP {reads['device'].rates[-1]:.1f} MB/s")
@@ -263,6 +270,11 @@ class Bench:
                     for n in (self.s, self.w)}
         sessions["switch"] = int((self.lab.workdir / "switch.pid").read_text())  # a daemon: its own session
         return {who: _session_cpu(sid) for who, sid in sessions.items()}
+
+    def frames_sent(self) -> dict[str, int]:
+        """Frames each node has sent on its lab interface so far."""
+        return {n.name: int(n.run(["cat", "/sys/class/net/eth0/statistics/tx_packets"], timeout=30,
+                                  check=True).stdout) for n in (self.s, self.w)}
 
     # ------------------------------------------------------------------------------------ memory
 
@@ -330,17 +342,18 @@ def render(points: list[Point], memory, reads: dict[str, Reads], samples: int, i
 
 def _throughput(reads: dict[str, Reads], io_mib: int) -> list[str]:
     iscsi, tcp, device = (statistics.median(reads[k].rates) for k in ("iscsi", "tcp", "device"))
-    who = list(reads["tcp"].cpu)
+    who, senders = list(reads["tcp"].cpu), list(reads["tcp"].frames)
+    heads = [f"host CPU s per 100 MB: {w}" for w in who] + [f"frames sent per MB: {w}" for w in senders]
     lines = ["", f"### Read throughput, storage node -> worker, {io_mib} MiB, median of {len(reads['tcp'].rates)} "
-                 "runs", "", "| path | MB/s | " + " | ".join(f"host CPU s per 100 MB: {w}" for w in who) + " |",
-             "|---|---:|" + "---:|" * len(who)]
+                 "runs", "", "| path | MB/s | " + " | ".join(heads) + " |", "|---|---:|" + "---:|" * len(heads)]
     for kind, name in (("iscsi", "iSCSI: `dd iflag=direct bs=1M` from the volume staged by the node plugin"),
                        ("tcp", "raw TCP between the same two nodes (Python, one 1 MiB buffer sent over and over)"),
                        ("device", "raw TCP stream of the same LV, read with O_DIRECT on the storage node")):
-        cpu = " | ".join(f"{reads[kind].cpu_per_100mb(w):.2f}" for w in who)
-        lines.append(f"| {name} | {statistics.median(reads[kind].rates):.1f} | {cpu} |")
-    lines.append(f"| ratio iSCSI / TCP from memory (target >= 0.90) | {iscsi / tcp:.2f} |" + " |" * len(who))
-    lines.append(f"| ratio iSCSI / TCP stream of the LV | {iscsi / device:.2f} |" + " |" * len(who))
+        cells = [f"{reads[kind].cpu_per_100mb(w):.2f}" for w in who] + \
+                [f"{reads[kind].frames_per_mb(w):.0f}" for w in senders]
+        lines.append(f"| {name} | {statistics.median(reads[kind].rates):.1f} | {' | '.join(cells)} |")
+    lines.append(f"| ratio iSCSI / TCP from memory (target >= 0.90) | {iscsi / tcp:.2f} |" + " |" * len(heads))
+    lines.append(f"| ratio iSCSI / TCP stream of the LV | {iscsi / device:.2f} |" + " |" * len(heads))
     return lines
 
 
