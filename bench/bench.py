@@ -97,8 +97,8 @@ def command_label(argv: list[str]) -> str:
 
 @dataclass
 class Reads:
-    """Read runs of one kind: MB/s of each, the host CPU seconds each lab process used meanwhile, and the
-    frames each node sent (every one is a packet the virtual switch forwards)."""
+    """Read runs of one kind: MB/s of each, the host CPU seconds each lab node used meanwhile, and the frames
+    each node sent."""
     rates: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     frames: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -265,10 +265,10 @@ class Bench:
         return got["bytes"] / got["seconds"] / 1e6
 
     def cpu(self) -> dict[str, float]:
-        """Host CPU seconds used so far by each UML node (all its host processes) and the virtual switch."""
+        """Host CPU seconds used so far by each UML node (all its host processes; the host bridge's share is
+        mostly in the sending node's system time)."""
         sessions = {n.name: int((n.workdir / f"{self.lab.netns}-{n.name}" / "pid").read_text())
                     for n in (self.s, self.w)}
-        sessions["switch"] = int((self.lab.workdir / "switch.pid").read_text())  # a daemon: its own session
         return {who: _session_cpu(sid) for who, sid in sessions.items()}
 
     def frames_sent(self) -> dict[str, int]:

@@ -10,7 +10,7 @@ whatever a test wants to keep across a reboot, e.g. the agent's records under no
 
     from csi.lab import Lab
 
-    with Lab(workdir, name="demo") as lab:       # netns "csilab-demo", vde_switch, host side <subnet>.1/24
+    with Lab(workdir, name="demo") as lab:       # netns "csilab-demo", bridge, host side <subnet>.1/24
         s1 = lab.add_node("storage-1", role="storage", disk_bytes=4 << 30)   # <subnet>.11, .12, ...
         w1 = lab.add_node("worker-1", role="worker")                          # <subnet>.21, ...
         lab.boot_all(timeout=120)
@@ -18,8 +18,8 @@ whatever a test wants to keep across a reboot, e.g. the agent's records under no
         s1.spawn("agent", [python, "-m", "csi", "agent", ...], env={...}) # log: s1.log_path("agent")
         s1.signal("agent", 9); s1.wait_exit("agent")
         s1.reboot()                                                      # power cut, boot again
-    # on exit (also after errors): nodes, switch, forwarders, processes in the netns, the netns itself and
-    # the disk images are gone; console.log and process logs stay in workdir/<node>/.
+    # on exit (also after errors): nodes, forwarders, processes in the netns, the netns itself (with the
+    # bridge and the veths) and the disk images are gone; console.log and process logs stay in workdir/<node>/.
 
 Every node: hostname and IP, its own machine-id and MAC, udev, iscsid with initiator IQN
 iqn.2026-11.dev.csi.lvm-iscsi.lab:<node> (node.initiator_iqn), modules for dm-thin, LIO and iscsi_tcp.
@@ -27,6 +27,10 @@ Storage nodes: VG "csi-vg" on a loop device over workdir/<node>/disk.img (sparse
 a thin pool "csi-vg/thinpool" of 60 % of the VG; the rest is for thick LVs. LVM in every node reads
 /etc/lvm/lvmlocal.conf written at boot: it scans loop devices only, activates nothing by itself after a
 reboot (activation is the agent's job), and runs without dmeventd and lvmpolld.
+
+The network: a Linux bridge csilab0 in the namespace (the host side, <subnet>.1), and per node a veth pair
+whose free end UML's vector driver reads and writes (raw socket, receive coalescing on, segmentation
+offload off: see guest-init.sh); UML runs inside the namespace for that.
 
 Reaching the nodes: their addresses exist only in the lab's network namespace. The lab itself talks to
 guestd (TCP <ip>:7000) with sockets created inside the namespace, so the calling process can stay where it

@@ -4,6 +4,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+BRIDGE = "csilab0"  # in a lab's namespace: the switch every node is plugged into, and the host side
+
 
 class LabError(Exception):
     """Anything the lab could not do: a host command, a boot, a guest request."""

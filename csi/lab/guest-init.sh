@@ -59,8 +59,16 @@ echo "$csilab_name" > /etc/hostname
 printf '127.0.0.1\tlocalhost\n%s\t%s\n' "$csilab_ip" "$csilab_name" > /etc/hosts
 
 must ip link set lo up
+# UML's vector driver names the interface vec0; everything else here and in the tests says eth0.
+must ip link set vec0 name eth0
 must ip addr add "$csilab_ip/24" dev eth0
 must ip link set eth0 up
+# No segmentation offload on the way out: UML hands a frame to the host at once, so TCP never sees one
+# still queued and never coalesces small writes (autocorking). With TSO a bulk writer would send 64 KB
+# frames while LIO, which writes each 4 KiB page of a PDU on its own, sends 5-9 KB ones (measured): a gap
+# a real NIC, which completes transmits later, should not have. Receive coalescing (GRO) stays on.
+# After the link is up: the vector driver sets its features again when it opens.
+must ethtool -K eth0 tso off gso off
 mark network up
 
 # Before the modules: target_core_mod looks for /etc/target when it loads.

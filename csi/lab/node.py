@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import netns
-from .common import GuestResult, LabError, tail
+from .common import BRIDGE, GuestResult, LabError, run_host, tail
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -41,6 +41,10 @@ class LabNode:
         self.workdir: Path = lab.workdir / name
         self.initiator_iqn = IQN_PREFIX + name
         self.mac = "02:c5:" + ":".join(f"{int(o):02x}" for o in ip.split("."))
+        # The node's cable: a veth pair in the lab namespace, one end on the bridge, the other read and
+        # written by UML's vector driver through a raw socket.
+        octet = ip.rsplit(".", 1)[1]
+        self.port, self.cable = f"csil{octet}p", f"csil{octet}n"
         self.disk: Path | None = self.workdir / "disk.img" if role == "storage" else None
         self.console: Path = self.workdir / "console.log"
         self.boot_seconds: list[float] = []  # start of the UML process to guestd answering, per boot
@@ -69,6 +73,7 @@ class LabNode:
         if self.disk is not None and not self.disk.exists():
             with open(self.disk, "wb") as f:
                 f.truncate(self.disk_bytes)  # sparse
+        self._plug_in()
         with open(self.console, "ab") as console:
             console.write(f"\n=== csilab: boot {len(self.boot_seconds) + 1} of {self.name} "
                           f"at {time.strftime('%H:%M:%S')}\n".encode())
@@ -81,6 +86,15 @@ class LabNode:
                 cwd=self.workdir, start_new_session=True,
                 # Guest memory is a file in TMPDIR: on tmpfs it is never written back to a disk.
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": "/dev/shm"})
+
+    def _plug_in(self) -> None:
+        """The node's veth pair, made once: it outlives reboots and power cuts, like a cable."""
+        ns = self._lab.netns
+        if run_host(["ip", "-n", ns, "link", "show", self.cable], check=False).returncode == 0:
+            return
+        run_host(["ip", "-n", ns, "link", "add", self.port, "type", "veth", "peer", "name", self.cable])
+        run_host(["ip", "-n", ns, "link", "set", self.port, "master", BRIDGE, "up"])
+        run_host(["ip", "-n", ns, "link", "set", self.cable, "up"])
 
     def _command_line(self) -> list[str]:
         lab = self._lab
@@ -98,9 +112,11 @@ class LabNode:
             if not value or any(c.isspace() or c == "," for c in value):
                 raise LabError(f"{self.name}: parameter {key}={value!r} cannot go on a kernel command line")
         return [
-            lab.uml, f"mem={self.mem}", f"umid={lab.netns}-{self.name}", f"uml_dir={self.workdir}",
+            # In the lab namespace, where the node's veth is; nothing else of the host changes for it.
+            "ip", "netns", "exec", lab.netns, lab.uml, f"mem={self.mem}", f"umid={lab.netns}-{self.name}", f"uml_dir={self.workdir}",
             "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={GUEST_INIT}",
-            f"eth0=vde,{lab.switch_dir},{self.mac}", "con=null", "con0=fd:0,fd:1", "net.ifnames=0",
+            # gro=1: the veth hands over coalesced frames, as a NIC with GRO would (guest-init names it eth0)
+            f"vec0:transport=raw,ifname={self.cable},depth=128,gro=1,mac={self.mac}", "con=null", "con0=fd:0,fd:1", "net.ifnames=0",
             *(f"csilab_{k}={v}" for k, v in params.items()),
         ]
 

@@ -43,7 +43,7 @@ def test_volumes_land_on_both_storage_nodes_by_zone(cluster):
 
 
 def test_lifecycle_across_the_network_with_checksums(cluster):
-    v = cluster.create("lifecycle", size=128 * MiB, zone="zone-b")   # storage-2: the worker logs in over vde
+    v = cluster.create("lifecycle", size=128 * MiB, zone="zone-b")   # storage-2: the worker logs in across the bridge
     ctx = cluster.publish(v.volume_id)
     assert ctx["portals"] == f"{cluster.s2.ip}:3260" and len(ctx["chapSecret"]) >= 12
     assert cluster.publish(v.volume_id) == ctx   # a repeated publish returns the same secret
