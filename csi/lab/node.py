@@ -44,7 +44,7 @@ class LabNode:
         # The node's cable: a veth pair in the lab namespace, one end on the bridge, the other read and
         # written by UML's vector driver through a raw socket.
         octet = ip.rsplit(".", 1)[1]
-        self.port, self.cable = f"csil{octet}p", f"csil{octet}n"
+        self.bridge_port, self.cable = f"csil{octet}p", f"csil{octet}n"
         self.disk: Path | None = self.workdir / "disk.img" if role == "storage" else None
         self.console: Path = self.workdir / "console.log"
         self.boot_seconds: list[float] = []  # start of the UML process to guestd answering, per boot
@@ -92,8 +92,8 @@ class LabNode:
         ns = self._lab.netns
         if run_host(["ip", "-n", ns, "link", "show", self.cable], check=False).returncode == 0:
             return
-        run_host(["ip", "-n", ns, "link", "add", self.port, "type", "veth", "peer", "name", self.cable])
-        run_host(["ip", "-n", ns, "link", "set", self.port, "master", BRIDGE, "up"])
+        run_host(["ip", "-n", ns, "link", "add", self.bridge_port, "type", "veth", "peer", "name", self.cable])
+        run_host(["ip", "-n", ns, "link", "set", self.bridge_port, "master", BRIDGE, "up"])
         run_host(["ip", "-n", ns, "link", "set", self.cable, "up"])
 
     def _command_line(self) -> list[str]:
@@ -113,10 +113,12 @@ class LabNode:
                 raise LabError(f"{self.name}: parameter {key}={value!r} cannot go on a kernel command line")
         return [
             # In the lab namespace, where the node's veth is; nothing else of the host changes for it.
-            "ip", "netns", "exec", lab.netns, lab.uml, f"mem={self.mem}", f"umid={lab.netns}-{self.name}", f"uml_dir={self.workdir}",
+            "ip", "netns", "exec", lab.netns,
+            lab.uml, f"mem={self.mem}", f"umid={lab.netns}-{self.name}", f"uml_dir={self.workdir}",
             "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={GUEST_INIT}",
             # gro=1: the veth hands over coalesced frames, as a NIC with GRO would (guest-init names it eth0)
-            f"vec0:transport=raw,ifname={self.cable},depth=128,gro=1,mac={self.mac}", "con=null", "con0=fd:0,fd:1", "net.ifnames=0",
+            f"vec0:transport=raw,ifname={self.cable},depth=128,gro=1,mac={self.mac}",
+            "con=null", "con0=fd:0,fd:1", "net.ifnames=0",
             *(f"csilab_{k}={v}" for k, v in params.items()),
         ]
 
