@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from csi import errors
+from csi import mkfs_options
 from csi.proto import csi_pb2 as csi
 
 Mode = csi.VolumeCapability.AccessMode
@@ -28,8 +29,9 @@ PARAM_POOL = "pool"
 PARAM_TYPE = "type"            # thin | thick; default thin unless `pool` names a thick pool
 PARAM_FS = "fsType"            # ext4 | xfs; csi.storage.k8s.io/fstype is the same
 PARAM_MUTUAL_CHAP = "mutualChap"
-PARAM_WIPE = "wipe"            # thick volumes: zero before the space is reused (default true)
-KNOWN_PARAMS = {PARAM_POOL, PARAM_TYPE, PARAM_FS, PARAM_MUTUAL_CHAP, PARAM_WIPE}
+PARAM_WIPE = "wipe"            # thick volumes: zero before the space is reused (default: the agent's wipeThick)
+PARAM_MKFS_OPTIONS = mkfs_options.PARAM   # xfs only: known-safe mkfs.xfs options (csi/mkfs_options.py)
+KNOWN_PARAMS = {PARAM_POOL, PARAM_TYPE, PARAM_FS, PARAM_MUTUAL_CHAP, PARAM_WIPE, PARAM_MKFS_OPTIONS}
 K8S_PREFIX = "csi.storage.k8s.io/"
 
 
@@ -104,7 +106,18 @@ class Params:
     thin: bool | None
     fs_type: str
     mutual_chap: bool
-    wipe: bool
+    wipe: bool | None       # None: not set, the agent's wipeThick decides
+    mkfs_options: str = ""   # canonical (csi/mkfs_options.py); "" when the class sets none
+
+
+# How the wipe parameter is kept in a volume's attributes. "true" meant "set to true or not set" before the
+# class could turn wiping on where the agent's default is off; it stays the value for "not set", so that the
+# request digest of a class without the parameter (most of them) is what it was. See tags.request_digests.
+WIPE_UNSET, WIPE_ON, WIPE_OFF = "true", "always", "false"
+
+
+def wipe_attribute(wipe: bool | None) -> str:
+    return WIPE_UNSET if wipe is None else WIPE_ON if wipe else WIPE_OFF
 
 
 def parse_params(params: Mapping[str, str]) -> Params:
@@ -124,10 +137,14 @@ def parse_params(params: Mapping[str, str]) -> Params:
     pool = params.get(PARAM_POOL, "")
     if pool and not all(c.isalnum() or c in "-_." for c in pool):
         raise errors.invalid(f"parameter {PARAM_POOL}={pool!r} is not a pool name")
-    return Params(pool, thin, fs, _bool(params, PARAM_MUTUAL_CHAP, False), _bool(params, PARAM_WIPE, True))
+    mkfs = mkfs_options.parse(params.get(PARAM_MKFS_OPTIONS, ""))
+    if fs:
+        mkfs_options.check_fs(mkfs, fs)
+    return Params(pool, thin, fs, bool(_bool(params, PARAM_MUTUAL_CHAP, False)), _bool(params, PARAM_WIPE, None),
+                  str(mkfs))
 
 
-def _bool(params: Mapping[str, str], key: str, default: bool) -> bool:
+def _bool(params: Mapping[str, str], key: str, default: bool | None) -> bool | None:
     value = params.get(key)
     if value is None or value == "":
         return default

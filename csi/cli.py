@@ -11,6 +11,7 @@ import argparse
 import logging
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 from csi import ids
@@ -18,29 +19,131 @@ from csi import ids
 log = logging.getLogger("csi")
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(level: str, fmt: str = "text") -> None:
+    from csi import logformat
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[logformat.handler(fmt, sys.stderr)])
+
+
+def _controller_config(a: argparse.Namespace):
+    from csi.config import ControllerConfig
+    return ControllerConfig.build(driver_name=a.driver_name, cluster_id=a.cluster_id,
+                                  storage_nodes_file=a.storage_nodes, tls_dir=a.tls_dir,
+                                  default_size=getattr(a, "default_size", "1Gi"),
+                                  storage_node_label=a.storage_node_label, agent_port=a.agent_port,
+                                  journal_dir=a.journal_dir, journal_namespace=a.journal_namespace,
+                                  adoption_settle=getattr(a, "adoption_settle", 0.0),
+                                  node_directory=getattr(a, "node_directory", ""))
+
+
+def _metrics(a: argparse.Namespace, *collectors):
+    """With --metrics-address: a registry of this process's own (RPCs, the role's collectors, the process's CPU,
+    memory and file descriptors) served over HTTP; returns the RpcMetrics for the gRPC server, or None (off)."""
+    if not a.metrics_address:
+        return None
+    from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+    from csi import metrics
+    registry = CollectorRegistry()
+    for extra in (ProcessCollector, PlatformCollector, GCCollector):
+        extra(registry=registry)
+    rpc = metrics.RpcMetrics(registry)
+    for c in collectors:
+        registry.register(c)
+    try:
+        metrics.parse_address(a.metrics_address)
+    except ValueError as exc:
+        from csi.config import ConfigError
+        raise ConfigError(str(exc)) from None
+    metrics.serve(a.metrics_address, registry)
+    return rpc
+
+
+def _migrate_attachments(service, driver_name: str) -> None:
+    from csi.controller import fleet, migration
+    try:
+        migration.migrate(service, fleet.storage_api(), fleet._core_api(), driver_name)
+    except Exception:  # noqa: BLE001 - the next start tries again; old contexts still stage meanwhile
+        log.exception("moving the VolumeAttachments of the previous version to node-bound grants failed")
+
+
+def _controller_certificates(a: argparse.Namespace, tls_dir: Path) -> None:
+    """With --ca-dir: the controller's own certificate, issued here from that CA and renewed; with
+    --csr-signer too: the signer of the agents' and node plugins' certificates (csi/certsigner.py)."""
+    import datetime
+
+    from csi import certkeeper, peers
+    from csi.config import ConfigError
+    if not a.ca_dir:
+        if a.csr_signer:
+            raise ConfigError("--csr-signer needs --ca-dir (the CA it signs with)")
+        return
+    lifetime = datetime.timedelta(hours=a.certificate_hours)
+    trust = certkeeper.read_bundle(Path(a.ca_file or Path(a.ca_dir) / "ca.crt"))
+    keeper = certkeeper.CertKeeper(tls_dir, peers.Peer(peers.CONTROLLER),
+                                   certkeeper.from_ca(Path(a.ca_dir), peers.CONTROLLER, lifetime=lifetime), trust)
+    try:
+        keeper.renew()
+    except ValueError as exc:
+        raise ConfigError(f"the controller's certificate from --ca-dir {a.ca_dir}: {exc}") from None
+    keeper.start()
+    if a.csr_signer:
+        from csi.certsigner import CsrSigner, SignerConfig
+        from csi.kubecsr import CsrApi
+        missing = [f for f in ("signer_namespace", "agent_service_account", "agent_daemonset",
+                               "node_service_account", "node_daemonset") if not getattr(a, f)]
+        if missing:
+            raise ConfigError("--csr-signer needs " + ", ".join("--" + f.replace("_", "-") for f in missing))
+        CsrSigner(SignerConfig(a.csr_signer, a.signer_namespace, a.agent_service_account, a.agent_daemonset,
+                               a.node_service_account, a.node_daemonset, Path(a.ca_dir), lifetime),
+                  CsrApi()).start()
+
+
+def _pod_certificate(a: argparse.Namespace, role: str, node: str, tls_dir):
+    """With --csr-signer: a keeper of this agent's or node plugin's certificate, obtained through a
+    Kubernetes CertificateSigningRequest (csi/certrequest.py); None without (the files are made elsewhere:
+    the lab's, the demo's)."""
+    from csi import certkeeper, peers
+    from csi.config import ConfigError
+    if not a.csr_signer:
+        return None
+    if not tls_dir or not a.ca_file:
+        raise ConfigError("--csr-signer needs --tls-dir (where the certificate goes) and --ca-file (the CA bundle)")
+    from csi.certrequest import CsrClient
+    from csi.kubecsr import CsrApi
+    try:
+        client = CsrClient(CsrApi(), a.csr_signer, role, node)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return certkeeper.CertKeeper(Path(tls_dir), peers.Peer(role, node), client,
+                                 certkeeper.read_bundle(Path(a.ca_file)))
 
 
 def run_controller(a: argparse.Namespace) -> int:
     from csi import server
-    from csi.config import ControllerConfig
-    from csi.controller.agents import Agents
+    from csi.controller import fleet
+    from csi.controller.nodes import CsiNodes, StaticNodes
+    from csi.controller.placement import Placement
     from csi.controller.service import ControllerService
     from csi.identity import IdentityService
     from csi.proto import csi_pb2_grpc
 
-    config = ControllerConfig.build(driver_name=a.driver_name, cluster_id=a.cluster_id,
-                                    storage_nodes_file=a.storage_nodes, tls_dir=a.tls_dir,
-                                    agent_server_name=a.agent_server_name, default_size=a.default_size)
-    agents = Agents(config)
-    srv = server.make_server()
+    config = _controller_config(a)
+    _controller_certificates(a, config.tls_dir)
+    journal = fleet.open_journal(config)
+    agents = fleet.storage_nodes(config, journal, poll=True, watch=True)
+    placement = Placement(journal, agents, config.cluster_id, config.adoption_settle)
+    placement.start_adoption()
+    nodes = StaticNodes(config.node_directory) if config.node_directory else \
+        CsiNodes(config.driver_name, fleet.storage_api())
+    srv = server.make_server(metrics=_metrics(a))
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, lambda: None), srv)
-    csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(config, agents), srv)
+    service = ControllerService(config, agents, placement, nodes)
+    csi_pb2_grpc.add_ControllerServicer_to_server(service, srv)
+    if not config.node_directory:   # in a cluster: attachments of the version before node-bound grants
+        threading.Thread(target=_migrate_attachments, args=(service, config.driver_name), daemon=True).start()
     server.serve(srv, a.endpoint)
     log.info("controller %s (cluster %s) with storage nodes: %s", config.driver_name, config.cluster_id,
-             ", ".join(f"{n.name}@{n.address}/{n.zone or '-'}" for n in config.storage_nodes) or "none")
+             ", ".join(f"{c.node.name}@{c.node.address}/{c.node.zone or '-'}" for c in agents.all()) or "none")
     server.wait_forever(srv)
     return 0
 
@@ -55,8 +158,8 @@ def run_node(a: argparse.Namespace) -> int:
 
     config = NodeConfig.build(driver_name=a.driver_name, node_name=a.node_name, kubelet_dir=a.kubelet_dir,
                               initiator_name_file=a.initiator_name_file, zone=a.zone, max_volumes=a.max_volumes,
-                              state_dir=a.state_dir)
-    zone = a.zone if a.zone is not None else node_zone(a.node_name)
+                              state_dir=a.state_dir, tls_dir=a.tls_dir)
+    zone = a.zone if a.zone is not None else node_zone(a.node_name, ids.topology_key(config.driver_name))
 
     def probe() -> str | None:
         if shutil.which("iscsiadm") is None:
@@ -65,10 +168,14 @@ def run_node(a: argparse.Namespace) -> int:
             return f"{config.initiator_name_file} is missing"
         return None
 
+    keeper = _pod_certificate(a, "node", a.node_name, a.tls_dir)
+    if keeper is not None:
+        keeper.start(first=True)   # in the background: kubelet's calls (unmounts above all) never wait for it
     config.state_dir.mkdir(parents=True, exist_ok=True)
     node_service = NodeService(config, zone=zone or None)
     node_service.clean_stale()
-    srv = server.make_server()
+    from csi import metrics
+    srv = server.make_server(metrics=_metrics(a, metrics.NodeCollector(node_service)))
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, probe), srv)
     csi_pb2_grpc.add_NodeServicer_to_server(node_service, srv)
     server.serve(srv, a.endpoint)
@@ -81,22 +188,40 @@ def run_agent(a: argparse.Namespace) -> int:
     from csi import server
     from csi.config import AgentConfig
     from csi.proto import agent_pb2_grpc
-    from csi.storage import lio
+    from csi.storage import access, lio
     from csi.storage.lvm import Lvm
     from csi.storage.records import RecordStore
     from csi.storage.service import AgentService
 
-    config = AgentConfig.build(node_name=a.node_name, listen=a.listen, portals=a.portal, state_dir=a.state_dir,
-                               cluster_id=a.cluster_id, tls_dir=a.tls_dir, config_file=a.config)
-    creds = server.TlsFiles(config.tls_dir).server_credentials()
+    config = AgentConfig.build(node_name=a.node_name, listen=a.listen, portals=a.portal or [],
+                               portal_cidrs=a.portal_cidr or [], portal_port=a.portal_port,
+                               state_dir=a.state_dir, cluster_id=a.cluster_id, tls_dir=a.tls_dir,
+                               config_file=a.config)
+    keeper = _pod_certificate(a, "agent", config.node_name, config.tls_dir)
+    if keeper is None:
+        server.TlsFiles(config.tls_dir).read()   # made elsewhere: missing or broken files stop the agent now
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.state_dir.chmod(0o700)
     lio.load_modules()
     lvm = Lvm(config.state_dir / "lvm-system")
     lvm.configure(config.devices, config.state_dir)
     service = AgentService(config, lvm, lio.Lio(config.portals), RecordStore(config.state_dir / "volumes"))
-    service.restore()
-    srv = server.make_server()
+    service.restore()       # the exports first: workers' I/O needs no certificate
+    service.lio.lock_discovery()
+    access.start_rotation(service)   # CHAP secrets that left the storage node (older versions): replaced
+    if keeper is not None:
+        from csi.certkeeper import Refused
+        try:
+            keeper.first()  # before serving: every caller of the agent checks its certificate
+        except Refused as exc:
+            log.error("the agent cannot have a certificate: %s", exc)
+            return 1
+        keeper.start()
+    creds = server.TlsFiles(config.tls_dir).server_credentials()
+    service.wiper.start()   # wipes cut short resume in the background: the agent listens at once
+    from csi import metrics
+    # who may call what: storage/authz.py
+    srv = server.make_server(authorize=service.authorizer, metrics=_metrics(a, metrics.AgentCollector(service)))
     agent_pb2_grpc.add_AgentServicer_to_server(service, srv)
     server.serve(srv, config.listen, creds)
     log.info("agent %s: pools %s, portals %s", config.node_name, ", ".join(p.name for p in config.pools),
@@ -107,12 +232,37 @@ def run_agent(a: argparse.Namespace) -> int:
 
 def run_status(a: argparse.Namespace) -> int:
     from csi.status import status
-    return status(a.storage_nodes, a.tls_dir, a.agent_server_name, a.cluster_id, sys.stdout)
+    return status(_controller_config(a), sys.stdout)
 
 
 def run_cleanup(a: argparse.Namespace) -> int:
     from csi.status import cleanup
-    return cleanup(a.storage_nodes, a.tls_dir, a.agent_server_name, a.cluster_id, sys.stdout, a.min_age, a.delete)
+    return cleanup(_controller_config(a), sys.stdout, a.min_age, a.delete)
+
+
+def run_wait_for_socket(a: argparse.Namespace) -> int:
+    """Returns once the unix socket accepts a connection: the chart's postStart hook of the driver container,
+    so that kubelet starts the CSI sidecars (the containers after it) only when there is a driver to talk to.
+    Started at once, each sidecar gave up connecting on a slow start, exited and was restarted."""
+    import socket
+    import time
+    deadline = time.monotonic() + a.timeout
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)
+            try:
+                s.connect(a.path)
+                return 0
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    log.error("%s accepts no connection after %.0fs: %s", a.path, a.timeout, exc)
+                    return 1
+        time.sleep(0.2)
+
+
+def run_retire(a: argparse.Namespace) -> int:
+    from csi.retire import retire
+    return retire(_controller_config(a), a.node, sys.stdout, a.yes)
 
 
 def run_demo(a: argparse.Namespace) -> int:
@@ -121,31 +271,80 @@ def run_demo(a: argparse.Namespace) -> int:
 
 
 def run_certs(a: argparse.Namespace) -> int:
-    from csi.tls import write_test_pki
-    write_test_pki(Path(a.out), a.agent_server_name)
-    print(f"wrote agent/ and controller/ (each: ca.crt, tls.crt, tls.key) under {a.out}")
+    from csi.tls import TestPki
+    pki = TestPki(Path(a.out))
+    made = [pki.ensure("controller")] + [pki.ensure("agent", n) for n in a.storage_node] + \
+        [pki.ensure("node", n) for n in a.worker]
+    print(f"a throw-away CA in {pki.out / 'ca'}; ca.crt, tls.crt, tls.key in " + ", ".join(str(d) for d in made))
     return 0
+
+
+def pod_certificate_flags(sp) -> None:
+    sp.add_argument("--csr-signer", default="",
+                    help="obtain this process's certificate into --tls-dir with a Kubernetes "
+                         "CertificateSigningRequest to this signerName (the controller's), and renew it")
+    sp.add_argument("--ca-file", default="", help="with --csr-signer: the CA bundle to trust (ca.crt in --tls-dir)")
+
+
+def metrics_flag(sp) -> None:
+    sp.add_argument("--metrics-address", default="", metavar="HOST:PORT",
+                    help="serve Prometheus metrics at http://HOST:PORT/metrics (':9820' for every address); "
+                         "default: off. The chart uses 9820 (controller), 9821 (node plugin), 9822 (agent)")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lvm-iscsi-csi", description=__doc__.splitlines()[0])
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text, or json: one object per line with time, level, logger and message")
     sub = p.add_subparsers(dest="role", required=True)
 
     def common(sp, endpoint=True):
         sp.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+        sp.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"])
         sp.add_argument("--driver-name", default=ids.DRIVER_NAME)
         if endpoint:
             sp.add_argument("--endpoint", default="unix:///csi/csi.sock",
                             help="unix:///path or host:port where the CSI services listen")
 
+    def fleet_flags(sp):
+        """Where the storage nodes and the placement journal are: the controller's and the operator's."""
+        sp.add_argument("--cluster-id", default="default")
+        sp.add_argument("--storage-nodes", default="", help="YAML: storageNodes: [{name, address, zone}]")
+        sp.add_argument("--storage-node-label", default="",
+                        help="discover storage nodes from the Kubernetes API: Nodes with this label selector")
+        sp.add_argument("--agent-port", type=int, default=7600, help="the agents' port (with discovery)")
+        sp.add_argument("--journal-dir", default="", help="the placement journal in this directory")
+        sp.add_argument("--journal-namespace", default="",
+                        help="the placement journal as ConfigMaps in this Kubernetes namespace")
+        sp.add_argument("--tls-dir", required=True, help="ca.crt, tls.crt, tls.key for mutual TLS to the agents")
+
     c = sub.add_parser("controller", help="CSI Identity + Controller")
     common(c)
-    c.add_argument("--cluster-id", default="default")
-    c.add_argument("--storage-nodes", required=True, help="YAML: storageNodes: [{name, address, zone}]")
-    c.add_argument("--tls-dir", required=True, help="ca.crt, tls.crt, tls.key for mutual TLS to the agents")
-    c.add_argument("--agent-server-name", default=ids.AGENT_SERVER_NAME)
+    fleet_flags(c)
     c.add_argument("--default-size", default="1Gi", help="size of a volume requested without a capacity range")
+    c.add_argument("--node-directory", default="",
+                   help="YAML: nodes: [{name, iqn}], which node each initiator name belongs to (outside a cluster; "
+                        "in one, the CSINode objects say it)")
+    c.add_argument("--adoption-settle", type=float, default=0.0,
+                   help="seconds between the two scans that adopt volumes made before the journal (upgrades: "
+                        "the provisioner's timeout)")
+    c.add_argument("--ca-dir", default="",
+                   help="ca.crt and ca.key of the CA to issue from: the controller's own certificate goes into "
+                        "--tls-dir and is renewed while it runs (default: the files in --tls-dir are made "
+                        "elsewhere)")
+    c.add_argument("--ca-file", default="", help="the CA bundle peers are verified with (default: --ca-dir's ca.crt)")
+    c.add_argument("--certificate-hours", type=float, default=168.0,
+                   help="lifetime of the certificates issued (renewed at 2/3 of it)")
+    c.add_argument("--csr-signer", default="",
+                   help="approve and sign the Kubernetes CertificateSigningRequests of this signerName, after "
+                        "checking pod, node and DaemonSet (needs --ca-dir and the four accounts and DaemonSets)")
+    c.add_argument("--signer-namespace", default="", help="the namespace of the driver's pods")
+    c.add_argument("--agent-service-account", default="")
+    c.add_argument("--agent-daemonset", default="")
+    c.add_argument("--node-service-account", default="")
+    c.add_argument("--node-daemonset", default="")
+    metrics_flag(c)
     c.set_defaults(func=run_controller)
 
     n = sub.add_parser("node", help="CSI Identity + Node on a worker")
@@ -156,50 +355,72 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--zone", default=None, help="overrides the Node object's topology.kubernetes.io/zone label")
     n.add_argument("--max-volumes", type=int, default=128)
     n.add_argument("--state-dir", default=None, help="default: <kubelet-dir>/plugins/<driver>/staged")
+    n.add_argument("--tls-dir", default="", help="ca.crt, tls.crt, tls.key: this node plugin's identity; the agents "
+                                                 "give a volume's CHAP credentials only to the node it is attached to")
+    pod_certificate_flags(n)
+    metrics_flag(n)
     n.set_defaults(func=run_node)
 
     g = sub.add_parser("agent", help="storage agent on a storage node (LVM + LIO)")
     common(g, endpoint=False)
     g.add_argument("--listen", default="0.0.0.0:7600")
     g.add_argument("--node-name", required=True)
-    g.add_argument("--portal", action="append", required=True, help="ip:port the iSCSI portal listens on")
+    g.add_argument("--portal", action="append", help="ip:port the iSCSI portal listens on (repeatable)")
+    g.add_argument("--portal-cidr", action="append", metavar="CIDR",
+                   help="a network (e.g. a dedicated storage network, 10.20.0.0/24) in which this host's own "
+                        "address is the portal: found at start, exactly one address or the agent stops")
+    g.add_argument("--portal-port", type=int, default=3260, help="port of the --portal-cidr portals")
     g.add_argument("--config", required=True, help="YAML: pools, devices, wipeThick")
     g.add_argument("--state-dir", default="/var/lib/lvm-iscsi-csi")
     g.add_argument("--cluster-id", default="default")
     g.add_argument("--tls-dir", required=True)
+    pod_certificate_flags(g)
+    metrics_flag(g)
     g.set_defaults(func=run_agent)
 
     s = sub.add_parser("status", help="agents, pools, capacity and volumes, like cinder service-list + list")
-    s.add_argument("--storage-nodes", required=True)
-    s.add_argument("--tls-dir", required=True)
-    s.add_argument("--agent-server-name", default=ids.AGENT_SERVER_NAME)
-    s.add_argument("--cluster-id", default="default")
+    common(s, endpoint=False)
+    fleet_flags(s)
     s.set_defaults(func=run_status)
 
     o = sub.add_parser("cleanup", help="list (dry run) or remove objects of this driver that no record explains")
-    o.add_argument("--storage-nodes", required=True)
-    o.add_argument("--tls-dir", required=True)
-    o.add_argument("--agent-server-name", default=ids.AGENT_SERVER_NAME)
-    o.add_argument("--cluster-id", default="default")
+    common(o, endpoint=False)
+    fleet_flags(o)
     o.add_argument("--min-age", type=int, default=600, help="seconds; younger objects may belong to a call in flight")
     o.add_argument("--delete", action="store_true", help="remove them (default: only list)")
     o.set_defaults(func=run_cleanup)
+
+    r = sub.add_parser("retire-storage-node", help="a storage node lost for good: its volumes, snapshots and "
+                                                   "attachments are released without it")
+    common(r, endpoint=False)
+    fleet_flags(r)
+    r.add_argument("node", help="the storage node's name")
+    r.add_argument("--yes", action="store_true", help="really retire it (default: say what would happen)")
+    r.set_defaults(func=run_retire)
 
     d = sub.add_parser("demo", help="the whole volume lifecycle on a throw-away storage node (User-Mode Linux)")
     d.add_argument("--workdir", default="/tmp/lvm-iscsi-csi-demo")
     d.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     d.set_defaults(func=run_demo)
 
-    t = sub.add_parser("certs", help="write a throw-away CA and agent/controller certificates (tests, demo)")
+    w = sub.add_parser("wait-for-socket", help="wait until a unix socket accepts connections (the chart's "
+                                              "postStart hook: the sidecars start once the driver listens)")
+    w.add_argument("path")
+    w.add_argument("--timeout", type=float, default=300.0, help="seconds; exits 1 after them")
+    w.set_defaults(func=run_wait_for_socket)
+
+    t = sub.add_parser("certs", help="write a throw-away CA and certificates for the controller, agents and node "
+                                    "plugins (tests, demo)")
     t.add_argument("--out", required=True)
-    t.add_argument("--agent-server-name", default=ids.AGENT_SERVER_NAME)
+    t.add_argument("--storage-node", action="append", default=[], help="an agent certificate for this node")
+    t.add_argument("--worker", action="append", default=[], help="a node plugin certificate for this node")
     t.set_defaults(func=run_certs)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _logging(args.log_level)
+    _logging(args.log_level, args.log_format)
     from csi import faults
     faults.warn_if_enabled()
     from csi.config import ConfigError

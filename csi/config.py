@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from csi import ids
+from csi.storage import netaddr
 from csi.storage.lio import Portal
 
 
@@ -95,7 +96,10 @@ class AgentConfig:
 
     @classmethod
     def build(cls, *, node_name: str, listen: str, portals: list[str], state_dir: str, cluster_id: str,
-              tls_dir: str, config_file: str) -> "AgentConfig":
+              tls_dir: str, config_file: str, portal_cidrs: list[str] = (), portal_port: int = 3260
+              ) -> "AgentConfig":
+        """portals: ip:port each; portal_cidrs: networks in which this host's own address is a portal (at
+        portal_port), found now with `ip addr`: exactly one address per network, or a ConfigError."""
         data = _load_yaml(Path(config_file))
         _only(data, {"pools", "devices", "wipeThick"}, config_file)
         pools = tuple(PoolConfig.from_dict(p) for p in data.get("pools") or [])
@@ -109,11 +113,16 @@ class AgentConfig:
         try:
             ids.check_cluster_id(cluster_id)
             ids.check_node_name(node_name)
-            parsed = tuple(Portal.parse(p) for p in portals)
+            if not 0 < portal_port < 65536:
+                raise ValueError(f"--portal-port {portal_port}: expected 1-65535")
+            if portal_cidrs:
+                addresses = netaddr.host_addresses()
+                portals = [*portals, *(netaddr.portal_for(c, portal_port, addresses) for c in portal_cidrs)]
+            parsed = tuple(dict.fromkeys(Portal.parse(p) for p in portals))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if not parsed:
-            raise ConfigError("at least one --portal is required")
+            raise ConfigError("at least one --portal (ip:port) or --portal-cidr (a network) is required")
         return cls(node_name, listen, parsed, Path(state_dir), cluster_id, Path(tls_dir), pools, devices,
                    bool(data.get("wipeThick", True)))
 
@@ -131,37 +140,62 @@ class StorageNode:
 class ControllerConfig:
     driver_name: str
     cluster_id: str
-    storage_nodes: tuple[StorageNode, ...]
+    storage_nodes: tuple[StorageNode, ...]     # from the static file; empty with discovery from Kubernetes
     tls_dir: Path
-    agent_server_name: str = ids.AGENT_SERVER_NAME
     default_size: int = 1 << 30
+    # Where the storage nodes come from: the static file above, or Nodes with this label (Kubernetes).
+    storage_node_label: str = ""
+    agent_port: int = 7600
+    # The placement journal: a directory (outside a cluster), or ConfigMaps in this namespace.
+    journal_dir: Path | None = None
+    journal_namespace: str = ""
+    adoption_settle: float = 0.0
+    # Which node an initiator name belongs to: this file (nodes: [{name, iqn}]), else the CSINode objects.
+    node_directory: Path | None = None
 
     def node(self, name: str) -> StorageNode | None:
         return next((n for n in self.storage_nodes if n.name == name), None)
 
     @classmethod
     def build(cls, *, driver_name: str, cluster_id: str, storage_nodes_file: str, tls_dir: str,
-              agent_server_name: str, default_size: str) -> "ControllerConfig":
-        data = _load_yaml(Path(storage_nodes_file))
-        _only(data, {"storageNodes"}, storage_nodes_file)
-        nodes = []
-        for item in data.get("storageNodes") or []:
-            _only(item, {"name", "address", "zone"}, "storageNodes[]")
-            try:
-                nodes.append(StorageNode(ids.check_node_name(str(item["name"])), str(item["address"]),
-                                         str(item.get("zone") or "")))
-            except KeyError as exc:
-                raise ConfigError(f"storageNodes[]: {exc.args[0]} is required") from None
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-        if len({n.name for n in nodes}) != len(nodes):
-            raise ConfigError(f"{storage_nodes_file}: storage node names must be unique")
+              default_size: str, storage_node_label: str = "", agent_port: int = 7600,
+              journal_dir: str = "", journal_namespace: str = "", adoption_settle: float = 0.0,
+              node_directory: str = "") -> "ControllerConfig":
+        if bool(storage_nodes_file) == bool(storage_node_label):
+            raise ConfigError("give exactly one of --storage-nodes (a file) and --storage-node-label (Kubernetes)")
+        if bool(journal_dir) == bool(journal_namespace):
+            raise ConfigError("give exactly one of --journal-dir (a directory) and --journal-namespace (Kubernetes)")
+        nodes = load_storage_nodes(storage_nodes_file) if storage_nodes_file else ()
         try:
             ids.check_cluster_id(cluster_id)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        return cls(driver_name, cluster_id, tuple(nodes), Path(tls_dir), agent_server_name,
-                   parse_size(default_size))
+        if not 0 < agent_port < 65536:
+            raise ConfigError(f"--agent-port {agent_port}: not a port")
+        if adoption_settle < 0:
+            raise ConfigError("--adoption-settle must not be negative")
+        return cls(driver_name, cluster_id, nodes, Path(tls_dir), parse_size(default_size),
+                   storage_node_label, agent_port, Path(journal_dir) if journal_dir else None, journal_namespace,
+                   adoption_settle, Path(node_directory) if node_directory else None)
+
+
+def load_storage_nodes(path: str) -> tuple[StorageNode, ...]:
+    """The static list of storage nodes (the lab, the demo, a cluster without discovery)."""
+    data = _load_yaml(Path(path))
+    _only(data, {"storageNodes"}, path)
+    nodes = []
+    for item in data.get("storageNodes") or []:
+        _only(item, {"name", "address", "zone"}, "storageNodes[]")
+        try:
+            nodes.append(StorageNode(ids.check_node_name(str(item["name"])), str(item["address"]),
+                                     str(item.get("zone") or "")))
+        except KeyError as exc:
+            raise ConfigError(f"storageNodes[]: {exc.args[0]} is required") from None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if len({n.name for n in nodes}) != len(nodes):
+        raise ConfigError(f"{path}: storage node names must be unique")
+    return tuple(nodes)
 
 
 # ---------------------------------------------------------------------------------------------- node
@@ -175,15 +209,17 @@ class NodeConfig:
     zone: str | None
     max_volumes: int
     state_dir: Path
+    tls_dir: Path | None = None   # this node's certificate: asks the agents for its volumes' credentials
 
     @classmethod
     def build(cls, *, driver_name: str, node_name: str, kubelet_dir: str, initiator_name_file: str,
-              zone: str | None, max_volumes: int, state_dir: str | None) -> "NodeConfig":
+              zone: str | None, max_volumes: int, state_dir: str | None, tls_dir: str = "") -> "NodeConfig":
         kubelet = Path(kubelet_dir).resolve()
         state = Path(state_dir) if state_dir else kubelet / "plugins" / driver_name / "staged"
         if max_volumes < 1:
             raise ConfigError("--max-volumes must be at least 1")
-        return cls(driver_name, node_name, kubelet, Path(initiator_name_file), zone, max_volumes, state)
+        return cls(driver_name, node_name, kubelet, Path(initiator_name_file), zone, max_volumes, state,
+                   Path(tls_dir) if tls_dir else None)
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,

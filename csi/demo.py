@@ -109,7 +109,8 @@ def lifecycle(steps: Steps, ctrl, nodesvc, node, kubelet: Path) -> None:
         r = ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
             volume_id=vol["id"], node_id=info.node_id, volume_capability=cap))
         ctx.update(r.publish_context)
-        return f"ACL for {info.node_id.rsplit(':', 1)[-1]}, CHAP user {ctx['chapUser']} (secret not shown)"
+        return (f"ACL for {info.node_id.rsplit(':', 1)[-1]}; publish_context: {', '.join(sorted(ctx))} "
+                "(no secret: CHAP comes from the agent)")
 
     steps.run("ControllerPublishVolume", publish)
     staging = kubelet / "plugins/kubernetes.io/csi/lvm-iscsi.csi.dev/demo/globalmount"
@@ -156,9 +157,12 @@ def lifecycle(steps: Steps, ctrl, nodesvc, node, kubelet: Path) -> None:
 
 def _stats(nodesvc, volume_id: str, target: Path, df: str) -> str:
     r = nodesvc.NodeGetVolumeStats(csi.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=str(target)))
+    h = nodesvc.NodeGetVolumeHealth(csi.NodeGetVolumeHealthRequest(volume_id=volume_id,
+                                                                   volume_publish_path=str(target)))
     b = r.usage[0]
-    return f"{b.used >> 20} MiB used of {b.total >> 20} MiB, condition " \
-           f"{'abnormal' if r.volume_condition.abnormal else 'ok'} (df: {' '.join(df.split())})"
+    problems = "; ".join(e.reason for e in h.volume_health.health_statuses)
+    return f"{b.used >> 20} MiB used of {b.total >> 20} MiB, health {problems or 'ok'} " \
+           f"(df: {' '.join(df.split())})"
 
 
 def _leftovers(node) -> str:

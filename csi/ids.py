@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 from dataclasses import dataclass
 
 from csi import errors
@@ -18,7 +19,6 @@ from csi import errors
 DRIVER_NAME = "lvm-iscsi.csi.dev"
 IQN_PREFIX = "iqn.2026-11.dev.csi.lvm-iscsi:"
 TAG_PREFIX = "dev.csi.lvm-iscsi"
-AGENT_SERVER_NAME = "lvm-iscsi-agent"
 
 
 def topology_key(driver_name: str) -> str:
@@ -66,12 +66,34 @@ def lv_name(cluster_id: str, request_name: str, kind: str = "volume") -> str:
     return f"{cluster_id}-{middle}{slug}-{digest}"
 
 
+def wipe_lv_name(cluster_id: str) -> str:
+    """The name a thick LV takes while it is zeroed after its deletion: outside the volume namespace, since `+`
+    never appears in the LV name of a volume or snapshot (`lv_name` keeps [A-Za-z0-9_.-])."""
+    return f"{cluster_id}+wipe+{secrets.token_hex(8)}"
+
+
+def is_wipe_lv_name(name: str) -> bool:
+    return "+wipe+" in name
+
+
 def target_iqn(vg: str, lv: str) -> str:
     return IQN_PREFIX + re.sub(r"[^a-z0-9.-]", "-", f"{vg}.{lv}".lower())
 
 
 def is_iqn(value: str) -> bool:
-    return bool(IQN_RE.fullmatch(value)) and len(value) <= 223
+    """An iSCSI qualified name, in any case (see normalize_iqn)."""
+    return normalize_iqn(value) is not None
+
+
+def normalize_iqn(value: str) -> str | None:
+    """The lower-case form of an IQN, None when `value` is not one. iSCSI names compare case-insensitively
+    (RFC 3720 3.2.6.1) and LIO lower-cases the name an initiator logs in with, so an initiator named with
+    upper-case letters must get its ACL, grant and node_id in lower case. ASCII only: some other letters
+    lower-case to ASCII ones (KELVIN SIGN to "k") and would name someone else."""
+    lowered = value.lower()
+    if not value.isascii() or len(value) > 223 or not IQN_RE.fullmatch(lowered):
+        return None
+    return lowered
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,8 @@ def run(argv: Sequence[str], *, timeout: float | None = None, input: str | None 
     except FileNotFoundError:
         raise CommandNotFound(shown, None, "", reason=f"{argv[0]} is not installed") from None
     except subprocess.TimeoutExpired as exc:
-        raise CommandTimeout(shown, None, _text(exc.stderr), reason=f"timed out after {limit:.1f}s") from None
+        raise CommandTimeout(shown, None, _scrub(_text(exc.stderr), secrets), _scrub(_text(exc.output), secrets),
+                             reason=f"timed out after {limit:.1f}s") from None
     took = time.monotonic() - started
     stderr = _scrub(proc.stderr, secrets)
     log.debug("ran %s rc=%d in %.3fs", shown, proc.returncode, took)

@@ -52,22 +52,78 @@ def remove_stale_socket(endpoint: str) -> None:
             path.unlink()
 
 
+TLS_NAMES = ("ca.crt", "tls.crt", "tls.key")
+
+
 @dataclass(frozen=True)
 class TlsFiles:
-    """ca.crt, tls.crt, tls.key in one directory: the layout of a Kubernetes TLS secret plus its CA."""
+    """ca.crt, tls.crt, tls.key in one directory: the layout of a Kubernetes TLS secret plus its CA.
+
+    The files may be replaced while a process runs (a certificate renewed, csi/certkeeper.py; a Secret updated
+    by kubelet): servers made with server_credentials() present the new ones from the next connection on, and
+    clients compare version() to know when to make new channels. A key that does not match its certificate
+    (read between two replaced files) is refused, and the previous files stay in use until both are there."""
     directory: Path
 
+    def version(self) -> tuple:
+        """What the files are now (inode, size, modification time of each): cheap, changes when any is
+        replaced, whether by a rename (csi/fsutil.write_atomic) or by kubelet's swap of a Secret's directory."""
+        out = []
+        for name in TLS_NAMES:
+            try:
+                st = os.stat(self.directory / name)
+            except OSError:
+                out.append(None)
+                continue
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
     def read(self) -> tuple[bytes, bytes, bytes]:
+        """(ca, cert, key) as PEM; ValueError when a file is missing, or the key is not the certificate's."""
         try:
-            return tuple((self.directory / n).read_bytes() for n in ("ca.crt", "tls.crt", "tls.key"))  # type: ignore
+            ca, cert, key = ((self.directory / n).read_bytes() for n in TLS_NAMES)
         except OSError as exc:
             raise ValueError(f"TLS directory {self.directory}: {exc}") from None
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        from csi import pki
+        try:
+            matching = pki.matches(load_pem_private_key(key, None), x509.load_pem_x509_certificate(cert))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"TLS directory {self.directory}: {exc}") from None
+        if not matching:
+            raise ValueError(f"TLS directory {self.directory}: tls.key is not the key of tls.crt (being replaced?)")
+        return ca, cert, key
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        ca, cert, key = self.read()
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+        """Mutual TLS that follows the files: gRPC asks before every handshake, and gets new certificates once
+        the files changed (a stat of three files per new connection; existing connections keep theirs)."""
+        def config():
+            ca, cert, key = self.read()
+            return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+        state = {"version": self.version()}
+        initial = config()
+
+        def fetch():
+            now = self.version()
+            if now == state["version"]:
+                return None
+            try:
+                changed = config()
+            except Exception as exc:  # noqa: BLE001 - a failing fetch must not fail the handshake: keep the old
+                log.warning("not using the new TLS files yet: %s", exc)
+                return None
+            state["version"] = now
+            log.info("the TLS files in %s changed: new connections get the new certificate", self.directory)
+            return changed
+
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
+        """The files as they are now: a client that keeps a channel compares version() to know when to make
+        a new one (csi/controller/agents.py)."""
         ca, cert, key = self.read()
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
@@ -143,34 +199,56 @@ def _safe_redact(message: Message) -> str:
 
 class CallInterceptor(grpc.ServerInterceptor):
     """Logs every call (method + duration at info, redacted request at debug), gives the runner the call's
-    deadline, and maps every exception to a status through errors.status_of."""
+    deadline, asks `authorize(method, request, context)` (when given) before the call does anything, and maps
+    every exception to a status through errors.status_of. With `metrics` (csi/metrics.py RpcMetrics), every
+    call is counted and timed by the status its client got, refused and failed calls included."""
+
+    def __init__(self, authorize: Callable[[str, object, object], None] | None = None, metrics=None):
+        self._authorize = authorize
+        self._metrics = metrics
+
+    def _observe(self, full_method: str, code: grpc.StatusCode, started: float) -> None:
+        if self._metrics is not None:
+            try:
+                self._metrics.observe(full_method, code, time.monotonic() - started)
+            except Exception:  # noqa: BLE001 - counting must never fail a call
+                log.exception("cannot record the metrics of %s", full_method)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        full_method = handler_call_details.method
+        method = full_method.rsplit("/", 1)[-1]
         if handler.unary_stream is not None:
-            return self._stream(handler, method)
+            return self._stream(handler, full_method, method)
         if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
 
         def call(request, context):
             started = time.monotonic()
-            _refuse_expired(method, context)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s request: %s", method, _safe_redact(request))
+            code = grpc.StatusCode.DEADLINE_EXCEEDED   # what _refuse_expired answers
             try:
-                with deadline(context.time_remaining()):
-                    response = inner(request, context)
-            except Exception as exc:  # noqa: BLE001 - this is the one place that maps every error
-                code, message = errors.status_of(exc)
-                message = short(message)
-                level = logging.ERROR if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else logging.INFO
-                log.log(level, "%s failed after %.3fs: %s %s", method, time.monotonic() - started, code.name, message,
-                        exc_info=level == logging.ERROR and not isinstance(exc, errors.CsiError))
-                context.abort(code, message)
+                _refuse_expired(method, context)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s request: %s", method, _safe_redact(request))
+                try:
+                    if self._authorize is not None:
+                        self._authorize(method, request, context)
+                    with deadline(context.time_remaining()):
+                        response = inner(request, context)
+                except Exception as exc:  # noqa: BLE001 - this is the one place that maps every error
+                    code, message = errors.status_of(exc)
+                    message = short(message)
+                    level = logging.ERROR if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) \
+                        else logging.INFO
+                    log.log(level, "%s failed after %.3fs: %s %s", method, time.monotonic() - started, code.name,
+                            message, exc_info=level == logging.ERROR and not isinstance(exc, errors.CsiError))
+                    context.abort(code, message)
+                code = grpc.StatusCode.OK
+            finally:
+                self._observe(full_method, code, started)
             log.info("%s ok in %.3fs", method, time.monotonic() - started)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s response: %s", method, _safe_redact(response))
@@ -181,23 +259,31 @@ class CallInterceptor(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
 
-    @staticmethod
-    def _stream(handler, method: str):
+    def _stream(self, handler, full_method: str, method: str):
         inner = handler.unary_stream
 
         def call(request, context):
             started = time.monotonic()
-            _refuse_expired(method, context)
+            # A stream its client cancels half-way ends here with GeneratorExit: counted as CANCELLED.
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
             try:
-                with deadline(context.time_remaining()):
-                    yield from inner(request, context)
-            except Exception as exc:  # noqa: BLE001 - as for unary calls
-                code, message = errors.status_of(exc)
-                message = short(message)
-                log.log(logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO,
-                        "%s stream failed after %.3fs: %s %s", method, time.monotonic() - started, code.name,
-                        message)
-                context.abort(code, message)
+                _refuse_expired(method, context)
+                code = grpc.StatusCode.CANCELLED
+                try:
+                    if self._authorize is not None:
+                        self._authorize(method, request, context)
+                    with deadline(context.time_remaining()):
+                        yield from inner(request, context)
+                except Exception as exc:  # noqa: BLE001 - as for unary calls
+                    code, message = errors.status_of(exc)
+                    message = short(message)
+                    log.log(logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO,
+                            "%s stream failed after %.3fs: %s %s", method, time.monotonic() - started, code.name,
+                            message)
+                    context.abort(code, message)
+                code = grpc.StatusCode.OK
+            finally:
+                self._observe(full_method, code, started)
             log.info("%s stream done in %.3fs", method, time.monotonic() - started)
 
         return grpc.unary_stream_rpc_method_handler(
@@ -218,9 +304,19 @@ def _refuse_expired(method: str, context) -> None:
                                                          "start it (busy); nothing was done")
 
 
-def make_server(max_workers: int = 16) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[CallInterceptor()],
-                       options=[("grpc.so_reuseport", 0)])
+# The controller pings its agents every 5 s to notice a powered-off node within seconds (agents.py); the
+# server must accept those pings, or it answers a ping flood with GOAWAY and drops the connection.
+KEEPALIVE_OPTIONS = [("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),
+                     ("grpc.http2.max_ping_strikes", 0)]
+
+
+def make_server(max_workers: int = 16, authorize: Callable[[str, object, object], None] | None = None,
+                metrics=None) -> grpc.Server:
+    """`metrics`: a csi/metrics.py RpcMetrics that counts and times every call of every servicer added."""
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                       interceptors=[CallInterceptor(authorize, metrics)],
+                       options=[("grpc.so_reuseport", 0)] + KEEPALIVE_OPTIONS)
 
 
 def serve(server: grpc.Server, endpoint: str, credentials: grpc.ServerCredentials | None = None) -> None:

@@ -36,11 +36,12 @@ def round_up(size: int, extent: int) -> int:
 
 def choose(candidates: Iterable[Candidate], *, required: int, limit: int = 0, pool: str = "",
            thin: bool | None = None, requisite_zones: Sequence[str] | None = None,
-           preferred_zones: Sequence[str] = (), near: str = "") -> Placement:
+           preferred_zones: Sequence[str] = (), near: str = "", down: Sequence[tuple[str, str]] = ()) -> Placement:
     """The best pool for a volume of at least `required` bytes (and at most `limit`, when set).
 
     `near` names the storage node that holds the volume's content source: after the preferred zones, it
-    comes first, since a restore there needs no copy across the network."""
+    comes first, since a restore there needs no copy across the network. `down` lists (node, zone) of the
+    storage nodes left out because they do not answer: named in the refusal, so an operator knows why."""
     pool_out = type_out = zone_out = limit_out = 0
     eligible = 0        # pools that pass the pool, type and zone filters
     largest = 0
@@ -65,9 +66,8 @@ def choose(candidates: Iterable[Candidate], *, required: int, limit: int = 0, po
             fitting.append(Placement(c, size))
     if fitting:
         rank = {z: i for i, z in enumerate(preferred_zones)}
-        fitting.sort(key=lambda p: (rank.get(p.candidate.zone, len(rank)), p.candidate.node != near,
-                                    -p.candidate.available, p.candidate.node, p.candidate.pool))
-        return fitting[0]
+        return min(fitting, key=lambda p: (rank.get(p.candidate.zone, len(rank)), p.candidate.node != near,
+                                           -p.candidate.available, p.candidate.node, p.candidate.pool))
     if limit_out and limit_out == eligible:
         raise errors.out_of_range(f"{required} bytes rounded up to the pools' extent size exceeds the limit {limit}")
     reasons = []
@@ -81,4 +81,7 @@ def choose(candidates: Iterable[Candidate], *, required: int, limit: int = 0, po
         reasons.append(f"{limit_out} pool(s) would round the size above the limit {limit}")
     reasons.append(f"the largest space available in the remaining pools is {largest} bytes, "
                    f"{required} requested")
+    missing = sorted(n for n, z in down if requisite_zones is None or z in requisite_zones)
+    if missing:
+        reasons.append(f"storage node(s) down and not considered: {', '.join(missing)}")
     raise errors.exhausted("no storage pool can hold this volume: " + "; ".join(reasons))

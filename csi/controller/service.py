@@ -1,6 +1,8 @@
 """CSI Controller service: validates, locks, routes to the agent that the volume ID names, maps errors.
 
-Holds no state: the volume ID names the storage node, VG and LV; the agents hold the rest.
+The volume ID names the storage node, VG and LV; the agents hold the rest. The one state of the controller's
+own is the placement journal (journal.py, placement.py): where each name is being placed, so that a retry
+goes to the same storage node and a new volume needs only the agent it is placed on.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from dataclasses import dataclass
 from google.protobuf.wrappers_pb2 import Int64Value
 
 from csi import capabilities as caps
-from csi import errors, faults, ids
+from csi import contract, errors, faults, ids, mkfs_options
 from csi.config import ControllerConfig
-from csi.controller import scheduler
+from csi.controller import health, listing, scheduler
 from csi.controller.agents import Agents
+from csi.controller.journal import Entry
+from csi.controller.placement import Placement
 from csi.proto import agent_pb2 as apb
 from csi.proto import csi_pb2 as csi
 from csi.proto import csi_pb2_grpc
@@ -25,28 +29,28 @@ log = logging.getLogger(__name__)
 
 Cap = csi.ControllerServiceCapability.RPC.Type
 CAPABILITIES = (Cap.CREATE_DELETE_VOLUME, Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.LIST_VOLUMES, Cap.GET_CAPACITY,
-                Cap.LIST_VOLUMES_PUBLISHED_NODES, Cap.GET_VOLUME, Cap.VOLUME_CONDITION, Cap.PUBLISH_READONLY,
+                Cap.LIST_VOLUMES_PUBLISHED_NODES, Cap.GET_VOLUME, Cap.PUBLISH_READONLY,
                 Cap.SINGLE_NODE_MULTI_WRITER, Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.CLONE_VOLUME,
-                Cap.EXPAND_VOLUME)
+                Cap.EXPAND_VOLUME, Cap.GET_VOLUME_HEALTH, Cap.LIST_VOLUME_HEALTH)
 
-# publish_context keys: what NodeStageVolume needs to log in. Holds CHAP secrets: see README on who can
-# read VolumeAttachments.
-CTX_IQN = "targetIqn"
-CTX_PORTALS = "portals"
-CTX_LUN = "lun"
-CTX_CHAP_USER = "chapUser"
-CTX_CHAP_SECRET = "chapSecret"
-CTX_MUTUAL_USER = "mutualChapUser"
-CTX_MUTUAL_SECRET = "mutualChapSecret"
+# How long the source agent of a copy lets the destination's agent read it; each retry of the CreateVolume
+# allows it again, so a copy longer than this is not cut off while its CreateVolume is retried.
+COPY_ALLOWANCE_SECONDS = 3600
 
 
 def volume_attributes(access: caps.Access, params: caps.Params) -> dict[str, str]:
-    """What the agent stores with the volume; part of the identity of a CreateVolume request."""
-    return {"accessType": "block" if access.block else "mount",
-            "fsType": "" if access.block else (params.fs_type or access.fs_type),
-            "accessModes": ",".join(sorted(caps.mode_name(m) for m in access.modes)),
-            "mutualChap": str(params.mutual_chap).lower(),
-            "wipe": str(params.wipe).lower()}
+    """What the agent stores with the volume; part of the identity of a CreateVolume request. A key that newer
+    versions add is present only when set, so a volume made without it keeps the attributes it always had."""
+    attributes = {"accessType": "block" if access.block else "mount",
+                  "fsType": "" if access.block else (params.fs_type or access.fs_type),
+                  "accessModes": ",".join(sorted(caps.mode_name(m) for m in access.modes)),
+                  "mutualChap": str(params.mutual_chap).lower(),
+                  "wipe": caps.wipe_attribute(params.wipe)}
+    # A raw block volume is never formatted: the class's mkfs options do not apply to it.
+    if params.mkfs_options and not access.block:
+        mkfs_options.check_fs(mkfs_options.parse(params.mkfs_options), attributes["fsType"])
+        attributes[mkfs_options.PARAM] = params.mkfs_options
+    return attributes
 
 
 @dataclass(frozen=True)
@@ -58,20 +62,18 @@ class Source:
     pool: str = ""     # the source volume's pool
 
 
-def _lookup(agent, name: str) -> tuple[apb.Volume | None, apb.AgentInfo]:
-    info = agent.info()
-    try:
-        return agent.call("GetVolume", apb.GetVolumeRequest(name=name)), info
-    except errors.CsiError as exc:
-        if exc.code == errors.Code.NOT_FOUND:
-            return None, info
-        raise
-
+# Agent answers after which nothing was made for a new name: its placement record can go.
+_NOTHING_MADE = (errors.Code.RESOURCE_EXHAUSTED, errors.Code.INVALID_ARGUMENT)
+# A page of ListVolumes / ListSnapshots when the caller sets no max_entries: bounded at every level.
+DEFAULT_PAGE = 1000
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, config: ControllerConfig, agents: Agents):
+    def __init__(self, config: ControllerConfig, agents: Agents, placement: Placement, nodes):
+        """nodes: which node an initiator name belongs to (nodes.py: CSINode objects, or a static file)."""
         self.config = config
         self.agents = agents
+        self.placement = placement
+        self.nodes = nodes
         self.locks = KeyLocks()
         self.topology_key = ids.topology_key(config.driver_name)
 
@@ -92,7 +94,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return ref
 
     def _topology(self, node: str) -> list[csi.Topology]:
-        zone = self.config.node(node).zone if self.config.node(node) else ""
+        known = self.agents.node(node)
+        zone = known.zone if known else ""
         return [csi.Topology(segments={self.topology_key: zone})] if zone else []
 
     def _zones(self, req) -> tuple[list[str] | None, list[str]]:
@@ -117,6 +120,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def _to_volume(self, ref: ids.LvRef, vol: apb.Volume) -> csi.Volume:
         ctx = {"fsType": vol.attributes.get("fsType", ""), "accessType": vol.attributes.get("accessType", "")}
+        if vol.attributes.get(mkfs_options.PARAM):
+            ctx[mkfs_options.PARAM] = vol.attributes[mkfs_options.PARAM]   # the node applies them at mkfs
         out = csi.Volume(volume_id=ref.encode(), capacity_bytes=vol.size_bytes, volume_context=ctx,
                          accessible_topology=self._topology(ref.node))
         kind, _, sid = vol.attributes.get("source", "").partition(":")
@@ -146,35 +151,47 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise errors.out_of_range(f"the source holds {source.size} bytes, above limit_bytes {limit}")
             attributes["source"] = source.text
         with self.locks.hold("name:" + name):
-            # A retry must find what an earlier attempt made, wherever the scheduler put it: ask every agent.
-            # An unreachable agent might hold it, so creating elsewhere could leak a duplicate: UNAVAILABLE.
-            found = self.agents.each(lambda a: _lookup(a, name))
-            existing = []
-            candidates = []
-            for node, result in found.items():
-                if isinstance(result, errors.CsiError):
-                    raise errors.unavailable(f"cannot rule out that volume {name!r} exists: {result.message}")
-                if result[0] is not None:
-                    existing.append((node, result[0]))
-            if not existing:
-                for client in self.agents.all():
-                    info = self._info_or_none(found, client.node.name)
-                    if info is None:
-                        continue
-                    for p in info.pools:
-                        candidates.append(scheduler.Candidate(client.node.name, client.node.zone, p.name,
-                                                              bool(p.thin_pool), p.available_bytes, p.extent_bytes))
+            entry = self.placement.find("volume", name)
+            if entry is not None and self.agents.is_retired(entry.node):
+                log.warning("volume %r was being placed on %s, which is retired: placing it again", name, entry.node)
+                self.placement.forget("volume", entry.key)
+                entry = None
+            if entry is None:
                 wanted_thin = params.thin if params.thin is not None else (None if params.pool else True)
-                place = scheduler.choose(candidates, required=required, limit=limit, pool=params.pool,
-                                         thin=wanted_thin, requisite_zones=requisite, preferred_zones=preferred,
-                                         near=source.ref.node if source else "")
-                node, pool, size = place.candidate.node, place.candidate.pool, place.size
+
+                def choose():
+                    candidates, down = self._candidates()
+                    return down, lambda: scheduler.choose(
+                        candidates, required=required, limit=limit, pool=params.pool, thin=wanted_thin,
+                        requisite_zones=requisite, preferred_zones=preferred, near=source.ref.node if source else "",
+                        down=down)
+                down, attempt = choose()
+                try:
+                    place = attempt()
+                except errors.CsiError as exc:
+                    # Nothing fits among the nodes that answered the last poll: a node down then may be back
+                    # (an agent restarted a moment ago). Ask those once more, now, before refusing.
+                    if exc.code != errors.Code.RESOURCE_EXHAUSTED or not down:
+                        raise
+                    self.agents.recheck(n for n, _ in down)
+                    place = choose()[1]()
+                entry = self.placement.claim(Entry(ids.lv_name(self.config.cluster_id, name), "volume", name,
+                                                   place.candidate.node, pool=place.candidate.pool,
+                                                   source=source.text if source else ""))
+                faults.step("create.placed")
+                if entry.node != place.candidate.node:
+                    log.info("volume %r: another controller placed it on %s first", name, entry.node)
+                else:
+                    self.agents.consume(entry.node, entry.pool, place.size)
+                size = place.size if entry.node == place.candidate.node else required
             else:
-                node, vol = existing[0]
-                pool, size = vol.pool, vol.size_bytes
-                if vol.size_bytes < required or (limit and vol.size_bytes > limit):
-                    raise errors.exists(f"volume {name!r} exists with size {vol.size_bytes}, outside the range asked")
-            agent_source = self._agent_source(source, node, pool, name) if source else None
+                size = required
+            if entry.kind != "volume" or entry.name != name:
+                raise errors.exists(f"volume {name!r}: the journal holds another object under its key")
+            if entry.source != (source.text if source else ""):
+                raise errors.exists(f"volume {name!r} exists with another content source")
+            node, pool = entry.node, entry.pool
+            agent_source = self._agent_source(source, node, pool, name, self._thin_pools()) if source else None
             transient = source is not None and source.kind == "volume" and agent_source.lv != source.ref.lv
             try:
                 vol = self.agents.get(node).call("CreateVolume", apb.CreateVolumeRequest(
@@ -185,13 +202,36 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 if transient and exc.code not in (errors.Code.DEADLINE_EXCEEDED, errors.Code.ABORTED,
                                                   errors.Code.UNAVAILABLE):
                     self._drop_transient(source.ref.node, agent_source)
+                if entry.state == "placing" and exc.code in _NOTHING_MADE:
+                    # The agent made nothing (the pool filled up since the scheduler looked, say): let the
+                    # retry place the volume afresh instead of insisting on this node.
+                    self.placement.forget("volume", entry.key)
                 raise
+            faults.step("create.made")
+            self.placement.made(entry)
             if transient:
                 self._drop_transient(source.ref.node, agent_source)   # it served its purpose
+            if vol.size_bytes < required or (limit and vol.size_bytes > limit):
+                raise errors.exists(f"volume {name!r} exists with size {vol.size_bytes}, outside the range asked")
             ref = ids.LvRef(node, vol.vg, vol.lv)
             log.info("volume %s is %s (%d bytes, pool %s%s)", name, ref, vol.size_bytes, pool,
                      f", from {source.text}" if source else "")
             return csi.CreateVolumeResponse(volume=self._to_volume(ref, vol))
+
+    def _candidates(self) -> tuple[list[scheduler.Candidate], list[tuple[str, str]]]:
+        """Every pool of every storage node that is up, listed and not retired, as the poller last saw it; and
+        (node, zone) of the listed ones that are down."""
+        out, down = [], []
+        infos = self.agents.infos()
+        for known, health in self.agents.serving():     # one look at the membership, not three per node
+            info = infos.get(known.name)
+            if info is None or not health.listed:
+                continue
+            if isinstance(info, errors.CsiError):
+                down.append((known.name, known.zone))
+                continue
+            out += health.candidates(known)
+        return out, down
 
     def _source(self, request) -> "Source":
         src = request.volume_content_source
@@ -200,7 +240,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             if not sid:
                 raise errors.invalid("volume_content_source.snapshot.snapshot_id is required")
             ref = ids.parse_id(sid, kind="snapshot")
-            if ref is None or self.config.node(ref.node) is None:
+            if ref is None or not self._serves(ref.node):
                 raise errors.not_found(f"snapshot {sid!r} does not exist")
             snap = self.agents.get(ref.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=ref.vg, lv=ref.lv))
             return Source("snapshot", ref, snap.size_bytes, "snapshot:" + sid)
@@ -209,7 +249,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             if not vid:
                 raise errors.invalid("volume_content_source.volume.volume_id is required")
             ref = self._ref(vid)
-            if ref is None or self.config.node(ref.node) is None:
+            if ref is None or not self._serves(ref.node):
                 raise errors.not_found(f"volume {vid!r} does not exist")
             vol = self._get(ref)
             return Source("volume", ref, vol.size_bytes, "volume:" + vid, vol.pool)
@@ -218,25 +258,44 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _drop_transient(self, node: str, src: apb.VolumeSource) -> None:
         self.agents.get(node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(vg=src.vg, lv=src.lv))
 
-    def _agent_source(self, source: "Source", node: str, pool: str, name: str) -> apb.VolumeSource:
+    def _agent_source(self, source: "Source", node: str, pool: str, name: str,
+                      thin: set[tuple[str, str]]) -> apb.VolumeSource:
         ref = source.ref
-        if source.kind == "volume" and (ref.node != node or pool != source.pool):
-            # A volume in use changes under a copy: copy a point-in-time snapshot of it instead. (In the
-            # same thin pool, the agent's thin snapshot of the volume is that point in time already.)
+        if source.kind == "volume" and not (ref.node == node and pool == source.pool and (node, pool) in thin):
+            # A volume in use changes under a copy: copy a point-in-time snapshot of it instead (thin, or a
+            # transient COW snapshot of a thick volume). In the source's own thin pool, the agent's thin
+            # snapshot of the volume is that point in time already.
             transfer = "transfer/" + hashlib.sha256(name.encode()).hexdigest()[:32]
             snap = self.agents.get(ref.node).call("CreateSnapshot", apb.CreateSnapshotRequest(
                 name=transfer, source_vg=ref.vg, source_lv=ref.lv, transient=True))
             faults.step("clone.transfer-snapshot")
             ref = ids.LvRef(ref.node, snap.vg, snap.lv, "snapshot")
-        return apb.VolumeSource(node=ref.node, address=self.config.node(ref.node).address, vg=ref.vg, lv=ref.lv,
+        if ref.node != node:
+            # The one way another agent reads anything on the source's node (storage/authz.py).
+            self.agents.get(ref.node).call("AllowCopy", apb.AllowCopyRequest(
+                vg=ref.vg, lv=ref.lv, destination_node=node, ttl_seconds=COPY_ALLOWANCE_SECONDS))
+        return apb.VolumeSource(node=ref.node, address=self.agents.node(ref.node).address, vg=ref.vg, lv=ref.lv,
                                 snapshot=ref.kind == "snapshot", size_bytes=source.size)
 
-    @staticmethod
-    def _info_or_none(found, node: str):
-        result = found.get(node)
-        if result is None or isinstance(result, errors.CsiError):
-            return None
-        return result[1]
+    def _thin_pools(self) -> set[tuple[str, str]]:
+        """(node, pool) of every thin pool of the storage nodes that answer."""
+        return {(c.node, c.pool) for c in self._candidates()[0] if c.thin}
+
+    def _serves(self, node: str) -> bool:
+        """A storage node this controller knows and that is not retired (its volumes may exist)."""
+        return self.agents.node(node) is not None and not self.agents.is_retired(node)
+
+    def _gone_with_node(self, node: str, what: str) -> bool:
+        """True when `what` lived on a retired storage node (so it is gone); FAILED_PRECONDITION when its node is
+        not known at all: the controller cannot tell whether it still exists."""
+        if self.agents.is_retired(node):
+            log.warning("%s was on storage node %s, which is retired: treated as gone", what, node)
+            return True
+        if self.agents.node(node) is None:
+            raise errors.precondition(f"storage node {node} of {what} is not known to this controller: add it back "
+                                      f"(label or list it as a storage node), or retire it for good with "
+                                      f"`lvm-iscsi-csi retire-storage-node {node}` (its volumes are then gone)")
+        return False
 
     def _size(self, request) -> tuple[int, int]:
         if not request.HasField("capacity_range"):
@@ -259,11 +318,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         ref = self._ref(request.volume_id)
         if ref is None:
             return csi.DeleteVolumeResponse()  # not ours, so it does not exist: success, as the spec says
-        if self.config.node(ref.node) is None:
-            raise errors.precondition(f"storage node {ref.node} of volume {request.volume_id} is not in the "
-                                      "controller's configuration; add it back to delete the volume")
         with self.locks.hold(request.volume_id):
-            self.agents.get(ref.node).call("DeleteVolume", apb.DeleteVolumeRequest(vg=ref.vg, lv=ref.lv))
+            if not self._gone_with_node(ref.node, f"volume {request.volume_id}"):
+                self.agents.get(ref.node).call("DeleteVolume", apb.DeleteVolumeRequest(vg=ref.vg, lv=ref.lv))
+                faults.step("delete.removed")
+            self.placement.forget("volume", ref.lv)
         return csi.DeleteVolumeResponse()
 
     def _get(self, ref: ids.LvRef, brief: bool = True) -> apb.Volume:
@@ -281,29 +340,34 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise errors.invalid("volume_capability is required")
         access = caps.check_capability(request.volume_capability)
         ref = self._require_ref(request.volume_id)
-        if not ids.is_iqn(request.node_id):
+        if not self._serves(ref.node):
+            raise errors.not_found(f"volume {request.volume_id} does not exist: its storage node {ref.node} is "
+                                   f"{'retired' if self.agents.is_retired(ref.node) else 'not known'}")
+        node_id = ids.normalize_iqn(request.node_id)   # any case: one node, one lower-case ACL
+        if node_id is None:
             raise errors.not_found(f"node {request.node_id!r} does not exist: node ids of this driver are iSCSI "
                                    "initiator names (iqn.*)")
+        # The grant names the node its initiator belongs to, from a source that node cannot forge: only that
+        # node's plugin gets the grant's credentials from the agent.
+        node_name = self.nodes.node_of(node_id)
         with self.locks.hold(request.volume_id):
             vol = self._get(ref)
             self._check_compatible(vol, access)
-            others = [i.iqn for i in vol.initiators if i.iqn != request.node_id]
+            others = [i.iqn for i in vol.initiators if i.iqn != node_id]
             if others and self._single_node(vol):
                 raise errors.precondition(f"volume {request.volume_id} is published to {others[0]} and its access "
                                           "mode allows one node only")
             read_only = request.readonly or access.read_only
-            mine = [i for i in vol.initiators if i.iqn == request.node_id]
+            mine = [i for i in vol.initiators if i.iqn == node_id]
             if mine and mine[0].read_only != read_only:
-                raise errors.exists(f"volume {request.volume_id} is already published to {request.node_id} "
+                raise errors.exists(f"volume {request.volume_id} is already published to {node_id} "
                                     f"{'read-only' if mine[0].read_only else 'read-write'}; unpublish it first")
             grant = self.agents.get(ref.node).call("GrantAccess", apb.GrantAccessRequest(
-                vg=ref.vg, lv=ref.lv, initiator_iqn=request.node_id, read_only=read_only,
+                vg=ref.vg, lv=ref.lv, initiator_iqn=node_id, read_only=read_only, node_name=node_name,
                 mutual_chap=vol.attributes.get("mutualChap") == "true"))
-        ctx = {CTX_IQN: grant.target_iqn, CTX_PORTALS: ",".join(grant.portals), CTX_LUN: str(grant.lun),
-               CTX_CHAP_USER: grant.chap_user, CTX_CHAP_SECRET: grant.chap_secret}
-        if grant.mutual_chap_user:
-            ctx.update({CTX_MUTUAL_USER: grant.mutual_chap_user, CTX_MUTUAL_SECRET: grant.mutual_chap_secret})
-        return csi.ControllerPublishVolumeResponse(publish_context=ctx)
+        # No secret: publish_context ends up in the VolumeAttachment (csi/contract.py).
+        return csi.ControllerPublishVolumeResponse(publish_context=contract.publish_context(
+            grant.target_iqn, grant.portals, grant.lun, ref.node, self.agents.node(ref.node).address))
 
     @staticmethod
     def _single_node(vol: apb.Volume) -> bool:
@@ -321,12 +385,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.volume_id:
             raise errors.invalid("volume_id is required")
         ref = self._ref(request.volume_id)
-        if ref is None or self.config.node(ref.node) is None:
+        # Not ours: published nowhere. On a retired node: gone with it. On a node not known at all:
+        # FAILED_PRECONDITION, since an OK would let the attacher believe the node fenced while its ACL stays.
+        if ref is None or self._gone_with_node(ref.node, f"volume {request.volume_id}"):
             return csi.ControllerUnpublishVolumeResponse()
         with self.locks.hold(request.volume_id):
             targets = [request.node_id] if request.node_id else [i.iqn for i in self._get_or_none(ref)]
-            for iqn in targets:
-                if not ids.is_iqn(iqn):
+            for iqn in map(ids.normalize_iqn, targets):
+                if iqn is None:
                     continue  # no such node, so it holds no access
                 r = self.agents.get(ref.node).call("RevokeAccess", apb.RevokeAccessRequest(
                     vg=ref.vg, lv=ref.lv, initiator_iqn=iqn))
@@ -359,38 +425,33 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             parameters=request.parameters))
 
     def ListVolumes(self, request, context):
-        if request.max_entries < 0:
-            raise errors.invalid("max_entries must not be negative")
-        if request.starting_token and ids.parse_id(request.starting_token) is None:
-            raise errors.aborted(f"starting_token {request.starting_token!r} is not one this driver gave out")
-        results = self.agents.each(lambda a: a.call("ListVolumes", apb.ListVolumesRequest()))
-        entries = []
-        for node, result in results.items():
-            if isinstance(result, errors.CsiError):
-                raise errors.unavailable(f"cannot list volumes: {result.message}")
-            for vol in result.volumes:
-                ref = ids.LvRef(node, vol.vg, vol.lv)
-                entries.append((ref.encode(), ref, vol))
-        entries.sort(key=lambda e: e[0])
-        if request.starting_token:
-            entries = [e for e in entries if e[0] > request.starting_token]
-        page = entries[:request.max_entries] if request.max_entries else entries
-        next_token = page[-1][0] if request.max_entries and len(entries) > len(page) else ""
+        page, next_token = listing.walk(self.agents, "volume", request.max_entries, request.starting_token,
+                                        DEFAULT_PAGE)
         return csi.ListVolumesResponse(entries=[csi.ListVolumesResponse.Entry(
-            volume=self._to_volume(ref, vol),
-            status=csi.ListVolumesResponse.VolumeStatus(
-                published_node_ids=[i.iqn for i in vol.initiators],
-                volume_condition=csi.VolumeCondition(abnormal=not vol.healthy, message=vol.condition or "healthy")))
-            for _, ref, vol in page], next_token=next_token)
+            volume=self._to_volume(ids.LvRef(node, vol.vg, vol.lv), vol),
+            status=csi.ListVolumesResponse.VolumeStatus(published_node_ids=[i.iqn for i in vol.initiators]))
+            for node, vol in page], next_token=next_token)
 
     def ControllerGetVolume(self, request, context):
         ref = self._require_ref(request.volume_id)
         vol = self._get(ref, brief=False)
         return csi.ControllerGetVolumeResponse(
             volume=self._to_volume(ref, vol),
-            status=csi.ControllerGetVolumeResponse.VolumeStatus(
-                published_node_ids=[i.iqn for i in vol.initiators],
-                volume_condition=csi.VolumeCondition(abnormal=not vol.healthy, message=vol.condition or "healthy")))
+            status=csi.ControllerGetVolumeResponse.VolumeStatus(published_node_ids=[i.iqn for i in vol.initiators]))
+
+    def ControllerGetVolumeHealth(self, request, context):
+        """The volume as its storage node sees it (health.py): no entry while healthy; INACCESSIBLE with a
+        reason when its LV or export is missing or its storage node's agent does not answer."""
+        ref = self._require_ref(request.volume_id)
+        if not self._serves(ref.node):
+            raise errors.not_found(f"volume {request.volume_id} does not exist: its storage node {ref.node} is "
+                                   f"{'retired' if self.agents.is_retired(ref.node) else 'not known'}")
+        return csi.ControllerGetVolumeHealthResponse(volume_health=health.get(self.agents, ref, request.volume_id))
+
+    def ControllerListVolumeHealth(self, request, context):
+        entries, next_token = health.list_page(self.agents, request.max_entries, request.starting_token,
+                                               DEFAULT_PAGE)
+        return csi.ControllerListVolumeHealthResponse(entries=entries, next_token=next_token)
 
     def GetCapacity(self, request, context):
         params = caps.parse_params(request.parameters)
@@ -404,16 +465,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             zone = request.accessible_topology.segments.get(self.topology_key)
         wanted_thin = params.thin if params.thin is not None else (None if params.pool else True)
         total = largest = 0
-        clients = [c for c in self.agents.all() if zone is None or c.node.zone == zone]
-        for node, info in self.agents.each(lambda a: a.info()).items():
-            if isinstance(info, errors.CsiError) or all(c.node.name != node for c in clients):
+        # The storage nodes that answer; one that is down has no capacity to offer now.
+        for c in self._candidates()[0]:
+            if (zone is not None and c.zone != zone) or (params.pool and c.pool != params.pool) or \
+                    (wanted_thin is not None and c.thin != wanted_thin):
                 continue
-            for p in info.pools:
-                if (params.pool and p.name != params.pool) or (wanted_thin is not None and
-                                                               bool(p.thin_pool) != wanted_thin):
-                    continue
-                total += p.available_bytes
-                largest = max(largest, p.available_bytes)
+            total += c.available
+            largest = max(largest, c.available)
         return csi.GetCapacityResponse(available_capacity=total, maximum_volume_size=Int64Value(value=largest))
 
     def ControllerGetCapabilities(self, request, context):
@@ -434,19 +492,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.source_volume_id:
             raise errors.invalid("source_volume_id is required")
         ref = self._require_ref(request.source_volume_id)
-        if self.config.node(ref.node) is None:
+        if not self._serves(ref.node):
             raise errors.not_found(f"volume {request.source_volume_id!r} does not exist")
+        source = "volume:" + request.source_volume_id
         with self.locks.hold("snapshot:" + name):
-            found = self.agents.each(lambda a: a.call("GetSnapshot", apb.GetSnapshotRequest(name=name)))
-            for node, result in found.items():
-                if isinstance(result, errors.CsiError):
-                    if result.code == errors.Code.NOT_FOUND:
-                        continue
-                    raise errors.unavailable(f"cannot rule out that snapshot {name!r} exists: {result.message}")
-                if node != ref.node or result.source_lv != ref.lv:
-                    raise errors.exists(f"snapshot {name!r} exists for another volume")
-            snap = self.agents.get(ref.node).call("CreateSnapshot", apb.CreateSnapshotRequest(
-                name=name, source_vg=ref.vg, source_lv=ref.lv))
+            # Only the source's agent is needed: the journal says whether the name is taken elsewhere.
+            entry = self.placement.find("snapshot", name)
+            if entry is None:
+                entry = self.placement.claim(Entry(ids.lv_name(self.config.cluster_id, name, kind="snapshot"),
+                                                   "snapshot", name, ref.node, vg=ref.vg, source=source))
+                faults.step("snapshot.placed")
+            if entry.kind != "snapshot" or entry.name != name or entry.node != ref.node or entry.source != source:
+                raise errors.exists(f"snapshot {name!r} exists for another volume")
+            try:
+                snap = self.agents.get(ref.node).call("CreateSnapshot", apb.CreateSnapshotRequest(
+                    name=name, source_vg=ref.vg, source_lv=ref.lv))
+            except errors.CsiError as exc:
+                if entry.state == "placing" and exc.code in _NOTHING_MADE + (errors.Code.FAILED_PRECONDITION,
+                                                                             errors.Code.NOT_FOUND):
+                    self.placement.forget("snapshot", entry.key)
+                raise
+            self.placement.made(entry)
             return csi.CreateSnapshotResponse(snapshot=self._to_snapshot(ref.node, snap))
 
     def DeleteSnapshot(self, request, context):
@@ -455,46 +521,39 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         ref = ids.parse_id(request.snapshot_id, kind="snapshot")
         if ref is None or not ref.lv.startswith(self.config.cluster_id + "-"):
             return csi.DeleteSnapshotResponse()
-        if self.config.node(ref.node) is None:
-            raise errors.precondition(f"storage node {ref.node} of snapshot {request.snapshot_id} is not in the "
-                                      "controller's configuration; add it back to delete the snapshot")
         with self.locks.hold(request.snapshot_id):
-            self.agents.get(ref.node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(vg=ref.vg, lv=ref.lv))
+            if not self._gone_with_node(ref.node, f"snapshot {request.snapshot_id}"):
+                self.agents.get(ref.node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(vg=ref.vg, lv=ref.lv))
+            self.placement.forget("snapshot", ref.lv)
         return csi.DeleteSnapshotResponse()
 
     def ListSnapshots(self, request, context):
-        if request.max_entries < 0:
-            raise errors.invalid("max_entries must not be negative")
-        if request.starting_token and ids.parse_id(request.starting_token, kind="snapshot") is None:
-            raise errors.aborted(f"starting_token {request.starting_token!r} is not one this driver gave out")
-        entries: list[tuple[str, csi.Snapshot]] = []
         if request.snapshot_id:
+            if request.max_entries < 0:
+                raise errors.invalid("max_entries must not be negative")
             ref = ids.parse_id(request.snapshot_id, kind="snapshot")
-            if ref is not None and self.config.node(ref.node) is not None:
+            entries = []
+            if ref is not None and self._serves(ref.node):
                 try:
                     snap = self.agents.get(ref.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=ref.vg,
                                                                                                 lv=ref.lv))
-                    entries.append((request.snapshot_id, self._to_snapshot(ref.node, snap)))
+                    entries.append(self._to_snapshot(ref.node, snap))
                 except errors.CsiError as exc:
                     if exc.code != errors.Code.NOT_FOUND:
                         raise
-        else:
-            for node, result in self.agents.each(lambda a: a.call("ListSnapshots",
-                                                                  apb.ListSnapshotsRequest())).items():
-                if isinstance(result, errors.CsiError):
-                    raise errors.unavailable(f"cannot list snapshots: {result.message}")
-                for snap in result.snapshots:
-                    s = self._to_snapshot(node, snap)
-                    entries.append((s.snapshot_id, s))
+            if request.source_volume_id:
+                entries = [e for e in entries if e.source_volume_id == request.source_volume_id]
+            return csi.ListSnapshotsResponse(entries=[csi.ListSnapshotsResponse.Entry(snapshot=s) for s in entries])
+        nodes, keep = None, (lambda node, snap: True)
         if request.source_volume_id:
-            entries = [e for e in entries if e[1].source_volume_id == request.source_volume_id]
-        entries.sort(key=lambda e: e[0])
-        if request.starting_token:
-            entries = [e for e in entries if e[0] > request.starting_token]
-        page = entries[:request.max_entries] if request.max_entries else entries
-        next_token = page[-1][0] if request.max_entries and len(entries) > len(page) else ""
-        return csi.ListSnapshotsResponse(entries=[csi.ListSnapshotsResponse.Entry(snapshot=s) for _, s in page],
-                                         next_token=next_token)
+            src = self._ref(request.source_volume_id)
+            nodes = [src.node] if src is not None and self._serves(src.node) else []
+            keep = lambda node, snap: ids.LvRef(node, snap.source_vg, snap.source_lv).encode() == \
+                request.source_volume_id  # noqa: E731
+        page, next_token = listing.walk(self.agents, "snapshot", request.max_entries, request.starting_token,
+                                        DEFAULT_PAGE, nodes=nodes, keep=keep)
+        return csi.ListSnapshotsResponse(entries=[csi.ListSnapshotsResponse.Entry(
+            snapshot=self._to_snapshot(node, snap)) for node, snap in page], next_token=next_token)
 
     # ------------------------------------------------------------------------------------ expansion
 

@@ -5,6 +5,9 @@ they all run the driver the same way: real processes, real flags, mutual TLS on.
 Reaching it: the controller listens on a unix socket on the host (controller_target); each node plugin
 listens on TCP in its guest and is exposed on 127.0.0.1 (node_target). The kubelet directory of a worker
 is under the lab workdir, which guest and host share, so csi-sanity on the host can make its paths there.
+
+Every daemon logs at `log_level` ("info" by default; "debug" logs every request, redacted, and every command
+run: what a test needs that greps the logs for secrets).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import yaml
 from csi.lab import Lab, LabError, LabNode
 from csi.proto import csi_pb2 as csi
 from csi.proto import csi_pb2_grpc
-from csi.tls import write_test_pki
+from csi.tls import TestPki
 
 AGENT_PORT = 7600
 NODE_PORT = 7700
@@ -40,19 +43,20 @@ class Deployment:
     lab: Lab
     cluster_id: str = "lab"
     zones: dict[str, str] = field(default_factory=dict)   # node name -> zone
-    pki: Path = field(init=False)
+    pki: TestPki = field(init=False)
+    log_level: str = "info"
     controller: subprocess.Popen | None = None
-    node_ports: dict[str, int] = field(default_factory=dict)
+    node_ports: dict[tuple[str, str], int] = field(default_factory=dict)   # (node, process name) -> host port
 
     def __post_init__(self) -> None:
-        self.pki = self.lab.workdir / "pki"
-        if not (self.pki / "agent" / "tls.crt").exists():
-            write_test_pki(self.pki, "lvm-iscsi-agent", other_ca=True)
+        # One certificate per process, each naming its role and node (csi/peers.py), from one throw-away CA.
+        self.pki = TestPki(self.lab.workdir / "pki")
 
     # ------------------------------------------------------------------------------------ agent
 
-    def agent_state(self, node: LabNode) -> Path:
-        return node.workdir / "agent-state"   # on the host's disk: survives the node's reboot
+    def agent_state(self, node: LabNode, name: str = "agent") -> Path:
+        # on the host's disk: survives the node's reboot
+        return node.workdir / ("agent-state" if name == "agent" else f"{name}-state")
 
     def start_all(self, storage: list[LabNode], workers: list[LabNode]) -> None:
         """The whole driver: an agent on every storage node, the node plugin on every worker, the controller
@@ -64,16 +68,23 @@ class Deployment:
         self.start_controller(storage)
 
     def start_agent(self, node: LabNode, pools=None, extra: list[str] | None = None,
-                    env: dict[str, str] | None = None) -> None:
-        self._stop(node, "agent")
-        config = node.workdir / "agent.yaml"
+                    env: dict[str, str] | None = None, name: str = "agent", cluster_id: str | None = None,
+                    port: int = AGENT_PORT, wipe_thick: bool = True) -> None:
+        """Starts (or restarts) an agent on a storage node. Another `name`, `cluster_id` and `port` start a
+        second agent beside the first: another cluster sharing the node's VG and LIO, with its own state."""
+        self._stop(node, name)
+        config = node.workdir / f"{name}.yaml"
         config.write_text(yaml.safe_dump({"pools": pools or DEFAULT_POOLS, "devices": ["/dev/loop*"],
-                                          "wipeThick": True}))
-        node.spawn("agent", [PYTHON, "-m", "csi", "agent", "--node-name", node.name, "--listen",
-                             f"{node.ip}:{AGENT_PORT}", "--portal", f"{node.ip}:3260", "--config", str(config),
-                             "--state-dir", str(self.agent_state(node)), "--cluster-id", self.cluster_id,
-                             "--tls-dir", str(self.pki / "agent"), *(extra or [])], env=env)
-        self._wait_port(node, AGENT_PORT, "agent")
+                                          "wipeThick": wipe_thick}))
+        node.spawn(name, [PYTHON, "-m", "csi", "--log-level", self.log_level, "agent", "--node-name", node.name,
+                          "--listen", f"{node.ip}:{port}", "--portal", f"{node.ip}:3260",
+                          "--config", str(config), "--state-dir", str(self.agent_state(node, name)),
+                          "--cluster-id", cluster_id or self.cluster_id, "--tls-dir", str(self.pki.ensure("agent", node.name)),
+                          *(extra or [])], env=env)
+        self._wait_port(node, port, name)
+
+    def stop_agent(self, node: LabNode, name: str = "agent") -> None:
+        self._stop(node, name)
 
     @staticmethod
     def _stop(node: LabNode, name: str) -> None:
@@ -108,20 +119,27 @@ class Deployment:
     def kubelet_dir(self, node: LabNode) -> Path:
         return node.workdir / "kubelet"
 
-    def start_node_plugin(self, node: LabNode, env: dict[str, str] | None = None) -> str:
-        self._stop(node, "node-plugin")
+    def start_node_plugin(self, node: LabNode, env: dict[str, str] | None = None, name: str = "node-plugin",
+                          port: int = NODE_PORT, extra: list[str] | None = None) -> str:
+        """Starts (or restarts) a node plugin on a worker. `name`, `port` and `extra` flags (e.g.
+        --driver-name, --state-dir) let a second release of the driver run beside the first."""
+        self._stop(node, name)
         kubelet = self.kubelet_dir(node)
         kubelet.mkdir(parents=True, exist_ok=True)
-        argv = [PYTHON, "-m", "csi", "node", "--endpoint", f"{node.ip}:{NODE_PORT}", "--node-name", node.name,
-                "--kubelet-dir", str(kubelet), "--zone", self.zones.get(node.name, "")]
-        node.spawn("node-plugin", argv, env=env)
-        self._wait_port(node, NODE_PORT, "node-plugin")
-        if node.name not in self.node_ports:
-            self.node_ports[node.name] = self.lab.expose(node.ip, NODE_PORT)
-        return self.node_target(node)
+        argv = [PYTHON, "-m", "csi", "--log-level", self.log_level, "node", "--endpoint", f"{node.ip}:{port}",
+                "--node-name", node.name, "--kubelet-dir", str(kubelet), "--zone", self.zones.get(node.name, ""),
+                "--tls-dir", str(self.pki.ensure("node", node.name)), *(extra or [])]
+        node.spawn(name, argv, env=env)
+        self._wait_port(node, port, name)
+        if (node.name, name) not in self.node_ports:
+            self.node_ports[node.name, name] = self.lab.expose(node.ip, port)
+        return self.node_target(node, name)
 
-    def node_target(self, node: LabNode) -> str:
-        return f"127.0.0.1:{self.node_ports[node.name]}"
+    def stop_node_plugin(self, node: LabNode, name: str = "node-plugin") -> None:
+        self._stop(node, name)
+
+    def node_target(self, node: LabNode, name: str = "node-plugin") -> str:
+        return f"127.0.0.1:{self.node_ports[node.name, name]}"
 
     # ------------------------------------------------------------------------------------ controller
 
@@ -133,19 +151,38 @@ class Deployment:
     def controller_target(self) -> str:
         return f"unix:{self.controller_socket}"
 
-    def storage_nodes_file(self, nodes: list[LabNode]) -> Path:
-        path = self.lab.workdir / "storage-nodes.yaml"
+    def journal_dir_of(self, cluster_id: str | None = None) -> Path:
+        """A controller's placement journal (the file store: there is no Kubernetes API in the lab), one per
+        cluster id (two clusters may share the lab's storage nodes)."""
+        cluster_id = cluster_id or self.cluster_id
+        return self.lab.workdir / ("journal" if cluster_id == self.cluster_id else f"journal-{cluster_id}")
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.journal_dir_of()
+
+    def storage_nodes_file(self, nodes: list[LabNode], port: int = AGENT_PORT) -> Path:
+        path = self.lab.workdir / ("storage-nodes.yaml" if port == AGENT_PORT else f"storage-nodes-{port}.yaml")
         path.write_text(yaml.safe_dump({"storageNodes": [
-            {"name": n.name, "address": f"{n.ip}:{AGENT_PORT}", "zone": self.zones.get(n.name, "")}
+            {"name": n.name, "address": f"{n.ip}:{port}", "zone": self.zones.get(n.name, "")}
             for n in nodes]}))
+        return path
+
+    def node_directory(self) -> Path:
+        """Which node each initiator name belongs to: every node of the lab (in a cluster, the CSINodes)."""
+        path = self.lab.workdir / "nodes.yaml"
+        path.write_text(yaml.safe_dump({"nodes": [{"name": n.name, "iqn": n.initiator_iqn}
+                                                  for n in self.lab.nodes.values()]}))
         return path
 
     def start_controller(self, storage: list[LabNode], env: dict[str, str] | None = None) -> str:
         self.stop_controller()
         log = open(self.lab.workdir / "controller.log", "ab")
-        argv = [PYTHON, "-m", "csi", "controller", "--endpoint", f"unix://{self.controller_socket}",
+        argv = [PYTHON, "-m", "csi", "--log-level", self.log_level, "controller",
+                "--endpoint", f"unix://{self.controller_socket}",
                 "--cluster-id", self.cluster_id, "--storage-nodes", str(self.storage_nodes_file(storage)),
-                "--tls-dir", str(self.pki / "controller")]
+                "--journal-dir", str(self.journal_dir), "--tls-dir", str(self.pki.ensure("controller")),
+                "--node-directory", str(self.node_directory())]
         self.controller = self.lab.popen_in_netns(argv, stdout=log, stderr=subprocess.STDOUT,
                                                   env={**os.environ, **(env or {})})
         log.close()
@@ -165,11 +202,17 @@ class Deployment:
     def status(self, storage: list[LabNode]) -> subprocess.CompletedProcess:
         return self.operator("status", storage)
 
-    def operator(self, command: str, storage: list[LabNode], *extra: str) -> subprocess.CompletedProcess:
+    def operator_argv(self, command: str, storage: list[LabNode], *extra: str, cluster_id: str | None = None,
+                      port: int = AGENT_PORT) -> list[str]:
+        nodes = self.storage_nodes_file(storage, port=port)
+        return ["ip", "netns", "exec", self.lab.netns, PYTHON, "-m", "csi", command, "--storage-nodes", str(nodes),
+                "--journal-dir", str(self.journal_dir_of(cluster_id)), "--tls-dir", str(self.pki.ensure("controller")),
+                "--cluster-id", cluster_id or self.cluster_id, *extra]
+
+    def operator(self, command: str, storage: list[LabNode], *extra: str, cluster_id: str | None = None,
+                 port: int = AGENT_PORT) -> subprocess.CompletedProcess:
         """`lvm-iscsi-csi status|cleanup ...` as an operator runs it, from the host inside the lab."""
-        return subprocess.run(["ip", "netns", "exec", self.lab.netns, PYTHON, "-m", "csi", command,
-                               "--storage-nodes", str(self.storage_nodes_file(storage)),
-                               "--tls-dir", str(self.pki / "controller"), "--cluster-id", self.cluster_id, *extra],
+        return subprocess.run(self.operator_argv(command, storage, *extra, cluster_id=cluster_id, port=port),
                               capture_output=True, text=True, timeout=180)
 
 

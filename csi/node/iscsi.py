@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import logging
 import os
 import re
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi import errors, runner
+from csi.node import noderecord
 from csi.runner import CommandError
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,23 @@ SYSFS_SESSIONS = Path("/sys/class/iscsi_session")
 _NODE_DB = threading.RLock()   # see the module doc
 
 
-def _node_db(argv: list[str], ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()) -> runner.Result:
-    """Runs one `iscsiadm -m node` command while no other of this process runs. The wait counts against the
-    call's deadline; when it is spent, nothing has been done and the caller retries."""
+@contextlib.contextmanager
+def _node_db_lock():
+    """While no other `iscsiadm -m node` command or record write of this process runs. The wait counts
+    against the call's deadline; when it is spent, nothing has been done and the caller retries."""
     if not _NODE_DB.acquire(timeout=runner.time_left()):
         raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED, "other iSCSI operations on this node took the "
                                                              "call's time; nothing was done, retry")
     try:
-        return runner.run(argv, ok_codes=ok, secrets=secrets)
+        yield
     finally:
         _NODE_DB.release()
+
+
+def _node_db(argv: list[str], ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()) -> runner.Result:
+    """Runs one `iscsiadm -m node` command while no other of this process runs (_node_db_lock)."""
+    with _node_db_lock():
+        return runner.run(argv, ok_codes=ok, secrets=secrets)
 LOGGED_IN = "LOGGED_IN"
 _SESSION_RE = re.compile(r"^(\w+): \[(\d+)\] (\S+?),\d+ (\S+)")
 
@@ -143,40 +151,35 @@ class Iscsiadm:
         """Removes the node records of this target and portal by hand, when iscsiadm cannot read them any more.
         Called only before a login, so no session uses them. True if there was one to remove."""
         removed = False
-        for db in NODE_DB_DIRS:
-            target_dir = db / iqn
-            if target_dir.parent != db or not target_dir.is_dir():
-                continue   # an IQN is one path component; anything else is not a record of ours
-            for rec in target_dir.glob(f"{glob.escape(portal)},*"):
-                log.warning("removing the broken iSCSI node record %s (iscsiadm cannot read it)", rec)
-                if rec.is_dir() and not rec.is_symlink():
-                    shutil.rmtree(rec, ignore_errors=True)
-                else:
-                    rec.unlink(missing_ok=True)
-                removed = True
+        for rec in noderecord.record_entries(NODE_DB_DIRS, iqn, portal):
+            log.warning("removing the broken iSCSI node record %s (iscsiadm cannot read it)", rec)
+            if rec.is_dir():
+                shutil.rmtree(rec, ignore_errors=True)
+            else:
+                rec.unlink(missing_ok=True)
+            removed = True
         return removed
 
-    def _set(self, iqn: str, portal: str, key: str, value: str, secret: bool = False) -> None:
-        self._record_change(self._node_argv(iqn, portal, "-o", "update", "-n", key, "-v", value),
-                            secrets=(value,) if secret else ())
+    def _set(self, iqn: str, portal: str, key: str, value: str) -> None:
+        self._record_change(self._node_argv(iqn, portal, "-o", "update", "-n", key, "-v", value))
+
+    def _write_auth(self, target: "Target", portal: str) -> None:
+        """The CHAP settings, into the record file itself (noderecord.py): never in an argv."""
+        settings = noderecord.auth_settings(target.chap_user, target.chap_secret, target.mutual_user,
+                                            target.mutual_secret)
+        with _node_db_lock():
+            noderecord.write_auth(NODE_DB_DIRS, target.iqn, portal, settings)
 
     def login(self, target: Target) -> None:
         """Records with our settings, then login on every portal. Already logged in is success."""
         live = {(s.iqn, s.portal) for s in self.sessions()}
         for portal in target.portals:
             self._new_record(target.iqn, portal)
-            settings = [("node.startup", "manual", False),
-                        ("node.conn[0].timeo.login_timeout", str(LOGIN_TIMEOUT_S), False),
-                        ("node.session.initial_login_retry_max", str(LOGIN_RETRIES), False)]
-            if target.chap_user:
-                settings += [("node.session.auth.authmethod", "CHAP", False),
-                             ("node.session.auth.username", target.chap_user, False),
-                             ("node.session.auth.password", target.chap_secret, True)]
-            if target.mutual_user:
-                settings += [("node.session.auth.username_in", target.mutual_user, False),
-                             ("node.session.auth.password_in", target.mutual_secret, True)]
-            for key, value, secret in settings:
-                self._set(target.iqn, portal, key, value, secret)
+            for key, value in (("node.startup", "manual"),
+                               ("node.conn[0].timeo.login_timeout", str(LOGIN_TIMEOUT_S)),
+                               ("node.session.initial_login_retry_max", str(LOGIN_RETRIES))):
+                self._set(target.iqn, portal, key, value)
+            self._write_auth(target, portal)
             if (target.iqn, portal) in live:
                 continue
             try:
@@ -208,15 +211,24 @@ class Iscsiadm:
                 out.append((parts[0].split(",")[0], parts[1]))
         return out
 
+    @staticmethod
+    def find_device(target: Target) -> Path | None:
+        """The disk of LUN `lun` through any portal (its /dev/disk/by-path link resolved), None when there is
+        none now: no session, or udev has not made the link yet."""
+        for portal in target.portals:
+            link = by_path(portal, target.iqn, target.lun)
+            if link.exists():
+                return Path(os.path.realpath(link))
+        return None
+
     def wait_for_device(self, target: Target, timeout: float = 20.0) -> Path:
         """The disk of LUN `lun` through any portal, once udev made it; rescans on a bounded schedule."""
         deadline = time.monotonic() + min(timeout, runner.time_left())
         delay, rescans = 0.1, 0
         while True:
-            for portal in target.portals:
-                link = by_path(portal, target.iqn, target.lun)
-                if link.exists():
-                    return Path(os.path.realpath(link))
+            device = self.find_device(target)
+            if device is not None:
+                return device
             if time.monotonic() >= deadline:
                 raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED,
                                       f"logged in to {target.iqn}, but LUN {target.lun} did not appear under "

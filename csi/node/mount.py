@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -10,6 +11,7 @@ from typing import Sequence
 from csi import runner
 
 RC_BLKID_NOTHING = 2
+RC_BLKID_AMBIVALENT = 8   # low-level probing found more than one valid-looking superblock
 
 
 @dataclass(frozen=True)
@@ -17,11 +19,31 @@ class Mount:
     source: str
     target: str
     fs_type: str
-    options: tuple[str, ...]
+    options: tuple[str, ...]                 # this mount's own (ro/rw as mounted)
+    super_options: tuple[str, ...] = ()      # the filesystem's, shared by every mount of it
 
     @property
     def read_only(self) -> bool:
         return "ro" in self.options
+
+    @property
+    def forced_read_only(self) -> bool:
+        """Mounted read-write, but the filesystem itself is read-only now: the kernel turned it so after I/O
+        errors (ext4's errors=remount-ro or an aborted journal), e.g. a storage outage longer than open-iscsi's
+        replacement timeout. ext4 says `abort` (an aborted journal, Linux 6.1 as in the lab), `ro`, or from
+        6.15 `emergency_ro`. Writes fail until it is unmounted, checked and mounted again. (Kernels 6.6 to 6.14
+        shut ext4 down without saying so here: see ext4_errors; an xfs shutdown never shows here.)"""
+        return not self.read_only and bool({"ro", "abort", "emergency_ro"} & set(self.super_options))
+
+
+def ext4_errors(device: str) -> int:
+    """Errors the kernel recorded on a mounted ext4 filesystem since its last check (sysfs errors_count; e2fsck
+    resets it); 0 when not ext4 or unknown."""
+    try:
+        return int((Path("/sys/fs/ext4") / os.path.basename(os.path.realpath(device)) / "errors_count")
+                   .read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _unescape(field: str) -> str:
@@ -37,7 +59,8 @@ def parse_mountinfo(text: str) -> list[Mount]:
         a, b = left.split(), right.split()
         if len(a) < 6 or len(b) < 2:
             continue
-        out.append(Mount(_unescape(b[1]), _unescape(a[4]), b[0], tuple(a[5].split(","))))
+        out.append(Mount(_unescape(b[1]), _unescape(a[4]), b[0], tuple(a[5].split(",")),
+                         tuple(b[2].split(",")) if len(b) > 2 else ()))
     return out
 
 
@@ -52,20 +75,87 @@ def mount_at(path: Path) -> Mount | None:
     return found[-1] if found else None
 
 
-def fs_type(device: Path) -> str | None:
-    """The filesystem (or other signature) on a device, None when blkid finds nothing at all."""
-    r = runner.run(["blkid", "-p", "-s", "TYPE", "-o", "value", str(device)], ok_codes=(0, RC_BLKID_NOTHING))
-    return r.stdout.strip() or None if r.rc == 0 else None
+@dataclass(frozen=True)
+class Signatures:
+    """What blkid's low-level probe found on a device: a superblock (`type`: a filesystem, an LVM or RAID
+    member, LUKS, swap, ...; `usage` says which kind) and a partition table (`pt_type`: dos, gpt, ...)."""
+    type: str = ""
+    usage: str = ""
+    pt_type: str = ""
+    ambivalent: bool = False
+
+    @property
+    def blank(self) -> bool:
+        return not (self.type or self.pt_type or self.ambivalent)
+
+    def describe(self) -> str:
+        found = []
+        if self.type:
+            found.append(f"{self.type!r} ({self.usage})" if self.usage else repr(self.type))
+        if self.pt_type:
+            found.append(f"a {self.pt_type!r} partition table")
+        if self.ambivalent:
+            found.append("more than one signature (blkid cannot tell which is valid)")
+        return " and ".join(found) or "no signature"
 
 
-def mkfs(device: Path, fs: str) -> None:
+def parse_blkid_export(text: str) -> dict[str, str]:
+    """`blkid -o export` output: KEY=value lines, special characters in values escaped with a backslash."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key:
+            out[key] = re.sub(r"\\(.)", r"\1", value)
+    return out
+
+
+def probe(device: Path) -> Signatures:
+    """Every signature blkid finds on the whole device: superblocks and partition tables (`-p`: low-level
+    probing, no cache). Exit code 2 means nothing at all was found."""
+    r = runner.run(["blkid", "-p", "-o", "export", str(device)],
+                   ok_codes=(0, RC_BLKID_NOTHING, RC_BLKID_AMBIVALENT))
+    if r.rc == RC_BLKID_AMBIVALENT:
+        return Signatures(ambivalent=True)
+    if r.rc == RC_BLKID_NOTHING:
+        return Signatures()
+    fields = parse_blkid_export(r.stdout)
+    return Signatures(fields.get("TYPE", ""), fields.get("USAGE", ""), fields.get("PTTYPE", ""))
+
+
+def mkfs(device: Path, fs: str, options: Sequence[str] = ()) -> None:
+    """options: checked argv items (csi/mkfs_options.py mkfs_args), placed before the device."""
     if fs == "ext4":
         runner.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1",
-                    str(device)], timeout=600)
+                    *options, str(device)], timeout=600)
     elif fs == "xfs":
-        runner.run(["mkfs.xfs", "-q", str(device)], timeout=600)
+        runner.run(["mkfs.xfs", "-q", *options, str(device)], timeout=600)
     else:
         raise ValueError(f"unsupported filesystem {fs}")
+
+
+# e2fsck's exit codes (e2fsck(8)): bits. 1: errors corrected; 2: corrected, reboot (a mounted root only);
+# 4: errors left uncorrected; 8 and above: e2fsck itself failed.
+E2FSCK_CORRECTED, E2FSCK_REBOOT, E2FSCK_UNCORRECTED = 1, 2, 4
+E2FSCK_LIMIT = 3600.0
+
+
+class FilesystemErrors(Exception):
+    """e2fsck -p found errors it may not repair on its own."""
+
+
+def check_ext4(device: Path) -> bool:
+    """`e2fsck -p` before a read-write mount, as mount-utils does for ext*: a clean filesystem costs a
+    superblock read; one the kernel marked with errors (a journal aborted by a storage outage, say) is checked
+    and repaired where e2fsck -p may do so safely, so that it mounts read-write again. True when it repaired
+    something; FilesystemErrors when errors remain that need a person (e2fsck's own words included)."""
+    # Not bound to the RPC's deadline: e2fsck killed part-way through a repair would start over at every
+    # retry of the stage. A retry meanwhile gets ABORTED on the volume's lock until this one is done.
+    with runner.deadline(E2FSCK_LIMIT):
+        r = runner.run(["e2fsck", "-p", str(device)], ok_codes=range(8))
+    if r.rc & E2FSCK_UNCORRECTED:
+        said = (r.stdout + r.stderr).strip().splitlines()[-3:]
+        raise FilesystemErrors(" / ".join(said) or f"e2fsck -p exited with {r.rc}")
+    return bool(r.rc & E2FSCK_CORRECTED)
 
 
 def mount(source: Path | str, target: Path, fs: str | None, options: Sequence[str]) -> None:

@@ -1,65 +1,39 @@
-"""CSI Node service: iSCSI login / logout, mkfs, mount, bind mount, stats. Never talks to an agent.
+"""CSI Node service: iSCSI login / logout, mkfs, mount, bind mount, stats, health (health.py). Talks to an agent
+only to fetch its own CHAP credentials at stage (credentials.py).
 
 What each stage needs to be undone (target IQN, portals, device) is written to a small record before the
 login, so NodeUnstageVolume can always log out, even after a crash, a reboot or a vanished target. The IQN is
-also derivable from the volume ID, so even without a record nothing stays logged in.
+also derivable from the volume ID, so even without a record nothing stays logged in. The target also goes
+into the plugin's login ledger (csi/node/ledger.py) before the login: the start-up clean-up logs out only
+what the ledger holds, never another release's sessions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
 from csi import capabilities as caps
-from csi import errors, faults, ids
+from csi import contract, errors, faults, ids, mkfs_options
 from csi.config import NodeConfig
-from csi.controller.service import (CTX_CHAP_SECRET, CTX_CHAP_USER, CTX_IQN, CTX_LUN, CTX_MUTUAL_SECRET,
-                                    CTX_MUTUAL_USER, CTX_PORTALS)
 from csi.fsutil import remove, write_atomic
-from csi.node import mount
-from csi.node.iscsi import LOGGED_IN, Iscsiadm, Target, read_initiator_name
+from csi.node import credentials, health, mount
+from csi.node.iscsi import Iscsiadm, Target, read_initiator_name
+from csi.node.ledger import LoginLedger
 from csi.proto import csi_pb2 as csi
-from csi.storage.lio import Portal
 from csi.proto import csi_pb2_grpc
 from csi.server import KeyLocks
 
 log = logging.getLogger(__name__)
 
 Cap = csi.NodeServiceCapability.RPC.Type
-CAPABILITIES = (Cap.STAGE_UNSTAGE_VOLUME, Cap.GET_VOLUME_STATS, Cap.VOLUME_CONDITION, Cap.SINGLE_NODE_MULTI_WRITER,
-                Cap.EXPAND_VOLUME)
-
-
-_CHAP_VALUE = re.compile(r"[!-~]{1,255}")
-
-
-def _target_of(ctx, ref: ids.LvRef) -> Target:
-    """The iSCSI target publish_context describes, checked: it must be this volume's, on host:port portals."""
-    missing = [k for k in (CTX_IQN, CTX_PORTALS, CTX_LUN) if not ctx.get(k)]
-    if missing:
-        raise errors.invalid(f"publish_context lacks {', '.join(missing)} (was the volume published by this "
-                             "driver's controller?)")
-    if ctx[CTX_IQN] != ref.iqn:
-        raise errors.invalid("publish_context names another target than the volume")
-    lun = ctx[CTX_LUN]
-    if not re.fullmatch(r"[0-9]{1,5}", lun) or int(lun) > 16383:
-        raise errors.invalid("publish_context lun must be a number from 0 to 16383")
-    try:
-        portals = tuple(str(Portal.parse(p)) for p in ctx[CTX_PORTALS].split(",") if p)
-    except ValueError:
-        raise errors.invalid("publish_context portals must be ip:port items") from None
-    if not portals:
-        raise errors.invalid("publish_context names no portal")
-    chap = [ctx.get(k, "") for k in (CTX_CHAP_USER, CTX_CHAP_SECRET, CTX_MUTUAL_USER, CTX_MUTUAL_SECRET)]
-    # iscsiadm writes node records as "name = value" lines: a value with a newline would add a setting.
-    if any(v and not _CHAP_VALUE.fullmatch(v) for v in chap):
-        raise errors.invalid("publish_context CHAP values must be 1 to 255 printable ASCII characters, no spaces")
-    return Target(ctx[CTX_IQN], portals, int(lun), *chap)
+CAPABILITIES = (Cap.STAGE_UNSTAGE_VOLUME, Cap.GET_VOLUME_STATS, Cap.SINGLE_NODE_MULTI_WRITER, Cap.EXPAND_VOLUME,
+                Cap.GET_VOLUME_HEALTH, Cap.GET_STORAGE_HEALTH)
 
 
 def _require(value: str, what: str) -> None:
@@ -75,6 +49,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.iscsi = iscsi or Iscsiadm()
         self.zone = zone
         self.locks = KeyLocks()
+        self.ledger = LoginLedger(config.state_dir / "logins")
 
     # ------------------------------------------------------------------------------------ checks
 
@@ -125,15 +100,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return None
 
     def clean_stale(self) -> list[str]:
-        """At start: logs out of and deletes the node records of this driver's targets that no staged volume
-        uses (left by a crash, a reboot, a failed unstage), so a worker never keeps sessions or logs in at
-        boot to targets nobody uses. Targets of other drivers are not touched.
+        """At start: logs out of and deletes the node records of the targets this plugin logged in to (its
+        ledger, and its stage records) that no staged volume uses (left by a crash, a reboot, a failed
+        unstage), so a worker never keeps sessions or logs in at boot to targets nobody uses. Sessions it did
+        not make are never touched: another driver's, or another release of this one (same target IQN
+        prefix, another driver name and state directory). Returns the targets it logged out of.
 
         A stage record counts only while its stage is still there: its staging mount, or for a raw block
         volume its session. After a reboot neither is (the records live on the kubelet's disk, the mounts and
         sessions did not survive): those records go too, and kubelet's next NodeStageVolume starts afresh."""
         sessions = self.iscsi.sessions()
         staged = set()
+        ours = self.ledger.targets()
         if self.config.state_dir.is_dir():
             for path in self.config.state_dir.glob("*.json"):
                 try:
@@ -141,18 +119,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     iqn, block, at = rec["iqn"], bool(rec.get("block")), Path(rec["staging"])
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
+                ours.add(iqn)   # a stage of this plugin's, also one from before the ledger existed
                 if (block and any(s.iqn == iqn for s in sessions)) or (not block and mount.mount_at(at)):
                     staged.add(iqn)
                 else:
                     log.warning("forgetting the stage of %s at %s: it is not staged any more (a reboot, or a "
                                 "stage cut short)", rec.get("volume_id", iqn), at)
                     remove(path)
-        iqns = {iqn for _, iqn in self.iscsi.records()} | {s.iqn for s in sessions}
-        stale = sorted(i for i in iqns if i.startswith(ids.IQN_PREFIX) and i not in staged)
-        for iqn in stale:
-            log.warning("logging out of %s: no staged volume uses it", iqn)
-            self.iscsi.logout(iqn)
-        return stale
+        present = {iqn for _, iqn in self.iscsi.records()} | {s.iqn for s in sessions}
+        logged_out = []
+        for iqn in sorted(i for i in ours - staged if ids.is_iqn(i)):
+            if iqn in present:
+                log.warning("logging out of %s: no staged volume uses it", iqn)
+                self.iscsi.logout(iqn)
+                logged_out.append(iqn)
+            self.ledger.remove(iqn)
+        return logged_out
 
     # ------------------------------------------------------------------------------------ stage
 
@@ -164,36 +146,34 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         ref = self._ref(request.volume_id)
         default_fs = request.volume_context.get("fsType") or caps.DEFAULT_FS
         access = caps.check_capability(request.volume_capability, default_fs)
-        target = _target_of(request.publish_context, ref)
+        # Checked again here, before anything is done: a volume_context can come from a hand-made PV.
+        mkfs_opts = mkfs_options.parse(request.volume_context.get(mkfs_options.PARAM, ""))
+        if not access.block:
+            mkfs_options.check_fs(mkfs_opts, access.fs_type)
+        att = contract.parse(request.publish_context, ref)
+        target = Target(att.iqn, att.portals, att.lun)
         with self.locks.hold(request.volume_id):
             if not access.block:
                 existing = mount.mount_at(staging)
                 if existing is not None:
+                    self._check_staged(request.volume_id, target, staging, existing)
                     return csi.NodeStageVolumeResponse()
-            # Written before the login: from here on, unstage knows what to log out of.
+            # Written before the login: from here on, unstage knows what to log out of, and the start-up
+            # clean-up knows that this plugin may have logged in to the target.
+            self.ledger.add(target.iqn)
             write_atomic(self._record_path(request.volume_id), json.dumps(
                 {"volume_id": request.volume_id, "iqn": target.iqn, "portals": list(target.portals),
-                 "lun": target.lun, "staging": str(staging), "block": access.block}), mode=0o600)
+                 "lun": target.lun, "staging": str(staging), "block": access.block,
+                 "agent": att.agent}), mode=0o600)   # agent: probed by NodeGetStorageHealth
             faults.step("stage.record")
             try:
-                self.iscsi.login(target)
+                self.iscsi.login(self._with_credentials(target, att, ref))
                 faults.step("stage.login")
                 device = self.iscsi.wait_for_device(target)
                 if access.block:
                     return csi.NodeStageVolumeResponse()
                 staging.mkdir(parents=True, exist_ok=True)
-                found = mount.fs_type(device)
-                if found is None:
-                    if access.read_only:
-                        raise errors.precondition("the volume is blank and published read-only: it cannot be "
-                                                  "formatted; write to it once through a writable claim")
-                    log.info("formatting %s (%s) as %s", ref, device, access.fs_type)
-                    mount.mkfs(device, access.fs_type)
-                    faults.step("stage.mkfs")
-                    found = access.fs_type
-                elif found not in caps.FS_TYPES:
-                    raise errors.precondition(f"the volume holds {found!r}, not a filesystem this driver mounts; "
-                                              "nothing was changed")
+                found = self._filesystem(ref, device, access, mkfs_opts)
                 mount.mount(device, staging, found, self._options(found, access))
                 faults.step("stage.mount")
                 if not access.read_only:
@@ -204,6 +184,66 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self._undo_stage(request.volume_id, ref, staging)
                 raise
         return csi.NodeStageVolumeResponse()
+
+    def _with_credentials(self, target: Target, att: contract.Attachment, ref: ids.LvRef) -> Target:
+        """The target with its CHAP credentials: from the storage node's agent (the node's own certificate),
+        or, for a VolumeAttachment of the driver before that, from publish_context itself."""
+        if att.agent and self.config.tls_dir is not None:
+            chap = credentials.fetch(self.config.tls_dir, att, ref.vg, ref.lv, self.initiator())
+        elif att.legacy_chap is not None:
+            chap = att.legacy_chap
+        else:
+            raise errors.precondition("this node plugin has no certificate (--tls-dir) to ask storage node "
+                                      f"{att.storage_node} for the volume's credentials")
+        return dataclasses.replace(target, chap_user=chap.user, chap_secret=chap.secret,
+                                   mutual_user=chap.mutual_user, mutual_secret=chap.mutual_secret)
+
+    def initiator(self) -> str:
+        """This node's initiator name, lower-cased: iSCSI names compare case-insensitively and LIO lower-cases
+        ours at login. The node_id NodeGetInfo reports, and the initiator the agent granted."""
+        return read_initiator_name(self.config.initiator_name_file).lower()
+
+    def _check_staged(self, volume_id: str, target: Target, staging: Path, existing: mount.Mount) -> None:
+        """A repeated stage finds its staging path mounted: that is success only when the mount is this volume's
+        disk (through the portals of publish_context or of the stage record), not another volume's, a stale
+        disk whose session went away, or anything else mounted there."""
+        rec = self._record(volume_id) or {}
+        portals = tuple(dict.fromkeys([*target.portals, *rec.get("portals", [])]))
+        device = self.iscsi.find_device(Target(target.iqn, portals, target.lun))
+        if device is not None and os.path.realpath(existing.source) == str(device):
+            return
+        disk = f"its disk is {device}" if device is not None else f"{target.iqn} has no disk on this node"
+        raise errors.precondition(f"{staging} already has {existing.source} mounted, which is not this volume's "
+                                  f"disk ({disk}); unmount it first")
+
+    @staticmethod
+    def _filesystem(ref: ids.LvRef, device: Path, access: caps.Access, mkfs_opts) -> str:
+        """The filesystem to mount: the one on the device, or a new one when blkid finds no signature of any
+        kind. A partition table, an LVM / RAID member, LUKS, two signatures at once, a filesystem beside a
+        partition table: someone's data, never formatted and never mounted."""
+        found = mount.probe(device)
+        if found.blank:
+            if access.read_only:
+                raise errors.precondition("the volume is blank and published read-only: it cannot be "
+                                          "formatted; write to it once through a writable claim")
+            log.info("formatting %s (%s) as %s: blkid finds no signature on it", ref, device, access.fs_type)
+            mount.mkfs(device, access.fs_type, mkfs_options.mkfs_args(access.fs_type, mkfs_opts))
+            faults.step("stage.mkfs")
+            return access.fs_type
+        if found.type in caps.FS_TYPES and not found.pt_type:
+            if found.type == "ext4" and not access.read_only:
+                try:
+                    if mount.check_ext4(device):
+                        log.warning("%s (%s): e2fsck -p repaired its ext4 filesystem before mounting it",
+                                    ref, device)
+                except mount.FilesystemErrors as exc:
+                    raise errors.precondition(
+                        f"the ext4 filesystem on {ref} has errors e2fsck -p may not repair on its own ({exc}); "
+                        f"nothing was mounted. Check it by hand (e2fsck -f on {device}, the volume staged "
+                        "nowhere else) or restore it from a snapshot") from None
+            return found.type
+        raise errors.precondition(f"the volume holds {found.describe()}, not a filesystem this driver mounts "
+                                  f"({', '.join(caps.FS_TYPES)}); nothing was written to it")
 
     @staticmethod
     def _options(fs: str, access: caps.Access) -> list[str]:
@@ -241,7 +281,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             try:
                 mount.flush(device)
             except Exception as exc:  # noqa: BLE001
-                if self._condition(ref).abnormal:
+                if health.volume(self.iscsi, ref):
                     # The target is gone: the kernel failed the session's I/O at the replacement timeout and took
                     # the disk offline, so nothing can be flushed any more and waiting saves nothing. Log out.
                     log.warning("not flushing %s: its iSCSI session to %s is not logged in (%s)", device, iqn, exc)
@@ -253,6 +293,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.iscsi.logout(iqn)
         faults.step("unstage.logout")
         remove(self._record_path(volume_id))
+        self.ledger.remove(iqn)
 
     # ------------------------------------------------------------------------------------ publish
 
@@ -322,8 +363,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         ref = self._ref(request.volume_id)
         if not path.exists():
             raise errors.not_found(f"volume path {path} does not exist")
-        condition = self._condition(ref)
-        live = not condition.abnormal
+        # A raw block device whose session lost its target is not asked for its size: that would wait for it.
+        live = not health.volume(self.iscsi, ref)
         m = mount.mount_at(path)
         if path.is_dir():
             if m is None:
@@ -337,26 +378,43 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         else:
             size = mount.device_size(Path(m.source)) if m and live else 0
             usage = [csi.VolumeUsage(unit=csi.VolumeUsage.BYTES, total=size)]
-        return csi.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+        return csi.NodeGetVolumeStatsResponse(usage=usage)
 
-    def _condition(self, ref: ids.LvRef) -> csi.VolumeCondition:
-        """Healthy while a session to the volume's target is logged in. A session that lost its target stays
-        listed (the initiator keeps trying to log in again), so its kernel state decides, not its presence."""
-        states = sorted({self.iscsi.session_state(s) for s in self.iscsi.sessions() if s.iqn == ref.iqn})
-        if not states:
-            return csi.VolumeCondition(abnormal=True, message=f"no iSCSI session to {ref.iqn}: the target is "
-                                                              "unreachable or gone")
-        if LOGGED_IN in states or states == [""]:   # "": sysfs does not say; the session is there
-            return csi.VolumeCondition(abnormal=False, message="healthy")
-        return csi.VolumeCondition(abnormal=True, message=f"iSCSI session to {ref.iqn} is {'/'.join(states)}: "
-                                                          "the target is unreachable or gone; I/O waits for it")
+    def NodeGetVolumeHealth(self, request, context):
+        """The volume from this node (health.py): its iSCSI session, and the mounts at the paths the CO gives
+        (both OPTIONAL). No entry while healthy."""
+        ref = self._ref(request.volume_id)
+        staging_mounted = publish_mounted = None
+        forced_read_only, fs_errors = False, 0
+        if request.staging_target_path:
+            staging = self._path(request.staging_target_path, "staging_target_path")
+            rec = self._record(request.volume_id)
+            if not (rec and rec.get("block")):   # a raw block stage mounts nothing at its staging path
+                found = mount.mount_at(staging)
+                staging_mounted = found is not None
+                forced_read_only = found is not None and found.forced_read_only
+                fs_errors = mount.ext4_errors(found.source) if found is not None and found.fs_type == "ext4" else 0
+        if request.volume_publish_path:
+            found = mount.mount_at(self._path(request.volume_publish_path, "volume_publish_path"))
+            publish_mounted = found is not None
+            forced_read_only = forced_read_only or (found is not None and found.forced_read_only)
+        entries = health.volume(self.iscsi, ref, staging_mounted, publish_mounted, request.staging_target_path,
+                                request.volume_publish_path, forced_read_only, fs_errors)
+        return csi.NodeGetVolumeHealthResponse(volume_health=csi.VolumeHealth(volume_id=request.volume_id,
+                                                                              health_statuses=entries))
+
+    def NodeGetStorageHealth(self, request, context):
+        """The storage nodes of the volumes staged here, from this node (health.py). Empty while all answer."""
+        return csi.NodeGetStorageHealthResponse(
+            backend_health=health.storage(self.iscsi, health.staged(self.config.state_dir)))
 
     def NodeGetCapabilities(self, request, context):
         return csi.NodeGetCapabilitiesResponse(capabilities=[
             csi.NodeServiceCapability(rpc=csi.NodeServiceCapability.RPC(type=c)) for c in CAPABILITIES])
 
     def NodeGetInfo(self, request, context):
-        iqn = read_initiator_name(self.config.initiator_name_file)
+        # iSCSI names compare case-insensitively and LIO lower-cases ours at login: report the form it uses.
+        iqn = self.initiator()
         topology = None
         if self.zone:
             topology = csi.Topology(segments={ids.topology_key(self.config.driver_name): self.zone})

@@ -11,7 +11,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("name", "vg", "thin_pool", "extent_bytes", "physical_total_bytes", "physical_used_bytes", "overprovision_ratio", "available_bytes", "data_percent", "metadata_percent", "max_fill_percent", "warn_fill_percent", "volume_count")
+    __slots__ = ("name", "vg", "thin_pool", "extent_bytes", "physical_total_bytes", "physical_used_bytes", "overprovision_ratio", "available_bytes", "data_percent", "metadata_percent", "max_fill_percent", "warn_fill_percent", "volume_count", "wiping_volumes", "wiping_bytes", "wipe_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VG_FIELD_NUMBER: _ClassVar[int]
     THIN_POOL_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,9 @@ class Pool(_message.Message):
     MAX_FILL_PERCENT_FIELD_NUMBER: _ClassVar[int]
     WARN_FILL_PERCENT_FIELD_NUMBER: _ClassVar[int]
     VOLUME_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WIPING_VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    WIPING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIPE_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     vg: str
     thin_pool: str
@@ -38,7 +41,10 @@ class Pool(_message.Message):
     max_fill_percent: float
     warn_fill_percent: float
     volume_count: int
-    def __init__(self, name: _Optional[str] = ..., vg: _Optional[str] = ..., thin_pool: _Optional[str] = ..., extent_bytes: _Optional[int] = ..., physical_total_bytes: _Optional[int] = ..., physical_used_bytes: _Optional[int] = ..., overprovision_ratio: _Optional[float] = ..., available_bytes: _Optional[int] = ..., data_percent: _Optional[float] = ..., metadata_percent: _Optional[float] = ..., max_fill_percent: _Optional[float] = ..., warn_fill_percent: _Optional[float] = ..., volume_count: _Optional[int] = ...) -> None: ...
+    wiping_volumes: int
+    wiping_bytes: int
+    wipe_error: str
+    def __init__(self, name: _Optional[str] = ..., vg: _Optional[str] = ..., thin_pool: _Optional[str] = ..., extent_bytes: _Optional[int] = ..., physical_total_bytes: _Optional[int] = ..., physical_used_bytes: _Optional[int] = ..., overprovision_ratio: _Optional[float] = ..., available_bytes: _Optional[int] = ..., data_percent: _Optional[float] = ..., metadata_percent: _Optional[float] = ..., max_fill_percent: _Optional[float] = ..., warn_fill_percent: _Optional[float] = ..., volume_count: _Optional[int] = ..., wiping_volumes: _Optional[int] = ..., wiping_bytes: _Optional[int] = ..., wipe_error: _Optional[str] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
     __slots__ = ("node_name", "api_version", "agent_version", "pools", "portals", "ready", "not_ready_reason")
@@ -104,7 +110,7 @@ class Initiator(_message.Message):
     def __init__(self, iqn: _Optional[str] = ..., read_only: _Optional[bool] = ...) -> None: ...
 
 class Volume(_message.Message):
-    __slots__ = ("name", "pool", "vg", "lv", "size_bytes", "attributes", "target_iqn", "initiators", "exported", "created_unix", "healthy", "condition", "ready")
+    __slots__ = ("name", "pool", "vg", "lv", "size_bytes", "attributes", "target_iqn", "initiators", "exported", "created_unix", "healthy", "condition", "ready", "copy_running", "condition_reason")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +131,8 @@ class Volume(_message.Message):
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    COPY_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     pool: str
     vg: str
@@ -138,7 +146,9 @@ class Volume(_message.Message):
     healthy: bool
     condition: str
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., target_iqn: _Optional[str] = ..., initiators: _Optional[_Iterable[_Union[Initiator, _Mapping]]] = ..., exported: _Optional[bool] = ..., created_unix: _Optional[int] = ..., healthy: _Optional[bool] = ..., condition: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+    copy_running: bool
+    condition_reason: str
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., target_iqn: _Optional[str] = ..., initiators: _Optional[_Iterable[_Union[Initiator, _Mapping]]] = ..., exported: _Optional[bool] = ..., created_unix: _Optional[int] = ..., healthy: _Optional[bool] = ..., condition: _Optional[str] = ..., ready: _Optional[bool] = ..., copy_running: _Optional[bool] = ..., condition_reason: _Optional[str] = ...) -> None: ...
 
 class DeleteVolumeRequest(_message.Message):
     __slots__ = ("vg", "lv")
@@ -165,14 +175,20 @@ class GetVolumeRequest(_message.Message):
     def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., name: _Optional[str] = ..., brief: _Optional[bool] = ...) -> None: ...
 
 class ListVolumesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("max_entries", "starting_token")
+    MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    STARTING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    max_entries: int
+    starting_token: str
+    def __init__(self, max_entries: _Optional[int] = ..., starting_token: _Optional[str] = ...) -> None: ...
 
 class ListVolumesResponse(_message.Message):
-    __slots__ = ("volumes",)
+    __slots__ = ("volumes", "next_token")
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     volumes: _containers.RepeatedCompositeFieldContainer[Volume]
-    def __init__(self, volumes: _Optional[_Iterable[_Union[Volume, _Mapping]]] = ...) -> None: ...
+    next_token: str
+    def __init__(self, volumes: _Optional[_Iterable[_Union[Volume, _Mapping]]] = ..., next_token: _Optional[str] = ...) -> None: ...
 
 class ExpandVolumeRequest(_message.Message):
     __slots__ = ("vg", "lv", "size_bytes", "limit_bytes")
@@ -187,36 +203,68 @@ class ExpandVolumeRequest(_message.Message):
     def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., limit_bytes: _Optional[int] = ...) -> None: ...
 
 class GrantAccessRequest(_message.Message):
-    __slots__ = ("vg", "lv", "initiator_iqn", "read_only", "mutual_chap")
+    __slots__ = ("vg", "lv", "initiator_iqn", "read_only", "mutual_chap", "node_name")
     VG_FIELD_NUMBER: _ClassVar[int]
     LV_FIELD_NUMBER: _ClassVar[int]
     INITIATOR_IQN_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     MUTUAL_CHAP_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     vg: str
     lv: str
     initiator_iqn: str
     read_only: bool
     mutual_chap: bool
-    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., initiator_iqn: _Optional[str] = ..., read_only: _Optional[bool] = ..., mutual_chap: _Optional[bool] = ...) -> None: ...
+    node_name: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., initiator_iqn: _Optional[str] = ..., read_only: _Optional[bool] = ..., mutual_chap: _Optional[bool] = ..., node_name: _Optional[str] = ...) -> None: ...
 
 class GrantAccessResponse(_message.Message):
-    __slots__ = ("target_iqn", "portals", "lun", "chap_user", "chap_secret", "mutual_chap_user", "mutual_chap_secret")
+    __slots__ = ("target_iqn", "portals", "lun")
     TARGET_IQN_FIELD_NUMBER: _ClassVar[int]
     PORTALS_FIELD_NUMBER: _ClassVar[int]
     LUN_FIELD_NUMBER: _ClassVar[int]
+    target_iqn: str
+    portals: _containers.RepeatedScalarFieldContainer[str]
+    lun: int
+    def __init__(self, target_iqn: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., lun: _Optional[int] = ...) -> None: ...
+
+class GetCredentialsRequest(_message.Message):
+    __slots__ = ("vg", "lv", "initiator_iqn")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    INITIATOR_IQN_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    initiator_iqn: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., initiator_iqn: _Optional[str] = ...) -> None: ...
+
+class Credentials(_message.Message):
+    __slots__ = ("chap_user", "chap_secret", "mutual_chap_user", "mutual_chap_secret")
     CHAP_USER_FIELD_NUMBER: _ClassVar[int]
     CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
     MUTUAL_CHAP_USER_FIELD_NUMBER: _ClassVar[int]
     MUTUAL_CHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
-    target_iqn: str
-    portals: _containers.RepeatedScalarFieldContainer[str]
-    lun: int
     chap_user: str
     chap_secret: str
     mutual_chap_user: str
     mutual_chap_secret: str
-    def __init__(self, target_iqn: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., lun: _Optional[int] = ..., chap_user: _Optional[str] = ..., chap_secret: _Optional[str] = ..., mutual_chap_user: _Optional[str] = ..., mutual_chap_secret: _Optional[str] = ...) -> None: ...
+    def __init__(self, chap_user: _Optional[str] = ..., chap_secret: _Optional[str] = ..., mutual_chap_user: _Optional[str] = ..., mutual_chap_secret: _Optional[str] = ...) -> None: ...
+
+class AllowCopyRequest(_message.Message):
+    __slots__ = ("vg", "lv", "destination_node", "ttl_seconds")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    destination_node: str
+    ttl_seconds: int
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., destination_node: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class AllowCopyResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RevokeAccessRequest(_message.Message):
     __slots__ = ("vg", "lv", "initiator_iqn")
@@ -289,14 +337,20 @@ class GetSnapshotRequest(_message.Message):
     def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("max_entries", "starting_token")
+    MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    STARTING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    max_entries: int
+    starting_token: str
+    def __init__(self, max_entries: _Optional[int] = ..., starting_token: _Optional[str] = ...) -> None: ...
 
 class ListSnapshotsResponse(_message.Message):
-    __slots__ = ("snapshots",)
+    __slots__ = ("snapshots", "next_token")
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
-    def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ...) -> None: ...
+    next_token: str
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., next_token: _Optional[str] = ...) -> None: ...
 
 class ReadDataRequest(_message.Message):
     __slots__ = ("vg", "lv")

@@ -69,6 +69,11 @@ class AgentStub:
                 request_serializer=agent__pb2.GrantAccessRequest.SerializeToString,
                 response_deserializer=agent__pb2.GrantAccessResponse.FromString,
                 _registered_method=True)
+        self.GetCredentials = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/GetCredentials',
+                request_serializer=agent__pb2.GetCredentialsRequest.SerializeToString,
+                response_deserializer=agent__pb2.Credentials.FromString,
+                _registered_method=True)
         self.RevokeAccess = channel.unary_unary(
                 '/lvmiscsi.agent.v1.Agent/RevokeAccess',
                 request_serializer=agent__pb2.RevokeAccessRequest.SerializeToString,
@@ -98,6 +103,11 @@ class AgentStub:
                 '/lvmiscsi.agent.v1.Agent/ReadData',
                 request_serializer=agent__pb2.ReadDataRequest.SerializeToString,
                 response_deserializer=agent__pb2.DataChunk.FromString,
+                _registered_method=True)
+        self.AllowCopy = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/AllowCopy',
+                request_serializer=agent__pb2.AllowCopyRequest.SerializeToString,
+                response_deserializer=agent__pb2.AllowCopyResponse.FromString,
                 _registered_method=True)
         self.Orphans = channel.unary_unary(
                 '/lvmiscsi.agent.v1.Agent/Orphans',
@@ -150,8 +160,17 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GrantAccess(self, request, context):
-        """Adds an ACL for one initiator, with a CHAP secret generated on the first grant and returned again on
-        every repeat. Returns what the initiator needs to log in.
+        """Adds an ACL for one initiator of one node, with CHAP secrets generated on the first grant. Returns where
+        to log in, not the secrets: the node plugin of that node fetches them itself (GetCredentials). For a
+        volume whose access modes are all single-node, a grant to a second initiator is FAILED_PRECONDITION
+        while the first stands (the single-writer rule, enforced here, whatever the controllers believe).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCredentials(self, request, context):
+        """The CHAP credentials of one grant, for the node plugin of the node the grant was made for (and only it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,7 +185,7 @@ class AgentServicer:
 
     def CreateSnapshot(self, request, context):
         """A thin snapshot of a volume: crash-consistent, independent of its source (the source may be deleted).
-        FAILED_PRECONDITION for a thick volume.
+        FAILED_PRECONDITION for a thick volume, unless transient (see CreateSnapshotRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +213,14 @@ class AgentServicer:
         """Streams the content of a volume or snapshot to another agent (a restore or clone across storage
         nodes): only the chunks that are not all zeros, then one last message with the size and the SHA-256 of
         the whole content, so the receiver can verify what it wrote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllowCopy(self, request, context):
+        """Lets the agent of destination_node read (ReadData) this volume or snapshot for ttl_seconds: the one way
+        another agent reads anything here. Controller only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -245,6 +272,11 @@ def add_AgentServicer_to_server(servicer, server):
                     request_deserializer=agent__pb2.GrantAccessRequest.FromString,
                     response_serializer=agent__pb2.GrantAccessResponse.SerializeToString,
             ),
+            'GetCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCredentials,
+                    request_deserializer=agent__pb2.GetCredentialsRequest.FromString,
+                    response_serializer=agent__pb2.Credentials.SerializeToString,
+            ),
             'RevokeAccess': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeAccess,
                     request_deserializer=agent__pb2.RevokeAccessRequest.FromString,
@@ -274,6 +306,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ReadData,
                     request_deserializer=agent__pb2.ReadDataRequest.FromString,
                     response_serializer=agent__pb2.DataChunk.SerializeToString,
+            ),
+            'AllowCopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllowCopy,
+                    request_deserializer=agent__pb2.AllowCopyRequest.FromString,
+                    response_serializer=agent__pb2.AllowCopyResponse.SerializeToString,
             ),
             'Orphans': grpc.unary_unary_rpc_method_handler(
                     servicer.Orphans,
@@ -481,6 +518,33 @@ class Agent:
             _registered_method=True)
 
     @staticmethod
+    def GetCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/GetCredentials',
+            agent__pb2.GetCredentialsRequest.SerializeToString,
+            agent__pb2.Credentials.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RevokeAccess(request,
             target,
             options=(),
@@ -632,6 +696,33 @@ class Agent:
             '/lvmiscsi.agent.v1.Agent/ReadData',
             agent__pb2.ReadDataRequest.SerializeToString,
             agent__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllowCopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/AllowCopy',
+            agent__pb2.AllowCopyRequest.SerializeToString,
+            agent__pb2.AllowCopyResponse.FromString,
             options,
             channel_credentials,
             insecure,

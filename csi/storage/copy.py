@@ -1,17 +1,26 @@
 """Copying a volume's content: locally between LVs, or from another storage node's agent over mutual TLS.
 
-Sparse-aware: chunks of zeros are neither sent nor written into a thin destination (thin pools zero new
-blocks), but still hashed, so both sides compute the SHA-256 of the whole logical content and the receiver
-verifies what it wrote by reading it back. A copy runs as a job in the agent, apart from the RPC that
-started it: a retried CreateVolume joins the job in progress instead of starting another, and a copy
-outlasts the provisioner's RPC timeout.
+What is verified, exactly: the sender hashes (SHA-256) the bytes it reads from the source device, the
+receiver hashes the bytes it writes to the destination device, both on the stream, and the copy succeeds only
+when the two digests are equal. Both ends go around the page cache with O_DIRECT (aligned buffers), so the
+sender hashes what the source device holds and the receiver's writes reach the device; the destination is
+flushed (fsync) before the copy counts as done. The destination is not read back afterwards: that would be a
+second pass over the data (and, buffered, it read the page cache, not the disk).
+
+Sparse-aware: chunks of zeros are not sent (the receiver counts the gaps as zeros in its hash). A thin
+destination is not written where the source holds zeros, as a new thin LV reads zeros there; the receiver
+checks that it does (a retried copy may meet what an earlier one wrote) and writes zeros only where not. A
+copy runs as a job in the agent, apart from the RPC that started it: a retried CreateVolume joins the job in
+progress instead of starting another, and a copy outlasts the provisioner's RPC timeout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +32,12 @@ from csi import faults
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+ALIGN = 4096            # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
 ZERO = bytes(CHUNK)
+
+
+class NotVerified(Exception):
+    """The bytes written are not the bytes the sender read (their SHA-256 digests differ)."""
 
 
 @dataclass
@@ -37,20 +51,84 @@ class Progress:
         return 100.0 * self.done / self.total if self.total else 100.0
 
 
+def _is_block_device(path: str) -> bool:
+    return stat.S_ISBLK(os.stat(path).st_mode)
+
+
+class _Device:
+    """A block device opened with O_DIRECT, read and written through one page-aligned buffer. A piece whose
+    length is not a multiple of ALIGN (never one of an LV, a whole number of extents) goes through a second,
+    buffered descriptor. Regular files (the unit tests; tmpfs refuses O_DIRECT) are opened without it."""
+
+    def __init__(self, path: str, flags: int):
+        self.path = path
+        self._flags = flags
+        self.fd = os.open(path, flags | (os.O_DIRECT if _is_block_device(path) else 0))
+        self._plain: int | None = None
+        self._buf = mmap.mmap(-1, CHUNK)
+
+    def _fd_for(self, n: int) -> int:
+        if n % ALIGN == 0:
+            return self.fd
+        if self._plain is None:
+            self._plain = os.open(self.path, self._flags)
+        return self._plain
+
+    def read(self, offset: int, n: int) -> bytes:
+        view = memoryview(self._buf)[:n]
+        try:
+            got = os.preadv(self._fd_for(n), [view], offset)
+            if got != n:
+                raise IOError(f"{self.path}: short read at {offset}: {got} of {n} bytes")
+            return bytes(view)
+        finally:
+            view.release()
+
+    def write(self, offset: int, data: bytes) -> None:
+        n = len(data)
+        view = memoryview(self._buf)[:n]
+        try:
+            view[:] = data
+            done = os.pwritev(self._fd_for(n), [view], offset)
+            if done != n:
+                raise IOError(f"{self.path}: short write at {offset}: {done} of {n} bytes")
+        finally:
+            view.release()
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+        if self._plain is not None:
+            os.fsync(self._plain)
+
+    def close(self) -> None:
+        for fd in (self.fd, self._plain):
+            if fd is not None:
+                os.close(fd)
+        self._buf.close()
+
+
+def device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def chunks(path: str, size: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, data) of every CHUNK-sized piece of the first `size` bytes of a block device."""
-    with open(path, "rb", buffering=0) as f:
-        offset = 0
-        while offset < size:
-            data = f.read(min(CHUNK, size - offset))
-            if not data:
-                raise IOError(f"{path}: short read at {offset} of {size}")
-            yield offset, data
-            offset += len(data)
+    """(offset, data) of every CHUNK-sized piece of the first `size` bytes of a block device, read with
+    O_DIRECT: what the device holds, not what a page cache remembers."""
+    dev = _Device(path, os.O_RDONLY)
+    try:
+        for offset in range(0, size, CHUNK):
+            yield offset, dev.read(offset, min(CHUNK, size - offset))
+    finally:
+        dev.close()
 
 
 def sparse_stream(path: str, size: int) -> Iterator[tuple[int, bytes | None, str]]:
-    """What a sender sends: (offset, data or None for zeros, "" ) ... then (size, None, sha256)."""
+    """What a sender sends: (offset, data or None for zeros, "") ... then (size, None, SHA-256 of every
+    byte it read)."""
     digest = hashlib.sha256()
     for offset, data in chunks(path, size):
         digest.update(data)
@@ -60,33 +138,52 @@ def sparse_stream(path: str, size: int) -> Iterator[tuple[int, bytes | None, str
 
 def write_stream(dst: str, size: int, stream: Iterable[tuple[int, bytes | None, str]], sparse: bool,
                  progress: Progress) -> str:
-    """Writes what a sender sends into dst; returns the sender's SHA-256 of the whole content."""
-    fd = os.open(dst, os.O_WRONLY)
+    """Writes what a sender sends into dst (O_DIRECT, then flushed), hashing every byte as written, holes
+    included; returns that SHA-256 when it equals the sender's, raises NotVerified when not."""
+    dev = _Device(dst, os.O_RDWR)
+    digest = hashlib.sha256()
     source_digest = ""
+    pos = 0
+
+    def zeros_until(end: int) -> None:
+        nonlocal pos
+        while pos < end:
+            n = min(CHUNK - pos % CHUNK, end - pos)
+            digest.update(ZERO[:n])
+            # A new thin LV reads zeros where nothing was written; one that an earlier attempt wrote may not.
+            if not sparse or dev.read(pos, n) != ZERO[:n]:
+                dev.write(pos, ZERO[:n])
+            pos += n
+            progress.done = pos
+
     try:
         for offset, data, final in stream:
             if final:
                 source_digest = final
                 break
-            if data is None and not sparse:
-                data = ZERO[:min(CHUNK, size - offset)]
-            if data is not None:
-                os.pwrite(fd, data, offset)
-                faults.step("copy.chunk")
-            progress.done = min(size, offset + CHUNK)
-        os.fsync(fd)
+            if offset < pos or offset >= size or offset % CHUNK:
+                raise IOError(f"the sender sent a chunk at {offset}, expected one at {pos} or later")
+            zeros_until(offset)
+            if data is None:
+                zeros_until(min(size, offset + CHUNK))
+                continue
+            if len(data) != min(CHUNK, size - offset):
+                raise IOError(f"the sender sent {len(data)} bytes at {offset}")
+            dev.write(offset, data)
+            digest.update(data)
+            pos = offset + len(data)
+            progress.done = pos
+            faults.step("copy.chunk")
+        if not source_digest:
+            raise IOError("the sender stopped before sending its checksum")
+        zeros_until(size)
+        dev.flush()
     finally:
-        os.close(fd)
-    if not source_digest:
-        raise IOError("the sender stopped before sending its checksum")
-    return source_digest
-
-
-def digest_of(path: str, size: int) -> str:
-    d = hashlib.sha256()
-    for _, data in chunks(path, size):
-        d.update(data)
-    return d.hexdigest()
+        dev.close()
+    written = digest.hexdigest()
+    if written != source_digest:
+        raise NotVerified(f"sha256 of the bytes written {written} != the sender's {source_digest}")
+    return written
 
 
 class CopyJobs:
@@ -121,8 +218,8 @@ class CopyJobs:
         try:
             fn(progress)
             took = time.monotonic() - progress.started
-            log.info("copy into %s: done, %d bytes in %.1fs (%.1f MB/s), verified", key, progress.total, took,
-                     progress.total / took / 1e6 if took else 0.0)
+            log.info("copy into %s: done, %d bytes in %.1fs (%.1f MB/s), sha256 verified on the stream", key,
+                     progress.total, took, progress.total / took / 1e6 if took else 0.0)
         finally:
             stop.set()
 
@@ -134,6 +231,11 @@ class CopyJobs:
         with self._mutex:
             job = self._jobs.get(key)
             return self._progress.get(key) if job is not None and not job.done() else None
+
+    def running(self) -> dict[str, Progress]:
+        """The progress of every copy in flight, by key (metrics)."""
+        with self._mutex:
+            return {k: self._progress[k] for k, job in self._jobs.items() if not job.done() and k in self._progress}
 
     def forget(self, key: str) -> None:
         with self._mutex:

@@ -9,10 +9,14 @@ own (shell-based) modprobe.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import ipaddress
 import logging
+import os
 import re
+import secrets
 import threading
 import uuid
 from dataclasses import dataclass
@@ -25,6 +29,8 @@ log = logging.getLogger(__name__)
 
 MODULES = ("configfs", "target_core_mod", "target_core_iblock", "iscsi_target_mod")
 CONFIGFS = Path("/sys/kernel/config/target")
+# The host's (the chart mounts /run/lock/lvm-iscsi-csi): every agent of the node, of any cluster, takes it.
+STORE_LOCK = Path("/run/lock/lvm-iscsi-csi/lio-backstores.lock")
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,41 @@ def _serialised(method):
     return locked
 
 
+def _find_store(name: str):
+    """The block backstore of that name, or None. rtslib caches which backstore index holds which name once
+    per process (tcm.bs_cache): a store made since by another process (the agent of another cluster on the
+    same node, an operator's targetcli) is missing from it, so a miss reads configfs again before it counts."""
+    rts = _rts()
+    for attempt in (1, 2):
+        try:
+            return rts.BlockStorageObject(name)
+        except rts.RTSLibNotInCFSError:
+            if attempt == 2:
+                return None
+            _refresh_store_cache()
+    return None
+
+
+def _refresh_store_cache() -> None:
+    from rtslib_fb import tcm
+    tcm.bs_cache.clear()   # rtslib fills it again from configfs at its next lookup
+
+
+@contextlib.contextmanager
+def _new_store_lock():
+    """Held while a backstore is made. rtslib picks a new backstore's index from its per-process cache, so two
+    agents sharing one node's LIO (two clusters) could pick the same one; every agent makes its stores under
+    this lock, with the cache read again from configfs first."""
+    STORE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(STORE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _refresh_store_cache()
+        yield
+    finally:
+        os.close(fd)
+
+
 def _drop_store(so) -> None:
     """Removes a backstore whose LUN is already gone (its target was deleted).
 
@@ -133,10 +174,11 @@ class Lio:
     def export(self, iqn: str, backstore: str, device: str, thin: bool) -> None:
         """Backstore, target, TPG 1 with CHAP enforced and no demo mode, LUN 0, portals."""
         rts = _rts()
-        try:
-            so = rts.BlockStorageObject(backstore)
-        except rts.RTSLibNotInCFSError:
-            so = rts.BlockStorageObject(backstore, dev=device, wwn=str(uuid.uuid5(uuid.NAMESPACE_URL, iqn)))
+        so = _find_store(backstore)
+        if so is None:
+            with _new_store_lock():
+                so = _find_store(backstore) or rts.BlockStorageObject(
+                    backstore, dev=device, wwn=str(uuid.uuid5(uuid.NAMESPACE_URL, iqn)))
         if thin:
             # Lets the initiator's discards (fstrim, mkfs) give blocks back to the thin pool.
             so.set_attribute("emulate_tpu", "1")
@@ -146,6 +188,9 @@ class Lio:
         tpg.set_attribute("generate_node_acls", "0")
         tpg.set_attribute("demo_mode_write_protect", "1")
         tpg.set_attribute("cache_dynamic_acls", "0")
+        # SendTargets lists only the targets an initiator has an ACL on (and lock_discovery makes it answer
+        # nobody): the driver never discovers, it makes node records directly.
+        tpg.set_attribute("demo_mode_discovery", "0")
         tpg.set_parameter("AuthMethod", "CHAP")
         try:
             rts.LUN(tpg, 0)
@@ -162,16 +207,19 @@ class Lio:
 
     @_serialised
     def unexport(self, iqn: str, backstore: str) -> None:
-        """Removes the target (its TPG, LUN, portals, ACLs: the kernel ends their sessions) and the backstore."""
-        rts = _rts()
+        """Removes the target (its TPG, LUN, portals, ACLs: the kernel ends their sessions) and the backstore
+        behind its LUN (found through the LUN, which names it exactly) or, with no target, by name."""
         target = self._target(iqn)
+        stores = {}
         if target is not None:
+            stores = {lun.storage_object.name: lun.storage_object for tpg in target.tpgs for lun in tpg.luns}
             target.delete()
-        try:
-            so = rts.BlockStorageObject(backstore)
-        except rts.RTSLibNotInCFSError:
-            return
-        _drop_store(so)
+        if backstore not in stores:
+            so = _find_store(backstore)
+            if so is not None:
+                stores[backstore] = so
+        for so in stores.values():
+            _drop_store(so)
 
     @_serialised
     def remove_target(self, iqn: str) -> None:
@@ -196,12 +244,37 @@ class Lio:
             return False
         return any(True for _ in tpg.network_portals)
 
+    def lun_device(self, iqn: str) -> str | None:
+        """The device behind LUN 0 of a target (its backstore's udev_path), or None when it has none."""
+        rts = _rts()
+        tpg = self._tpg(iqn)
+        if tpg is None:
+            return None
+        try:
+            so = rts.LUN(tpg, 0).storage_object
+        except rts.RTSLibNotInCFSError:
+            return None
+        return getattr(so, "udev_path", None) or None
+
     def exported_iqns(self, prefix: str) -> list[str]:
         """Targets of this driver that exist in the kernel (for orphan checks and `status`, not per call)."""
         base = CONFIGFS / "iscsi"
         if not base.is_dir():
             return []
         return sorted(p.name for p in base.iterdir() if p.name.startswith(prefix))
+
+    @_serialised
+    def lock_discovery(self) -> None:
+        """SendTargets discovery needs CHAP with a secret made here and never kept or handed out: anyone on
+        the storage network would otherwise list every target, whose names carry the VG, the cluster id and
+        the claims' names. The driver never uses discovery (node records are made directly)."""
+        fabric = self._fabric()
+        fabric.discovery_userid = "nobody-" + secrets.token_hex(8)
+        fabric.discovery_password = secrets.token_urlsafe(24)
+        fabric.discovery_enable_auth = True
+
+    def discovery_locked(self) -> bool:
+        return bool(self._fabric().discovery_enable_auth)
 
     # ------------------------------------------------------------------------------------ ACLs
 
@@ -244,6 +317,23 @@ class Lio:
         live = 1 if acl.session else 0
         acl.delete()
         return live
+
+    def acl_access(self, iqn: str) -> list[Access]:
+        """Every ACL of a target with its CHAP credentials, as the kernel holds them (for a record rebuilt
+        after the agent's state directory was lost)."""
+        rts = _rts()
+        tpg = self._tpg(iqn)
+        if tpg is None:
+            return []
+        out = []
+        for acl in tpg.node_acls:
+            try:
+                ro = bool(rts.MappedLUN(acl, 0).write_protect)
+            except rts.RTSLibNotInCFSError:
+                ro = False
+            out.append(Access(acl.node_wwn, ro, acl.chap_userid or "", acl.chap_password or "",
+                              acl.chap_mutual_userid or "", acl.chap_mutual_password or ""))
+        return out
 
     def acls(self, iqn: str) -> list[AclState]:
         rts = _rts()

@@ -21,7 +21,8 @@ from csi.runner import CommandError
 
 LV_FIELDS = "lv_name,vg_name,lv_size,lv_tags,pool_lv,lv_attr,data_percent,metadata_percent,origin,lv_time"
 VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size,lv_count"
-POOL_FIELDS = "lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,zero,vg_size,vg_free,vg_extent_size,lv_count"
+POOL_FIELDS = ("lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,zero,lv_when_full,vg_size,vg_free,"
+               "vg_extent_size,lv_count")
 
 # lvs exits with 5 and says exactly this when asked for an LV or VG that is not there.
 _LV_MISSING = re.compile(r'^\s*Failed to find logical volume "[^"]+"\s*$', re.M)
@@ -94,6 +95,7 @@ class ThinPoolState:
     metadata_percent: float
     zeroing: bool
     group: VolumeGroup | None = None   # its VG, from the same report (one command instead of two)
+    error_when_full: bool = True       # a full pool fails writes at once (lv_when_full "error"), not queues them
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,8 @@ class Lvm:
         group = VolumeGroup(r["vg_name"], _num(r["vg_size"]), _num(r["vg_free"]), _num(r["vg_extent_size"]),
                             _num(r["lv_count"])) if "vg_size" in r else None
         return ThinPoolState(r["vg_name"], r["lv_name"], _num(r["lv_size"]), _pct(r["data_percent"]) or 0.0,
-                             _pct(r["metadata_percent"]) or 0.0, r.get("zero", "") in ("zero", "1"), group)
+                             _pct(r["metadata_percent"]) or 0.0, r.get("zero", "") in ("zero", "1"), group,
+                             r.get("lv_when_full", "") == "error")
 
     def thin_pool_fill(self, vg: str, pool: str) -> ThinPoolFill | None:
         """The pool's fill from the kernel (`dmsetup status` of its -tpool device): a constant cost, where an
@@ -294,15 +297,41 @@ class Lvm:
             argv += ["--addtag", t]
         self._run(argv + [f"{vg}/{origin}"])
 
+    def cow_snapshot(self, vg: str, origin: str, name: str, size: int, tags: Sequence[str]) -> None:
+        """A copy-on-write snapshot of a thick LV with `size` bytes for the origin's changes (it becomes
+        invalid when they need more). Active, as a COW snapshot of an active origin must be."""
+        argv = ["lvcreate", "--yes", "--snapshot", "--name", name, "--size", f"{size}b",
+                "--setactivationskip", "n", "--activate", "y"]
+        for t in tags:
+            argv += ["--addtag", t]
+        self._run(argv + [f"{vg}/{origin}"])
+
+    def split_snapshot(self, vg: str, name: str) -> None:
+        """Separates a COW snapshot from its origin: what remains is a plain LV holding the origin's older
+        data, to be zeroed before its extents are freed (`lvconvert --splitsnapshot`)."""
+        self._run(["lvconvert", "--yes", "--splitsnapshot", f"{vg}/{name}"])
+
+    def add_tag(self, vg: str, name: str, tag: str) -> None:
+        self._run(["lvchange", "--addtag", tag, f"{vg}/{name}"])
+
+    def del_tag(self, vg: str, name: str, tag: str) -> None:
+        self._run(["lvchange", "--deltag", tag, f"{vg}/{name}"])
+
     def activate(self, vg: str, name: str) -> None:
         self._run(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{vg}/{name}"])
 
     def set_zeroing(self, vg: str, pool: str) -> None:
         self._run(["lvchange", "--zero", "y", f"{vg}/{pool}"])
 
-    def zero_out(self, path: str) -> None:
-        """Overwrites a thick LV with zeros before its extents go back to the VG."""
-        self._run(["blkdiscard", "--zeroout", path])
+    def set_error_when_full(self, vg: str, pool: str) -> None:
+        self._run(["lvchange", "--errorwhenfull", "y", f"{vg}/{pool}"])
+
+    def rename(self, vg: str, name: str, new: str) -> None:
+        self._run(["lvrename", vg, name, new])
+
+    def zero_out(self, path: str, offset: int, length: int) -> None:
+        """Overwrites a range of a thick LV with zeros (WRITE ZEROES where the disk has it, else written)."""
+        runner.run(["blkdiscard", "--zeroout", "--offset", str(offset), "--length", str(length), path])
 
 
 def _lv(r: dict[str, str]) -> LogicalVolume:

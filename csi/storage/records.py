@@ -19,7 +19,11 @@ from csi.fsutil import remove, write_atomic
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
+# Version 1 records come from the driver before node-bound grants: their CHAP secrets were handed to the
+# controller and put in publish_context, so Kubernetes objects (and their backups, and kube-state-metrics)
+# may hold them. Read as version 2 with every grant marked exposed: the agent rotates those (access.py).
+READABLE = (1, VERSION)
 
 
 @dataclass
@@ -30,6 +34,8 @@ class Grant:
     chap_secret: str
     mutual_user: str = ""
     mutual_secret: str = ""
+    node: str = ""          # the node the initiator belongs to; only its node plugin gets the secrets
+    exposed: bool = False   # the secrets may have left the storage node (see READABLE): rotate them
 
 
 @dataclass
@@ -57,9 +63,15 @@ class VolumeRecord:
     @classmethod
     def from_json(cls, text: str) -> "VolumeRecord":
         data = json.loads(text)
-        if data.get("version") != VERSION:
-            raise ValueError(f"record version {data.get('version')} is not {VERSION}")
-        data["grants"] = {k: Grant(**v) for k, v in data.get("grants", {}).items()}
+        version = data.get("version")
+        if version not in READABLE:
+            raise ValueError(f"record version {version} is not one this agent reads ({', '.join(map(str, READABLE))}):"
+                             " written by a newer agent? left as it is")
+        grants = {k: Grant(**v) for k, v in data.get("grants", {}).items()}
+        if version == 1:
+            for g in grants.values():
+                g.exposed = True
+        data.update(grants=grants, version=VERSION)
         return cls(**data)
 
 
@@ -81,6 +93,13 @@ class RecordStore:
 
     def delete(self, vg: str, lv: str) -> None:
         remove(self.path(vg, lv))
+
+    def keys(self) -> list[tuple[str, str]]:
+        """(vg, lv) of every record, from the directory alone (no file is read)."""
+        if not self.directory.is_dir():
+            return []
+        return [(vg.name, f.name[:-5]) for vg in self.directory.iterdir() if vg.is_dir()
+                for f in vg.iterdir() if f.name.endswith(".json") and not f.name.startswith(".")]
 
     def all(self) -> Iterator[VolumeRecord]:
         if not self.directory.is_dir():

@@ -29,8 +29,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    """storage-1 (zone-a), storage-2 (zone-b) and worker-1 (zone-a) with the driver deployed: agents on the
-    storage nodes, the node plugin on the worker, the controller on the host. Shared by the test modules;
+    """storage-1 (zone-a), storage-2 (zone-b), worker-1 and worker-2 (zone-a) with the driver deployed: agents on
+    the storage nodes, a node plugin on each worker, the controller on the host. Shared by the test modules;
     every test leaves the storage nodes as it found them."""
     from tests.e2e.cluster import make_cluster
     yield from make_cluster(tmp_path_factory)

@@ -11,8 +11,9 @@ import grpc
 import pytest
 
 from csi import faults, ids
+from csi.controller.journal import FileJournal
 from csi.proto import csi_pb2 as csi
-from tests.e2e.cluster import MOUNT, MiB
+from tests.e2e.cluster import MOUNT, MiB, count_on_device, pv_ranges, wait_for_wipes
 
 pytestmark = pytest.mark.e2e
 # The whole campaign (every kill point) runs with scripts/fault-campaign; scripts/test (CI) runs the steps
@@ -27,7 +28,7 @@ def inventory(cluster) -> dict:
     """What of this driver exists on storage-1 and the worker: LVs, targets with their ACLs, agent records,
     iSCSI node records and sessions, mounts under the kubelet dir."""
     s1, w = cluster.s1, cluster.w
-    lvs = s1.run(["lvs", "--noheadings", "-o", "lv_name", "csi-vg"], timeout=30).stdout.split()
+    lvs = wait_for_wipes(s1)
     base = "/sys/kernel/config/target/iscsi"
     targets = {}
     for t in s1.run(["ls", base], timeout=30).stdout.split():
@@ -39,13 +40,15 @@ def inventory(cluster) -> dict:
     node_records = w.run(["iscsiadm", "-m", "node"], timeout=30).stdout.split("\n")
     mounts = [line.split()[4] for line in w.run(["cat", "/proc/self/mountinfo"], timeout=30).stdout.splitlines()
               if str(cluster.kubelet) in line.split()[4]]
+    journal = sorted(e.key for e in FileJournal(cluster.d.journal_dir).entries())
     return {"lvs": sorted(x for x in lvs if x != "thinpool"), "targets": targets, "records": records,
             "sessions": sorted(x for x in sessions if x), "node_records": sorted(x for x in node_records if x),
-            "mounts": sorted(mounts)}
+            "mounts": sorted(mounts), "journal": journal}
 
 
 def empty(cluster) -> dict:
-    return {"lvs": [], "targets": {}, "records": [], "sessions": [], "node_records": [], "mounts": []}
+    return {"lvs": [], "targets": {}, "records": [], "sessions": [], "node_records": [], "mounts": [],
+            "journal": []}
 
 
 def crash_agent_during(cluster, step: str, call, node=None):
@@ -84,6 +87,7 @@ def test_agent_crash_in_create(cluster, step):
     ref = ids.parse_id(vol.volume_id)
     inv = inventory(cluster)
     assert inv["lvs"] == [ref.lv] and inv["records"] == [ref.lv] and inv["targets"] == {ref.iqn: []}
+    assert inv["journal"] == [ref.lv]
     cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=120)
     assert inventory(cluster) == empty(cluster)
 
@@ -94,6 +98,110 @@ def test_agent_crash_in_delete(cluster, step):
     vol = cluster.ctrl.CreateVolume(create_req(f"crash-{step.replace('.', '-')}"), timeout=120).volume
     req = csi.DeleteVolumeRequest(volume_id=vol.volume_id)
     crash_agent_during(cluster, step, lambda: cluster.ctrl.DeleteVolume(req, timeout=120))
+    assert inventory(cluster) == empty(cluster)
+
+
+@campaign
+def test_agent_crash_while_deleting_a_volume_still_granted(cluster):
+    """DeleteVolume revokes the grants it finds first (issue 12, defect 6): killed right after, the retry
+    finishes the deletion, and no ACL, target or LV is left."""
+    vol = cluster.ctrl.CreateVolume(create_req("crash-delete-revoked"), timeout=120).volume
+    cluster.publish(vol.volume_id)
+    req = csi.DeleteVolumeRequest(volume_id=vol.volume_id)
+    crash_agent_during(cluster, "delete.revoked", lambda: cluster.ctrl.DeleteVolume(req, timeout=120))
+    assert inventory(cluster) == empty(cluster)
+
+
+def _agent_log(cluster, node=None) -> str:
+    return (node or cluster.s1).log_path("agent").read_text(errors="replace")
+
+
+def test_agent_crash_in_a_thick_delete_and_in_the_middle_of_its_wipe(cluster):
+    """A thick volume is renamed out of the volume namespace, then zeroed in 256 MiB steps in the background
+    (csi/storage/wipe.py). Killed right after the rename, the retried DeleteVolume succeeds and the wipe is
+    found again at start; killed after the first step of the wipe, the restarted agent resumes at the second
+    and completes: the LV is gone and its old extents on the PV are zeros."""
+    s1 = cluster.s1
+    req = create_req("crash-wipe-renamed")
+    req.parameters["type"] = "thick"
+    vol = cluster.ctrl.CreateVolume(req, timeout=120).volume
+    crash_agent_during(cluster, "wipe.renamed", lambda: cluster.ctrl.DeleteVolume(
+        csi.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=120))
+    assert inventory(cluster) == empty(cluster)
+
+    req = create_req("crash-wipe-chunk")
+    req.parameters["type"] = "thick"
+    req.capacity_range.required_bytes = 512 * MiB
+    vol = cluster.ctrl.CreateVolume(req, timeout=120).volume
+    ref = ids.parse_id(vol.volume_id)
+    s1.run([sys.executable, "-c", "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY); "
+            "[os.pwrite(fd, bytes([165]) * (1 << 20), o << 20) for o in range(512)]; os.fsync(fd)",
+            f"/dev/csi-vg/{ref.lv}"], timeout=300, check=True)
+    extents = pv_ranges(s1, ref.lv)
+    step = "wipe.chunk"
+    cluster.d.start_agent(s1, env={ENV: step})
+    try:
+        cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=120)
+    except grpc.RpcError:
+        pass   # the wipe runs after the answer; if the kill came first, the answer is lost: both are fine
+    assert s1.wait_exit("agent", timeout=120) == -9, f"the agent did not die at {step}"
+    left = [lv for lv in s1.run(["lvs", "--noheadings", "-o", "lv_name", "csi-vg"], timeout=30).stdout.split()
+            if "+wipe+" in lv]
+    assert len(left) == 1, left
+    before = len(_agent_log(cluster))
+    cluster.d.start_agent(s1)
+    TRIED.append(f"agent:{step}")
+    wait_for_wipes(s1)
+    said = _agent_log(cluster)[before:]
+    assert f"resuming the zeroing of csi-vg/{left[0]} at {256 * MiB} of {512 * MiB} bytes" in said, said[-3000:]
+    assert count_on_device(s1, extents[0][0], [(st, n) for _, st, n in extents], bytes([165]) * 32)[0] == 0
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=120)   # idempotent
+    assert inventory(cluster) == empty(cluster)
+
+
+@campaign
+def test_agent_crash_after_a_copy_before_its_record_says_ready(cluster):
+    """A finished copy loses its content=copy tag (so a lost state directory rebuilds it as a volume), then
+    its record says ready. Killed between the two, the retry copies again and the data is intact."""
+    vol = cluster.ctrl.CreateVolume(create_req("crash-untag-src"), timeout=120).volume
+    target = cluster.stage_publish(vol.volume_id, cluster.publish(vol.volume_id))
+    digest = cluster.write(target, mib=2)
+    snap = cluster.ctrl.CreateSnapshot(csi.CreateSnapshotRequest(name="crash-untag-snap",
+                                                                 source_volume_id=vol.volume_id)).snapshot
+    req = csi.CreateVolumeRequest(name="crash-untag-dst", capacity_range=csi.CapacityRange(required_bytes=32 * MiB),
+                                  volume_capabilities=[MOUNT])
+    req.volume_content_source.snapshot.snapshot_id = snap.snapshot_id
+    req.accessibility_requirements.requisite.add(segments={"topology.lvm-iscsi.csi.dev/zone": "zone-b"})
+    dst = crash_agent_during(cluster, "copy.untagged", lambda: cluster.ctrl.CreateVolume(req, timeout=300),
+                             node=cluster.s2).volume
+    tags = cluster.s2.run(["lvs", "--noheadings", "-o", "lv_tags", f"csi-vg/{ids.parse_id(dst.volume_id).lv}"],
+                          timeout=30, check=True).stdout
+    assert "content=copy" not in tags and "attrs=" in tags, tags
+    cluster.teardown(vol.volume_id)
+    t2 = cluster.stage_publish(dst.volume_id, cluster.publish(dst.volume_id))
+    assert cluster.read(t2) == digest
+    cluster.teardown(dst.volume_id)
+    cluster.ctrl.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    assert inventory(cluster) == empty(cluster)
+    assert cluster.storage_state()["storage-2"] == ([], [])
+
+
+@campaign
+def test_agent_crash_while_dropping_the_point_in_time_snapshot_of_a_thick_clone(cluster):
+    """The clone of a thick volume copies a transient COW snapshot of it; dropping it splits its COW space
+    off the origin (snapshot.split), then wipes it. Killed after the split, the retried CreateVolume returns
+    the clone, and the split-off COW space is wiped: only the two volumes are left."""
+    req = create_req("crash-split-src")
+    req.parameters["type"] = "thick"
+    src = cluster.ctrl.CreateVolume(req, timeout=120).volume
+    clone = create_req("crash-split-clone")
+    clone.parameters["type"] = "thick"
+    clone.volume_content_source.volume.volume_id = src.volume_id
+    dst = crash_agent_during(cluster, "snapshot.split", lambda: cluster.ctrl.CreateVolume(clone, timeout=300)).volume
+    assert dst.content_source.volume.volume_id == src.volume_id
+    assert inventory(cluster)["lvs"] == sorted(ids.parse_id(v.volume_id).lv for v in (src, dst))
+    for v in (dst, src):
+        cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
     assert inventory(cluster) == empty(cluster)
 
 
@@ -234,7 +342,7 @@ def test_controller_crash_after_the_transfer_snapshot_of_a_clone_across_nodes(cl
                                   volume_capabilities=[MOUNT])
     req.volume_content_source.volume.volume_id = src.volume_id
     req.accessibility_requirements.requisite.add(segments={"topology.lvm-iscsi.csi.dev/zone": "zone-b"})
-    storage = [cluster.s1, cluster.s2]
+    storage = [cluster.s1, cluster.s2, cluster.s3]
     step = "clone.transfer-snapshot"
     try:
         cluster.d.start_controller(storage, env={ENV: step})
@@ -262,6 +370,49 @@ def test_controller_crash_after_the_transfer_snapshot_of_a_clone_across_nodes(cl
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
 
 
+def crash_controller_during(cluster, step: str, call):
+    storage = [cluster.s1, cluster.s2, cluster.s3]
+    try:
+        cluster.d.start_controller(storage, env={ENV: step})
+        with pytest.raises(grpc.RpcError):
+            call()
+        assert cluster.d.controller.wait(60) == -9, f"the controller did not die at {step}"
+    finally:
+        cluster.d.start_controller(storage)
+    TRIED.append(f"controller:{step}")
+    return call(wait_for_ready=True)
+
+
+@pytest.mark.parametrize("step", ["create.placed", pytest.param("create.made", marks=campaign)])
+def test_controller_crash_around_the_journal_in_create(cluster, step):
+    """The placement recorded, then the controller dies before (or after) the agent made the volume: the retry
+    goes to the recorded node, and exactly one LV, record, target and journal record exist; then none."""
+    req = create_req(f"crash-ctl-{step.replace('.', '-')}")
+    vol = crash_controller_during(cluster, step, lambda **kw: cluster.ctrl.CreateVolume(req, timeout=120, **kw)).volume
+    ref = ids.parse_id(vol.volume_id)
+    inv = inventory(cluster)
+    assert (inv["lvs"], inv["records"], inv["targets"], inv["journal"]) == ([ref.lv], [ref.lv], {ref.iqn: []},
+                                                                            [ref.lv])
+    assert cluster.storage_state()["storage-2"] == ([], [])
+    assert FileJournal(cluster.d.journal_dir).get(ref.lv).state == "ready"
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=120)
+    assert inventory(cluster) == empty(cluster)
+
+
+def test_controller_crash_around_the_journal_in_delete_and_snapshot(cluster):
+    vol = cluster.ctrl.CreateVolume(create_req("crash-ctl-snap"), timeout=120).volume
+    snap_req = csi.CreateSnapshotRequest(name="crash-ctl-snapshot", source_volume_id=vol.volume_id)
+    snap = crash_controller_during(cluster, "snapshot.placed",
+                                   lambda **kw: cluster.ctrl.CreateSnapshot(snap_req, timeout=120, **kw)).snapshot
+    sref, ref = ids.parse_id(snap.snapshot_id, "snapshot"), ids.parse_id(vol.volume_id)
+    inv = inventory(cluster)
+    assert inv["lvs"] == sorted([ref.lv, sref.lv]) and inv["journal"] == sorted([ref.lv, sref.lv])
+    cluster.ctrl.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=120)
+    req = csi.DeleteVolumeRequest(volume_id=vol.volume_id)
+    crash_controller_during(cluster, "delete.removed", lambda **kw: cluster.ctrl.DeleteVolume(req, timeout=120, **kw))
+    assert inventory(cluster) == empty(cluster)
+
+
 @campaign
 def test_kill_points_cover_every_step():
     """Runs last in this module: every step of csi/faults.py was tried by a test above."""
@@ -272,15 +423,24 @@ def test_kill_points_cover_every_step():
 
 
 ORPHAN_TARGET = """
-from rtslib_fb import FabricModule, Target, TPG, NodeACL
+from rtslib_fb import BlockStorageObject, FabricModule, LUN, Target, TPG, NodeACL
 import sys
 tpg = TPG(Target(FabricModule("iscsi"), sys.argv[1]), 1)
-if len(sys.argv) > 2:
+if len(sys.argv) > 3:
+    LUN(tpg, 0, storage_object=BlockStorageObject(sys.argv[2], dev=sys.argv[3]))
+elif len(sys.argv) > 2:
     NodeACL(tpg, sys.argv[2])
+"""
+REMOVE_TARGET = """
+from rtslib_fb import FabricModule, Target
+import sys
+Target(FabricModule("iscsi"), sys.argv[1], mode="lookup").delete()
 """
 
 
 def test_orphans_are_listed_then_removed_only_on_request(cluster):
+    """Ownership by exact fields (issue 12, defect 2): an LV is this cluster's by its cluster tag, a target by
+    the LV behind its LUN. A target whose name merely starts like this cluster's is nobody's to remove."""
     s1 = cluster.s1
     real = cluster.ctrl.CreateVolume(create_req("orphan-real"), timeout=120).volume
     ref = ids.parse_id(real.volume_id)
@@ -290,20 +450,33 @@ def test_orphans_are_listed_then_removed_only_on_request(cluster):
     s1.run(["lvcreate", "-q", "-V", "8m", "-T", "csi-vg/thinpool", "-n", "other-cluster-lv",
             "--addtag", "dev.csi.lvm-iscsi/cluster=other", *tags], timeout=120, check=True)
     py = sys.executable
-    s1.run([py, "-c", ORPHAN_TARGET, ids.IQN_PREFIX + "csi-vg.e2e-orphan-target"], timeout=60, check=True)
+    orphan_iqn = ids.target_iqn("csi-vg", "e2e-orphan-lv")
+    other_iqn = ids.target_iqn("csi-vg", "other-cluster-lv")
+    unknown_iqn = ids.IQN_PREFIX + "csi-vg.e2e-orphan-target"      # looks like ours, backed by nothing
+    s1.run([py, "-c", ORPHAN_TARGET, orphan_iqn, "e2e-orphan-lv", "/dev/csi-vg/e2e-orphan-lv"], timeout=60,
+           check=True)
+    s1.run([py, "-c", ORPHAN_TARGET, other_iqn, "other-cluster-lv", "/dev/csi-vg/other-cluster-lv"], timeout=60,
+           check=True)
+    s1.run([py, "-c", ORPHAN_TARGET, unknown_iqn], timeout=60, check=True)
     s1.run([py, "-c", ORPHAN_TARGET, ref.iqn, "iqn.2026-11.test.intruder:x"], timeout=60, check=True)
 
     dry = cluster.d.operator("cleanup", [cluster.s1, cluster.s2], "--min-age", "0")
     assert dry.returncode == 0, dry.stderr
-    for needle in ("csi-vg/e2e-orphan-lv", "e2e-orphan-target", "iqn.2026-11.test.intruder:x", "dry run"):
+    for needle in ("csi-vg/e2e-orphan-lv", orphan_iqn, "iqn.2026-11.test.intruder:x", "dry run"):
         assert needle in dry.stdout, dry.stdout
-    assert "other-cluster-lv" not in dry.stdout and f"csi-vg/{ref.lv}" not in dry.stdout
+    for absent in ("other-cluster-lv", unknown_iqn, f"csi-vg/{ref.lv}"):
+        assert absent not in dry.stdout, dry.stdout
     assert "e2e-orphan-lv" in inventory(cluster)["lvs"]          # a dry run removes nothing
 
     done = cluster.d.operator("cleanup", [cluster.s1, cluster.s2], "--min-age", "0", "--delete")
     assert done.returncode == 0 and done.stdout.count("[removed]") == 3, done.stdout
     inv = inventory(cluster)
-    assert inv["lvs"] == sorted([ref.lv, "other-cluster-lv"]) and inv["targets"] == {ref.iqn: []}
+    assert inv["lvs"] == sorted([ref.lv, "other-cluster-lv"])
+    assert inv["targets"] == {ref.iqn: [], other_iqn: [], unknown_iqn: []}
+    for iqn in (other_iqn, unknown_iqn):
+        s1.run([py, "-c", REMOVE_TARGET, iqn], timeout=60, check=True)
+    s1.run([py, "-c", "from rtslib_fb import BlockStorageObject as B; B('other-cluster-lv').delete()"], timeout=60,
+           check=True)
     s1.run(["lvremove", "-q", "-y", "csi-vg/other-cluster-lv"], timeout=120, check=True)
     cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=real.volume_id), timeout=120)
     assert inventory(cluster) == empty(cluster)

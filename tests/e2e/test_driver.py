@@ -8,12 +8,13 @@ from the records), bad input against the running driver, `status`, and TLS refus
 
 from __future__ import annotations
 
+import re
 import sys
 
 import grpc
 import pytest
 
-from csi import ids
+from csi import ids, peers
 from csi.proto import agent_pb2 as apb
 from csi.proto import agent_pb2_grpc
 from csi.proto import csi_pb2 as csi
@@ -45,8 +46,11 @@ def test_volumes_land_on_both_storage_nodes_by_zone(cluster):
 def test_lifecycle_across_the_network_with_checksums(cluster):
     v = cluster.create("lifecycle", size=128 * MiB, zone="zone-b")   # storage-2: the worker logs in across the bridge
     ctx = cluster.publish(v.volume_id)
-    assert ctx["portals"] == f"{cluster.s2.ip}:3260" and len(ctx["chapSecret"]) >= 12
-    assert cluster.publish(v.volume_id) == ctx   # a repeated publish returns the same secret
+    # where to log in and whom to ask for the credentials, no secret (the context lands in a VolumeAttachment)
+    assert ctx["portals"] == f"{cluster.s2.ip}:3260" and ctx["agent"] == f"{cluster.s2.ip}:7600"
+    assert not [k for k in ctx if "secret" in k.lower() or "chap" in k.lower()]
+    assert len(cluster.chap(v.volume_id)["chapSecret"]) >= 12
+    assert cluster.publish(v.volume_id) == ctx
     target = cluster.stage_publish(v.volume_id, ctx)
     digest = cluster.write(target)
     assert cluster.read(target) == digest
@@ -60,9 +64,14 @@ def test_lifecycle_across_the_network_with_checksums(cluster):
     assert cluster.read(target) == digest
     stats = cluster.node.NodeGetVolumeStats(csi.NodeGetVolumeStatsRequest(volume_id=v.volume_id,
                                                                           volume_path=str(target)))
-    assert not stats.volume_condition.abnormal and stats.usage[0].used >= 8 * MiB
+    assert stats.usage[0].used >= 8 * MiB
+    health = cluster.node.NodeGetVolumeHealth(csi.NodeGetVolumeHealthRequest(
+        volume_id=v.volume_id, volume_publish_path=str(target))).volume_health
+    assert not health.health_statuses, health
     got = cluster.ctrl.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=v.volume_id))
-    assert list(got.status.published_node_ids) == [cluster.node_id] and not got.status.volume_condition.abnormal
+    assert list(got.status.published_node_ids) == [cluster.node_id]
+    health = cluster.ctrl.ControllerGetVolumeHealth(csi.ControllerGetVolumeHealthRequest(volume_id=v.volume_id))
+    assert not health.volume_health.health_statuses, health
     cluster.teardown(v.volume_id)
     assert cluster.w.run(["iscsiadm", "-m", "node"], timeout=30).rc == 21      # no node record left
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
@@ -85,7 +94,7 @@ def _login(node, ctx: dict, secret: str | None = None) -> int:
 
 def test_acl_refuses_another_initiator_and_chap_refuses_a_wrong_secret(cluster):
     v = cluster.create("acl", zone="zone-a")
-    ctx = cluster.publish(v.volume_id)
+    ctx = {**cluster.publish(v.volume_id), **cluster.chap(v.volume_id)}
     assert _login(cluster.s2, ctx) != 0                          # storage-2's initiator has no ACL
     assert _login(cluster.w, ctx, secret="wrong-secret-123456") != 0
     assert _login(cluster.w, ctx) == 0                            # the right one works
@@ -242,9 +251,30 @@ def _try(fn, req):
         return exc.code()
 
 
+def test_a_full_thin_pool_fails_writes_at_once_instead_of_queueing_them(cluster):
+    """Nothing extends a pool (the agent's lvm.conf has monitoring off), so a pool that queues I/O when full
+    only hangs every writer for the kernel's no_space_timeout before failing it anyway: the agent turns
+    error-when-full on at start, in LVM's metadata and in the kernel's table of the pool."""
+    from csi.storage.lvm import dm_name
+    s1 = cluster.s1
+
+    def policy() -> tuple[str, str]:
+        lvm = s1.run(["lvs", "--noheadings", "-o", "lv_when_full", "csi-vg/thinpool"], timeout=30).stdout.strip()
+        kernel = s1.run(["dmsetup", "status", dm_name("csi-vg", "thinpool", "tpool")], timeout=30).stdout
+        return lvm, "error_if_no_space" if "error_if_no_space" in kernel else "queue_if_no_space"
+
+    assert policy() == ("error", "error_if_no_space")
+    s1.run(["lvchange", "--errorwhenfull", "n", "csi-vg/thinpool"], timeout=60)
+    try:
+        assert policy() == ("queue", "queue_if_no_space")     # the check can tell them apart
+    finally:
+        cluster.d.start_agent(s1)
+    assert policy() == ("error", "error_if_no_space")
+
+
 def test_status_shows_agents_pools_and_volumes(cluster):
     v = cluster.create("status-vol", zone="zone-b")
-    r = cluster.d.status([cluster.s1, cluster.s2])
+    r = cluster.d.status([cluster.s1, cluster.s2, cluster.s3])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "storage-1  zone-a  up" in r.stdout and "storage-2  zone-b  up" in r.stdout
     assert v.volume_id in r.stdout and "status-vol" in r.stdout
@@ -252,12 +282,11 @@ def test_status_shows_agents_pools_and_volumes(cluster):
 
 
 def test_agent_refuses_a_client_without_a_certificate_of_its_ca(cluster):
-    pki = cluster.d.pki
+    rogue_dir, good_dir = cluster.d.pki.rogue(), cluster.d.pki.ensure("controller")
     port = cluster.lab.expose(cluster.s1.ip, 7600)
-    rogue = grpc.ssl_channel_credentials((pki / "rogue" / "ca.crt").read_bytes(),
-                                         (pki / "rogue" / "tls.key").read_bytes(),
-                                         (pki / "rogue" / "tls.crt").read_bytes())
-    opts = [("grpc.ssl_target_name_override", "lvm-iscsi-agent")]
+    rogue = grpc.ssl_channel_credentials((rogue_dir / "ca.crt").read_bytes(), (rogue_dir / "tls.key").read_bytes(),
+                                         (rogue_dir / "tls.crt").read_bytes())
+    opts = [("grpc.ssl_target_name_override", peers.dns_name(peers.AGENT, "storage-1"))]
     with grpc.secure_channel(f"127.0.0.1:{port}", rogue, options=opts) as ch:
         with pytest.raises(grpc.RpcError) as e:
             agent_pb2_grpc.AgentStub(ch).GetInfo(apb.GetInfoRequest(), timeout=10)
@@ -265,26 +294,45 @@ def test_agent_refuses_a_client_without_a_certificate_of_its_ca(cluster):
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         with pytest.raises(grpc.RpcError):
             agent_pb2_grpc.AgentStub(ch).GetInfo(apb.GetInfoRequest(), timeout=10)
-    good = grpc.ssl_channel_credentials((pki / "controller" / "ca.crt").read_bytes(),
-                                        (pki / "controller" / "tls.key").read_bytes(),
-                                        (pki / "controller" / "tls.crt").read_bytes())
+    good = grpc.ssl_channel_credentials((good_dir / "ca.crt").read_bytes(), (good_dir / "tls.key").read_bytes(),
+                                        (good_dir / "tls.crt").read_bytes())
     with grpc.secure_channel(f"127.0.0.1:{port}", good, options=opts) as ch:
         assert agent_pb2_grpc.AgentStub(ch).GetInfo(apb.GetInfoRequest(), timeout=10).node_name == "storage-1"
 
 
 def test_no_secret_in_any_log_and_records_are_private(cluster):
-    v = cluster.create("secret-check", zone="zone-a")
+    """The cluster's daemons run at debug level (tests/e2e/cluster.py): every request and response is logged
+    (redacted) and every command run. A volume with mutual CHAP is published, staged, written and torn down,
+    so the controller, the agent and the node plugin have all handled both of its secrets."""
+    v = cluster.create("secret-check", zone="zone-a", params={"mutualChap": "true"})
     ctx = cluster.publish(v.volume_id)
-    logs = [cluster.lab.workdir / "controller.log"] + [n.log_path(p) for n, p in
-                                                       ((cluster.s1, "agent"), (cluster.s2, "agent"),
-                                                        (cluster.w, "node-plugin"))]
-    text = "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
-    assert ctx["chapSecret"] not in text
+    chap = cluster.chap(v.volume_id)
+    secrets = [chap["chapSecret"], chap["mutualChapSecret"]]
+    assert not [s for s in secrets if s in str(ctx)]
+    target = cluster.stage_publish(v.volume_id, ctx)
+    # the node record holds them (the one place iscsiadm reads them from), private to root
+    ref = ids.parse_id(v.volume_id)
+    listing = cluster.w.run(["find", "/etc/iscsi/nodes", "-path", f"*{ref.iqn}*", "-type", "f", "-printf",
+                             "%m %p\\n"], timeout=30).stdout.split()
+    assert listing and listing[0] == "600", listing
+    cluster.write(target, mib=1)
     ref = ids.parse_id(v.volume_id)
     record = cluster.d.agent_state(cluster.s1) / "volumes" / ref.vg / f"{ref.lv}.json"
-    assert ctx["chapSecret"] in record.read_text()
+    assert all(s in record.read_text() for s in secrets)
     assert record.stat().st_mode & 0o777 == 0o600
-    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id,
-                                                                                node_id=cluster.node_id))
-    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id))
+    cluster.teardown(v.volume_id)
     assert not record.exists()
+
+    logs = sorted(cluster.lab.workdir.rglob("*.log"))
+    text = {p.name if p.parent == cluster.lab.workdir else f"{p.parent.name}/{p.name}": p.read_text(errors="replace")
+            for p in logs}
+    leaks = [f"{name}: line {n + 1}" for name, t in text.items() for n, line in enumerate(t.splitlines())
+             if any(s in line for s in secrets)]
+    assert not leaks, f"CHAP secrets in logs: {leaks}"
+    # The logs do hold this volume's calls at debug level, with the secrets' places redacted: without them this
+    # test would pass whatever the code logged.
+    node_log, agent_log = text["worker-1/node-plugin.log"], text["storage-1/agent.log"]
+    assert re.search(rf'NodeStageVolume request: .*value: "{re.escape(ref.iqn)}"', node_log)
+    assert re.search(rf"ran \[.*'{re.escape(ref.iqn)}', .*'--login'\]", node_log)
+    assert re.search(r'GetCredentials response: .*chap_secret: "\*\*\*".*mutual_chap_secret: "\*\*\*"', agent_log)
+    assert "ControllerPublishVolume response" in text["controller.log"]

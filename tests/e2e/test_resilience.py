@@ -22,6 +22,7 @@ import pytest
 
 from csi import faults, ids
 from csi.proto import csi_pb2 as csi
+from tests.e2e.cluster import wait_for_wipes
 
 pytestmark = pytest.mark.e2e
 campaign = pytest.mark.campaign   # slow (reboots): scripts/fault-campaign runs them, CI does not
@@ -43,7 +44,7 @@ def state(cluster) -> dict:
     worker (sessions, node records, mounts under the kubelet dir, node plugin records)."""
     out = {}
     for n in (cluster.s1, cluster.s2):
-        lvs = n.run(["lvs", "--noheadings", "-o", "lv_name", "csi-vg"], timeout=30).stdout.split()
+        lvs = wait_for_wipes(n)
         targets = {}
         for t in n.run(["ls", TARGETS], timeout=30).stdout.split():
             if t.startswith("iqn."):
@@ -97,13 +98,20 @@ def _session_states(w) -> dict[str, str]:
     return dict(line.split() for line in r.stdout.splitlines() if line.strip())
 
 
-def _stats(cluster, vid: str, target) -> csi.NodeGetVolumeStatsResponse:
-    return cluster.node.NodeGetVolumeStats(csi.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target)),
-                                           timeout=30)
-
-
 def _get(cluster, vid: str) -> csi.ControllerGetVolumeResponse:
     return cluster.ctrl.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=vid), timeout=60)
+
+
+def _node_health(cluster, vid: str, target) -> list:
+    """The node plugin's health entries for the volume (CSI v1.13 NodeGetVolumeHealth); empty: healthy."""
+    return list(cluster.node.NodeGetVolumeHealth(csi.NodeGetVolumeHealthRequest(
+        volume_id=vid, volume_publish_path=str(target)), timeout=30).volume_health.health_statuses)
+
+
+def _ctrl_health(cluster, vid: str) -> list:
+    """The controller's health entries for the volume (CSI v1.13 ControllerGetVolumeHealth); empty: healthy."""
+    return list(cluster.ctrl.ControllerGetVolumeHealth(csi.ControllerGetVolumeHealthRequest(volume_id=vid),
+                                                       timeout=60).volume_health.health_statuses)
 
 
 # ---------------------------------------------------------------------------------------------- target gone
@@ -114,8 +122,8 @@ def test_target_gone_under_a_staged_volume_is_reported_and_unstage_still_cleans_
     target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
     digest = cluster.write(target, mib=2)
     assert cluster.read(target) == digest
-    assert not _stats(cluster, v.volume_id, target).volume_condition.abnormal
-    assert not _get(cluster, v.volume_id).status.volume_condition.abnormal
+    assert _node_health(cluster, v.volume_id, target) == []
+    assert _ctrl_health(cluster, v.volume_id) == []
 
     # open-iscsi holds a lost session's I/O for its replacement timeout (120 s) in case the target comes back,
     # and the unmount in NodeUnstageVolume waits as long (seen here: about two minutes, then the unstage works).
@@ -129,11 +137,12 @@ def test_target_gone_under_a_staged_volume_is_reported_and_unstage_still_cleans_
     assert ref.iqn not in state(cluster)["storage-1"]["targets"]
     # LIO closes the session's connection; the initiator goes on trying to log in again. No I/O here: it would
     # hang until open-iscsi's replacement timeout. Bounded wait for the report.
-    stats = _wait("NodeGetVolumeStats reports the target gone",
-                  lambda: (s := _stats(cluster, v.volume_id, target)).volume_condition.abnormal and s, timeout=60)
-    assert ref.iqn in stats.volume_condition.message, stats.volume_condition.message
-    got = _get(cluster, v.volume_id).status.volume_condition
-    assert got.abnormal and "not exported" in got.message, got
+    (entry,) = _wait("NodeGetVolumeHealth reports the target gone",
+                     lambda: _node_health(cluster, v.volume_id, target), timeout=60)
+    assert entry.status == csi.INACCESSIBLE and ref.iqn in entry.message, entry
+    (got,) = _ctrl_health(cluster, v.volume_id)
+    assert got.status == csi.INACCESSIBLE and got.reason == "TargetNotExported", got
+    assert "not exported" in got.message, got
 
     staging, _ = cluster.paths(v.volume_id)
     started = time.monotonic()
@@ -146,6 +155,33 @@ def test_target_gone_under_a_staged_volume_is_reported_and_unstage_still_cleans_
     cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id,
                                                                                 node_id=cluster.node_id), timeout=60)
     cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
+    assert state(cluster) == clean()
+
+
+# ---------------------------------------------------------------------------------------------- read-only filesystem
+
+def test_a_filesystem_the_kernel_made_read_only_is_reported_and_a_new_stage_repairs_it(cluster):
+    """After I/O errors (a storage outage longer than the replacement timeout) the kernel aborts ext4's journal
+    and makes the filesystem read-only under the pod: writes fail. Done here with ext4's own `abort` remount
+    option, the kernel's path for an aborted journal. NodeGetVolumeHealth says so and how to recover; the
+    recovery it names (unstage, stage again) runs e2fsck -p and mounts the filesystem read-write, data intact."""
+    v = cluster.create("fs-aborted", zone="zone-a")
+    ctx = cluster.publish(v.volume_id)
+    target = cluster.stage_publish(v.volume_id, ctx)
+    digest = cluster.write(target, mib=2)
+    assert _node_health(cluster, v.volume_id, target) == []
+    staging, _ = cluster.paths(v.volume_id)
+    cluster.w.run(["mount", "-o", "remount,abort", str(staging)], timeout=60, check=True)
+    assert cluster.w.run(["touch", f"{target}/after-abort"], timeout=30).rc != 0     # read-only now
+    (entry,) = _node_health(cluster, v.volume_id, target)
+    assert entry.status == csi.DEGRADED and entry.reason == "FileSystemReadOnly", entry
+    assert "restarting the pod" in entry.message
+    cluster.worker1.unstage(v.volume_id)
+    target = cluster.stage_publish(v.volume_id, ctx)
+    assert _node_health(cluster, v.volume_id, target) == []
+    assert cluster.read(target) == digest
+    cluster.w.run(["touch", f"{target}/after-restage"], timeout=30, check=True)
+    cluster.teardown(v.volume_id)
     assert state(cluster) == clean()
 
 
@@ -211,7 +247,7 @@ def test_node_plugin_restart_leaves_running_io_alone(cluster):
         _wait("the writer goes on after the node plugin is back",
               lambda: len(log.read_text().splitlines()) > at_start + 20, timeout=60, every=0.5)
         assert w.status("writer")["running"], w.log_path("writer").read_text()
-        assert not _stats(cluster, v.volume_id, target).volume_condition.abnormal
+        assert _node_health(cluster, v.volume_id, target) == []
         assert state(cluster)["worker"]["sessions"] == [ids.parse_id(v.volume_id).iqn]
     finally:
         stop.write_text("")
@@ -258,7 +294,8 @@ def test_storage_node_reboot_brings_back_exports_sessions_and_data_but_no_delete
     target = cluster.stage_publish(v.volume_id, ctx)
     digest = cluster.write(target)
     lio_before = _lio_settings(s1, ref.iqn)
-    assert _acl_auth(s1, ref.iqn, cluster.node_id) == (ctx["chapUser"], ctx["chapSecret"])
+    chap = cluster.chap(v.volume_id)
+    assert _acl_auth(s1, ref.iqn, cluster.node_id) == (chap["chapUser"], chap["chapSecret"])
 
     # A deletion cut short: the agent dies after removing the export, before removing the LV and its record.
     gone = cluster.create("storage-reboot-gone", zone="zone-a")
@@ -283,9 +320,9 @@ def test_storage_node_reboot_brings_back_exports_sessions_and_data_but_no_delete
     after = state(cluster)["storage-1"]
     assert after == {"lvs": [ref.lv], "targets": {ref.iqn: [cluster.node_id]}, "records": [ref.lv]}
     assert _lio_settings(s1, ref.iqn) == lio_before
-    assert _acl_auth(s1, ref.iqn, cluster.node_id) == (ctx["chapUser"], ctx["chapSecret"])
-    got = _wait("the controller reaches the agent again", lambda: _get(cluster, v.volume_id), timeout=60)
-    assert not got.status.volume_condition.abnormal, got.status.volume_condition.message
+    assert _acl_auth(s1, ref.iqn, cluster.node_id) == (chap["chapUser"], chap["chapSecret"])
+    _wait("the controller reaches the agent again", lambda: _get(cluster, v.volume_id), timeout=60)
+    assert _ctrl_health(cluster, v.volume_id) == []
     assert cluster.publish(v.volume_id) == ctx   # the same CHAP secret as before the reboot
 
     # the worker's session logs in again by itself (iscsid retries the login every few seconds)
@@ -294,7 +331,7 @@ def test_storage_node_reboot_brings_back_exports_sessions_and_data_but_no_delete
     assert cluster.read(target) == digest
     digest2 = cluster.write(target, mib=4)
     assert cluster.read(target) == digest2
-    assert not _stats(cluster, v.volume_id, target).volume_condition.abnormal
+    assert _node_health(cluster, v.volume_id, target) == []
     assert "EXT4-fs error" not in w.run(["dmesg"], timeout=30).stdout
 
     cluster.ctrl.DeleteVolume(delete_gone, timeout=120)   # the retry of the cut-short delete: done already

@@ -55,6 +55,10 @@ def test_csi_sanity(tmp_path_factory, record_property):
         # What the advertised capabilities make csi-sanity run (v5.6.0: 77, snapshots, clones and expansion
         # included); fewer means specs stopped running.
         assert counts["passed"] >= 77, counts
+        # The CSI v1.13 health specs (ControllerGetVolumeHealth 2, ControllerListVolumeHealth 1,
+        # NodeGetVolumeHealth 2, NodeGetStorageHealth 1) run, since the capabilities are advertised, and pass.
+        health = _health_specs(junit)
+        assert sorted(health.values()) == ["passed"] * 6, health
 
 
 def _counts(junit: Path) -> dict[str, int]:
@@ -68,6 +72,22 @@ def _counts(junit: Path) -> dict[str, int]:
             out["skipped"] += 1
         else:
             out["passed"] += 1
+    return out
+
+
+def _health_specs(junit: Path) -> dict[str, str]:
+    """name -> passed / failed / skipped of every spec whose name mentions a health RPC."""
+    out = {}
+    for c in ET.parse(junit).getroot().iter("testcase"):
+        name = c.get("name") or ""
+        if "Health" not in name:
+            continue
+        if c.find("failure") is not None or c.find("error") is not None:
+            out[name] = "failed"
+        elif c.find("skipped") is not None or c.get("status") == "skipped":
+            out[name] = "skipped"
+        else:
+            out[name] = "passed"
     return out
 
 

@@ -47,8 +47,32 @@ class FakeRunner:
         if best is None:
             raise AssertionError(f"unexpected command {argv}")
         rc, out, err = best[1](argv)
+        if rc in (0, 15) and argv[:3] == ["iscsiadm", "-m", "node"] and argv[-2:] == ["-o", "new"]:
+            make_node_record(argv[argv.index("-T") + 1], argv[argv.index("-p") + 1])
         import subprocess
         return subprocess.CompletedProcess(argv, rc, out, err)
+
+
+def make_node_record(iqn: str, portal: str) -> Path:
+    """What `iscsiadm -m node -o new` leaves in the node database (Debian's layout: a directory per portal,
+    a file per iface), in the unit tier's own database (the node_db fixture), never the host's."""
+    from csi.node import iscsi, noderecord
+    path = iscsi.NODE_DB_DIRS[0] / iqn / f"{noderecord.portal_prefix(portal)},1" / "default"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# BEGIN RECORD 2.1.8\nnode.name = {iqn}\nnode.tpgt = 1\nnode.startup = automatic\n"
+                    f"node.session.auth.authmethod = None\nnode.conn[0].address = {portal.rsplit(':', 1)[0]}\n"
+                    "# END RECORD\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def node_db(tmp_path, monkeypatch) -> Path:
+    """The iSCSI node database the node plugin reads and writes: a temporary directory in every unit test."""
+    from csi.node import iscsi
+    db = tmp_path / "iscsi-nodes"
+    db.mkdir()
+    monkeypatch.setattr(iscsi, "NODE_DB_DIRS", (db,))
+    return db
 
 
 @pytest.fixture

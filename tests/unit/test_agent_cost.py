@@ -9,6 +9,8 @@ LVM of test_hostile.py; FakeRunner records every argv. The calls are the ones th
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections import Counter
 
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from csi import ids
 from csi.config import AgentConfig
 from csi.proto import agent_pb2 as apb
-from csi.storage import service as agent_service
+from csi.storage import capacity as agent_capacity
 from csi.storage.lio import Portal
 from csi.storage.lvm import Lvm
 from csi.storage.records import RecordStore
@@ -83,7 +85,7 @@ def test_create_and_publish_cost_one_lvm_command_at_any_count(agent, existing):
 def test_capacity_report_is_reused_for_a_few_seconds_then_read_from_the_kernel(agent, monkeypatch):
     a, run, sim = agent
     now = [1000.0]
-    monkeypatch.setattr(agent_service.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(agent_capacity.time, "monotonic", lambda: now[0])
     a.GetInfo(apb.GetInfoRequest(), None)
     lvm_reports = lambda: [c for c in run.calls if c[0] == "lvs" and c[-1] == "vg/tp"]  # noqa: E731
     kernel_reports = lambda: [c for c in run.calls if c[:2] == ["dmsetup", "status"]]  # noqa: E731
@@ -93,13 +95,13 @@ def test_capacity_report_is_reused_for_a_few_seconds_then_read_from_the_kernel(a
     # After the TTL the fill comes from the kernel's thin-pool status (the same cost at any count of LVs),
     # and it is the fill LVM reports.
     sim.lvs[("vg", "tp")]["data_percent"] = "42.50"
-    now[0] += agent_service.POOL_REPORT_TTL + 0.1
+    now[0] += agent_capacity.POOL_REPORT_TTL + 0.1
     thin = {p.name: p for p in a.GetInfo(apb.GetInfoRequest(), None).pools}["thin"]
     assert len(lvm_reports()) == 1 and kernel_reports() == [["dmsetup", "status", "vg-tp-tpool"]]
     assert round(thin.data_percent) == 42 and thin.physical_total_bytes == 20 * GiB
     # An inactive pool has no kernel device: the LVM report again.
     _deactivate(sim, "vg", "tp")
-    now[0] += agent_service.POOL_REPORT_TTL + 0.1
+    now[0] += agent_capacity.POOL_REPORT_TTL + 0.1
     a.GetInfo(apb.GetInfoRequest(), None)
     assert len(lvm_reports()) == 2 and len(kernel_reports()) == 2
 
@@ -143,6 +145,10 @@ def test_thick_changes_are_seen_at_once(agent):
     a.ExpandVolume(apb.ExpandVolumeRequest(vg=vol.vg, lv=vol.lv, size_bytes=2 * GiB), None)
     assert thick_available() == before - 2 * GiB
     a.DeleteVolume(apb.DeleteVolumeRequest(vg=vol.vg, lv=vol.lv), None)
+    # its space counts as used until the LV is zeroed and removed (wipe.py), then at once
+    assert thick_available() == before - 2 * GiB
+    for pending in a.wiper.pending():
+        assert a.wiper.run_one(pending)
     assert thick_available() == before
 
 
@@ -163,7 +169,10 @@ def _deactivate(sim, vg: str, lv: str) -> None:
 
 
 def _cut_short(a: AgentService, sim, name: str) -> str:
-    """A CreateVolume that died after lvcreate, before its record; then a reboot (the LV is inactive)."""
+    """A CreateVolume that died after lvcreate, before its record; then a reboot (the LV is inactive). The
+    agent had started before (restore), as it always has before it serves: its state directory is intact, so
+    the LV is a creation cut short, not a volume whose record was lost with the directory (rebuild.py)."""
+    a.restore()
     vol = a.CreateVolume(apb.CreateVolumeRequest(name=name, pool="thin", size_bytes=GiB, attributes=ATTRIBUTES),
                          None)
     a.records.path(vol.vg, vol.lv).unlink()
@@ -246,3 +255,106 @@ def test_a_snapshot_of_a_volume_whose_lv_vanished_is_not_found(agent):
     del sim.lvs[("vg", vol.lv)]
     with pytest.raises(Exception, match="no volume"):
         a.CreateSnapshot(apb.CreateSnapshotRequest(name="snap-x", source_vg=vol.vg, source_lv=vol.lv), None)
+
+
+def test_a_pool_this_node_lacks_is_absent_not_the_node_down(fake_run, tmp_path):
+    """Every agent gets the same pool definitions (one chart); a node without one of the VGs answers GetInfo
+    with its other pools. Before, GetInfo failed as a whole, and the controller took the node for down."""
+    from csi.config import PoolConfig
+    sim = LvmSim()
+    fake_run.responses = node_responses(sim)
+    pools = POOLS + (PoolConfig("elsewhere", "vg-not-here", "tp"), PoolConfig("elsewhere-thick", "vg-not-here"))
+    a = AgentService(AgentConfig("s1", "unused", (Portal("10.0.0.1"),), tmp_path, CLUSTER, tmp_path / "tls",
+                                 pools, ("/dev/sdb",)),
+                     Lvm(tmp_path / "lvm-system"), FakeLio(), RecordStore(tmp_path / "volumes"),
+                     sim.device_node_exists)
+    info = a.GetInfo(apb.GetInfoRequest(), None)
+    assert sorted(p.name for p in info.pools) == sorted(p.name for p in POOLS)
+    # and it is not looked for again on every GetInfo (an LVM command each time: seconds on a loaded node),
+    # only after ABSENT_TTL
+    looked = lambda: [c for c in fake_run.calls if "vg-not-here" in " ".join(c)]  # noqa: E731
+    assert looked()
+    before = len(looked())
+    a.GetInfo(apb.GetInfoRequest(), None)
+    assert len(looked()) == before
+
+
+def test_a_late_lvm_report_is_replaced_by_the_last_one_for_a_while(agent, monkeypatch):
+    """On a loaded storage node `dmsetup status` / `vgs` can outlast GetInfo's deadline (seen in the Kubernetes
+    tier, where GetInfo then failed and the controller counted the node down). The last report serves for up to
+    STALE_REPORT_MAX seconds; after that the error is GetInfo's again."""
+    from csi import errors
+    a, run, sim = agent
+    now = [1000.0]
+    monkeypatch.setattr(agent_capacity.time, "monotonic", lambda: now[0])
+    before = {p.name: p for p in a.GetInfo(apb.GetInfoRequest(), None).pools}
+
+    def late(*args, **kwargs):
+        raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED, "dmsetup status vg-tp-tpool: timed out after 2.0s")
+    monkeypatch.setattr(a.lvm, "thin_pool_fill", late)
+    monkeypatch.setattr(a.lvm, "vg", late)
+    now[0] += agent_capacity.VG_REPORT_TTL + 0.1
+    after = {p.name: p for p in a.GetInfo(apb.GetInfoRequest(), None).pools}
+    assert after["thin"].data_percent == before["thin"].data_percent
+    assert after["thick"].available_bytes == before["thick"].available_bytes
+    now[0] += agent_capacity.STALE_REPORT_MAX
+    with pytest.raises(errors.CsiError) as e:
+        a.GetInfo(apb.GetInfoRequest(), None)
+    assert e.value.code == errors.Code.DEADLINE_EXCEEDED
+
+
+def test_a_slow_lvm_report_is_waited_for_briefly_and_taken_by_the_next_getinfo(agent, monkeypatch):
+    """A report that is slow, not failed: GetInfo waits REPORT_WAIT for it and then serves the last one; the
+    read is not killed, one read runs per report however many GetInfo come meanwhile, and the next GetInfo
+    after it finished takes its result."""
+    import threading
+    a, run, sim = agent
+    monkeypatch.setattr(agent_capacity, "REPORT_WAIT", 0.3)
+    monkeypatch.setattr(agent_capacity, "POOL_REPORT_TTL", 0.0)
+    before = {p.name: p for p in a.GetInfo(apb.GetInfoRequest(), None).pools}
+    real_fill, reads, go = a.lvm.thin_pool_fill, [], threading.Event()
+
+    def slow(vg, pool):
+        reads.append(pool)
+        go.wait(10)
+        fill = real_fill(vg, pool)
+        return dataclasses.replace(fill, data_percent=fill.data_percent + 7.0)
+    monkeypatch.setattr(a.lvm, "thin_pool_fill", slow)
+    for _ in range(3):
+        started = time.monotonic()
+        info = {p.name: p for p in a.GetInfo(apb.GetInfoRequest(), None).pools}
+        assert time.monotonic() - started < 2.0
+        assert info["thin"].data_percent == before["thin"].data_percent
+    assert len(reads) == 1
+    go.set()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        info = {p.name: p for p in a.GetInfo(apb.GetInfoRequest(), None).pools}
+        if info["thin"].data_percent != before["thin"].data_percent:
+            break
+        time.sleep(0.1)
+    assert info["thin"].data_percent == pytest.approx(before["thin"].data_percent + 7.0)
+
+
+def test_a_late_read_started_before_a_change_or_long_ago_is_not_served_as_new(monkeypatch):
+    """A VG report begun before this agent's own thick create answers for the VG before it: after forget() it
+    is not taken; nor is a finished read nobody took for longer than the report's TTL."""
+    import threading
+    monkeypatch.setattr(agent_capacity, "REPORT_WAIT", 0.2)
+    late = agent_capacity.LateReads()
+    go, answers = threading.Event(), iter(["before the create", "after the create", "later"])
+
+    def slow():
+        go.wait(5)
+        return next(answers)
+    assert late.read("vg", slow, "last", max_age=60) == "last"     # still running: the last one serves
+    late.forget("vg")                                                # this agent created a thick LV meanwhile
+    go.set()
+    time.sleep(0.3)
+    assert late.read("vg", slow, "last", max_age=60) == "after the create"
+    assert late.read("vg", lambda: "fresh", "last", max_age=60) == "fresh"
+    go.clear()
+    assert late.read("vg", slow, "last", max_age=0.1) == "last"     # runs; nobody takes it in time
+    go.set()
+    time.sleep(0.4)                                                  # finished, but started > max_age ago
+    assert late.read("vg", lambda: "newer", "last", max_age=0.1) == "newer"

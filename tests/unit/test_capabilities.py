@@ -60,7 +60,8 @@ def test_read_only_and_single_node():
 
 def test_params_defaults_and_kubernetes_keys():
     p = caps.parse_params({"csi.storage.k8s.io/pvc/name": "x", "csi.storage.k8s.io/fstype": "xfs"})
-    assert (p.pool, p.thin, p.fs_type, p.mutual_chap, p.wipe) == ("", None, "xfs", False, True)
+    # wipe not set: None, so the agent's wipeThick decides (issue 12, defect 3)
+    assert (p.pool, p.thin, p.fs_type, p.mutual_chap, p.wipe) == ("", None, "xfs", False, None)
     p = caps.parse_params({"pool": "fast", "type": "thick", "mutualChap": "true", "wipe": "false"})
     assert (p.pool, p.thin, p.mutual_chap, p.wipe) == ("fast", False, True, False)
 

@@ -45,7 +45,8 @@ KUBE_VERSIONS = ("1.34.0", "1.37.0")
 RENDER_KUBE_VERSION = "1.37.0"
 VALUE_SETS = ["default"] + sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))
 SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
-AGENT_SAN = "lvm-iscsi-agent"
+TLS_DIR = "/run/lvm-iscsi-csi/tls"
+TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -92,9 +93,13 @@ def values_args(value_set: str) -> list[str]:
     return [] if value_set == "default" else ["-f", str(CHART / "ci" / f"{value_set}-values.yaml")]
 
 
-def template(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+# What a cluster with the external-snapshotter CRDs serves (the chart creates its VolumeSnapshotClass only there).
+SNAPSHOT_API = ("--api-versions", "snapshot.storage.k8s.io/v1/VolumeSnapshotClass")
+
+
+def template(*args: str, check: bool = True, snapshot_api: bool = True) -> subprocess.CompletedProcess:
     return helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", RENDER_KUBE_VERSION,
-                *args, check=check)
+                *(SNAPSHOT_API if snapshot_api else ()), *args, check=check)
 
 
 def objects(text: str) -> list[dict]:
@@ -247,10 +252,46 @@ def test_node_driver_registrar_has_a_startup_probe_before_liveness():
     # the node plugin was still starting (Kubernetes e2e run, install test: restartCount 1).
     registrar = containers(one(rendered(), "DaemonSet", "node"))["node-driver-registrar"]
     startup, liveness = registrar["startupProbe"], registrar["livenessProbe"]
-    assert startup["exec"]["command"] == liveness["exec"]["command"]
-    assert "--mode=kubelet-registration-probe" in startup["exec"]["command"]
+    assert startup["httpGet"] == liveness["httpGet"] == {"path": "/healthz", "port": "http-registrar"}
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     assert "initialDelaySeconds" not in liveness
+
+
+def test_node_driver_registrar_is_the_cve_fixed_release_with_its_http_health_endpoint():
+    """v2.17.0 fixes CVE-2026-33186 (its CHANGELOG; gRPC-Go v1.78.0 -> v1.81.0). Its health check is the HTTP
+    endpoint: --mode=kubelet-registration-probe is deprecated upstream since v2.9."""
+    for value_set in VALUE_SETS:
+        ds = one(rendered(value_set), "DaemonSet", "-node")
+        registrar = containers(ds)["node-driver-registrar"]
+        tag = re.search(r":(v[\d.]+)$", registrar["image"])
+        if tag:   # pinned by digest in custom-selectors: the tag is in the values
+            assert tuple(int(x) for x in tag.group(1)[1:].split(".")) >= (2, 17, 0), registrar["image"]
+        port = values(value_set)["sidecars"]["nodeDriverRegistrar"]["httpPort"]
+        assert f"--http-endpoint=:{port}" in registrar["args"]
+        assert registrar["ports"] == [{"name": "http-registrar", "containerPort": port, "protocol": "TCP"}]
+        text = json.dumps(ds)
+        assert "kubelet-registration-probe" not in text and "--mode" not in text
+        # host network: every port of the pod is a port of the node, so no two may be the same
+        ports = [p["containerPort"] for c in containers(ds).values() for p in c.get("ports", [])]
+        assert len(ports) == len(set(ports)) == (3 if values(value_set)["metrics"]["enabled"] else 2), ports
+    assert values()["sidecars"]["nodeDriverRegistrar"]["image"]["tag"] == "v2.17.0"
+
+
+# Sidecar feature gates upstream has made GA at the pinned versions: passing them only earns a warning now and a
+# refusal to start once upstream deletes the gate (external-snapshotter announced it for CSIVolumeGroupSnapshot).
+GA_GATES = {"Topology": "external-provisioner v5 (GA, on by default)",
+            "CSIVolumeGroupSnapshot": "external-snapshotter v8.7.0 (GA, on by default)",
+            "VolumeAttributesClass": "external-provisioner v6 (GA, on by default)"}
+
+
+def test_no_sidecar_is_given_a_feature_gate_upstream_made_ga():
+    for value_set in VALUE_SETS:
+        for w in (o for o in rendered(value_set) if o["kind"] in ("Deployment", "DaemonSet")):
+            for c in containers(w).values():
+                for arg in c.get("args", []):
+                    if arg.startswith("--feature-gates="):
+                        gates = {g.split("=")[0] for g in arg.split("=", 1)[1].split(",")}
+                        assert not gates & set(GA_GATES), (value_set, c["name"], arg)
 
 
 def test_controller_sidecars_have_a_startup_probe_before_liveness():
@@ -266,6 +307,34 @@ def test_controller_sidecars_have_a_startup_probe_before_liveness():
             assert startup and startup["httpGet"] == liveness["httpGet"], (value_set, name)
             assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, (value_set, name)
             assert "initialDelaySeconds" not in liveness, (value_set, name)
+
+
+def test_controller_sidecars_start_once_the_driver_listens(tmp_path):
+    """kubelet starts a pod's containers in order and the next one only once the postStart hook of the one
+    before returned: the driver comes first and its hook waits for its socket, so no sidecar starts (and gives
+    up, and is restarted) before there is a driver to talk to. The hook's command is the driver's CLI, run here
+    against a socket that is not there yet, then is."""
+    import socket
+    import threading
+    from csi import cli
+    for value_set in VALUE_SETS:
+        deployment = one(rendered(value_set), "Deployment", "controller")
+        order = list(containers(deployment))
+        assert order[0] == "driver", (value_set, order)
+        command = containers(deployment)["driver"]["lifecycle"]["postStart"]["exec"]["command"]
+        endpoint = next(a for a in containers(deployment)["driver"]["args"] if a.startswith("--endpoint="))
+        assert command[:2] == ["lvm-iscsi-csi", "wait-for-socket"]
+        assert endpoint == "--endpoint=unix://" + command[2], (value_set, command, endpoint)
+    path = tmp_path / "csi.sock"
+    hook = cli.parser().parse_args(["wait-for-socket", str(path), "--timeout=1"])
+    assert hook.func(hook) == 1                      # nothing listens: the hook fails (kubelet restarts)
+    server = socket.socket(socket.AF_UNIX)
+    threading.Timer(0.5, lambda: (server.bind(str(path)), server.listen(1))).start()
+    hook = cli.parser().parse_args(["wait-for-socket", str(path), "--timeout=10"])
+    try:
+        assert hook.func(hook) == 0
+    finally:
+        server.close()
 
 
 def test_name_rules_catch_a_long_port_name():
@@ -347,6 +416,21 @@ def test_snapshot_objects_validate_against_the_snapshot_crds(value_set):
     assert not errors, "\n".join(errors)
 
 
+def test_snapshot_class_only_where_the_cluster_serves_the_snapshot_api(tmp_path):
+    """On a cluster without the external-snapshotter CRDs a VolumeSnapshotClass fails the whole `helm install`
+    ("no matches for kind VolumeSnapshotClass"): the chart skips it there, and the install notes say so."""
+    without = objects(template(snapshot_api=False).stdout)
+    assert not [o for o in without if o["kind"] == "VolumeSnapshotClass"]
+    assert {o["kind"] for o in without} == {o["kind"] for o in rendered()} - {"VolumeSnapshotClass"}
+    assert [o["kind"] for o in rendered() if o["kind"] == "VolumeSnapshotClass"] == ["VolumeSnapshotClass"]
+    skipped = "VolumeSnapshotClass lvm-iscsi-snapshot was not created"
+    assert skipped in render_notes(tmp_path / "a", snapshot_api=False)
+    assert skipped not in render_notes(tmp_path / "b")
+    # Not asked for: nothing created and nothing to say about it.
+    assert skipped not in render_notes(tmp_path / "c", "--set", "volumeSnapshotClass.create=false",
+                                       snapshot_api=False)
+
+
 def test_snapshot_crd_validation_catches_a_wrong_field():
     cls = one(rendered(), "VolumeSnapshotClass")
     assert not _validate_snapshot_object(cls)
@@ -386,6 +470,9 @@ def test_snapshot_crd_validation_catches_a_wrong_field():
     (["--set-json", 'node.tolerations={"operator":"Exists"}'], "/node/tolerations"),
     (["--set", "csiDriver.fsGroupPolicy=Always"], "/csiDriver/fsGroupPolicy"),
     (["--set", "volumeSnapshotClass.deletionPolicy=Keep"], "/volumeSnapshotClass/deletionPolicy"),
+    (["--set", "logFormat=xml"], "/logFormat"),
+    (["--set-json", 'node.extraArgs=["max-volumes=3"]'], "/node/extraArgs/0"),
+    (["--set-json", 'sidecars.provisioner.extraArgs="--v=5"'], "/sidecars/provisioner/extraArgs"),
 ])
 def test_values_schema_rejects_wrong_values(args, message):
     r = template(*args, check=False)
@@ -411,6 +498,51 @@ def test_chart_rejects_inconsistent_values(args, message):
     r = template(*args, check=False)
     assert r.returncode != 0, f"accepted: {args}"
     assert message in r.stderr, r.stderr
+
+
+def test_helm_template_without_kube_version_works_or_says_why():
+    """Helm assumes a Kubernetes version when `helm template` gets no --kube-version (v1.20.0 in a helm built from
+    source, as scripts/setup builds it). Before, the chart's kubeVersion made that fail with only "incompatible
+    with Kubernetes v1.20.0"; now the render either works or the message names the minimum, why, and the fix."""
+    def says_why(stderr: str, version: str = r"v\d+\.\d+\.\S+") -> bool:
+        return bool(re.search(rf"Kubernetes {version} is too old for this chart: it needs 1\.34 or later .*"
+                              r"VolumeAttributesClass.*pass --kube-version", stderr))
+
+    bare = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, check=False)
+    assert bare.returncode == 0 or says_why(bare.stderr), bare.stderr
+    assert "chart requires kubeVersion" not in bare.stderr
+    old = template("--kube-version", "1.33.9", check=False)
+    assert old.returncode != 0 and says_why(old.stderr, r"v1\.33\.9"), old.stderr
+    for version in ("1.34.0", "v1.34.2-gke.1200"):
+        assert template("--kube-version", version).returncode == 0, version
+
+
+def test_the_chart_works_as_a_subchart(tmp_path):
+    """A parent chart's dependency condition (lvm-iscsi-csi.enabled) and its global values reach this chart's
+    values; the strict schema rejected both ("additional properties 'enabled' not allowed")."""
+    parent = tmp_path / "platform"
+    (parent / "charts").mkdir(parents=True)
+    shutil.copytree(CHART, parent / "charts" / CHART.name)
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    (parent / "Chart.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v2", "name": "platform", "version": "1.0.0",
+        "dependencies": [{"name": CHART.name, "version": version, "repository": f"file://{CHART}",
+                          "condition": f"{CHART.name}.enabled"}]}))
+    (parent / "values.yaml").write_text(yaml.safe_dump({
+        "global": {"imageRegistry": "registry.example.com"},
+        CHART.name: {"enabled": True, "clusterId": "platform"}}))
+
+    def render(*args: str) -> list[dict]:
+        return objects(helm("template", "platform", str(parent), "--namespace", NAMESPACE, "--kube-version",
+                            RENDER_KUBE_VERSION, *args).stdout)
+
+    kinds = {o["kind"] for o in render()}
+    assert {"CSIDriver", "Deployment", "DaemonSet", "StorageClass"} <= kinds, kinds
+    assert not render("--set", f"{CHART.name}.enabled=false")
+    # Only these two: any other unknown key is still refused.
+    r = helm("template", "platform", str(parent), "--namespace", NAMESPACE, "--kube-version", RENDER_KUBE_VERSION,
+             "--set", f"{CHART.name}.enable=true", check=False)
+    assert r.returncode != 0 and "'enable' not allowed" in r.stderr, r.stderr
 
 
 # Values that are Kubernetes structures passed through as they are: their fields are Kubernetes' to document.
@@ -466,18 +598,18 @@ def test_controller_runs_the_sidecars_with_leader_election_topology_and_capacity
         assert "--leader-election=true" in c[name]["args"], name
         assert c[name]["livenessProbe"]["httpGet"]["path"] == "/healthz/leader-election", name
     prov = c["csi-provisioner"]["args"]
-    for flag in ("--feature-gates=Topology=true", "--enable-capacity=true", "--capacity-ownerref-level=2",
+    for flag in ("--enable-capacity=true", "--capacity-ownerref-level=2",
                  "--strict-topology=true", "--extra-create-metadata=true", "--default-fstype=ext4", "--timeout=300s"):
         assert flag in prov
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["csi-provisioner"]["env"]}
     assert env == {"POD_NAME": "metadata.name", "NAMESPACE": "metadata.namespace"}
     assert "--handle-volume-inuse-error=false" in c["csi-resizer"]["args"]
-    assert "--feature-gates=CSIVolumeGroupSnapshot=false" in c["csi-snapshotter"]["args"]
+    assert not [a for name in c for a in c[name].get("args", []) if a.startswith("--feature-gates")]
     assert c["driver"]["args"][:1] == ["controller"]
     assert c["driver"]["livenessProbe"]["httpGet"]["port"] == "healthz"
 
 
-def test_controller_is_unprivileged_and_its_token_reaches_only_the_sidecars():
+def test_controller_is_unprivileged_and_its_token_reaches_only_what_calls_the_api():
     dep = one(rendered(), "Deployment", "-controller")
     spec = dep["spec"]["template"]["spec"]
     assert spec["automountServiceAccountToken"] is False
@@ -487,12 +619,15 @@ def test_controller_is_unprivileged_and_its_token_reaches_only_the_sidecars():
         sc = c["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, name
         assert sc["capabilities"]["drop"] == ["ALL"], name
+        # The sidecars and the driver (placement journal, storage node discovery); not the liveness probe.
         has_token = "/var/run/secrets/kubernetes.io/serviceaccount" in mounts(c)
-        assert has_token == name.startswith("csi-"), name
+        assert has_token == (name.startswith("csi-") or name == "driver"), name
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], name
     cfg = volumes(dep)["config"]["projected"]["sources"]
-    assert [i["path"] for s in cfg for i in next(iter(s.values()))["items"]] == [
-        "storage-nodes.yaml", "tls/ca.crt", "tls/tls.crt", "tls/tls.key"]
+    # no static list (storage nodes are discovered); the CA's certificate and key, and the bundle all pods trust
+    assert [i["path"] for s in cfg for i in next(iter(s.values()))["items"]] == ["ca/ca.crt", "ca/ca.key", "ca.crt"]
+    static = volumes(one(rendered("multi-zone"), "Deployment", "-controller"))["config"]["projected"]["sources"]
+    assert [i["path"] for s in static for i in next(iter(s.values()))["items"]][0] == "storage-nodes.yaml"
     assert mounts(containers(dep)["driver"])["/etc/lvm-iscsi-csi"]["readOnly"] is True
 
 
@@ -514,12 +649,15 @@ def test_node_plugin_reaches_the_hosts_iscsid_and_kubelet():
     assert volumes(ds)["etc-iscsi"]["hostPath"]["type"] == "Directory"
     assert "--initiator-name-file=/etc/iscsi/initiatorname.iscsi" in driver["args"]
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in driver["env"]
-    # Only the driver container reads the API server (its Node's zone label).
-    assert [n for n, x in c.items() if "/var/run/secrets/kubernetes.io/serviceaccount" in mounts(x)] == ["driver"]
+    # Only the driver container reads the API server (its Node's zone label, its certificate's CSR).
+    assert [n for n, x in c.items() if TOKEN in mounts(x)] == ["driver"]
+    assert [n for n, x in c.items() if TLS_DIR in mounts(x)] == ["driver"]
+    assert volumes(ds)["tls"]["emptyDir"]["medium"] == "Memory"
+    assert volumes(ds)["config"]["projected"]["sources"] == [
+        {"configMap": {"name": f"{RELEASE}-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]
     reg = c["node-driver-registrar"]
     sock = "/var/lib/kubelet/plugins/lvm-iscsi.csi.dev/csi.sock"
-    assert f"--kubelet-registration-path={sock}" in reg["args"]
-    assert f"--kubelet-registration-path={sock}" in reg["livenessProbe"]["exec"]["command"]
+    assert f"--kubelet-registration-path={sock}" in reg["args"] and f"--csi-address={sock}" in reg["args"]
     assert host_path_of(ds, reg, "/registration") == "/var/lib/kubelet/plugins_registry"
     assert host_path_of(ds, reg, str(Path(sock).parent)) == str(Path(sock).parent)
 
@@ -535,13 +673,22 @@ def test_agent_runs_on_the_selected_storage_nodes_with_what_lvm_and_lio_need():
         assert spec["hostNetwork"] is True and "hostPID" not in spec and "hostIPC" not in spec
         assert spec["automountServiceAccountToken"] is False
         agent = containers(ds)["agent"]
+        # its token (for its certificate's CSR, mounted explicitly), its certificate in memory, the CA bundle
+        assert TOKEN in mounts(agent) and TLS_DIR in mounts(agent)
+        assert volumes(ds)["tls"]["emptyDir"]["medium"] == "Memory"
         assert agent["securityContext"]["privileged"] is True
         for path in ("/dev", "/sys/kernel/config", "/run/lvm", "/run/lock/lvm", "/lib/modules", "/etc/target"):
             assert host_path_of(ds, agent, path) == path, path
         assert host_path_of(ds, agent, "/var/lib/lvm-iscsi-csi") == vals["stateDir"]
         assert volumes(ds)["state"]["hostPath"]["type"] == "DirectoryOrCreate"
         assert "/etc/lvm" not in mounts(agent) and "/run/udev" not in mounts(agent)
-        assert f"--portal=$(HOST_IP):{vals['portalPort']}" in agent["args"]
+        if vals["portalCidr"]:
+            assert [a for a in agent["args"] if a.startswith("--portal")] == [
+                f"--portal-cidr={vals['portalCidr']}", f"--portal-port={vals['portalPort']}"], value_set
+            assert "HOST_IP" not in {e["name"] for e in agent["env"]}
+        else:
+            assert [a for a in agent["args"] if a.startswith("--portal")] == [
+                f"--portal=$(HOST_IP):{vals['portalPort']}"], value_set
         assert f"--listen={vals['listenAddress']}:{vals['port']}" in agent["args"]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert agent[probe]["tcpSocket"]["port"] == "grpc"
@@ -565,7 +712,22 @@ def test_agent_holds_rtslibs_backstore_lock_on_the_hosts_run_directory():
         assert volumes(ds)[mount["name"]]["hostPath"] == {"path": f"/run/{lock.name}", "type": "FileOrCreate"}
 
 
-def test_rendered_args_and_config_files_are_accepted_by_the_driver(tmp_path):
+def test_agent_holds_its_own_backstore_lock_on_the_hosts_lock_directory():
+    """The agent's lock around making a backstore (lio.STORE_LOCK, shared by the agents of every cluster on the
+    node) must be in a host directory mounted writable: it once sat in the container's read-only /run, and every
+    CreateVolume in the Kubernetes tier failed with EROFS."""
+    from csi.storage import lio
+
+    for value_set in VALUE_SETS:
+        ds = one(rendered(value_set), "DaemonSet", "-agent")
+        agent = containers(ds)["agent"]
+        mount = mounts(agent).get(str(lio.STORE_LOCK.parent))
+        assert mount is not None and not mount.get("readOnly"), (value_set, sorted(mounts(agent)))
+        assert volumes(ds)[mount["name"]]["hostPath"] == {"path": str(lio.STORE_LOCK.parent),
+                                                          "type": "DirectoryOrCreate"}
+
+
+def test_rendered_args_and_config_files_are_accepted_by_the_driver(tmp_path, monkeypatch):
     """The contract with the driver: every role's args parse with its CLI, its config files load."""
     from csi import cli
     from csi.config import AgentConfig, ControllerConfig
@@ -587,22 +749,104 @@ def test_rendered_args_and_config_files_are_accepted_by_the_driver(tmp_path):
     node = parse(one(objs, "DaemonSet", "-node"), "driver")
     agent = parse(one(objs, "DaemonSet", "-agent"), "agent")
     assert (ctrl.role, node.role, agent.role) == ("controller", "node", "agent")
-    assert ctrl.storage_nodes == "/etc/lvm-iscsi-csi/storage-nodes.yaml"
+    assert ctrl.log_format == node.log_format == agent.log_format == "json"
+    # extraArgs come last and win over the chart's own flags
+    assert (ctrl.default_size, node.max_volumes, ctrl.log_level, agent.log_level) == ("2Gi", 64, "debug", "info")
+    assert ctrl.storage_nodes == "/etc/lvm-iscsi-csi/storage-nodes.yaml" and not ctrl.storage_node_label
+    assert ctrl.journal_namespace == NAMESPACE and not ctrl.journal_dir
     assert agent.config == "/etc/lvm-iscsi-csi/agent.yaml"
-    assert ctrl.tls_dir == agent.tls_dir == "/etc/lvm-iscsi-csi/tls"
-    assert ctrl.agent_server_name == AGENT_SAN and ctrl.cluster_id == agent.cluster_id == "prod-eu1"
+    assert ctrl.tls_dir == agent.tls_dir == node.tls_dir == TLS_DIR
+    # Agents and node plugins ask the controller's signer; the controller signs for the chart's own accounts
+    # and DaemonSets, and issues from the CA Secret mounted at --ca-dir.
+    assert agent.csr_signer == node.csr_signer == ctrl.csr_signer == "lvm-iscsi.csi.dev/identity"
+    assert agent.ca_file == node.ca_file == ctrl.ca_file == "/etc/lvm-iscsi-csi/ca.crt"
+    assert ctrl.ca_dir == "/etc/lvm-iscsi-csi/ca" and ctrl.signer_namespace == NAMESPACE
+    assert ctrl.certificate_hours == values("multi-zone")["tls"]["certificateLifetimeHours"]
+    accounts = {o["spec"]["template"]["spec"]["serviceAccountName"]: o["metadata"]["name"]
+                for o in objs if o["kind"] == "DaemonSet"}
+    assert accounts == {ctrl.agent_service_account: ctrl.agent_daemonset,
+                        ctrl.node_service_account: ctrl.node_daemonset}
+    assert ctrl.agent_daemonset.endswith("-agent") and ctrl.node_daemonset.endswith("-node")
+    assert ctrl.cluster_id == agent.cluster_id == "prod-eu1"
 
     controller = ControllerConfig.build(driver_name=ctrl.driver_name, cluster_id=ctrl.cluster_id,
                                         storage_nodes_file=str(tmp_path / "storage-nodes.yaml"), tls_dir=ctrl.tls_dir,
-                                        agent_server_name=ctrl.agent_server_name, default_size=ctrl.default_size)
+                                        default_size=ctrl.default_size,
+                                        journal_namespace=ctrl.journal_namespace)
+    # Without a static list (the default): discovery by the agents' own node selector, same port.
+    found = parse(one(rendered(), "Deployment", "-controller"), "driver")
+    agent_ds = one(rendered(), "DaemonSet", "-agent")
+    selector = agent_ds["spec"]["template"]["spec"]["nodeSelector"]
+    assert found.storage_node_label == ",".join(sorted(f"{k}={v}" for k, v in selector.items()))
+    assert "node-restriction.kubernetes.io/lvm-iscsi-storage-node=true" in found.storage_node_label
+    assert not found.storage_nodes and found.agent_port == int(parse(agent_ds, "agent").listen.rsplit(":", 1)[1])
     assert [(n.name, n.address, n.zone) for n in controller.storage_nodes] == [
         (n["name"], n["address"], n["zone"]) for n in values("multi-zone")["storageNodes"]]
-    agent_config = AgentConfig.build(node_name=agent.node_name, listen=agent.listen, portals=agent.portal,
+    # agent.portalCidr: the agent finds its portal among the host's addresses (recorded `ip -j addr show`)
+    from csi.storage import netaddr
+    recorded_ip = netaddr.parse_ip_addr((Path(__file__).parent / "recorded" / "ip_addr.json").read_text())
+    monkeypatch.setattr(netaddr, "host_addresses", lambda: recorded_ip)
+    agent_config = AgentConfig.build(node_name=agent.node_name, listen=agent.listen, portals=agent.portal or [],
+                                     portal_cidrs=agent.portal_cidr or [], portal_port=agent.portal_port,
                                      state_dir=agent.state_dir, cluster_id=agent.cluster_id, tls_dir=agent.tls_dir,
                                      config_file=str(tmp_path / "agent.yaml"))
+    assert [str(p) for p in agent_config.portals] == ["10.20.0.11:3260"]
     assert [(p.name, p.vg, p.thin_pool, p.overprovision_ratio) for p in agent_config.pools] == [
         ("fast", "vg-nvme", "pool0", 2.5), ("bulk", "vg-hdd", "", 1.0)]
     assert agent_config.devices == ("/dev/disk/by-id/nvme-*", "/dev/sdb") and agent_config.wipe_thick is False
+
+
+def test_every_rendered_storage_class_is_accepted_by_the_driver():
+    """The parameters the chart writes (extraParameters included) are the ones CreateVolume accepts."""
+    from csi import capabilities
+
+    for value_set in VALUE_SETS:
+        for sc in (o for o in rendered(value_set) if o["kind"] == "StorageClass"):
+            capabilities.parse_params(sc["parameters"])
+    fast = one(rendered("multi-zone"), "StorageClass", "fast")
+    assert capabilities.parse_params(fast["parameters"]).mkfs_options == "-m bigtime=1,inobtcount=1 -i nrext64=1"
+
+
+def test_extra_args_reach_every_container_after_the_charts_own():
+    """extraArgs for flags the chart does not model: the driver containers and each sidecar, livenessprobe in both
+    pods; appended last, so that for a flag the chart sets too the operator's wins."""
+    vals = values("multi-zone")
+    expected = {
+        ("Deployment", "driver"): vals["controller"]["extraArgs"],
+        ("DaemonSet-node", "driver"): vals["node"]["extraArgs"],
+        ("DaemonSet-agent", "agent"): vals["agent"]["extraArgs"],
+        ("Deployment", "csi-provisioner"): vals["sidecars"]["provisioner"]["extraArgs"],
+        ("Deployment", "csi-attacher"): vals["sidecars"]["attacher"]["extraArgs"],
+        ("Deployment", "csi-snapshotter"): vals["sidecars"]["snapshotter"]["extraArgs"],
+        ("Deployment", "csi-resizer"): vals["sidecars"]["resizer"]["extraArgs"],
+        ("Deployment", "liveness-probe"): vals["sidecars"]["livenessProbe"]["extraArgs"],
+        ("DaemonSet-node", "liveness-probe"): vals["sidecars"]["livenessProbe"]["extraArgs"],
+        ("DaemonSet-node", "node-driver-registrar"): vals["sidecars"]["nodeDriverRegistrar"]["extraArgs"],
+    }
+    seen = set()
+    for w in (o for o in rendered("multi-zone") if o["kind"] in ("Deployment", "DaemonSet")):
+        kind = w["kind"] if w["kind"] == "Deployment" else f"DaemonSet-{w['metadata']['name'].rsplit('-', 1)[1]}"
+        for name, c in containers(w).items():
+            extra = expected[(kind, name)]
+            assert extra and c["args"][-len(extra):] == extra, (kind, name, c["args"])
+            seen.add((kind, name))
+    assert seen == set(expected)
+    # none by default: every container's args end with the chart's own last flag
+    default = values()
+    assert not [k for k in ("controller", "node", "agent") if default[k]["extraArgs"]]
+    assert not [k for k, v in default["sidecars"].items() if isinstance(v, dict) and v["extraArgs"]]
+    for w in (o for o in rendered() if o["kind"] in ("Deployment", "DaemonSet")):
+        for name, c in containers(w).items():
+            assert c["args"][-1].split("=")[0] in ("--log-format", "--default-fstype", "--timeout",
+                                                   "--extra-create-metadata", "--handle-volume-inuse-error",
+                                                   "--probe-timeout", "--http-endpoint"), (name, c["args"][-1])
+
+
+def test_log_format_reaches_every_driver_process():
+    for value_set, fmt in (("default", "text"), ("multi-zone", "json")):
+        for w in (o for o in rendered(value_set) if o["kind"] in ("Deployment", "DaemonSet")):
+            c = containers(w)["agent" if w["metadata"]["name"].endswith("-agent") else "driver"]
+            assert f"--log-format={fmt}" in c["args"], (value_set, w["metadata"]["name"])
 
 
 def test_sidecar_images_are_pinned_released_versions():
@@ -627,7 +871,7 @@ def test_csidriver_storage_classes_and_snapshot_class():
     assert sorted(classes) == ["lvm-iscsi-block", "lvm-iscsi-thick", "lvm-iscsi-thin", "lvm-iscsi-thin-xfs"]
     defaults = [n for n, o in classes.items()
                 if o["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true"]
-    assert defaults == ["lvm-iscsi-thin"]
+    assert defaults == [], "a second default class on a cluster that has one: none unless the values ask"
     assert classes["lvm-iscsi-thin"]["parameters"] == {"pool": "thin", "type": "thin",
                                                        "csi.storage.k8s.io/fstype": "ext4", "mutualChap": "false"}
     assert classes["lvm-iscsi-thin-xfs"]["parameters"]["csi.storage.k8s.io/fstype"] == "xfs"
@@ -640,6 +884,35 @@ def test_csidriver_storage_classes_and_snapshot_class():
         assert sc["volumeBindingMode"] == "WaitForFirstConsumer" and sc["allowVolumeExpansion"] is True
     vsc = one(objs, "VolumeSnapshotClass")
     assert vsc["driver"] == "lvm-iscsi.csi.dev" and vsc["deletionPolicy"] == "Delete"
+
+
+def test_install_notes_say_how_to_check_the_workers_zones(tmp_path):
+    """Helm cannot see node labels: the notes say where a worker's zone comes from, how to check and fix it, and
+    what happens without one; with node.zone set, they catch storage nodes that no worker can reach."""
+    text = render_notes(tmp_path / "a", *values_args("multi-zone"))
+    for part in ("kubectl get nodes -L topology.kubernetes.io/zone", "stay Pending",
+                 "zone of the storage nodes it should use (eu-1a, eu-1b, eu-1c)",
+                 "kubectl label node <worker> topology.kubernetes.io/zone=<zone>", "lvm-iscsi-csi-node pod"):
+        assert part in text, part
+    # custom-selectors: node.zone matches the one storage node's zone: nothing to check, nothing to warn
+    text = render_notes(tmp_path / "b", *values_args("custom-selectors"))
+    assert "kubectl get nodes -L" not in text and "WARNING: node.zone" not in text
+    text = render_notes(tmp_path / "c", *values_args("multi-zone"), "--set", "node.zone=eu-1b")
+    assert "WARNING: node.zone=eu-1b puts every worker in zone eu-1b, but storage nodes are in eu-1a, eu-1c" in text
+
+
+def test_a_default_storage_class_only_when_asked(tmp_path):
+    def defaults(objs):
+        return [o["metadata"]["name"] for o in objs if o["kind"] == "StorageClass" and o["metadata"].get(
+            "annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true"]
+
+    assert defaults(rendered()) == []
+    asked = '[{"name":"lvm-iscsi-thin","pool":"thin","type":"thin","fsType":"ext4","isDefault":true}]'
+    assert defaults(objects(template("--set-json", f"storageClasses={asked}").stdout)) == ["lvm-iscsi-thin"]
+    assert defaults(rendered("multi-zone")) == ["fast"]
+    assert "claims name one (storageClassName: lvm-iscsi-thin)" in render_notes(tmp_path / "a")
+    notes = render_notes(tmp_path / "b", *values_args("multi-zone"))
+    assert "StorageClass fast is the cluster's default class" in notes
 
 
 def test_zones_and_storage_nodes_reach_the_classes_and_the_controller():
@@ -656,7 +929,10 @@ def test_zones_and_storage_nodes_reach_the_classes_and_the_controller():
     assert one(objs, "Deployment")["spec"]["replicas"] == 2
     pdb = one(objs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
-    assert not [o for o in rendered() if o["kind"] == "PodDisruptionBudget"]
+    # Two controller replicas by default (HA), so a PodDisruptionBudget; no static list, so no ConfigMap.
+    default = rendered()
+    assert one(default, "Deployment")["spec"]["replicas"] == 2 and one(default, "PodDisruptionBudget")
+    assert not [o for o in default if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-controller")]
 
 
 def test_custom_selectors_driver_name_kubelet_dir_and_digests():
@@ -705,21 +981,32 @@ EXPECTED_RULES = {
                 ("", "persistentvolumeclaims"): "get list watch",
                 ("", "persistentvolumeclaims/status"): "patch",
                 ("", "events"): "create list patch update watch"},
-    "node": {("", "nodes"): "get"},
+    "node": {("", "nodes"): "get",
+             ("certificates.k8s.io", "certificatesigningrequests"): "create get"},
+    "agent": {("certificates.k8s.io", "certificatesigningrequests"): "create get"},
+    "signer": {("certificates.k8s.io", "certificatesigningrequests"): "get list watch",
+               ("certificates.k8s.io", "certificatesigningrequests/approval"): "update",
+               ("certificates.k8s.io", "certificatesigningrequests/status"): "update",
+               ("certificates.k8s.io", "signers", "lvm-iscsi.csi.dev/identity"): "approve sign"},
     "controller": {("coordination.k8s.io", "leases"): "create delete get list update watch",
                    ("storage.k8s.io", "csistoragecapacities"): "create delete get list patch update watch",
                    ("", "pods"): "get",
-                   ("apps", "replicasets"): "get"},
+                   ("apps", "replicasets"): "get",
+                   ("", "configmaps"): "create delete get list update"},
 }
 
 
 def _rules(role: dict) -> dict:
+    """{(group, resource[, resourceName]): "verbs"}: a rule narrowed to names says which."""
     out = {}
     for rule in role["rules"]:
-        assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+        assert "nonResourceURLs" not in rule
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
-                out[(group, resource)] = " ".join(sorted(rule["verbs"]))
+                for name in rule.get("resourceNames") or [None]:
+                    key = (group, resource) if name is None else (group, resource, name)
+                    assert key not in out, key
+                    out[key] = " ".join(sorted(rule["verbs"]))
     return out
 
 
@@ -736,12 +1023,16 @@ def test_rbac_grants_each_role_exactly_what_it_needs():
                 for o in objs if o["kind"] in ("ClusterRoleBinding", "RoleBinding")}
     for name, b in bindings.items():
         assert b["roleRef"]["name"] == f"{RELEASE}-{name}"
-        sa = "node" if name == "node" else "controller"
+        sa = name if name in ("node", "agent") else "controller"
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-{sa}", "namespace": NAMESPACE}]
-    # The agent's account has no binding and no token.
-    agent_sa = one(objs, "ServiceAccount", "-agent")
-    assert agent_sa["automountServiceAccountToken"] is False
-    assert not [b for b in bindings.values() if b["subjects"][0]["name"] == agent_sa["metadata"]["name"]]
+    # No account's token is mounted by default: each pod mounts it into the containers that call the API only.
+    assert all(o["automountServiceAccountToken"] is False for o in objs if o["kind"] == "ServiceAccount")
+    # Approving and signing the driver's certificates is the controller's alone, for its own signer only.
+    signers = [o["metadata"]["name"] for o in objs if o["kind"] in ("ClusterRole", "Role")
+               and any("signers" in r["resources"] or any(x.endswith(("/approval", "/status")) and
+                                                          x.startswith("certificate") for x in r["resources"])
+                       for r in o["rules"])]
+    assert signers == [f"{RELEASE}-signer"]
 
 
 def test_controller_network_policy_admits_only_the_health_ports():
@@ -756,87 +1047,111 @@ def test_controller_network_policy_admits_only_the_health_ports():
 
 # ---------------------------------------------------------------------------------------------- certificates
 
-def _secret_files(objs: list[dict]) -> dict[str, dict[str, bytes]]:
-    return {o["metadata"]["name"].removeprefix(RELEASE + "-").removesuffix("-tls"):
-            {k: base64.b64decode(v) for k, v in o["data"].items()}
-            for o in objs if o["kind"] == "Secret"}
+def _ca_files(objs: list[dict]) -> dict[str, bytes]:
+    """The generated CA as the pods see it: the Secret's tls.crt and tls.key, the ConfigMap's ca.crt."""
+    secret = one(objs, "Secret", "-ca")
+    bundle = one(objs, "ConfigMap", "-ca")
+    assert secret["type"] == "kubernetes.io/tls" and sorted(secret["data"]) == ["tls.crt", "tls.key"]
+    return {"ca.crt": base64.b64decode(secret["data"]["tls.crt"]), "ca.key": base64.b64decode(secret["data"]["tls.key"]),
+            "bundle": bundle["data"]["ca.crt"].encode()}
 
 
-def test_generated_certificates_fit_the_controller_and_agent():
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import padding
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    objs = rendered()
-    for o in objs:
-        if o["kind"] == "Secret":
-            assert o["type"] == "kubernetes.io/tls" and sorted(o["data"]) == ["ca.crt", "tls.crt", "tls.key"]
-    files = _secret_files(objs)
-    assert sorted(files) == ["agent", "controller"]
-    assert files["agent"]["ca.crt"] == files["controller"]["ca.crt"]
-    ca = x509.load_pem_x509_certificate(files["agent"]["ca.crt"])
-    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    for role, usage in (("agent", x509.oid.ExtendedKeyUsageOID.SERVER_AUTH),
-                        ("controller", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)):
-        cert = x509.load_pem_x509_certificate(files[role]["tls.crt"])
-        key = load_pem_private_key(files[role]["tls.key"], password=None)
-        assert cert.public_key().public_numbers() == key.public_key().public_numbers()
-        ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
-                               cert.signature_hash_algorithm)
-        assert cert.issuer == ca.subject
-        assert usage in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        days = (cert.not_valid_after_utc - cert.not_valid_before_utc) / datetime.timedelta(days=1)
-        assert abs(days - values()["tls"]["validityDays"]) <= 1
-    san = x509.load_pem_x509_certificate(files["agent"]["tls.crt"]).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == [AGENT_SAN]
-    # Both pods roll when the material changes, and agree on it.
-    sums = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["annotations"]["checksum/tls"]
-            for w in objs if w["kind"] in ("Deployment", "DaemonSet") and w["metadata"]["name"].endswith(
-                ("-controller", "-agent"))}
-    assert len(set(sums.values())) == 1, sums
+def _mounted(objs: list[dict], tmp_path: Path, ca_crt: bytes, ca_key: bytes, bundle: bytes) -> Path:
+    """The controller's /etc/lvm-iscsi-csi as its projected volume lays it out, under tmp_path: the CA Secret's
+    items at the paths the chart gives them, the bundle; its args then point into it."""
+    root = tmp_path / "etc-lvm-iscsi-csi"
+    sources = volumes(one(objs, "Deployment", "-controller"))["config"]["projected"]["sources"]
+    content = {("secret", "tls.crt"): ca_crt, ("secret", "tls.key"): ca_key, ("configMap", "ca.crt"): bundle}
+    for source in sources:
+        (kind, spec), = source.items()
+        for item in spec["items"]:
+            if (kind, item["key"]) in content:
+                (root / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+                (root / item["path"]).write_bytes(content[kind, item["key"]])
+    return root
 
 
-def test_generated_certificates_make_a_mutual_tls_connection():
-    """The agent's and the controller's Secrets, as the pods mount them, as gRPC uses them."""
+def _controller_issues_and_peers_connect(objs: list[dict], root: Path, tmp_path: Path) -> None:
+    """The controller started with the rendered flags (paths under root) issues its own certificate from the
+    mounted CA; certificates the signer would issue (pki.issue) to two agents then make mutual TLS work both
+    ways the driver needs: controller -> agent, and agent -> agent (a copy across storage nodes), each server
+    checked by its node's name."""
     import grpc
 
-    files = _secret_files(rendered())
+    from csi import cli, peers, pki
+    from csi.server import TlsFiles
+
+    args = [a.replace("/etc/lvm-iscsi-csi", str(root)).replace(TLS_DIR, str(tmp_path / "controller-tls"))
+            for a in containers(one(objs, "Deployment", "-controller"))["driver"]["args"]]
+    a = cli.parser().parse_args([x for x in args if not x.startswith("--csr-signer")])   # no API server here
+    cli._controller_certificates(a, Path(a.tls_dir))
+    controller = TlsFiles(Path(a.tls_dir))
+    ca_key, ca_cert = pki.load_ca(Path(a.ca_dir))
+    agents = {}
+    for node in ("storage-1", "storage-2"):
+        key = pki.new_key()
+        d = tmp_path / node
+        d.mkdir()
+        (d / "tls.key").write_bytes(pki.key_pem(key))
+        (d / "tls.crt").write_bytes(pki.cert_pem(pki.issue(ca_key, ca_cert, key.public_key(), peers.AGENT, node)))
+        (d / "ca.crt").write_bytes((root / "ca.crt").read_bytes())
+        agents[node] = TlsFiles(d)
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "test.Echo", {"Ping": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
-    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
-        [(files["agent"]["tls.key"], files["agent"]["tls.crt"])], root_certificates=files["agent"]["ca.crt"],
-        require_client_auth=True))
+    port = server.add_secure_port("127.0.0.1:0", agents["storage-1"].server_credentials())
     server.start()
     try:
-        def call(client: dict[str, bytes] | None, server_name: str) -> bytes:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=files["controller"]["ca.crt"],
-                private_key=client["tls.key"] if client else None,
-                certificate_chain=client["tls.crt"] if client else None)
-            with grpc.secure_channel(f"127.0.0.1:{port}", creds,
-                                     options=[("grpc.ssl_target_name_override", server_name)]) as channel:
+        def call(client: TlsFiles, node: str) -> bytes:
+            name = peers.dns_name(peers.AGENT, node)
+            with grpc.secure_channel(f"127.0.0.1:{port}", client.channel_credentials(),
+                                     options=[("grpc.ssl_target_name_override", name)]) as channel:
                 return channel.unary_unary("/test.Echo/Ping")(b"ping", timeout=10)
 
-        assert call(files["controller"], AGENT_SAN) == b"ping"
+        assert call(controller, "storage-1") == b"ping"
+        assert call(agents["storage-2"], "storage-1") == b"ping"     # an agent's certificate is a client's too
         with pytest.raises(grpc.RpcError):
-            call(files["controller"], "storage-1.example.com")  # the name the controller checks is fixed
-        with pytest.raises(grpc.RpcError):
-            call(None, AGENT_SAN)  # no client certificate, no service
+            call(controller, "storage-2")        # storage-1 cannot pose as storage-2
     finally:
         server.stop(None)
 
 
-def test_supplied_certificates_are_mounted_and_none_generated():
-    objs = rendered("tls-supplied")
+def test_the_generated_ca_is_kept_for_the_controller_and_trusted_by_every_pod(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    objs = rendered()
+    files = _ca_files(objs)
+    ca = x509.load_pem_x509_certificate(files["ca.crt"])
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    days = (ca.not_valid_after_utc - ca.not_valid_before_utc) / datetime.timedelta(days=1)
+    assert abs(days - values()["tls"]["validityDays"]) <= 1
+    assert files["bundle"].strip() == files["ca.crt"].strip()
+    # the key reaches the controller only; the bundle every driver pod; all roll when the CA changes
+    workloads = [o for o in objs if o["kind"] in ("Deployment", "DaemonSet")]
+    holders = [w["metadata"]["name"] for w in workloads
+               if any(s.get("secret", {}).get("name") == f"{RELEASE}-ca"
+                      for v in volumes(w).values() for s in v.get("projected", {}).get("sources", []))]
+    assert holders == [f"{RELEASE}-controller"]
+    for w in workloads:
+        sources = [s for v in volumes(w).values() for s in v.get("projected", {}).get("sources", [])]
+        assert {"configMap": {"name": f"{RELEASE}-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in sources
+    assert len({w["spec"]["template"]["metadata"]["annotations"]["checksum/ca"] for w in workloads}) == 1
+    assert not [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] != f"{RELEASE}-ca"]
+    _controller_issues_and_peers_connect(objs, _mounted(objs, tmp_path, files["ca.crt"], files["ca.key"],
+                                                         files["bundle"]), tmp_path)
+
+
+def test_your_own_ca_is_mounted_and_nothing_generated():
+    objs = rendered("own-ca")
     assert not [o for o in objs if o["kind"] == "Secret"]
-    for suffix, container, secret in (("-controller", "driver", "lvm-iscsi-controller-tls"),
-                                      ("-agent", "agent", "lvm-iscsi-agent-tls")):
-        w = next(o for o in objs if o["kind"] in ("Deployment", "DaemonSet") and o["metadata"]["name"].endswith(suffix))
-        sources = volumes(w)["config"]["projected"]["sources"]
-        assert [s["secret"]["name"] for s in sources if "secret" in s] == [secret]
-        assert "/etc/lvm-iscsi-csi" in mounts(containers(w)[container])
+    assert not [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{RELEASE}-ca"]
+    dep = one(objs, "Deployment", "-controller")
+    sources = volumes(dep)["config"]["projected"]["sources"]
+    assert [s["secret"]["name"] for s in sources if "secret" in s] == ["company-ca"]
+    for w in (o for o in objs if o["kind"] == "DaemonSet"):
+        assert not [s for v in volumes(w).values() for s in v.get("projected", {}).get("sources", []) if "secret" in s]
 
 
 class FakeApiServer:
@@ -900,49 +1215,41 @@ class FakeApiServer:
         self.server.server_close()
 
 
-def test_helm_upgrade_keeps_the_certificates_through_lookup(tmp_path):
+def test_helm_upgrade_keeps_the_ca_through_lookup(tmp_path):
     """`helm template --dry-run=server --is-upgrade` runs the templates as `helm upgrade` does, lookup included,
-    against a fake API server that holds the Secrets of the first install."""
+    against a fake API server that holds the CA Secret of the first install."""
     api = FakeApiServer()
+    secret = f"{RELEASE}-ca"
     try:
         kubeconfig = str(api.kubeconfig(tmp_path))
 
         def render(*extra: str) -> list[dict]:
             return objects(template("--dry-run=server", "--kubeconfig", kubeconfig, *extra).stdout)
 
-        def store(objs: list[dict], only: tuple[str, ...] = ("agent", "controller")) -> None:
-            api.secrets.clear()
-            for o in objs:
-                role = o["metadata"]["name"].removeprefix(RELEASE + "-").removesuffix("-tls")
-                if o["kind"] == "Secret" and role in only:
-                    api.secrets[(NAMESPACE, o["metadata"]["name"])] = o
-
         def checksums(objs: list[dict]) -> set[str]:
-            return {o["spec"]["template"]["metadata"]["annotations"]["checksum/tls"] for o in objs
-                    if o["kind"] in ("Deployment", "DaemonSet") and "annotations" in o["spec"]["template"]["metadata"]}
+            return {o["spec"]["template"]["metadata"]["annotations"]["checksum/ca"] for o in objs
+                    if o["kind"] in ("Deployment", "DaemonSet")}
 
         install = render()
-        assert f"/api/v1/namespaces/{NAMESPACE}/secrets/{RELEASE}-agent-tls" in api.requests
-        assert f"/api/v1/namespaces/{NAMESPACE}/secrets/{RELEASE}-controller-tls" in api.requests
-        store(install)
+        assert f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret}" in api.requests
+        api.secrets[(NAMESPACE, secret)] = one(install, "Secret", "-ca")
         upgrade = render("--is-upgrade")
-        assert _secret_files(upgrade) == _secret_files(install)
+        assert _ca_files(upgrade) == _ca_files(install)
         assert checksums(upgrade) == checksums(install) and len(checksums(install)) == 1
         # Without lookup (plain helm template) every render makes a new CA: that is what lookup prevents.
-        assert _secret_files(rendered())["agent"]["ca.crt"] != _secret_files(install)["agent"]["ca.crt"]
-        # One Secret gone (deleted to rotate, or never written): a new CA and both certificates.
-        store(install, only=("agent",))
+        assert _ca_files(rendered())["ca.crt"] != _ca_files(install)["ca.crt"]
+        # The Secret gone (deleted to rotate the CA): a new CA, and every pod rolls to get a new certificate.
+        api.secrets.clear()
         rotated = render("--is-upgrade")
-        assert _secret_files(rotated)["agent"]["ca.crt"] != _secret_files(install)["agent"]["ca.crt"]
-        assert _secret_files(rotated)["agent"]["ca.crt"] == _secret_files(rotated)["controller"]["ca.crt"]
-        assert checksums(rotated) != checksums(install)
+        assert _ca_files(rotated)["ca.crt"] != _ca_files(install)["ca.crt"]
+        assert checksums(rotated) != checksums(install) and len(checksums(rotated)) == 1
     finally:
         api.close()
 
 
-@pytest.mark.parametrize("value_set", ["default", "multi-zone"])
-def test_install_notes_render(tmp_path, value_set):
-    # `helm template` leaves NOTES.txt out: render it as the data of a ConfigMap in a copy of the chart.
+def render_notes(tmp_path: Path, *args: str, snapshot_api: bool = True) -> str:
+    """NOTES.txt as `helm install` prints it. `helm template` leaves NOTES.txt out: render it as the data of a
+    ConfigMap in a copy of the chart."""
     chart = tmp_path / "chart"
     shutil.copytree(CHART, chart)
     notes = (chart / "templates" / "NOTES.txt").read_text()
@@ -951,11 +1258,17 @@ def test_install_notes_render(tmp_path, value_set):
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n"
         + "".join(f"    {line}\n" for line in notes.splitlines()))
     r = helm("template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", RENDER_KUBE_VERSION,
-             *values_args(value_set), "--show-only", "templates/zz-notes.yaml")
-    text = yaml.safe_load(r.stdout)["data"]["notes"]
-    assert ("storageNodes is empty" in text) == (value_set == "default")
-    assert f"--cluster-id {values(value_set)['clusterId']}" in text
-    assert "lvm-iscsi.csi.dev/storage-node=true" in text
+             *(SNAPSHOT_API if snapshot_api else ()), *args, "--show-only", "templates/zz-notes.yaml")
+    return yaml.safe_load(r.stdout)["data"]["notes"]
+
+
+@pytest.mark.parametrize("value_set", ["default", "multi-zone"])
+def test_install_notes_render(tmp_path, value_set):
+    text = render_notes(tmp_path, *values_args(value_set))
+    assert ("discovers them by the same labels" in text) == (value_set == "default")
+    assert ("agent.devices is empty" in text) == (value_set == "default")
+    assert f"--cluster-id {values(value_set)['clusterId']}" in text and f"--journal-namespace {NAMESPACE}" in text
+    assert "node-restriction.kubernetes.io/lvm-iscsi-storage-node=true" in text
 
 
 # ---------------------------------------------------------------------------------------------- README
@@ -984,9 +1297,117 @@ def test_readme_examples_are_valid(tmp_path):
     assert {"StorageClass", "PersistentVolumeClaim", "VolumeSnapshot"} <= set(kinds)
 
 
+KUBECTL_SHIM = r"""#!/usr/bin/env python3
+# Stands for the cluster of the READMEs' recipes, for exactly these (anything else fails): `kubectl -n NS create
+# secret tls NAME --cert=F --key=F`, `kubectl -n NS create configmap NAME --from-file=F`, `kubectl apply -f F`;
+# writes each object kubectl would create to $RECIPE_OUT/<kind>-<name>.json.
+import argparse, base64, json, os, sys
+p = argparse.ArgumentParser(prog="kubectl")
+p.add_argument("-n", "--namespace")
+sub = p.add_subparsers(dest="verb", required=True)
+apply = sub.add_parser("apply")
+apply.add_argument("-f", required=True)
+create = sub.add_parser("create").add_subparsers(dest="kind", required=True)
+tls = create.add_parser("secret").add_subparsers(dest="type", required=True).add_parser("tls")
+tls.add_argument("name")
+tls.add_argument("--cert", required=True)
+tls.add_argument("--key", required=True)
+cm = create.add_parser("configmap")
+cm.add_argument("name")
+cm.add_argument("--from-file", required=True)
+a = p.parse_args()
+if a.verb == "apply":
+    open(a.f).read()
+    sys.exit(0)
+if not a.namespace:
+    sys.exit("kubectl shim: the recipe names no namespace")
+meta = {"name": a.name, "namespace": a.namespace}
+if a.kind == "secret":
+    data = {k: base64.b64encode(open(f, "rb").read()).decode() for k, f in (("tls.crt", a.cert), ("tls.key", a.key))}
+    obj = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls", "metadata": meta, "data": data}
+else:
+    obj = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+           "data": {os.path.basename(a.from_file): open(a.from_file).read()}}
+open(os.path.join(os.environ["RECIPE_OUT"], f"{obj['kind']}-{a.name}.json"), "w").write(json.dumps(obj))
+"""
+
+HELM_SHIM = """#!/usr/bin/env bash
+# `helm install ARGS...` of the README's recipe, rendered with `helm template ARGS...` (no cluster).
+set -euo pipefail
+[ "$1" = install ] || { echo "helm shim: only install" >&2; exit 2; }
+shift
+exec "$REAL_HELM" template "$@" --kube-version {kube} > "$RECIPE_OUT/rendered.yaml"
+"""
+
+
+def _run_recipe(readme: Path, heading: str, tmp_path: Path) -> tuple[Path, dict[str, dict]]:
+    """Runs the first bash block after `heading` in a README as it stands, in a fresh directory (with the repo's
+    deploy/ and a my-values.yaml), openssl for real, kubectl and `helm install` through the shims. The directory
+    and the objects kubectl would have created, by kind."""
+    import json as _json
+
+    section = readme.read_text().split(heading, 1)[1]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    work = tmp_path / "work"
+    (work / "bin").mkdir(parents=True)
+    (work / "deploy").symlink_to(ROOT / "deploy")
+    (work / "my-values.yaml").write_text("clusterId: recipe\n")
+    (work / "bin" / "kubectl").write_text(KUBECTL_SHIM)
+    (work / "bin" / "helm").write_text(HELM_SHIM.replace("{kube}", RENDER_KUBE_VERSION))
+    for shim in ("kubectl", "helm"):
+        (work / "bin" / shim).chmod(0o755)
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PATH": f"{work / 'bin'}:{os.environ['PATH']}",
+                                         "RECIPE_OUT": str(work), "REAL_HELM": helm_binary()})
+    assert r.returncode == 0, f"the recipe of {readme} failed:\n{script}\n{r.stderr}"
+    made: dict[str, dict] = {}
+    for f in sorted(work.glob("*-*.json")):
+        obj = _json.loads(f.read_text())
+        assert obj["kind"] not in made, f"the recipe makes two {obj['kind']}s"
+        made[obj["kind"]] = obj
+    return work, made
+
+
+def test_the_readme_recipe_for_your_own_ca_works_as_written(tmp_path):
+    """The commands of the chart README's "Your own CA", run as written, then: the chart renders with the CA's
+    certificate in the pods' bundle and the Secret mounted into the controller, and the controller, started with
+    the rendered flags on those files, issues certificates that connect controller to agent and agent to agent."""
+    work, made = _run_recipe(CHART / "README.md", "### Your own CA", tmp_path)
+    secret = made.pop("Secret")
+    assert not made, made
+    objs = objects((work / "rendered.yaml").read_text())
+    dep = one(objs, "Deployment", "-controller")
+    assert secret["metadata"]["namespace"] == dep["metadata"]["namespace"] == NAMESPACE
+    assert not [o for o in objs if o["kind"] == "Secret"]          # no CA of the chart's
+    mounted = [s["secret"]["name"] for s in volumes(dep)["config"]["projected"]["sources"] if "secret" in s]
+    assert mounted == [secret["metadata"]["name"]]
+    bundle = one(objs, "ConfigMap", "-ca")["data"]["ca.crt"].encode()
+    assert bundle.strip() == (work / "ca.crt").read_bytes().strip()
+    root = _mounted(objs, tmp_path, base64.b64decode(secret["data"]["tls.crt"]),
+                    base64.b64decode(secret["data"]["tls.key"]), bundle)
+    _controller_issues_and_peers_connect(objs, root, tmp_path)
+
+
+def test_the_plain_manifests_recipe_for_the_ca_works_as_written(tmp_path):
+    """deploy/manifests/README.md's commands, run as written: they make the Secret and the ConfigMap the plain
+    manifests mount, under those names, in that namespace, and the controller issues from them."""
+    _, made = _run_recipe(MANIFESTS / "README.md", "## 1. The CA", tmp_path)
+    assert sorted(made) == ["ConfigMap", "Secret"]
+    docs = [d for d in objects((MANIFESTS / "lvm-iscsi-csi.yaml").read_text())]
+    dep = one(docs, "Deployment", "-controller")
+    sources = [s for v in volumes(dep).values() for s in v.get("projected", {}).get("sources", [])]
+    assert [s["secret"]["name"] for s in sources if "secret" in s] == [made["Secret"]["metadata"]["name"]]
+    assert made["ConfigMap"]["metadata"]["name"] == f"{RELEASE}-ca" and "ca.crt" in made["ConfigMap"]["data"]
+    for obj in made.values():
+        assert obj["metadata"]["namespace"] == dep["metadata"]["namespace"]
+    root = _mounted(docs, tmp_path, base64.b64decode(made["Secret"]["data"]["tls.crt"]),
+                    base64.b64decode(made["Secret"]["data"]["tls.key"]), made["ConfigMap"]["data"]["ca.crt"].encode())
+    _controller_issues_and_peers_connect(docs, root, tmp_path)
+
+
 def test_readme_documents_every_storage_class_parameter_and_value():
     text = (CHART / "README.md").read_text()
-    for parameter in ("`pool`", "`type`", "`csi.storage.k8s.io/fstype`", "`mutualChap`", "`wipe`"):
+    for parameter in ("`pool`", "`type`", "`csi.storage.k8s.io/fstype`", "`mutualChap`", "`wipe`", "`mkfsOptions`"):
         assert parameter in text
     for heading in ("## Install", "## Upgrade", "## Uninstall", "## Snapshots", "### Workers: open-iscsi",
                     "target.service", "### Security scan: accepted findings"):
@@ -1001,16 +1422,26 @@ def test_plain_manifests_match_the_chart(tmp_path):
     r = subprocess.run([str(render), str(tmp_path)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HELM": helm_binary()})
     assert r.returncode == 0, r.stderr
-    fresh = sorted(p.name for p in tmp_path.iterdir())
-    committed = sorted(p.name for p in MANIFESTS.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+    fresh = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(str(p.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("*")
+                       if p.suffix in (".yaml", ".yml", ".json"))
     assert fresh == committed, f"deploy/manifests has {committed}, the chart renders {fresh}"
     for name in fresh:
         assert (tmp_path / name).read_text() == (MANIFESTS / name).read_text(), (
             f"deploy/manifests/{name} drifted from the chart: run scripts/render-manifests")
 
 
+def test_plain_manifests_apply_on_a_cluster_without_the_snapshot_crds():
+    """`kubectl apply -f deploy/manifests/` (not recursive) holds no snapshot object; the VolumeSnapshotClass is
+    in snapshots/, for clusters with the CRDs."""
+    top = [d for p in sorted(MANIFESTS.glob("*.yaml")) for d in objects(p.read_text())]
+    assert not [d for d in top if d["apiVersion"].startswith(SNAPSHOT_GROUP)]
+    snapshots = [d for p in sorted((MANIFESTS / "snapshots").glob("*.yaml")) for d in objects(p.read_text())]
+    assert [d["kind"] for d in snapshots] == ["VolumeSnapshotClass"]
+
+
 def test_plain_manifests_are_valid_and_carry_no_private_key():
-    docs = [d for p in sorted(MANIFESTS.glob("*.yaml")) for d in objects(p.read_text())]
+    docs = [d for p in sorted(MANIFESTS.rglob("*.yaml")) for d in objects(p.read_text())]
     assert docs[0]["kind"] == "Namespace"
     assert docs[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     assert not [d for d in docs if d["kind"] == "Secret"]

@@ -67,7 +67,8 @@ def test_multi_stage_build_on_one_base_pinned_by_tag():
     name, _, tag = image.partition("@")[0].rpartition(":")
     assert name and tag and tag != "latest" and "$" not in image, image
     assert re.match(r"^\d+\.\d+\.\d+-", tag), f"{image}: pin the base by a full version tag"
-    assert re.search(r"slim-bookworm$", tag), f"{image}: the driver is tested on Debian 12 (bookworm)"
+    assert re.search(r"slim-trixie$", tag), (
+        f"{image}: Debian 13 (trixie), the stable release with security support (bookworm's ended in June 2026)")
     # The runtime interpreter must satisfy the package's requires-python.
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     minimum = tuple(int(x) for x in re.match(r">=\s*(\d+)\.(\d+)", requires).groups())
@@ -102,10 +103,15 @@ def test_the_package_is_built_into_a_venv_and_copied_into_the_runtime():
     build_name = build[0][1].split()[-1]
     build_runs = " ".join(a for w, a in build if w == "RUN")
     assert "python -m venv /opt/lvm-iscsi-csi" in build_runs
-    assert re.search(r"pip install --only-binary=:all: --no-binary=lvm-iscsi-csi \.", build_runs), (
-        "install from wheels only: the slim base has no compiler")
+    # Dependencies only as requirements.lock pins them, hash-checked, from wheels (the slim base has no compiler);
+    # then the package itself, offline, with the locked build backend.
+    installs = re.findall(r"/opt/lvm-iscsi-csi/bin/pip install ([^&]*)", build_runs)
+    assert [shlex.split(i) for i in installs] == [
+        ["--require-hashes", "--only-binary=:all:", "-r", "requirements.lock"],
+        ["--no-deps", "--no-build-isolation", "--no-index", "."]], installs
+    assert "/opt/lvm-iscsi-csi/bin/pip check" in build_runs
     copied = [a for w, a in build if w == "COPY"]
-    assert "pyproject.toml ./" in copied and "csi ./csi" in copied
+    assert "requirements.lock pyproject.toml ./" in copied and "csi ./csi" in copied
     assert f"--from={build_name} /opt/lvm-iscsi-csi /opt/lvm-iscsi-csi" in [a for w, a in runtime if w == "COPY"]
     env = " ".join(a for w, a in runtime if w == "ENV")
     assert "PATH=/opt/lvm-iscsi-csi/bin:$PATH" in env
@@ -164,8 +170,8 @@ def in_build_context(path: str) -> bool:
 
 
 def test_build_context_holds_what_the_build_needs_and_nothing_else():
-    needed = ["pyproject.toml", "csi/cli.py", "csi/proto/csi.proto", "csi/proto/agent.proto", "deploy/packages.txt",
-              "csi/lab/guest-init.sh"]
+    needed = ["pyproject.toml", "requirements.lock", "csi/cli.py", "csi/proto/csi.proto", "csi/proto/agent.proto",
+              "deploy/packages.txt", "csi/lab/guest-init.sh"]
     for path in needed:
         assert (ROOT / path).exists(), path
         assert in_build_context(path), f"{path} is needed by the build but .dockerignore excludes it"
@@ -176,8 +182,52 @@ def test_build_context_holds_what_the_build_needs_and_nothing_else():
     # Every COPY source exists and is in the context.
     for word, args in instructions():
         if word == "COPY" and not args.startswith("--from"):
-            src = args.split()[0]
-            assert (ROOT / src).exists() and in_build_context(src), src
+            for src in args.split()[:-1]:
+                assert (ROOT / src).exists() and in_build_context(src), src
+
+
+def locked() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock: normalized name -> (version, sha256 hashes)."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    entry = None
+    for raw in (ROOT / "requirements.lock").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip().rstrip("\\").strip()
+        if not line:
+            continue
+        if line.startswith("--hash="):
+            assert entry, raw
+            algo, _, digest = line.removeprefix("--hash=").partition(":")
+            assert algo == "sha256" and re.fullmatch(r"[0-9a-f]{64}", digest), raw
+            out[entry][1].append(digest)
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][0-9A-Za-z.+!-]*)", line)
+        assert m, f"requirements.lock: {raw!r} is not a pinned requirement (name==version)"
+        entry = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+        assert entry not in out, f"{entry} pinned twice"
+        out[entry] = (m.group(2), [])
+    return out
+
+
+def test_requirements_lock_pins_every_dependency_with_hashes():
+    """The image's Python packages are those of requirements.lock (scripts/lock-requirements), each pinned and
+    hash-checked: every dependency of pyproject.toml and of its build backend is there, at a version its range
+    accepts, with at least one sha256; no index, link or editable lines."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    lock = locked()
+    assert lock and all(hashes for _, hashes in lock.values()), [n for n, (_, h) in lock.items() if not h]
+    text = (ROOT / "requirements.lock").read_text()
+    for banned in ("--index-url", "--extra-index-url", "--find-links", "-e ", "--trusted-host"):
+        assert banned not in text, banned
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [Requirement(r) for r in project["project"]["dependencies"] + project["build-system"]["requires"]]
+    for req in wanted:
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in lock, f"{req.name} (pyproject.toml) is not in requirements.lock: run scripts/lock-requirements"
+        assert req.specifier.contains(Version(lock[name][0]), prereleases=True), (
+            f"requirements.lock pins {req.name}=={lock[name][0]}, outside pyproject.toml's {req.specifier}: "
+            "run scripts/lock-requirements")
 
 
 def test_checkov_finds_nothing_in_the_dockerfile(tmp_path):

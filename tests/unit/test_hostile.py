@@ -40,8 +40,12 @@ import pytest
 from rtslib_fb.utils import normalize_wwn
 
 from csi import capabilities as caps
-from csi import errors, ids, runner, server
+from csi import contract, errors, ids, runner, server
 from csi.config import AgentConfig, ControllerConfig, NodeConfig, PoolConfig, StorageNode
+from csi.controller.agents import Agents
+from csi.controller.journal import FileJournal
+from csi.controller.nodes import StaticNodes
+from csi.controller.placement import Placement
 from csi.controller.service import ControllerService, volume_attributes
 from csi.identity import IdentityService
 from csi.node.iscsi import Iscsiadm, Target
@@ -54,8 +58,9 @@ from csi.server import KeyLocks
 from csi.storage.lio import AclState, Portal
 from csi.storage.lvm import Lvm, dm_name
 from csi.storage.records import RecordStore
-from csi.storage.service import AgentService, PoolReports, PoolTotals
-from tests.unit.conftest import FakeRunner, recorded_failure
+from csi.storage.capacity import PoolReports, PoolTotals
+from csi.storage.service import AgentService
+from tests.unit.conftest import FakeRunner, recorded, recorded_failure
 
 Code = grpc.StatusCode
 OK = Code.OK
@@ -141,10 +146,10 @@ class StubAgent:
         self.snapshots: dict[str, apb.Snapshot] = {}
         self.calls: list[tuple[str, Any]] = []
 
-    def info(self, timeout=None):
+    def info(self, timeout=None, reconnect=True):
         return self.call("GetInfo", apb.GetInfoRequest())
 
-    def call(self, method, request, timeout=None):
+    def call(self, method, request, timeout=None, reconnect=True):
         self.calls.append((method, request))
         return getattr(self, "_" + method)(request)
 
@@ -204,12 +209,8 @@ class StubAgent:
         vol = self._vol(request.lv)
         if request.initiator_iqn not in [i.iqn for i in vol.initiators]:
             vol.initiators.add(iqn=request.initiator_iqn, read_only=request.read_only)
-        user = "u" + hashlib.sha256(f"{request.lv}\0{request.initiator_iqn}".encode()).hexdigest()[:15]
-        out = apb.GrantAccessResponse(target_iqn=vol.target_iqn, portals=[PORTAL], lun=0, chap_user=user,
-                                      chap_secret=CHAP_SECRET)
-        if request.mutual_chap:
-            out.mutual_chap_user, out.mutual_chap_secret = "t" + user[1:], MUTUAL_SECRET
-        return out
+        assert request.node_name, "a grant names the node its initiator belongs to"
+        return apb.GrantAccessResponse(target_iqn=vol.target_iqn, portals=[PORTAL], lun=0)
 
     def _RevokeAccess(self, request):
         vol = self.volumes.get(request.lv)
@@ -246,28 +247,23 @@ class StubAgent:
         return apb.ListSnapshotsResponse(snapshots=list(self.snapshots.values()))
 
 
-class StubAgents:
-    """csi.controller.agents.Agents' interface over StubAgent."""
+class _Channel:
+    def close(self) -> None:
+        pass
+
+
+class StubAgents(Agents):
+    """The controller's real Agents (membership, health, polling) over StubAgent clients."""
 
     def __init__(self, agents: list[StubAgent]):
-        self._agents = {a.node.name: a for a in agents}
+        stubs = {a.node.name: a for a in agents}
 
-    def get(self, name: str) -> StubAgent:
-        if name not in self._agents:
-            raise errors.not_found(f"storage node {name!r} is not in this controller's configuration")
-        return self._agents[name]
-
-    def all(self) -> list[StubAgent]:
-        return [self._agents[n] for n in sorted(self._agents)]
-
-    def each(self, fn):
-        out = {}
-        for a in self.all():
-            try:
-                out[a.node.name] = fn(a)
-            except errors.CsiError as exc:
-                out[a.node.name] = exc
-        return out
+        def factory(node, health):
+            stub = stubs[node.name]
+            stub.health, stub.channel = health, _Channel()
+            return stub
+        super().__init__(Path("/nonexistent"), client_factory=factory)
+        self.update([a.node for a in agents])
 
     def seed(self) -> None:
         s1, s2 = self.get("s1"), self.get("s2")
@@ -275,7 +271,7 @@ class StubAgents:
             a.reset()
         for name, attrs in (("pvc-seed", ATTRIBUTES), ("pvc-free", ATTRIBUTES), ("pvc-block", BLOCK_ATTRIBUTES)):
             s1._CreateVolume(apb.CreateVolumeRequest(name=name, pool="thin", size_bytes=GiB, attributes=attrs))
-        s1._GrantAccess(apb.GrantAccessRequest(vg="vg", lv=SEED_LV, initiator_iqn=WORKER))
+        s1._GrantAccess(apb.GrantAccessRequest(vg="vg", lv=SEED_LV, initiator_iqn=WORKER, node_name="worker-1"))
         s1._CreateSnapshot(apb.CreateSnapshotRequest(name="snap-seed", source_vg="vg", source_lv=SEED_LV))
         s2._CreateVolume(apb.CreateVolumeRequest(name="pvc-src2", pool="thin", size_bytes=GiB, attributes=ATTRIBUTES))
         for a in (s1, s2):
@@ -328,18 +324,21 @@ def read_only(argv: list[str]) -> bool:
 TAKES_ARGUMENT = {
     "iscsiadm": {"-m", "-T", "-p", "-o", "-n", "-v"},
     "mount": {"-t", "-o"},
-    "blkid": {"-s", "-o"},
+    "blkid": {"-o"},
     "mkfs.ext4": {"-m", "-E"},
+    "mkfs.xfs": {"-m", "-i"},
     "lvs": {"--reportformat", "--units", "-o", "--select"},
     "vgs": {"--reportformat", "--units", "-o"},
     "lvcreate": {"--name", "--activate", "--setactivationskip", "--addtag", "--virtualsize", "--thin", "--size",
                  "--wipesignatures", "--zero"},
     "lvextend": {"--size"},
-    "lvchange": {"--activate", "--zero"},
+    "lvchange": {"--activate", "--zero", "--errorwhenfull", "--addtag", "--deltag"},
+    "blkdiscard": {"--offset", "--length"},
 }
 FLAGS = {
     "iscsiadm": {"--login", "--logout", "-R"},
     "blkid": {"-p"},
+    "e2fsck": {"-p"},
     "blockdev": {"--flushbufs", "--getsize64"},
     "mkfs.ext4": {"-q", "-F"},
     "mkfs.xfs": {"-q"},
@@ -349,6 +348,7 @@ FLAGS = {
     "lvremove": {"--yes"},
     "lvextend": {"--yes"},
     "lvchange": {"--ignoreactivationskip"},
+    "lvconvert": {"--yes", "--splitsnapshot"},
     "blkdiscard": {"--zeroout"},
 }
 
@@ -394,6 +394,7 @@ class LvmSim:
 
     def reset(self) -> None:
         self.lvs: dict[tuple[str, str], dict[str, str]] = {}
+        self.when_full = "error"     # the thin pool's lv_when_full
         self.add("vg", "tp", 20 * GiB, attr="twi-aotz--", data_percent="5.00", metadata_percent="2.00")
         self.add("vg", FOREIGN_LV, GiB)
 
@@ -468,7 +469,7 @@ class LvmSim:
         rows = [r for (g, n), r in sorted(self.lvs.items()) if g == vg and (not name or n == name)]
         out = []
         for r in rows:
-            full = dict(r, **self._vg_row(vg), zero="zero")
+            full = dict(r, **self._vg_row(vg), zero="zero", lv_when_full=self.when_full)
             out.append({f: full.get(f, "") for f in fields})
         return 0, json.dumps({"report": [{"lv": out}]}), ""
 
@@ -509,6 +510,9 @@ class LvmSim:
             src = self.lvs[(vg, origin)]
             attr = "Vwi-a-tz--" if active else "Vwi---tz-k"
             size, pool = int(src["lv_size"]), src["pool_lv"]
+            if not pool:   # a thick origin: a COW snapshot of --size bytes, and the origin says it is one
+                attr, size = "swi-a-s---", int(opts["--size"].rstrip("b"))
+                src["lv_attr"] = "o" + src["lv_attr"][1:]
         elif "--thin" in opts:
             vg, pool, failure = self._split(opts["--thin"])
             if failure:
@@ -534,6 +538,31 @@ class LvmSim:
         del self.lvs[(vg, name)]
         return 0, "", ""
 
+    def lvconvert(self, argv: list[str]) -> tuple[int, str, str]:
+        vg, name, failure = self._split(argv[-1])
+        if failure:
+            return failure
+        row = self.lvs[(vg, name)]
+        if "--splitsnapshot" in argv:
+            origin, row["origin"], row["lv_attr"] = row["origin"], "", "-wi-a-----"
+            if not any(r["origin"] == origin for (g, _), r in self.lvs.items() if g == vg):
+                self.lvs[(vg, origin)]["lv_attr"] = "-" + self.lvs[(vg, origin)]["lv_attr"][1:]
+        return 0, "", ""
+
+    def lvrename(self, argv: list[str]) -> tuple[int, str, str]:
+        vg, name, new = argv[1:4]
+        _, _, failure = self._split(f"{vg}/{name}")
+        if failure:
+            return failure
+        if not _lvm_valid(new):
+            return self._invalid("Logical volume", new)
+        if (vg, new) in self.lvs:
+            return 5, "", f'  Logical Volume "{new}" already exists in volume group "{vg}"\n'
+        row = self.lvs.pop((vg, name))
+        row["lv_name"] = new
+        self.lvs[(vg, new)] = row
+        return 0, "", ""
+
     def lvextend(self, argv: list[str]) -> tuple[int, str, str]:
         vg, name, failure = self._split(argv[-1])
         if failure:
@@ -545,9 +574,18 @@ class LvmSim:
         vg, name, failure = self._split(argv[-1])
         if failure:
             return failure
+        if "--errorwhenfull" in argv:
+            self.when_full = "error" if argv[argv.index("--errorwhenfull") + 1] == "y" else "queue"
         if "--activate" in argv:
             attr = self.lvs[(vg, name)]["lv_attr"]
             self.lvs[(vg, name)]["lv_attr"] = attr[:4] + "a" + attr[5:]
+        row = self.lvs[(vg, name)]
+        tags = [t for t in row["lv_tags"].split(",") if t]
+        if "--addtag" in argv and argv[argv.index("--addtag") + 1] not in tags:
+            tags.append(argv[argv.index("--addtag") + 1])
+        if "--deltag" in argv:
+            tags = [t for t in tags if t != argv[argv.index("--deltag") + 1]]
+        row["lv_tags"] = ",".join(tags)
         return 0, "", ""
 
 
@@ -568,6 +606,7 @@ class FakeLio:
         self.targets: dict[str, dict[str, Any]] = {}     # iqn -> {"lun": backstore name or None, "acls": {}}
         self.backstores: dict[str, str] = {}             # name -> device
         self.changes: list[tuple] = []
+        self.logged_in: set[tuple[str, str]] = set()      # (target, initiator) of live sessions (tests set it)
 
     def export(self, iqn: str, backstore: str, device: str, thin: bool) -> None:
         if backstore not in self.backstores:
@@ -590,12 +629,26 @@ class FakeLio:
                     t["lun"] = None
                     self.changes.append(("LUN 0 deleted", other))
 
+    def remove_target(self, iqn: str) -> None:
+        t = self.targets.pop(iqn, None)
+        if t is None:
+            return
+        self.changes.append(("target deleted", iqn))
+        store = t["lun"]
+        if store is not None and not any(o["lun"] == store for o in self.targets.values()):
+            if self.backstores.pop(store, None) is not None:
+                self.changes.append(("backstore deleted", store))
+
     def is_exported(self, iqn: str) -> bool:
         t = self.targets.get(iqn)
         return bool(t and t["lun"])
 
     def exported_iqns(self, prefix: str) -> list[str]:
         return sorted(i for i in self.targets if i.startswith(prefix))
+
+    def lun_device(self, iqn: str) -> str | None:
+        t = self.targets.get(iqn)
+        return self.backstores.get(t["lun"]) if t and t["lun"] else None
 
     def grant(self, iqn: str, access) -> None:
         t = self.targets.get(iqn)
@@ -615,21 +668,28 @@ class FakeLio:
             self.changes.append(("ACL deleted", iqn, wwn))
         return 0
 
+    def acl_access(self, iqn: str) -> list:
+        t = self.targets.get(iqn) or {"acls": {}}
+        return list(t["acls"].values())
+
     def acls(self, iqn: str) -> list[AclState]:
         t = self.targets.get(iqn) or {"acls": {}}
-        return [AclState(w, a.read_only, False) for w, a in t["acls"].items()]
+        return [AclState(w, a.read_only, (iqn, w) in self.logged_in) for w, a in t["acls"].items()]
 
 
 # ---------------------------------------------------------------------------------------------- node side
 
 class FakeIscsiadm(Iscsiadm):
-    """The real Iscsiadm (its argv go through the runner, so FakeRunner records them); only the wait for udev
-    is faked: the disk appears at once through any portal, and with no portal at all the wait ends as the
-    real one does when its time is up."""
+    """The real Iscsiadm (its argv go through the runner, so FakeRunner records them); only the look-up of the
+    disk and the wait for udev are faked: the disk appears at once through any portal, and with no portal at
+    all the wait ends as the real one does when its time is up."""
 
     def __init__(self, device: Path):
         self.device = device
         self.waits: list[Target] = []
+
+    def find_device(self, target: Target) -> Path | None:
+        return self.device if target.portals else None
 
     def wait_for_device(self, target: Target, timeout: float = 20.0) -> Path:
         self.waits.append(target)
@@ -646,8 +706,8 @@ def node_responses(lvm: LvmSim) -> list:
     rc, _, err = recorded_failure("session_none")
     r.on("iscsiadm", "-m", "session", rc=rc, stderr=err)
     r.on("iscsiadm", "-m", "node")
-    r.on("blkid", stdout="ext4\n")
-    for tool in ("mkfs.ext4", "mkfs.xfs", "mount", "resize2fs", "xfs_growfs", "blkdiscard"):
+    r.on("blkid", stdout=recorded("blkid_ext4.stdout"))
+    for tool in ("mkfs.ext4", "mkfs.xfs", "mount", "resize2fs", "xfs_growfs", "blkdiscard", "e2fsck"):
         r.on(tool)
     r.on("umount", fn=lambda argv: (32, "", f"umount: {argv[-1]}: not mounted.\n"))
     r.on("blockdev", "--flushbufs")
@@ -655,7 +715,7 @@ def node_responses(lvm: LvmSim) -> list:
     r.on("vgs", fn=lvm.vgs)
     r.on("dmsetup", "status", fn=lvm.dmsetup_status)
     r.on("lvs", fn=lvm.lvs_cmd)
-    for cmd in ("lvcreate", "lvremove", "lvextend", "lvchange"):
+    for cmd in ("lvcreate", "lvremove", "lvextend", "lvchange", "lvrename", "lvconvert"):
         r.on(cmd, fn=getattr(lvm, cmd))
     return r.responses
 
@@ -708,7 +768,13 @@ class Harness:
         self.responses = node_responses(self.lvm)
         nodes = (StorageNode("s1", "10.0.0.11:7600", "zone-a"), StorageNode("s2", "10.0.0.12:7600", "zone-b"))
         self.agents = StubAgents([StubAgent(nodes[0], 50 * GiB), StubAgent(nodes[1], 20 * GiB)])
-        self.controller = ControllerService(ControllerConfig(DRIVER, CLUSTER, nodes, base / "tls"), self.agents)
+        self.journal_dir = base / "journal"
+        (base / "nodes.yaml").parent.mkdir(parents=True, exist_ok=True)
+        (base / "nodes.yaml").write_text(f"nodes: [{{name: worker-1, iqn: '{WORKER}'}}, "
+                                         f"{{name: worker-2, iqn: '{WORKER2}'}}]\n")
+        self.controller = ControllerService(ControllerConfig(DRIVER, CLUSTER, nodes, base / "tls"), self.agents,
+                                            Placement(FileJournal(self.journal_dir), self.agents, CLUSTER),
+                                            StaticNodes(base / "nodes.yaml"))
         self.iscsi = FakeIscsiadm(self.device)
         self.node = NodeService(NodeConfig(DRIVER, "worker-1", self.K, self.initiator_file, "zone-a", 16,
                                            self.node_state), iscsi=self.iscsi, zone="zone-a")
@@ -768,6 +834,15 @@ class Harness:
     def reset_controller(self) -> None:
         self.controller.locks = KeyLocks()
         self.agents.seed()
+        # The placement journal as adoption leaves it: every seeded volume and snapshot recorded.
+        shutil.rmtree(self.journal_dir, ignore_errors=True)
+        journal = FileJournal(self.journal_dir)
+        self.controller.placement = Placement(journal, self.agents, CLUSTER)
+        self.controller.placement.scan()
+        journal.mark_adopted()
+        self.agents.poll_once()
+        for a in self.agents.all():
+            a.calls.clear()
 
     def reset_node(self) -> None:
         for d in (self.K, self.outside, self.device.parent):
@@ -1050,8 +1125,10 @@ def empty_list(h: Harness, out) -> None:
     assert not out.entries and not out.next_token
 
 
-def chap_secret_only_in_response(h: Harness, out) -> None:
-    assert out.publish_context["chapSecret"] == CHAP_SECRET
+def no_secret_in_publish_context(h: Harness, out) -> None:
+    ctx = dict(out.publish_context)
+    assert not [k for k in ctx if "secret" in k.lower()] and CHAP_SECRET not in str(ctx), ctx
+    assert ctx[contract.AGENT] == "10.0.0.11:7600" and ctx[contract.STORAGE_NODE] == "s1"
 
 
 def seed_size_unchanged(h: Harness, out) -> None:
@@ -1183,6 +1260,20 @@ CASES = [
          create(parameters={"csi.storage.k8s.io/fstype": "-t"}), INVALID),
     case("create-param-pool-traversal", "controller", "CreateVolume", create(parameters={"pool": "../../vg"}),
          INVALID),
+    # mkfsOptions: only known-safe mkfs.xfs options, never a device, a file, -f or a shell word.
+    case("create-param-mkfs-shell", "controller", "CreateVolume",
+         create(volume_capabilities=[mount_cap(fs="xfs")], parameters={"mkfsOptions": "-m bigtime=0; reboot"}),
+         INVALID),
+    case("create-param-mkfs-second-device", "controller", "CreateVolume",
+         create(volume_capabilities=[mount_cap(fs="xfs")], parameters={"mkfsOptions": "-m bigtime=0 /dev/sda"}),
+         INVALID),
+    case("create-param-mkfs-force", "controller", "CreateVolume",
+         create(volume_capabilities=[mount_cap(fs="xfs")], parameters={"mkfsOptions": "-f -K"}), INVALID),
+    case("create-param-mkfs-file", "controller", "CreateVolume",
+         create(volume_capabilities=[mount_cap(fs="xfs")], parameters={"mkfsOptions": "-d name=/etc/shadow"}),
+         INVALID),
+    case("create-param-mkfs-on-ext4", "controller", "CreateVolume",
+         create(parameters={"mkfsOptions": "-m bigtime=0"}), INVALID),
     # A pool name of legal characters that no agent has: no pool can hold it (RESOURCE_EXHAUSTED, as the
     # scheduler says today) or a bad parameter (INVALID_ARGUMENT): either is within the spec.
     case("create-param-pool-dash", "controller", "CreateVolume", create(parameters={"pool": "-rf"}), INVALID,
@@ -1267,7 +1358,7 @@ CASES = [
     case("publish-secret-in-volume-context", "controller", "ControllerPublishVolume",
          cpublish(volume_id=SEED, cap=block_cap(), volume_context={"chapSecret": PLANTED}), INVALID),
     case("publish-repeat-returns-chap-secret-never-logs-it", "controller", "ControllerPublishVolume",
-         cpublish(volume_id=SEED), OK, allow=[r"^agent s1: GrantAccess$"], check=chap_secret_only_in_response),
+         cpublish(volume_id=SEED), OK, allow=[r"^agent s1: GrantAccess$"], check=no_secret_in_publish_context),
     case("unpublish-no-volume", "controller", "ControllerUnpublishVolume",
          csi.ControllerUnpublishVolumeRequest(node_id=WORKER), INVALID),
     case("unpublish-node-option", "controller", "ControllerUnpublishVolume",
@@ -1372,6 +1463,10 @@ CASES = [
          lambda h: stage(h, cap=mount_cap(fs=""), volume_context={"fsType": "-t"}), INVALID),
     case("stage-mount-flag-option", "node", "NodeStageVolume",
          lambda h: stage(h, cap=mount_cap(flags=["-o", "remount"])), INVALID),
+    case("stage-mkfs-options-file", "node", "NodeStageVolume",
+         lambda h: stage(h, cap=mount_cap(fs="xfs"), volume_context={"mkfsOptions": "-p /etc/shadow"}), INVALID),
+    case("stage-mkfs-options-ext4", "node", "NodeStageVolume",
+         lambda h: stage(h, volume_context={"mkfsOptions": "-m bigtime=0"}), INVALID),
     case("stage-access-mode-outside-enum", "node", "NodeStageVolume", lambda h: stage(h, cap=mount_cap(mode=-7)),
          INVALID, guards=WAS_MODE),
     case("stage-no-publish-context", "node", "NodeStageVolume", lambda h: stage(h, context={"chapSecret": PLANTED}),

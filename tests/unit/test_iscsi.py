@@ -22,7 +22,7 @@ def test_parse_sessions():
     assert (s.sid, s.portal, s.iqn) == (3, "10.0.0.1:3260", T.iqn)
 
 
-def test_login_sets_manual_startup_and_chap_and_masks_secrets(fake_run, caplog):
+def test_login_sets_manual_startup_and_chap_with_no_secret_in_any_argv(fake_run, caplog, node_db):
     caplog.set_level("DEBUG")
     rc, _, err = recorded_failure("session_none")
     fake_run.on("iscsiadm", "-m", "session", rc=rc, stderr=err)
@@ -33,12 +33,17 @@ def test_login_sets_manual_startup_and_chap_and_masks_secrets(fake_run, caplog):
     assert fake_run.calls[1:] == [base + ["-o", "new"], upd("node.startup", "manual"),
                                   upd("node.conn[0].timeo.login_timeout", "10"),
                                   upd("node.session.initial_login_retry_max", "2"),
-                                  upd("node.session.auth.authmethod", "CHAP"),
-                                  upd("node.session.auth.username", "u1"),
-                                  upd("node.session.auth.password", "secret-123456789"),
-                                  upd("node.session.auth.username_in", "t1"),
-                                  upd("node.session.auth.password_in", "mutual-secret-9876"),
                                   base + ["--login"]]
+    # the CHAP settings are in the record file itself, private, and nowhere in a command line or a log
+    record = node_db / T.iqn / "10.0.0.1,3260,1" / "default"   # open-iscsi's own naming
+    lines = record.read_text().splitlines()
+    assert [line for line in lines if line.startswith("node.session.auth.")] == [
+        "node.session.auth.authmethod = CHAP", "node.session.auth.username = u1",
+        "node.session.auth.password = secret-123456789", "node.session.auth.username_in = t1",
+        "node.session.auth.password_in = mutual-secret-9876"]
+    assert lines[0].startswith("# BEGIN RECORD") and lines[-1] == "# END RECORD"
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert not [c for c in fake_run.calls if any("secret" in a for a in c)]
     assert "secret-123456789" not in caplog.text and "mutual-secret-9876" not in caplog.text
 
 
@@ -85,19 +90,21 @@ def test_a_record_that_a_killed_iscsiadm_truncated_is_removed_and_made_again(fak
     # without a target name; every later `-o new` of that target failed with exit 6, so the volume never staged.
     from csi.node import iscsi
     db = tmp_path / "nodes"
-    broken = db / T.iqn / "10.0.0.1:3260,1"
+    broken = db / T.iqn / "10.0.0.1,3260,1"   # <address>,<port>,<tpgt>, as open-iscsi names it
     broken.mkdir(parents=True)
     (broken / "default").write_text("")
-    other = db / T.iqn / "10.0.0.2:3260,1"
+    other = db / T.iqn / "10.0.0.2,3260,1"
     other.mkdir()
     monkeypatch.setattr(iscsi, "NODE_DB_DIRS", (db,))
     fake_run.on("iscsiadm", "-m", "session", rc=21)
     fake_run.on("iscsiadm", "-m", "node")
     fake_run.on("iscsiadm", "-m", "node", "-T", T.iqn, "-p", "10.0.0.1:3260", "-o", "new",
-                fn=lambda argv: (6, "", BROKEN_RECORD) if broken.exists() else (0, "", ""))
+                fn=lambda argv: (6, "", BROKEN_RECORD) if (broken / "default").exists() and
+                not (broken / "default").read_text() else (0, "", ""))
     Iscsiadm().login(T)
     news = [c for c in fake_run.calls if c[-2:] == ["-o", "new"]]
-    assert len(news) == 2 and not broken.exists() and other.exists()
+    # the truncated record was removed; the second `-o new` made a whole one, which the login's settings fill
+    assert len(news) == 2 and (broken / "default").read_text().startswith("# BEGIN RECORD") and other.exists()
     assert fake_run.calls[-1][-1] == "--login"
 
 
@@ -123,8 +130,8 @@ def test_record_writes_outlive_a_spent_rpc_deadline(fake_run):
     with runner.deadline(0.5):
         Iscsiadm().login(T)
         Iscsiadm().logout(T.iqn)
-    writes = [t for c, t in zip(fake_run.calls, fake_run.timeouts) if "-o" in c]   # new, 8 updates, delete
-    assert len(writes) == 10 and all(t > iscsi.RECORD_TIMEOUT_S - 1 for t in writes), writes
+    writes = [t for c, t in zip(fake_run.calls, fake_run.timeouts) if "-o" in c]   # new, 3 updates, delete
+    assert len(writes) == 5 and all(t > iscsi.RECORD_TIMEOUT_S - 1 for t in writes), writes
     others = [t for c, t in zip(fake_run.calls, fake_run.timeouts) if "-o" not in c]
     assert others and all(t <= runner.MIN_TIMEOUT for t in others)
 
@@ -157,5 +164,32 @@ def test_node_database_commands_of_concurrent_stages_never_overlap(fake_run):
     for t in threads:
         t.join()
     node_calls = [c for c in fake_run.calls if c[:3] == ["iscsiadm", "-m", "node"]]
-    assert len(node_calls) >= 8 * 8
+    assert len(node_calls) >= 8 * 7   # per stage: new, 3 updates, login; logout, delete
     assert overlaps[0] == 1, f"{overlaps[0]} iscsiadm -m node commands ran at once"
+
+
+def test_a_record_is_found_under_the_name_open_iscsi_gives_it(node_db):
+    """<db>/<target>/<address>,<port>,<tpgt>/<iface> (idbm.c): the address and the port apart, with a comma."""
+    from csi.node import noderecord
+    assert noderecord.portal_prefix("10.0.0.1:3260") == "10.0.0.1,3260"
+    assert noderecord.portal_prefix("[fd00::1]:3260") == "fd00::1,3260"
+    v6 = node_db / T.iqn / "fd00::1,3260,1"
+    v6.mkdir(parents=True)
+    (v6 / "default").write_text("# BEGIN RECORD 2.1.8\n# END RECORD\n")
+    (node_db / T.iqn / "fd00::10,3260,1").mkdir()     # another address that merely starts alike
+    assert noderecord.record_files([node_db], T.iqn, "[fd00::1]:3260") == [v6 / "default"]
+    assert noderecord.record_files([node_db], T.iqn, "10.0.0.9:3260") == []
+
+
+def test_a_record_made_with_o_new_has_no_tpgt_and_is_found(node_db):
+    """`iscsiadm -m node -o new -T <iqn> -p 10.0.0.1:3260` (iscsiadm 2.1.8, tpgt -1) writes the plain file
+    <db>/<iqn>/10.0.0.1,3260: no tpgt, no iface directory. Looking only for "<address>,<port>,*" failed every
+    NodeStageVolume of the csi-sanity lab with "iscsiadm made no node record"."""
+    from csi.node import noderecord
+    made = node_db / T.iqn / "10.0.0.1,3260"
+    made.parent.mkdir(parents=True)
+    made.write_text("# BEGIN RECORD 2.1.8\nnode.name = x\n# END RECORD\n")
+    (node_db / T.iqn / "10.0.0.1,32600").write_text("another port that merely starts alike\n")
+    assert noderecord.record_files([node_db], T.iqn, "10.0.0.1:3260") == [made]
+    noderecord.write_auth([node_db], T.iqn, "10.0.0.1:3260", noderecord.auth_settings("u", "s"))
+    assert "node.session.auth.username = u" in made.read_text()

@@ -14,6 +14,7 @@ from csi.node import iscsi, mount
 from csi.node.iscsi import Iscsiadm, Session
 from csi.node.service import NodeService
 from csi.proto import csi_pb2 as csi
+from tests.unit.conftest import recorded_failure
 
 VID = "v1:storage-1:csi-vg:e2e-vol-0123456789"
 REF = ids.parse_id(VID)
@@ -51,12 +52,9 @@ def test_session_state_comes_from_sysfs(sysfs):
     assert Iscsiadm().session_state(Session(4, PORTAL, REF.iqn)) == ""   # no such session in sysfs
 
 
-def _stats(node: NodeService) -> csi.VolumeCondition:
-    path = node.config.kubelet_dir / "pods" / "p" / "volumeDevices" / "dev"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
-    return node.NodeGetVolumeStats(csi.NodeGetVolumeStatsRequest(volume_id=VID, volume_path=str(path)),
-                                   None).volume_condition
+def _health(node: NodeService) -> list:
+    return list(node.NodeGetVolumeHealth(csi.NodeGetVolumeHealthRequest(volume_id=VID), None)
+                .volume_health.health_statuses)
 
 
 @pytest.mark.parametrize("state, abnormal", [("LOGGED_IN", False), ("FAILED", True), ("FREE", True)])
@@ -65,19 +63,21 @@ def test_a_session_that_lost_its_target_is_abnormal(fake_run, sysfs, node, state
     in again), only its kernel state says it carries no I/O."""
     fake_run.on("iscsiadm", "-m", "session", stdout=session_line(7, REF.iqn))
     sysfs(7, state)
-    condition = _stats(node)
-    assert condition.abnormal is abnormal
+    entries = _health(node)
     if abnormal:
-        assert REF.iqn in condition.message and state in condition.message
+        (entry,) = entries
+        assert entry.status == csi.INACCESSIBLE and entry.reason == "IscsiSessionNotLoggedIn"
+        assert REF.iqn in entry.message and state in entry.message
     else:
-        assert condition.message == "healthy"
+        assert entries == []
 
 
 def test_no_session_is_abnormal(fake_run, sysfs, node):
     fake_run.on("iscsiadm", "-m", "session", stdout=session_line(2, REF.iqn.replace("e2e-vol", "e2e-other")))
     sysfs(2, "LOGGED_IN")
-    condition = _stats(node)
-    assert condition.abnormal and "no iSCSI session" in condition.message
+    (entry,) = _health(node)
+    assert entry.status == csi.INACCESSIBLE and entry.reason == "NoIscsiSession"
+    assert "no iSCSI session" in entry.message
 
 
 def _stage_record(node: NodeService, vid: str, staging, block: bool) -> Path:
@@ -133,3 +133,37 @@ def test_unstage_logs_out_when_the_flush_fails_because_the_target_is_gone(fake_r
     assert fake_run.calls[-2:] == [["iscsiadm", "-m", "node", "-T", REF.iqn, "--logout"],
                                    ["iscsiadm", "-m", "node", "-T", REF.iqn, "-o", "delete"]]
     assert not node._record_path(VID).exists()
+
+
+def _ledger_entry(node: NodeService, iqn: str) -> Path:
+    """What the node plugin writes before it logs in to a target (csi/node/ledger.py)."""
+    path = node.config.state_dir / "logins" / iqn
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": 1, "iqn": iqn}))
+    return path
+
+
+def test_start_logs_out_only_what_this_plugin_logged_in(fake_run, sysfs, node):
+    """Two releases of the driver on one worker (other driver names, other state directories): each one's
+    start-up clean-up must leave the other's sessions alone, though their targets look alike (issue 12)."""
+    ours = ids.parse_id("v1:storage-1:csi-vg:e2e-ours-0123456789").iqn        # logged in by us, stage lost
+    theirs = ids.parse_id("v1:storage-1:csi-vg:e2e-theirs-0123456789").iqn    # another release's, staged there
+    entry = _ledger_entry(node, ours)
+    fake_run.on("iscsiadm", "-m", "session", stdout=session_line(1, ours) + session_line(2, theirs))
+    fake_run.on("iscsiadm", "-m", "node", stdout=f"{PORTAL},1 {ours}\n{PORTAL},1 {theirs}\n")
+    assert node.clean_stale() == [ours]
+    assert [c for c in fake_run.calls if "--logout" in c or "delete" in c] == [
+        ["iscsiadm", "-m", "node", "-T", ours, "--logout"], ["iscsiadm", "-m", "node", "-T", ours, "-o", "delete"]]
+    assert not entry.exists()
+
+
+def test_start_forgets_a_ledger_entry_whose_target_is_gone(fake_run, sysfs, node):
+    """A crash after the logout, before the entry was removed: nothing to log out, the entry goes."""
+    iqn = ids.parse_id("v1:storage-1:csi-vg:e2e-done-0123456789").iqn
+    entry = _ledger_entry(node, iqn)
+    rc, _, err = recorded_failure("session_none")
+    fake_run.on("iscsiadm", "-m", "session", rc=rc, stderr=err)
+    rc, _, err = recorded_failure("node_none")
+    fake_run.on("iscsiadm", "-m", "node", rc=rc, stderr=err)
+    assert node.clean_stale() == []
+    assert not entry.exists() and not any("--logout" in c for c in fake_run.calls)

@@ -3,7 +3,7 @@
 csi/proto/csi.proto is written in this repo with our own comments, so nothing but a test keeps it equal to
 the official spec. These tests:
 
-- fetch the official csi.proto v1.12.0 with `go mod download` (cached under $CSI_CACHE, so only the first run
+- fetch the official csi.proto v1.13.0 with `go mod download` (cached under $CSI_CACHE, so only the first run
   needs the network), compile both files to descriptors with grpc_tools' protoc and compare them element by
   element: everything that reaches the wire or the generated API (names, numbers, types, labels, oneofs,
   json names, options such as csi_secret and the alpha markers, services and methods). Comments and source
@@ -30,8 +30,8 @@ from google.protobuf import descriptor_pb2, empty_pb2, unknown_fields
 from csi.proto import generate
 
 SPEC_MODULE = "github.com/container-storage-interface/spec"
-SPEC_VERSION = "v1.12.0"
-SPEC_SUM = "h1:zrFOEqpR5AghNaaDG4qyedwPBqU2fU0dWjLQMP/azK0="  # go.sum hash of the module zip
+SPEC_VERSION = "v1.13.0"
+SPEC_SUM = "h1:6ja3nYoACisewTPAAZkJ1pbf4+1ehhvt9Z/nYgWGHGw="  # go.sum hash of the module zip
 OUR_PROTO = generate.PROTO_DIR / "csi.proto"
 
 FDP = descriptor_pb2.FieldDescriptorProto
@@ -362,8 +362,12 @@ MUTATIONS: dict[str, tuple[Callable, str]] = {
         "extension .csi.v1.csi_secret: number is 1061, official 1059",
     ),
     "removed message": (
-        lambda f: f.message_type.remove(_message(f, "VolumeCondition")),
-        "message .csi.v1.VolumeCondition: missing in ours",
+        lambda f: f.message_type.remove(_message(f, "VolumeHealth")),
+        "message .csi.v1.VolumeHealth: missing in ours",
+    ),
+    "reserved field number": (
+        lambda f: _message(f, "NodeGetVolumeStatsResponse").ClearField("reserved_range"),
+        "message .csi.v1.NodeGetVolumeStatsResponse: reserved ranges is [], official [(2, 3)]",
     ),
     "package": (
         lambda f: setattr(f, "package", "csi.v2"),

@@ -61,3 +61,12 @@ def test_no_deadline_reported_as_huge_number_means_default():
         assert runner.time_left() == runner.DEFAULT_TIMEOUT
     with runner.deadline(30):
         assert 29 < runner.time_left() <= 30
+
+
+def test_secrets_are_masked_in_what_a_timed_out_command_printed():
+    """A command killed at its deadline carries what it printed so far: masked like any other failure's."""
+    with runner.deadline(0.5), pytest.raises(runner.CommandTimeout) as e:
+        runner.run(["sh", "-c", "echo \"login with $0\" >&2; echo \"out $0\"; exec sleep 30", "s3cr3t-value"],
+                   secrets=["s3cr3t-value"])
+    assert "login with ***" in e.value.stderr and "out ***" in e.value.stdout
+    assert "s3cr3t-value" not in f"{e.value} {e.value.stderr} {e.value.stdout} {' '.join(e.value.argv)}"

@@ -22,6 +22,7 @@ import pytest
 
 from csi.lab import VG_NAME, Lab, preflight
 from tests.e2e.k8s import images as e2e_images
+from tests.e2e.k8s import driver as drv
 from tests.e2e.k8s.driver import CACHE, PROJECT, STORAGE_LABEL, ZONE, ZONE_LABEL
 
 NODE_MEM = os.environ.get("CSI_K8S_NODE_MEM", "2560M")
@@ -74,13 +75,16 @@ def k8s(k8s_bin, k8s_images, tmp_path_factory):
             # The lab's boot activated the thin pool with the node's own LVM and udev; on a storage node of
             # a cluster, activation is the agent's job (in its container, with its own lvm.conf and no udev).
             storage.run(["vgchange", "--activate", "n", VG_NAME], timeout=60, check=True)
-            cluster.join(storage, labels={STORAGE_LABEL: "true", ZONE_LABEL: ZONE})
+            cluster.join(storage, labels={ZONE_LABEL: ZONE})
             cluster.join(worker, labels={ZONE_LABEL: ZONE})
             t1 = time.monotonic()
             per_node = cluster.import_images([i.archive for i in k8s_images.values()])
             cluster.timings["images imported"] = round(time.monotonic() - t1, 1)
             cluster.timings.update({f"import on {n}": s for n, s in per_node.items()})
             cluster.wait_nodes_ready()
+            # An administrator's label, once the Node exists: kubelets may not set node-restriction.kubernetes.io/
+            # labels, not even with --node-labels.
+            cluster.kubectl(["label", "node", storage.name, f"{STORAGE_LABEL}=true"])
             print("\ncluster bring-up (s): " + ", ".join(f"{k} {v}" for k, v in cluster.timings.items()))
             yield cluster
         finally:
@@ -98,3 +102,28 @@ def _kind(k8s_images, tmp_path_factory):
     finally:
         if os.environ.get("CSI_E2E_KEEP_KIND") != "1":
             cluster.delete()
+
+
+@pytest.fixture(scope="session")
+def installed(k8s, k8s_bin, k8s_images, driver_images):
+    """The chart installed (helm install) with the driver's and sidecars' images, the snapshot CRDs and
+    controller; every pod ready. Shared by the scenario modules, which run in file order."""
+    drv.STATE["busybox"] = k8s_images["busybox"].ref
+    t0 = time.monotonic()
+    k8s.import_images([i.archive for i in driver_images.values()])
+    drv.TIMINGS["driver + sidecar images imported (all nodes)"] = time.monotonic() - t0
+    images = {**k8s_images, **driver_images}
+    drv.STATE["storage"] = next(n.name for n in k8s.nodes.values() if n.role == "storage")
+    drv.STATE["worker"] = next(n.name for n in k8s.nodes.values() if n.role == "worker")
+    drv.install_snapshot_support(k8s, CACHE, images["snapshot-controller"])
+    storage_count = sum(1 for n in k8s.nodes.values() if n.role == "storage")
+    # The controller replicas on different nodes (the chart's preferred anti-affinity), as HA wants them:
+    # both on storage-1, a one-CPU UML node that also runs the agent and a node plugin, start so slowly that
+    # their sidecars give up on the CSI socket and restart.
+    values = drv.e2e_values(images, controller_selector={})
+    drv.TIMINGS["helm install"] = drv.helm_install(k8s, k8s_bin / "helm", values)
+    drv.TIMINGS["helm install -> driver pods ready"] = drv.wait_driver_ready(k8s, len(k8s.nodes), storage_count)
+    yield k8s
+    rows = [("step", "seconds")] + [(k, f"{v:.1f}") for k, v in drv.TIMINGS.items()]
+    width = max(len(r[0]) for r in rows)
+    print("\n" + "\n".join(f"{a:<{width}}  {b:>8}" for a, b in rows))

@@ -16,7 +16,8 @@ from tests.e2e.k8s.images import SIDECARS, Image
 
 PROJECT = Path(__file__).resolve().parents[3]
 CACHE = Path(os.environ.get("CSI_CACHE", "/var/cache/lvm-iscsi-csi"))
-STORAGE_LABEL = "lvm-iscsi.csi.dev/storage-node"
+# The chart's default agent.nodeSelector label: an administrator sets it (kubelets cannot, NodeRestriction).
+STORAGE_LABEL = "node-restriction.kubernetes.io/lvm-iscsi-storage-node"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 ZONE = "zone-a"
 CHART = Path(os.environ.get("CSI_E2E_CHART") or PROJECT / "deploy/helm/lvm-iscsi-csi")   # another copy, to debug
@@ -27,22 +28,29 @@ AGENT_PORT = 7600
 SIDECAR_VALUES = {"provisioner": "csi-provisioner", "attacher": "csi-attacher", "resizer": "csi-resizer",
                   "snapshotter": "csi-snapshotter", "livenessProbe": "livenessprobe",
                   "nodeDriverRegistrar": "csi-node-driver-registrar"}
-THIN_CLASS = "lvm-iscsi-thin"          # default, WaitForFirstConsumer
+THIN_CLASS = "lvm-iscsi-thin"          # the cluster's default (isDefault below; not the chart's), WaitForFirstConsumer
 IMMEDIATE_CLASS = "lvm-iscsi-immediate"
 BLOCK_CLASS = "lvm-iscsi-block"
+EXTRA_CLASS = "lvm-iscsi-extra"        # pool "extra": VG csi-vg2, which only a node made storage later has
+EXTRA_VG = "csi-vg2"
+CONTROLLER_REPLICAS = 2
+# csi-provisioner's leader election Lease: the driver name with "." and "/" as "-".
+DRIVER_LEASE = "lvm-iscsi-csi-dev"
+# What the tests share across modules (test_scenario.py, test_scenario_ha.py): timings and names.
+TIMINGS: dict[str, float] = {}
+STATE: dict[str, object] = {}
 
 
-def e2e_values(images: dict[str, Image], storage: dict[str, str], zone: str, controller_selector: dict) -> dict:
-    """Values for the e2e install. storage: storage node name -> its IP."""
+def e2e_values(images: dict[str, Image], controller_selector: dict) -> dict:
+    """Values for the e2e install. No storageNodes: the controller discovers them from the labelled Nodes."""
     assert set(SIDECAR_VALUES.values()) <= set(SIDECARS)
     driver = images["driver"]
     return {
         "clusterId": "e2e",
         "logLevel": "debug",
         "image": {"repository": driver.repository, "tag": driver.tag, "pullPolicy": "Never"},
-        "storageNodes": [{"name": name, "address": f"{ip}:{AGENT_PORT}", "zone": zone}
-                         for name, ip in sorted(storage.items())],
-        "controller": {"nodeSelector": controller_selector},
+        "controller": {"nodeSelector": controller_selector, "replicas": CONTROLLER_REPLICAS,
+                       "adoptionSettleSeconds": 0},
         "agent": {
             "port": AGENT_PORT,
             "pools": [
@@ -50,6 +58,8 @@ def e2e_values(images: dict[str, Image], storage: dict[str, str], zone: str, con
                  "maxFillPercent": 90, "warnFillPercent": 80},
                 {"name": "thick", "vg": "csi-vg", "thinPool": "", "overprovisionRatio": 1.0,
                  "maxFillPercent": 100, "warnFillPercent": 90},
+                {"name": "extra", "vg": EXTRA_VG, "thinPool": "thinpool2", "overprovisionRatio": 2.0,
+                 "maxFillPercent": 90, "warnFillPercent": 80},
             ],
             "devices": ["/dev/loop*"],
         },
@@ -63,6 +73,8 @@ def e2e_values(images: dict[str, Image], storage: dict[str, str], zone: str, con
              "volumeBindingMode": "Immediate", "allowVolumeExpansion": True},
             {"name": BLOCK_CLASS, "pool": "thin", "type": "thin", "fsType": "",
              "volumeBindingMode": "WaitForFirstConsumer"},
+            {"name": EXTRA_CLASS, "pool": "extra", "type": "thin", "fsType": "ext4",
+             "volumeBindingMode": "Immediate"},
         ],
     }
 
@@ -130,12 +142,44 @@ def wait_driver_ready(cluster, node_count: int, storage_count: int, timeout: flo
         agents = [p for p in pods.get("agent", []) if all(container_ready(p).values() or [False])]
         ctrl = [p for p in pods.get("controller", [])
                 if all(container_ready(p).get(c) for c in CONTROLLER_CONTAINERS)]
-        return len(nodes) == node_count and len(agents) == storage_count and len(ctrl) == 1
+        return len(nodes) == node_count and len(agents) == storage_count and len(ctrl) == CONTROLLER_REPLICAS
 
     try:
         cluster.wait_for(ready, timeout, "the driver's pods", interval=2)
     except Exception:
         print(cluster.kubectl(["get", "pods", "-n", NAMESPACE, "-o", "wide"], check=False).stdout)
+        print(restart_report(cluster))
+        print(current_logs(cluster))
         print(cluster.kubectl(["describe", "pods", "-n", NAMESPACE], check=False).stdout[-6000:])
         raise
     return round(time.monotonic() - t0, 1)
+
+
+def restarts(cluster) -> dict[tuple[str, str], int]:
+    """(pod, container) -> restart count, for the containers of the release that restarted."""
+    return {(p["metadata"]["name"], c["name"]): c["restartCount"] for ps in driver_pods(cluster).values()
+            for p in ps for c in p["status"].get("containerStatuses") or [] if c["restartCount"]}
+
+
+def restart_report(cluster, lines: int = 25) -> str:
+    """Why each restarted container of the release stopped: its last state and the end of its previous log."""
+    out = []
+    for (pod, container), count in sorted(restarts(cluster).items()):
+        logs = cluster.kubectl(["logs", "-n", NAMESPACE, pod, "-c", container, "--previous",
+                                f"--tail={lines}"], check=False)
+        out.append(f"--- {pod}/{container}: {count} restart(s)\n{logs.stdout}{logs.stderr}")
+    return "\n".join(out)
+
+
+def current_logs(cluster, lines: int = 60) -> str:
+    """The end of the log of every driver and agent container of the release (the sidecars say less)."""
+    out = []
+    for ps in driver_pods(cluster).values():
+        for p in ps:
+            for c in p["spec"]["containers"]:
+                if c["name"] not in ("driver", "agent"):
+                    continue
+                logs = cluster.kubectl(["logs", "-n", NAMESPACE, p["metadata"]["name"], "-c", c["name"],
+                                        f"--tail={lines}"], check=False)
+                out.append(f"--- {p['metadata']['name']}/{c['name']} (now)\n{logs.stdout}{logs.stderr}")
+    return "\n".join(out)

@@ -4,10 +4,13 @@ Each image is an OCI image-layout archive (oci-layout, index.json, blobs/sha256/
 loads straight into a node's containerd; the index carries the image's name (io.containerd.image.name), and
 every pod pulls nothing (imagePullPolicy Never / IfNotPresent with the image present).
 
-  driver      Debian 12 rootfs by mmdebstrap from the host's apt sources with python3, python3-venv and the
-              packages of deploy/packages.txt (the Dockerfile's list), and the driver in /opt/lvm-iscsi-csi, a
-              venv made inside that rootfs from wheels (the Dockerfile's `pip install --only-binary=:all:`).
-              Two layers: the Debian rootfs (rebuilt when packages.txt changes), the venv (when the code does).
+  driver      Debian rootfs by mmdebstrap from the host's apt sources (Debian 12 here, where the Dockerfile's base
+              is Debian 13: the venv's wheels are built by the host's Python 3.11, which Debian 12's python3 matches)
+              with python3, python3-venv and the packages of deploy/packages.txt (the Dockerfile's list), and the
+              driver in /opt/lvm-iscsi-csi, a venv made inside that rootfs from wheels: the dependencies at the
+              versions requirements.lock pins, hash-checked (the Dockerfile's `pip install --require-hashes`).
+              Two layers: the Debian rootfs (rebuilt when packages.txt changes), the venv (when the code or the
+              lock does).
   sidecars    one static Go binary each, at /<name> (scripts/build-k8s builds them), on an empty rootfs.
   pause       Kubernetes' own build/pause/linux/pause.c from the k8s.io/kubernetes module, linked static.
   busybox     Debian's busybox-static (apt-get download, unpacked, never installed on the host), for test pods.
@@ -50,7 +53,7 @@ SIDECARS = {
     "csi-snapshotter": ("csi-snapshotter", "v8.7.0"),
     "snapshot-controller": ("snapshot-controller", "v8.7.0"),
     "livenessprobe": ("livenessprobe", "v2.19.0"),
-    "csi-node-driver-registrar": ("csi-node-driver-registrar", "v2.16.0"),
+    "csi-node-driver-registrar": ("csi-node-driver-registrar", "v2.17.0"),
 }
 
 
@@ -235,7 +238,7 @@ def _host_apt_sources() -> list[str]:
 
 def driver_image(log=print) -> Image:
     base = driver_base(log)
-    code = _hash_paths([PROJECT / "pyproject.toml", PROJECT / "csi"], extra=base.digest)
+    code = _hash_paths([PROJECT / "pyproject.toml", PROJECT / "requirements.lock", PROJECT / "csi"], extra=base.digest)
     ref = f"{REGISTRY}/lvm-iscsi-csi:{code}"
     archive = IMAGES / "lvm-iscsi-csi.oci.tar"
     if _stamp_ok(archive, ref):
@@ -248,8 +251,12 @@ def driver_image(log=print) -> Image:
         shutil.copy2(PROJECT / "pyproject.toml", src)
         shutil.copytree(PROJECT / "csi", src / "csi", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         wheels = tmp / "wheels"
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--only-binary=:all:", "--no-binary=lvm-iscsi-csi",
-             "--wheel-dir", str(wheels), str(src)], timeout=900)
+        # As the Dockerfile: the dependencies exactly as requirements.lock pins them, hash-checked, wheels only;
+        # then the package's own wheel, without its dependencies.
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--require-hashes", "--only-binary=:all:",
+             "--wheel-dir", str(wheels), "-r", str(PROJECT / "requirements.lock")], timeout=900)
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(src)],
+            timeout=900)
         root = tmp / "rootfs"
         root.mkdir()
         run(["tar", "--numeric-owner", "-xzf", str(base.path), "-C", str(root)])

@@ -20,6 +20,7 @@ import yaml
 
 from csi.lab import GuestResult, LabError
 from csi.lab.k8s import Cluster
+from tests.e2e.k8s.driver import STORAGE_LABEL
 
 PROJECT = Path(__file__).resolve().parents[3]
 CONFIG = PROJECT / "deploy/kind/cluster.yaml"
@@ -66,8 +67,10 @@ class KindCluster:
             if "node-role.kubernetes.io/control-plane" in labels:
                 continue
             ip = next(a["address"] for a in n["status"]["addresses"] if a["type"] == "InternalIP")
-            role = "storage" if labels.get("lvm-iscsi.csi.dev/storage-node") == "true" else "worker"
+            role = "storage" if labels.get("lvm-iscsi.csi.dev/lab-role") == "storage" else "worker"
             self.nodes[n["metadata"]["name"]] = KindNode(n["metadata"]["name"], role, ip)
+            if role == "storage":
+                self.kubectl(["label", "node", n["metadata"]["name"], f"{STORAGE_LABEL}=true"])
         for node in self.nodes.values():
             self._prepare(node, storage_disk_bytes)
 

@@ -27,7 +27,7 @@ def test_nodes_are_ready_with_the_built_versions(k8s):
         assert info["kubeletVersion"] == "v1.35.4"
         assert info["containerRuntimeVersion"].startswith("containerd://1.6")
     storage = next(n for n in nodes if n["metadata"]["name"] == "storage-1")
-    assert storage["metadata"]["labels"]["lvm-iscsi.csi.dev/storage-node"] == "true"
+    assert storage["metadata"]["labels"]["node-restriction.kubernetes.io/lvm-iscsi-storage-node"] == "true"
     version = json.loads(k8s.kubectl(["version", "-o", "json"]).stdout)
     assert version["serverVersion"]["gitVersion"] == "v1.35.4"
 

@@ -14,11 +14,9 @@ import time
 import pytest
 
 from tests.e2e.k8s import driver as drv
-from tests.e2e.k8s.driver import CACHE, STORAGE_LABEL, ZONE
+from tests.e2e.k8s.driver import STATE, TIMINGS
 
 pytestmark = pytest.mark.e2e
-TIMINGS: dict[str, float] = {}
-STATE: dict[str, object] = {}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -136,44 +134,23 @@ def empty_state(k8s) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the scenario
-
-@pytest.fixture(scope="module")
-def installed(k8s, k8s_bin, k8s_images, driver_images):
-    STATE["busybox"] = k8s_images["busybox"].ref
-    t0 = time.monotonic()
-    k8s.import_images([i.archive for i in driver_images.values()])
-    TIMINGS["driver + sidecar images imported (all nodes)"] = time.monotonic() - t0
-    images = {**k8s_images, **driver_images}
-    STATE["storage"], STATE["worker"] = storage_node(k8s).name, worker_node(k8s).name
-    drv.install_snapshot_support(k8s, CACHE, images["snapshot-controller"])
-    storage = {n.name: n.ip for n in k8s.nodes.values() if n.role == "storage"}
-    values = drv.e2e_values(images, storage, ZONE, controller_selector={STORAGE_LABEL: "true"})
-    TIMINGS["helm install"] = drv.helm_install(k8s, k8s_bin / "helm", values)
-    TIMINGS["helm install -> driver pods ready"] = drv.wait_driver_ready(k8s, len(k8s.nodes), len(storage))
-    yield k8s
-    print("\n" + table())
-
-
-def table() -> str:
-    rows = [("step", "seconds")] + [(k, f"{v:.1f}") for k, v in TIMINGS.items()]
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{a:<{width}}  {b:>8}" for a, b in rows)
-
+# (the `installed` fixture, in conftest.py, helm-installs the chart)
 
 def test_helm_install_runs_controller_node_and_agent_pods(installed):
     pods = drv.driver_pods(installed)
     placed = {c: sorted(p["spec"]["nodeName"] for p in ps) for c, ps in pods.items()}
     s, w = STATE["storage"], STATE["worker"]
-    assert placed == {"controller": [s], "agent": [s], "node": sorted([s, w])}, placed
+    # one controller replica per node (the chart's anti-affinity): a node lost takes one replica, not both
+    assert placed == {"controller": sorted([s, w]), "agent": [s], "node": sorted([s, w])}, placed
     for component in ("agent", "node"):
         for p in pods[component]:
             assert all(drv.container_ready(p).values()), (component, drv.container_ready(p))
-    ready = drv.container_ready(pods["controller"][0])
-    assert sorted(ready) == sorted(drv.CONTROLLER_CONTAINERS) and all(ready.values()), ready
+    for controller in pods["controller"]:
+        ready = drv.container_ready(controller)
+        assert sorted(ready) == sorted(drv.CONTROLLER_CONTAINERS) and all(ready.values()), ready
     # a fresh install comes up without any container being restarted by its probes on the way
-    restarts = {(p["metadata"]["name"], c["name"]): c["restartCount"] for ps in pods.values() for p in ps
-                for c in p["status"]["containerStatuses"] if c["restartCount"]}
-    assert not restarts, restarts
+    restarted = drv.restarts(installed)
+    assert not restarted, drv.restart_report(installed)
     csinodes = installed.get("csinodes")["items"]
     assert sorted(n["metadata"]["name"] for n in csinodes
                   if any(d["name"] == "lvm-iscsi.csi.dev" for d in n["spec"].get("drivers") or [])) == sorted([s, w])
@@ -193,7 +170,8 @@ def test_wait_for_first_consumer_pvc_binds_with_its_pod_and_holds_data(installed
     time.sleep(3)
     assert phase(k8s, "pvc", "data") == "Pending"
     k8s.apply(pod("writer", "data", STATE["worker"],
-                  "head -c 16777216 /dev/urandom > /data/blob && sha256sum /data/blob > /data/blob.sha256 && "
+                  "head -c 16777216 /dev/urandom > /data/blob && sha256sum /data/blob > /data/blob.part && "
+                  "mv /data/blob.part /data/blob.sha256 && "
                   "sync && sleep 3600"))
     wait_phase(k8s, "pvc", "data", "Bound")
     TIMINGS["PVC created -> Bound (WaitForFirstConsumer)"] = time.monotonic() - t0
@@ -207,6 +185,32 @@ def test_wait_for_first_consumer_pvc_binds_with_its_pod_and_holds_data(installed
     # access for the worker only: its initiator in the ACL, its session, none on the storage node
     assert state["acls"] == [worker_node(k8s).initiator_iqn], state
     assert len(state[f"sessions {STATE['worker']}"]) == 1 and not state[f"sessions {STATE['storage']}"], state
+
+
+# The agent's records on the storage node: where the grants' CHAP secrets live, and only there.
+SECRETS_SCAN = """
+import glob, json
+for path in glob.glob("/var/lib/lvm-iscsi-csi/volumes/*/*.json"):
+    for g in json.load(open(path)).get("grants", {}).values():
+        print(g["chap_secret"])
+        if g.get("mutual_secret"):
+            print(g["mutual_secret"])
+"""
+
+
+def test_no_kubernetes_object_holds_a_chap_secret(installed):
+    """Issue 13: the VolumeAttachments, PVs and events of the scenario so far are read back: none holds a CHAP
+    secret (publish_context says where to log in and whom to ask; the node plugin asked the agent)."""
+    k8s = installed
+    secrets = [s for s in storage_node(k8s).run([sys.executable, "-c", SECRETS_SCAN], timeout=60,
+                                                 check=True).stdout.split() if s]
+    assert secrets, "no grant on the storage node: the pod of the previous step should hold one"
+    objects = k8s.kubectl(["get", "volumeattachments,pv,pvc,events", "-A", "-o", "json"]).stdout
+    leaked = [s for s in secrets if s in objects]
+    assert not leaked, "a CHAP secret in a Kubernetes object"
+    for va in json.loads(k8s.kubectl(["get", "volumeattachments", "-o", "json"]).stdout)["items"]:
+        meta = va.get("status", {}).get("attachmentMetadata", {})
+        assert meta and not [k for k in meta if "secret" in k.lower() or "chap" in k.lower()], meta
 
 
 def test_immediate_pvc_binds_without_a_pod(installed):
@@ -251,6 +255,53 @@ def test_expansion_while_the_pod_runs(installed):
     # the same container all along, its data intact
     assert container_id() == running
     assert exec_in(k8s, "writer", "sha256sum", "/data/blob").split()[0] == STATE["digest"]
+
+
+METRICS_FETCH = ("import sys, urllib.request; "
+                 "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=60).read().decode())")
+
+
+def scrape(k8s, pod: str, container: str, port: int) -> dict[tuple[str, tuple], float]:
+    """One endpoint's samples, fetched from inside the pod (the agent and node plugin use the host's network,
+    the controller its pod's), parsed with prometheus_client's own parser: {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = k8s.kubectl(["exec", "-n", drv.NAMESPACE, pod, "-c", container, "--", "python", "-c", METRICS_FETCH,
+                        f"http://127.0.0.1:{port}/metrics"], timeout=120).stdout
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def test_every_metrics_endpoint_counts_what_the_scenario_did(installed):
+    """issue 16: the controller replicas, the agent, the node plugins and the controller's sidecars are
+    scraped; the counts agree with what the tests before this one did (two volumes made, one staged on the
+    worker, a snapshot, an expansion). Ports: the chart's defaults."""
+    k8s = installed
+    pods = drv.driver_pods(k8s)
+    grpc_ok = "lvm_iscsi_csi_grpc_server_handled_total"
+    controllers = [scrape(k8s, p["metadata"]["name"], "driver", 9820) for p in pods["controller"]]
+    made = sum(total(c, grpc_ok, grpc_method="CreateVolume", grpc_code="OK") for c in controllers)
+    assert made >= 2, made                                   # the claim "data" and the restored one
+    assert sum(total(c, grpc_ok, grpc_method="CreateSnapshot", grpc_code="OK") for c in controllers) >= 1
+    assert sum(total(c, grpc_ok, grpc_method="ControllerExpandVolume", grpc_code="OK") for c in controllers) >= 1
+    agent = scrape(k8s, pods["agent"][0]["metadata"]["name"], "agent", 9822)
+    assert total(agent, grpc_ok, grpc_method="CreateVolume", grpc_code="OK") >= 2
+    assert total(agent, "lvm_iscsi_csi_pool_volumes", pool="thin") >= 2
+    assert total(agent, "lvm_iscsi_csi_pool_up", pool="thin") == 1
+    assert 0 < total(agent, "lvm_iscsi_csi_pool_data_fill_ratio", pool="thin") < 1
+    node = next(p for p in pods["node"] if p["spec"]["nodeName"] == STATE["worker"])
+    staged = scrape(k8s, node["metadata"]["name"], "driver", 9821)
+    assert total(staged, "lvm_iscsi_csi_node_staged_volumes") >= 1
+    assert total(staged, grpc_ok, grpc_method="NodeStageVolume", grpc_code="OK") >= 1
+    # the sidecars' own endpoints (--http-endpoint): the provisioner's CreateVolume calls are there too
+    leader = max(pods["controller"], key=lambda p: total(controllers[pods["controller"].index(p)], grpc_ok,
+                                                         grpc_method="CreateVolume"))
+    sidecar = scrape(k8s, leader["metadata"]["name"], "driver", 8090)
+    assert total(sidecar, "csi_sidecar_operations_seconds_count",
+                 method_name="/csi.v1.Controller/CreateVolume") >= 2
 
 
 def test_raw_block_pvc_used_by_a_pod(installed):

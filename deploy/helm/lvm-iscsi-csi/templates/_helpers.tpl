@@ -58,60 +58,99 @@ app.kubernetes.io/component: {{ .component }}
 topology.{{ .Values.driverName }}/zone
 {{- end -}}
 
-{{- define "lvm-iscsi-csi.agentSecretName" -}}
-{{- default (printf "%s-agent-tls" (include "lvm-iscsi-csi.fullname" .)) .Values.tls.agentSecretName -}}
+{{/* "true" when the cluster serves snapshot.storage.k8s.io/v1 VolumeSnapshotClass (the snapshot CRDs), else "". */}}
+{{- define "lvm-iscsi-csi.hasSnapshotApi" -}}
+{{- if .Capabilities.APIVersions.Has "snapshot.storage.k8s.io/v1/VolumeSnapshotClass" -}}true{{- end -}}
 {{- end -}}
 
-{{- define "lvm-iscsi-csi.controllerSecretName" -}}
-{{- default (printf "%s-controller-tls" (include "lvm-iscsi-csi.fullname" .)) .Values.tls.controllerSecretName -}}
+{{/* The Secret with the CA's certificate (tls.crt) and key (tls.key): mounted into the controller only. */}}
+{{- define "lvm-iscsi-csi.caSecretName" -}}
+{{- default (printf "%s-ca" (include "lvm-iscsi-csi.fullname" .)) .Values.tls.caSecretName -}}
+{{- end -}}
+
+{{/* The ConfigMap with the CA certificate(s) every pod trusts (ca.crt). */}}
+{{- define "lvm-iscsi-csi.caConfigMapName" -}}
+{{- printf "%s-ca" (include "lvm-iscsi-csi.fullname" .) -}}
+{{- end -}}
+
+{{/* The signerName of the driver's CertificateSigningRequests: unique per cluster, as the driver name is. */}}
+{{- define "lvm-iscsi-csi.signerName" -}}
+{{- printf "%s/identity" .Values.driverName -}}
+{{- end -}}
+
+{{/* Where each driver process keeps its own certificate (an emptyDir in memory; renewed in place). */}}
+{{- define "lvm-iscsi-csi.tlsDir" -}}
+/run/lvm-iscsi-csi/tls
 {{- end -}}
 
 {{/*
-The controller-to-agent TLS material, as YAML: {agent: {ca.crt, tls.crt, tls.key}, controller: {...}}, each
-value base64 as it goes into a Secret's data. Existing Secrets are read back with lookup, so `helm upgrade`
-keeps the CA and the certificates; only when either Secret is missing or incomplete is a new CA made, with both
-certificates (a certificate signed by a CA whose key the chart no longer has cannot be re-issued). The result
-is computed once per render and cached, so the Secrets and the pods' checksum annotations agree.
+The generated CA (tls.generate), as YAML {tls.crt, tls.key}, base64 as they go into a Secret's data. The
+existing Secret is read back with lookup, so `helm upgrade` keeps the CA; only when it is missing or incomplete
+is a new one made (an EC P-256 key). Computed once per render and cached, so that the Secret, the ConfigMap and
+the pods' checksum annotations agree.
 */}}
-{{- define "lvm-iscsi-csi.tlsData" -}}
-{{- if not (hasKey .Release "lvmIscsiCsiTls") -}}
-{{- $ns := .Release.Namespace -}}
-{{- $agent := (lookup "v1" "Secret" $ns (include "lvm-iscsi-csi.agentSecretName" .)).data | default dict -}}
-{{- $controller := (lookup "v1" "Secret" $ns (include "lvm-iscsi-csi.controllerSecretName" .)).data | default dict -}}
-{{- $keys := list "ca.crt" "tls.crt" "tls.key" -}}
-{{- $complete := true -}}
-{{- range $k := $keys -}}
-{{- if or (not (index $agent $k)) (not (index $controller $k)) -}}
-{{- $complete = false -}}
-{{- end -}}
-{{- end -}}
+{{- define "lvm-iscsi-csi.caData" -}}
+{{- if not (hasKey .Release "lvmIscsiCsiCa") -}}
+{{- $found := (lookup "v1" "Secret" .Release.Namespace (include "lvm-iscsi-csi.caSecretName" .)).data | default dict -}}
 {{- $result := dict -}}
-{{- if and $complete (eq (index $agent "ca.crt") (index $controller "ca.crt")) -}}
-{{- $_ := set $result "agent" (pick $agent "ca.crt" "tls.crt" "tls.key") -}}
-{{- $_ := set $result "controller" (pick $controller "ca.crt" "tls.crt" "tls.key") -}}
+{{- if and (index $found "tls.crt") (index $found "tls.key") -}}
+{{- $result = pick $found "tls.crt" "tls.key" -}}
 {{- else -}}
-{{- $days := int .Values.tls.validityDays -}}
-{{- $ca := genCA (printf "%s-ca" (include "lvm-iscsi-csi.fullname" .)) $days -}}
-{{- $agentCert := genSignedCert "lvm-iscsi-agent" nil (list "lvm-iscsi-agent") $days $ca -}}
-{{- $controllerCert := genSignedCert "lvm-iscsi-controller" nil nil $days $ca -}}
-{{- $_ := set $result "agent" (dict "ca.crt" ($ca.Cert | b64enc) "tls.crt" ($agentCert.Cert | b64enc) "tls.key" ($agentCert.Key | b64enc)) -}}
-{{- $_ := set $result "controller" (dict "ca.crt" ($ca.Cert | b64enc) "tls.crt" ($controllerCert.Cert | b64enc) "tls.key" ($controllerCert.Key | b64enc)) -}}
+{{- $ca := genCAWithKey (printf "%s-ca" (include "lvm-iscsi-csi.fullname" .)) (int .Values.tls.validityDays) (genPrivateKey "ecdsa") -}}
+{{- $result = dict "tls.crt" ($ca.Cert | b64enc) "tls.key" ($ca.Key | b64enc) -}}
 {{- end -}}
-{{- $_ := set .Release "lvmIscsiCsiTls" $result -}}
+{{- $_ := set .Release "lvmIscsiCsiCa" $result -}}
 {{- end -}}
-{{- toYaml (get .Release "lvmIscsiCsiTls") -}}
+{{- toYaml (get .Release "lvmIscsiCsiCa") -}}
 {{- end -}}
 
-{{/* A checksum that changes when the TLS material changes, so the pods roll on rotation. */}}
-{{- define "lvm-iscsi-csi.tlsChecksum" -}}
+{{/* The CA certificate(s) every pod trusts, PEM: the generated CA's, or tls.caCertificate; empty when the
+user makes the ConfigMap (tls.generate=false without tls.caCertificate). */}}
+{{- define "lvm-iscsi-csi.caCertificate" -}}
 {{- if .Values.tls.generate -}}
-{{- include "lvm-iscsi-csi.tlsData" . | sha256sum -}}
+{{- index (include "lvm-iscsi-csi.caData" . | fromYaml) "tls.crt" | b64dec -}}
 {{- else -}}
-{{- printf "%s/%s" (include "lvm-iscsi-csi.agentSecretName" .) (include "lvm-iscsi-csi.controllerSecretName" .) | sha256sum -}}
+{{- .Values.tls.caCertificate -}}
 {{- end -}}
 {{- end -}}
 
-{{/* Projected service-account token, mounted only into the containers that talk to the API server. */}}
+{{/* A checksum that changes with the CA, so that every pod restarts (and gets a new certificate) when it
+changes. Certificates renewed from the same CA need no restart. */}}
+{{- define "lvm-iscsi-csi.caChecksum" -}}
+{{- printf "%s/%s" (include "lvm-iscsi-csi.caCertificate" .) (include "lvm-iscsi-csi.caSecretName" .) | sha256sum -}}
+{{- end -}}
+
+{{/* What the agent and the node plugin pass to obtain their certificate through the controller's signer. */}}
+{{- define "lvm-iscsi-csi.podCertificateArgs" -}}
+- --tls-dir={{ include "lvm-iscsi-csi.tlsDir" . }}
+- --csr-signer={{ include "lvm-iscsi-csi.signerName" . }}
+- --ca-file=/etc/lvm-iscsi-csi/ca.crt
+{{- end -}}
+
+{{/* The process's own certificate: an emptyDir in memory (the key never reaches a disk). */}}
+{{- define "lvm-iscsi-csi.tlsVolume" -}}
+- name: tls
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- end -}}
+
+{{- define "lvm-iscsi-csi.tlsMount" -}}
+- name: tls
+  mountPath: {{ include "lvm-iscsi-csi.tlsDir" . }}
+{{- end -}}
+
+{{/* The CA bundle every pod trusts, as an item of a projected volume mounted at /etc/lvm-iscsi-csi. */}}
+{{- define "lvm-iscsi-csi.caBundleSource" -}}
+- configMap:
+    name: {{ include "lvm-iscsi-csi.caConfigMapName" . }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end -}}
+
+{{/* Projected service-account token, mounted only into the containers that talk to the API server. Bound to
+the pod (and so to its node): the controller's signer reads pod and node from it (csi/certsigner.py). */}}
 {{- define "lvm-iscsi-csi.apiAccessVolume" -}}
 - name: kube-api-access
   projected:
@@ -132,14 +171,27 @@ is computed once per render and cached, so the Secrets and the pods' checksum an
                 fieldPath: metadata.namespace
 {{- end -}}
 
+{{/* The label selector of the storage nodes: agent.nodeSelector as key=value,... (discovery uses it). */}}
+{{- define "lvm-iscsi-csi.storageNodeSelector" -}}
+{{- $terms := list -}}
+{{- range $k, $v := .Values.agent.nodeSelector -}}
+{{- $terms = append $terms (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join "," (sortAlpha $terms) -}}
+{{- end -}}
+
 {{- define "lvm-iscsi-csi.apiAccessMount" -}}
 - name: kube-api-access
   mountPath: /var/run/secrets/kubernetes.io/serviceaccount
   readOnly: true
 {{- end -}}
 
-{{/* Checks of values that the schema cannot express. */}}
+{{/* Checks of values that the schema cannot express, and of the Kubernetes version. */}}
 {{- define "lvm-iscsi-csi.validate" -}}
+{{- $kube := .Capabilities.KubeVersion.Version -}}
+{{- if not (semverCompare ">=1.34.0-0" $kube) -}}
+{{- fail (printf "Kubernetes %s is too old for this chart: it needs 1.34 or later (csi-provisioner v6 and csi-resizer v2 use the storage.k8s.io/v1 VolumeAttributesClass API, GA in 1.34). helm install and helm upgrade read the version from the cluster; helm template and helm lint assume one unless told (v1.20.0 in a helm built from source): pass --kube-version with your cluster's version, e.g. --kube-version 1.35.0" $kube) -}}
+{{- end -}}
 {{- $names := dict -}}
 {{- range .Values.storageNodes -}}
 {{- if hasKey $names .name -}}

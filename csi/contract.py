@@ -1,0 +1,101 @@
+"""The contract between controller and node plugin: what ControllerPublishVolume puts in publish_context, and
+how NodeStageVolume reads it. Both sides import this module; nothing else names these keys.
+
+publish_context lands in the VolumeAttachment's status.attachmentMetadata, which anyone who can read
+VolumeAttachments (or the cluster's Prometheus: kube-state-metrics exports the keys as labels) can read. So it
+holds where to log in and whom to ask for the credentials, never a secret: the node plugin fetches its CHAP
+credentials from the storage node's agent over mutual TLS with its own node certificate (storage/access.py
+gives them only to the node the grant was made for).
+
+A VolumeAttachment made by the driver before this contract holds the CHAP secrets themselves (chapUser,
+chapSecret, mutualChapUser, mutualChapSecret) and no agent address: parse() still reads those, so a volume
+attached across the upgrade still stages.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from csi import errors, ids
+from csi.storage.lio import Portal
+
+TARGET_IQN = "targetIqn"
+PORTALS = "portals"
+LUN = "lun"
+STORAGE_NODE = "storageNode"
+AGENT = "agent"              # host:port of the storage node's agent: where the credentials are
+# Written by the driver before this contract (secrets in a Kubernetes object); read, never written.
+LEGACY_CHAP_USER = "chapUser"
+LEGACY_CHAP_SECRET = "chapSecret"
+LEGACY_MUTUAL_USER = "mutualChapUser"
+LEGACY_MUTUAL_SECRET = "mutualChapSecret"
+
+_CHAP_VALUE = re.compile(r"[!-~]{1,255}")
+
+
+@dataclass(frozen=True)
+class Chap:
+    user: str
+    secret: str
+    mutual_user: str = ""
+    mutual_secret: str = ""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What a node needs to log in to one volume's target."""
+    iqn: str
+    portals: tuple[str, ...]
+    lun: int
+    storage_node: str
+    agent: str                       # "" in a context of the driver before this contract
+    legacy_chap: Chap | None = None  # only in such a context
+
+
+def publish_context(target_iqn: str, portals, lun: int, storage_node: str, agent_address: str) -> dict[str, str]:
+    return {TARGET_IQN: target_iqn, PORTALS: ",".join(portals), LUN: str(lun), STORAGE_NODE: storage_node,
+            AGENT: agent_address}
+
+
+def check_chap(chap: Chap) -> Chap:
+    # iscsiadm's node records are "name = value" lines: a value with a newline would add a setting.
+    if any(v and not _CHAP_VALUE.fullmatch(v) for v in (chap.user, chap.secret, chap.mutual_user,
+                                                          chap.mutual_secret)):
+        raise errors.invalid("CHAP values must be 1 to 255 printable ASCII characters, no spaces")
+    return chap
+
+
+def parse(ctx, ref: ids.LvRef) -> Attachment:
+    """The target publish_context describes, checked: it must be this volume's, on ip:port portals."""
+    missing = [k for k in (TARGET_IQN, PORTALS, LUN) if not ctx.get(k)]
+    if missing:
+        raise errors.invalid(f"publish_context lacks {', '.join(missing)} (was the volume published by this "
+                             "driver's controller?)")
+    if ctx[TARGET_IQN] != ref.iqn:
+        raise errors.invalid("publish_context names another target than the volume")
+    lun = ctx[LUN]
+    if not re.fullmatch(r"[0-9]{1,5}", lun) or int(lun) > 16383:
+        raise errors.invalid("publish_context lun must be a number from 0 to 16383")
+    try:
+        portals = tuple(str(Portal.parse(p)) for p in ctx[PORTALS].split(",") if p)
+    except ValueError:
+        raise errors.invalid("publish_context portals must be ip:port items") from None
+    if not portals:
+        raise errors.invalid("publish_context names no portal")
+    node = ctx.get(STORAGE_NODE, ref.node)
+    if node != ref.node:
+        raise errors.invalid("publish_context names another storage node than the volume")
+    agent = ctx.get(AGENT, "")
+    if agent:
+        try:
+            Portal.parse(agent)   # the same shape: ip:port
+        except ValueError:
+            raise errors.invalid("publish_context agent must be an ip:port") from None
+    legacy = None
+    if ctx.get(LEGACY_CHAP_USER) or ctx.get(LEGACY_CHAP_SECRET):
+        legacy = check_chap(Chap(ctx.get(LEGACY_CHAP_USER, ""), ctx.get(LEGACY_CHAP_SECRET, ""),
+                                 ctx.get(LEGACY_MUTUAL_USER, ""), ctx.get(LEGACY_MUTUAL_SECRET, "")))
+    if not agent and legacy is None:
+        raise errors.invalid("publish_context names neither the storage node's agent nor credentials")
+    return Attachment(ctx[TARGET_IQN], portals, int(lun), node, agent, legacy)

@@ -1,0 +1,95 @@
+"""What the agent does when it starts: bring the kernel back to what its records say.
+
+LIO's configuration does not survive a reboot, and /etc/target is not used: every export, ACL and CHAP
+secret is re-created from the per-volume records and the LVs. Deletions that were cut short are finished;
+ACLs that no record holds are removed. Nothing here may take long per volume: the agent listens only after
+it (a startup probe waits).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from csi.runner import CommandError
+from csi.storage import rebuild, tags
+from csi.storage.lio import Access
+
+log = logging.getLogger(__name__)
+
+
+def _tag_older_volumes(service, records, lvs) -> None:
+    """Volumes made before the attributes tag get it (so a lost state directory can be rebuilt), and copies
+    that finished before the content tag was removed at their end lose it: one lvchange each, once."""
+    for rec in records:
+        lv = lvs.get((rec.vg, rec.lv))
+        if lv is None or rec.deleting or not service._ours(lv):
+            continue
+        try:
+            if lv.tag(tags.ATTRS) is None and (wanted := tags.attributes_tag(rec.attributes)):
+                service.lvm.add_tag(rec.vg, rec.lv, wanted)
+            if rec.state == "ready" and lv.tag(tags.CONTENT) == "copy":
+                service.lvm.del_tag(rec.vg, rec.lv, tags.tag("content", "copy"))
+        except CommandError:
+            log.exception("could not bring the tags of %s/%s up to date", rec.vg, rec.lv)
+
+
+def restore(service) -> dict[str, int]:
+    counts = {"exported": 0, "finished_deletes": 0, "stale_acls_removed": 0, "activated_unrecorded": 0,
+              "failed": 0}
+    cfg, lvm, lio = service.config, service.lvm, service.lio
+    for pool in cfg.pools:
+        state = lvm.thin_pool(pool.vg, pool.thin_pool) if pool.thin else None
+        if state is not None and not state.zeroing:
+            log.warning("thin pool %s/%s did not zero new blocks; turning zeroing on so no tenant reads "
+                        "another's old data", pool.vg, pool.thin_pool)
+            lvm.set_zeroing(pool.vg, pool.thin_pool)
+        if state is not None and not state.error_when_full:
+            # Nothing extends a pool here (the agent's lvm.conf has monitoring off: no dmeventd, no autoextend),
+            # so a full pool that queues I/O only hangs every writer for the kernel's no_space_timeout (60 s)
+            # before failing it anyway. New volumes are refused before the edge (maxFillPercent) instead.
+            log.warning("thin pool %s/%s queued writes when full; making it fail them at once (--errorwhenfull y)",
+                        pool.vg, pool.thin_pool)
+            lvm.set_error_when_full(pool.vg, pool.thin_pool)
+    lvs = {}
+    for vg in sorted({p.vg for p in cfg.pools}):
+        lvs.update({(vg, lv.name): lv for lv in lvm.lvs(vg)})
+    counts.update(rebuild.ensure(service, lvs))
+    records = list(service.records.all())
+    recorded = {(rec.vg, rec.lv) for rec in records}
+    _tag_older_volumes(service, records, lvs)
+    for (vg, name), lv in sorted(lvs.items()):
+        if (vg, name) not in recorded and service._ours(lv) and not lv.active:
+            # A creation cut short before its record (and a reboot since): active, its device node tells
+            # CreateVolume and GetVolume that it exists (see AgentService._may_exist); the retry finishes it.
+            try:
+                lvm.activate(vg, name)
+                counts["activated_unrecorded"] += 1
+            except CommandError:
+                log.exception("could not activate %s/%s, whose creation was cut short", vg, name)
+                counts["failed"] += 1
+    for rec in records:
+        try:
+            lv = lvs.get((rec.vg, rec.lv))
+            if rec.deleting or lv is None:
+                service._delete(rec.vg, rec.lv)
+                counts["finished_deletes"] += 1
+                continue
+            if rec.state != "ready":
+                continue   # an unfinished copy is never exported; CreateVolume's retry restarts it
+            if not lv.active:
+                lvm.activate(rec.vg, rec.lv)
+            pool = service._pool_of(rec.vg, lv)
+            lio.export(rec.target_iqn, rec.lv, lv.path, bool(pool and pool.thin))
+            for g in rec.grants.values():
+                lio.grant(rec.target_iqn, Access(g.initiator, g.read_only, g.chap_user, g.chap_secret,
+                                                 g.mutual_user, g.mutual_secret))
+            for acl in lio.acls(rec.target_iqn):
+                if acl.initiator not in rec.grants:
+                    lio.revoke(rec.target_iqn, acl.initiator)
+                    counts["stale_acls_removed"] += 1
+            counts["exported"] += 1
+        except Exception:  # noqa: BLE001 - one broken volume must not keep the others down
+            log.exception("could not restore the export of %s/%s", rec.vg, rec.lv)
+            counts["failed"] += 1
+    log.info("restored exports: %s", counts)
+    return counts

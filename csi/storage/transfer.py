@@ -1,0 +1,140 @@
+"""A new volume's content copied in from its source (a snapshot, or a point-in-time snapshot of a volume),
+on this storage node or streamed from another node's agent over mutual TLS (ReadData).
+
+The copy runs as a job apart from the CreateVolume that started it (copy.CopyJobs): a retry joins it, and a
+copy may outlast the provisioner's RPC timeout. The record stays "copying" (never exported) until the copy
+has completed and verified.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import grpc
+
+from csi import errors, faults, ids, peers, runner
+from csi.config import PoolConfig
+from csi.proto import agent_pb2 as pb
+from csi.proto import agent_pb2_grpc
+from csi.server import TlsFiles
+from csi.storage import copy, snapshots, tags
+from csi.storage.lvm import LogicalVolume
+from csi.storage.records import VolumeRecord
+
+log = logging.getLogger(__name__)
+
+
+def source_dict(source) -> dict:
+    return {"node": source.node, "address": source.address, "vg": source.vg, "lv": source.lv,
+            "snapshot": source.snapshot, "size": source.size_bytes}
+
+
+def finish(service, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig) -> VolumeRecord:
+    """Starts or joins the copy into this volume and waits for it while the call's time lasts."""
+    key = f"{rec.vg}/{rec.lv}"
+    job = service.copies.start(key, int(rec.source.get("size", 0)),
+                               lambda progress: _copy(service, rec, lv, pool, progress))
+    try:
+        job.result(timeout=max(1.0, runner.time_left() - 2.0))
+    except FutureTimeout:
+        p = service.copies.progress(key)
+        raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED,
+                              f"copying into {rec.name!r} is in progress ({p.percent if p else 0:.0f}%); "
+                              "a retry joins it") from None
+    except Exception:
+        service.copies.forget(key)   # the next retry starts the copy again from the beginning
+        raise
+    done = service.records.load(rec.vg, rec.lv)
+    return done if done is not None else rec
+
+
+def _copy(service, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig, progress: copy.Progress) -> None:
+    src = rec.source
+    size = int(src["size"])
+    if src["node"] == service.config.node_name:
+        src_lv = service.lvm.lv(src["vg"], src["lv"])
+        if src_lv is None:
+            raise errors.not_found(f"source {src['vg']}/{src['lv']} is gone")
+        _refuse_split(src_lv)
+        if not src_lv.active:
+            service.lvm.activate(src["vg"], src["lv"])
+        stream = copy.sparse_stream(src_lv.path, size)
+        if snapshots.is_cow(src_lv):
+            stream = _while_intact(service, src_lv, stream)
+    else:
+        stream = _remote_stream(service, src)
+    try:
+        copy.write_stream(lv.path, size, stream, sparse=pool.thin, progress=progress)
+    except copy.NotVerified as exc:
+        raise errors.internal(f"copy into {rec.name!r} does not verify: {exc}") from None
+    # Before the record says ready: an LV still tagged as a copy in progress is never rebuilt as a volume
+    # from its tags (rebuild.py), and a retry after a crash here only copies again.
+    if lv.tag(tags.CONTENT) == "copy":
+        service.lvm.del_tag(rec.vg, rec.lv, tags.tag("content", "copy"))
+        faults.step("copy.untagged")
+    rec.state = "ready"
+    service.records.save(rec)
+
+
+def _remote_stream(service, src: dict):
+    creds = TlsFiles(service.config.tls_dir).channel_credentials()
+    # The source agent must present its own node's certificate (csi/peers.py); it checks ours against the
+    # copy the controller allowed for this destination (storage/authz.py).
+    name = peers.dns_name(peers.AGENT, src["node"])
+    options = [("grpc.ssl_target_name_override", name), ("grpc.max_receive_message_length", 8 << 20)]
+    with grpc.secure_channel(src["address"], creds, options=options) as channel:
+        stub = agent_pb2_grpc.AgentStub(channel)
+        for chunk in stub.ReadData(pb.ReadDataRequest(vg=src["vg"], lv=src["lv"])):
+            if chunk.done:
+                yield chunk.size_bytes, None, chunk.sha256
+                return
+            yield chunk.offset, chunk.data, ""
+
+
+def _refuse_split(lv: LogicalVolume) -> None:
+    if snapshots.is_split(lv):
+        raise errors.aborted(f"{lv.vg}/{lv.name} is a point-in-time snapshot being dropped, no content to copy")
+
+
+def _while_intact(service, snap: LogicalVolume, stream):
+    """Passes a COW snapshot's content on, and checks before the last message (and after a read error)
+    that the snapshot is still valid: one that overflowed no longer holds its point in time."""
+    try:
+        for item in stream:
+            if item[2]:
+                _check_intact(service, snap)
+            yield item
+    except OSError:
+        _check_intact(service, snap)   # says why, when this is why
+        raise
+
+
+def _check_intact(service, snap: LogicalVolume) -> None:
+    now = service.lvm.lv(snap.vg, snap.name)
+    if now is None or now.attr[4:5] == "I" or (now.data_percent or 0.0) >= 100.0:
+        raise errors.exhausted(
+            f"the point-in-time snapshot {snap.vg}/{snap.name} overflowed: its origin took more writes during "
+            f"the copy than its {snap.size} bytes of copy-on-write space hold, so it no longer holds its point in "
+            "time; the copy is abandoned and a retry copies from a new one")
+
+
+def read_data(service, request):
+    """ReadData: the content of a volume or snapshot of this cluster, chunks of zeros left out."""
+    ids.check_lvm_name(request.vg, "vg")
+    ids.check_lvm_name(request.lv, "lv")
+    lv = service.lvm.lv(request.vg, request.lv)
+    if lv is None or not any(service._ours(lv, k) for k in ("volume", "snapshot", "transfer")):
+        raise errors.not_found(f"no volume or snapshot {request.vg}/{request.lv} on {service.config.node_name}")
+    _refuse_split(lv)
+    if not lv.active:
+        service.lvm.activate(request.vg, request.lv)
+    size = copy.device_size(lv.path)   # a COW snapshot's LV size is its COW space, not its content's
+    stream = copy.sparse_stream(lv.path, size)
+    if snapshots.is_cow(lv):
+        stream = _while_intact(service, lv, stream)
+    for offset, data, final in stream:
+        if final:
+            yield pb.DataChunk(done=True, size_bytes=size, sha256=final)
+        elif data is not None:
+            yield pb.DataChunk(offset=offset, data=data)

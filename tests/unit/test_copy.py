@@ -1,0 +1,89 @@
+"""The content copy's verification (issue 12, defect 8): both ends hash the stream (the source's bytes as
+read, the destination's bytes as written), the destination writes with O_DIRECT and flushes, and nothing is
+read back through the page cache to "verify" afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from csi.storage import copy
+
+MiB = 1 << 20
+
+
+def stream_of(content: bytes, skip_zeros: bool = True, digest: str | None = None):
+    """What a sender sends: data chunks (zero chunks left out, as ReadData does), then size and SHA-256."""
+    for offset in range(0, len(content), copy.CHUNK):
+        data = content[offset:offset + copy.CHUNK]
+        if data.count(0) == len(data) and skip_zeros:
+            continue
+        yield offset, data, ""
+    yield len(content), None, digest or hashlib.sha256(content).hexdigest()
+
+
+@pytest.fixture
+def content() -> bytes:
+    # data, a hole, data: the hole is not sent
+    return os.urandom(MiB) + bytes(2 * MiB) + os.urandom(MiB)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_what_is_written_is_hashed_on_the_way_and_matches_the_source(tmp_path, content, sparse):
+    dst = tmp_path / "dst"
+    dst.write_bytes(b"\xff" * len(content))      # a destination that held something: holes must become zeros
+    digest = copy.write_stream(str(dst), len(content), stream_of(content), sparse=sparse,
+                               progress=copy.Progress(len(content)))
+    assert digest == hashlib.sha256(content).hexdigest()
+    assert dst.read_bytes() == content
+
+
+def test_a_stream_that_does_not_match_the_senders_digest_fails(tmp_path, content):
+    dst = tmp_path / "dst"
+    dst.write_bytes(bytes(len(content)))
+    with pytest.raises(copy.NotVerified):
+        copy.write_stream(str(dst), len(content), stream_of(content, digest="0" * 64), sparse=True,
+                          progress=copy.Progress(len(content)))
+
+
+def test_nothing_is_read_back_to_verify(tmp_path, content, monkeypatch):
+    """The read-back read the page cache, not the disk: the hash is taken on the stream instead, once."""
+    dst = tmp_path / "dst"
+    dst.write_bytes(bytes(len(content)))
+    assert not hasattr(copy, "digest_of"), "a second pass over the copied data is still there"
+    reads = []
+    for name in ("pread", "preadv", "read", "readv"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, real=real, name=name: reads.append((name, a)) or real(*a))
+    copy.write_stream(str(dst), len(content), stream_of(content, skip_zeros=False), sparse=False,
+                      progress=copy.Progress(len(content)))
+    assert reads == []
+
+
+def test_a_block_device_is_written_with_o_direct_and_flushed(tmp_path, content, monkeypatch):
+    dst = tmp_path / "dst"
+    dst.write_bytes(bytes(len(content)))
+    opened, synced = [], []
+    real_open = os.open
+    monkeypatch.setattr(copy, "_is_block_device", lambda path: True)
+
+    def fake_open(path, flags, *args):
+        opened.append((str(path), flags))
+        return real_open(path, flags & ~os.O_DIRECT, *args)   # tmpfs refuses O_DIRECT; the flag is what counts
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    copy.write_stream(str(dst), len(content), stream_of(content), sparse=False, progress=copy.Progress(len(content)))
+    writes = [flags for path, flags in opened if path == str(dst) and flags & (os.O_WRONLY | os.O_RDWR)]
+    assert writes and all(flags & os.O_DIRECT for flags in writes), opened
+    assert synced, "the destination was not flushed"
+
+
+def test_the_sender_hashes_what_it_reads(tmp_path, content):
+    src = tmp_path / "src"
+    src.write_bytes(content)
+    sent = list(copy.sparse_stream(str(src), len(content)))
+    assert sent[-1] == (len(content), None, hashlib.sha256(content).hexdigest())
+    assert [o for o, d, _ in sent[:-1] if d is None] == [MiB, 2 * MiB]     # zero chunks marked, not sent
