@@ -85,7 +85,8 @@ class Fleet:
         self._logs.append(out)
         self.controller = subprocess.Popen(
             [py, "-m", "csi", "controller", "--endpoint", f"unix://{self.socket}", "--cluster-id", sim.CLUSTER_ID,
-             "--storage-nodes", str(nodes), "--journal-dir", str(self.journal), "--tls-dir", str(pki.ensure("controller"))],
+             "--storage-nodes", str(nodes), "--journal-dir", str(self.journal),
+             "--tls-dir", str(pki.ensure("controller"))],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         self._wait_controller()
 

@@ -240,24 +240,12 @@ def run_cleanup(a: argparse.Namespace) -> int:
     return cleanup(_controller_config(a), sys.stdout, a.min_age, a.delete)
 
 
-def run_wait_for_socket(a: argparse.Namespace) -> int:
-    """Returns once the unix socket accepts a connection: the chart's postStart hook of the driver container,
-    so that kubelet starts the CSI sidecars (the containers after it) only when there is a driver to talk to.
-    Started at once, each sidecar gave up connecting on a slow start, exited and was restarted."""
-    import socket
-    import time
-    deadline = time.monotonic() + a.timeout
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(2.0)
-            try:
-                s.connect(a.path)
-                return 0
-            except OSError as exc:
-                if time.monotonic() >= deadline:
-                    log.error("%s accepts no connection after %.0fs: %s", a.path, a.timeout, exc)
-                    return 1
-        time.sleep(0.2)
+def run_wait_for_driver(a: argparse.Namespace) -> int:
+    """Returns once the driver answers on its socket: the chart's postStart hook of the driver container, so
+    that kubelet starts the CSI sidecars (the containers after it) only when the driver answers promptly.
+    Started at once on a loaded node, each sidecar gave up on its first connection, exited and was restarted."""
+    from csi.identity import wait_until_answering
+    return 0 if wait_until_answering(a.path, a.timeout) else 1
 
 
 def run_retire(a: argparse.Namespace) -> int:
@@ -403,11 +391,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     d.set_defaults(func=run_demo)
 
-    w = sub.add_parser("wait-for-socket", help="wait until a unix socket accepts connections (the chart's "
-                                              "postStart hook: the sidecars start once the driver listens)")
+    w = sub.add_parser("wait-for-driver", help="wait until the CSI driver on a unix socket answers promptly (the "
+                                              "chart's postStart hook: the sidecars start once it does)")
     w.add_argument("path")
     w.add_argument("--timeout", type=float, default=300.0, help="seconds; exits 1 after them")
-    w.set_defaults(func=run_wait_for_socket)
+    w.set_defaults(func=run_wait_for_driver)
 
     t = sub.add_parser("certs", help="write a throw-away CA and certificates for the controller, agents and node "
                                     "plugins (tests, demo)")

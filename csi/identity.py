@@ -38,3 +38,37 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         if missing:
             log.warning("not ready: %s", missing)
         return csi.ProbeResponse(ready=BoolValue(value=missing is None))
+
+
+# The upstream sidecars (csi-lib-utils) give a new connection to the driver's socket about one second to finish
+# its HTTP/2 handshake (their reconnect backoff, 1 s at most, is also their connect deadline), and a sidecar
+# whose connection was up once and then failed exits ("Lost connection to CSI driver"). A driver that listens
+# but is still busy starting (on a loaded node) therefore costs each sidecar a restart. PROMPT is that budget
+# with a margin; STEADY answers in a row say the start-up burst is over.
+PROMPT = 0.5
+STEADY = 3
+
+
+def wait_until_answering(path: str, timeout: float, prompt: float = PROMPT, steady: int = STEADY) -> bool:
+    """True once the CSI driver on the unix socket `path` answered Probe on a new connection within `prompt`
+    seconds, `steady` times in a row; False when `timeout` seconds passed first. Whether the driver says it is
+    ready does not matter here: the sidecars wait for that themselves, over a connection that stays up."""
+    import time
+
+    import grpc
+    deadline = time.monotonic() + timeout
+    in_a_row, last = 0, "no attempt"
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        with grpc.insecure_channel("unix:" + path) as channel:
+            try:
+                csi_pb2_grpc.IdentityStub(channel).Probe(csi.ProbeRequest(), timeout=prompt)
+                in_a_row, last = in_a_row + 1, f"answered in {time.monotonic() - started:.2f}s"
+            except grpc.RpcError as exc:
+                in_a_row, last = 0, f"{exc.code().name}: {exc.details()}"
+        if in_a_row >= steady:
+            return True
+        time.sleep(0.2)
+    log.error("the driver on %s did not answer Probe within %.1fs %d times in a row in %.0fs (last: %s)",
+              path, prompt, steady, timeout, last)
+    return False

@@ -145,7 +145,8 @@ class AgentClient:
                 raise errors.CsiError(code, f"storage node {self.node.name}: {detail}") from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.health.up:
                 raise errors.CsiError(code, f"storage node {self.node.name} did not answer in time") from None
-            state = "" if self.health.up else f" (down since {time.strftime('%H:%M:%S', time.localtime(self.health.since))})"
+            since = time.strftime('%H:%M:%S', time.localtime(self.health.since))
+            state = "" if self.health.up else f" (down since {since})"
             raise errors.unavailable(f"storage node {self.node.name} ({self.node.address}) is unreachable"
                                      f"{state}: {code.name if code else '?'} {detail}") from None
 

@@ -99,6 +99,7 @@ def _one(iqn: str, names: list[str]) -> str:
         raise errors.not_found(f"node {iqn!r} does not exist: no node of this driver has that initiator name")
     if len(set(names)) > 1:
         log.error("initiator name %s is claimed by nodes %s: refusing to grant it to any", iqn, sorted(set(names)))
-        raise errors.precondition(f"initiator name {iqn!r} is claimed by several nodes ({', '.join(sorted(set(names)))}):"
+        claimants = ", ".join(sorted(set(names)))
+        raise errors.precondition(f"initiator name {iqn!r} is claimed by several nodes ({claimants}):"
                                   " no grant until only one does")
     return names[0]

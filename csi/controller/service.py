@@ -223,14 +223,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         (node, zone) of the listed ones that are down."""
         out, down = [], []
         infos = self.agents.infos()
-        for known, health in self.agents.serving():     # one look at the membership, not three per node
+        for known, seen in self.agents.serving():     # one look at the membership, not three per node
             info = infos.get(known.name)
-            if info is None or not health.listed:
+            if info is None or not seen.listed:
                 continue
             if isinstance(info, errors.CsiError):
                 down.append((known.name, known.zone))
                 continue
-            out += health.candidates(known)
+            out += seen.candidates(known)
         return out, down
 
     def _source(self, request) -> "Source":

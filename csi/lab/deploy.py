@@ -79,7 +79,8 @@ class Deployment:
         node.spawn(name, [PYTHON, "-m", "csi", "--log-level", self.log_level, "agent", "--node-name", node.name,
                           "--listen", f"{node.ip}:{port}", "--portal", f"{node.ip}:3260",
                           "--config", str(config), "--state-dir", str(self.agent_state(node, name)),
-                          "--cluster-id", cluster_id or self.cluster_id, "--tls-dir", str(self.pki.ensure("agent", node.name)),
+                          "--cluster-id", cluster_id or self.cluster_id,
+                          "--tls-dir", str(self.pki.ensure("agent", node.name)),
                           *(extra or [])], env=env)
         self._wait_port(node, port, name)
 

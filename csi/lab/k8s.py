@@ -82,7 +82,8 @@ class Pki:
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lvm-iscsi-csi e2e kubernetes CA")])
         self._ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                     .public_key(self._ca_key.public_key()).serial_number(x509.random_serial_number())
-                    .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=7))
+                    .not_valid_before(now - datetime.timedelta(hours=1))
+                    .not_valid_after(now + datetime.timedelta(days=7))
                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                     .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                                  content_commitment=False, key_encipherment=False,

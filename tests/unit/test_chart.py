@@ -309,32 +309,41 @@ def test_controller_sidecars_have_a_startup_probe_before_liveness():
             assert "initialDelaySeconds" not in liveness, (value_set, name)
 
 
-def test_controller_sidecars_start_once_the_driver_listens(tmp_path):
+def test_controller_sidecars_start_once_the_driver_answers(tmp_path):
     """kubelet starts a pod's containers in order and the next one only once the postStart hook of the one
-    before returned: the driver comes first and its hook waits for its socket, so no sidecar starts (and gives
-    up, and is restarted) before there is a driver to talk to. The hook's command is the driver's CLI, run here
-    against a socket that is not there yet, then is."""
+    before returned: the driver comes first and its hook waits until the driver answers on its socket, so no
+    sidecar starts (and gives up on its first connection, and is restarted) before the driver answers. The
+    hook's command is the driver's CLI, run here against nothing, a socket that accepts connections but does
+    not speak (a driver still busy starting), and a driver."""
     import socket
-    import threading
-    from csi import cli
+    from csi import cli, server
+    from csi.identity import IdentityService
+    from csi.proto import csi_pb2_grpc
     for value_set in VALUE_SETS:
         deployment = one(rendered(value_set), "Deployment", "controller")
         order = list(containers(deployment))
         assert order[0] == "driver", (value_set, order)
         command = containers(deployment)["driver"]["lifecycle"]["postStart"]["exec"]["command"]
         endpoint = next(a for a in containers(deployment)["driver"]["args"] if a.startswith("--endpoint="))
-        assert command[:2] == ["lvm-iscsi-csi", "wait-for-socket"]
+        assert command[:2] == ["lvm-iscsi-csi", "wait-for-driver"]
         assert endpoint == "--endpoint=unix://" + command[2], (value_set, command, endpoint)
     path = tmp_path / "csi.sock"
-    hook = cli.parser().parse_args(["wait-for-socket", str(path), "--timeout=1"])
+    hook = cli.parser().parse_args(["wait-for-driver", str(path), "--timeout=1"])
     assert hook.func(hook) == 1                      # nothing listens: the hook fails (kubelet restarts)
-    server = socket.socket(socket.AF_UNIX)
-    threading.Timer(0.5, lambda: (server.bind(str(path)), server.listen(1))).start()
-    hook = cli.parser().parse_args(["wait-for-socket", str(path), "--timeout=10"])
+    with socket.socket(socket.AF_UNIX) as silent:    # accepts connections (the kernel does), never answers
+        silent.bind(str(path))
+        silent.listen(8)
+        hook = cli.parser().parse_args(["wait-for-driver", str(path), "--timeout=2"])
+        assert hook.func(hook) == 1
+    path.unlink()
+    driver = server.make_server(max_workers=2)
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService("test.csi", lambda: "not yet"), driver)
+    server.serve(driver, f"unix://{path}")
     try:
-        assert hook.func(hook) == 0
+        hook = cli.parser().parse_args(["wait-for-driver", str(path), "--timeout=20"])
+        assert hook.func(hook) == 0                  # answers (not ready yet: the sidecars wait for that)
     finally:
-        server.close()
+        driver.stop(None)
 
 
 def test_name_rules_catch_a_long_port_name():
