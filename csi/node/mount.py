@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -32,8 +33,24 @@ class Mount:
         errors (ext4's errors=remount-ro or an aborted journal), e.g. a storage outage longer than open-iscsi's
         replacement timeout. ext4 says `abort` (an aborted journal, Linux 6.1 as in the lab), `ro`, or from
         6.15 `emergency_ro`. Writes fail until it is unmounted, checked and mounted again. (Kernels 6.6 to 6.14
-        shut ext4 down without saying so here: see ext4_errors; an xfs shutdown never shows here.)"""
+        shut ext4 down without saying so here: see ext4_errors; an xfs shutdown never shows here: see
+        root_io_error.)"""
         return not self.read_only and bool({"ro", "abort", "emergency_ro"} & set(self.super_options))
+
+
+def root_io_error(path: str) -> str:
+    """The I/O error that listing the root directory of the filesystem mounted at path fails with, or "". A
+    filesystem that shut itself down fails every open and read with EIO: xfs does so after I/O errors (a
+    storage outage longer than open-iscsi's replacement timeout), and says so nowhere else (not in mountinfo,
+    not in sysfs). Only called while the volume's iSCSI session is logged in: through a session that is down,
+    a directory not in the cache would wait for the storage instead of answering."""
+    try:
+        with os.scandir(path) as entries:
+            next(entries, None)
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            return os.strerror(exc.errno)
+    return ""
 
 
 def ext4_errors(device: str) -> int:

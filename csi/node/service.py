@@ -385,21 +385,26 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         (both OPTIONAL). No entry while healthy."""
         ref = self._ref(request.volume_id)
         staging_mounted = publish_mounted = None
-        forced_read_only, fs_errors = False, 0
+        forced_read_only, fs_errors, mounted_at = False, 0, ""
+        rec = self._record(request.volume_id)
+        block = bool(rec and rec.get("block"))   # a raw block stage mounts nothing at its staging path
         if request.staging_target_path:
             staging = self._path(request.staging_target_path, "staging_target_path")
-            rec = self._record(request.volume_id)
-            if not (rec and rec.get("block")):   # a raw block stage mounts nothing at its staging path
+            if not block:
                 found = mount.mount_at(staging)
                 staging_mounted = found is not None
+                mounted_at = str(staging) if found is not None else ""
                 forced_read_only = found is not None and found.forced_read_only
                 fs_errors = mount.ext4_errors(found.source) if found is not None and found.fs_type == "ext4" else 0
         if request.volume_publish_path:
             found = mount.mount_at(self._path(request.volume_publish_path, "volume_publish_path"))
             publish_mounted = found is not None
             forced_read_only = forced_read_only or (found is not None and found.forced_read_only)
+            if found is not None and not mounted_at and not block:
+                mounted_at = found.target
         entries = health.volume(self.iscsi, ref, staging_mounted, publish_mounted, request.staging_target_path,
-                                request.volume_publish_path, forced_read_only, fs_errors)
+                                request.volume_publish_path, forced_read_only, fs_errors,
+                                lambda: mount.root_io_error(mounted_at) if mounted_at else "")
         return csi.NodeGetVolumeHealthResponse(volume_health=csi.VolumeHealth(volume_id=request.volume_id,
                                                                               health_statuses=entries))
 

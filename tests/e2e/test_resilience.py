@@ -185,6 +185,33 @@ def test_a_filesystem_the_kernel_made_read_only_is_reported_and_a_new_stage_repa
     assert state(cluster) == clean()
 
 
+def test_an_xfs_that_shut_down_is_reported_and_a_new_stage_mounts_it_again(cluster):
+    """xfs shuts itself down after I/O errors (a storage outage longer than the replacement timeout): every read
+    and write fails, and neither mountinfo nor sysfs says so. Done here with xfs's own shutdown ioctl. The node
+    plugin finds it by listing the mount's root (EIO) and says how to recover; the recovery it names (unstage,
+    stage again) mounts it again, xfs replays its log, and the data written before is there."""
+    xfs = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="xfs"),
+                               access_mode=csi.VolumeCapability.AccessMode(
+                                   mode=csi.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+    v = cluster.create("fs-shutdown", size=320 * 1024 * 1024, zone="zone-a", cap=xfs)
+    ctx = cluster.publish(v.volume_id, cap=xfs)
+    target = cluster.stage_publish(v.volume_id, ctx, cap=xfs)
+    digest = cluster.write(target, mib=2)
+    assert _node_health(cluster, v.volume_id, target) == []
+    cluster.w.run(["xfs_io", "-x", "-c", "shutdown", str(target)], timeout=60, check=True)
+    assert cluster.w.run(["ls", str(target)], timeout=30).rc != 0                   # EIO now
+    (entry,) = _node_health(cluster, v.volume_id, target)
+    assert entry.status == csi.INACCESSIBLE and entry.reason == "FileSystemShutDown", entry
+    assert "Input/output error" in entry.message and "restarting the pod" in entry.message
+    cluster.worker1.unstage(v.volume_id)
+    target = cluster.stage_publish(v.volume_id, ctx, cap=xfs)
+    assert _node_health(cluster, v.volume_id, target) == []
+    assert cluster.read(target) == digest
+    cluster.w.run(["touch", f"{target}/after-restage"], timeout=30, check=True)
+    cluster.teardown(v.volume_id)
+    assert state(cluster) == clean()
+
+
 # ---------------------------------------------------------------------------------------------- node plugin restart
 
 # Writes 64 KiB blocks round-robin over SLOTS slots of one file, fsync after each, and logs "<n> <sha256>" of

@@ -271,3 +271,37 @@ def test_a_filesystem_the_kernel_made_read_only_is_degraded_with_how_to_recover(
         volume_id=VID, staging_target_path=str(staging), volume_publish_path=str(publish)), None)
     (entry,) = got.volume_health.health_statuses
     assert (entry.status, entry.reason) == (csi.DEGRADED, "FileSystemErrors") and "3 error(s)" in entry.message
+
+
+def test_a_filesystem_that_shut_down_is_inaccessible_and_only_looked_at_through_a_live_session(
+        fake_run, sysfs, node, monkeypatch, tmp_path):
+    """xfs shut down by I/O errors shows nothing in mountinfo or sysfs; every open of it fails with EIO, so the
+    node lists the mount's root (the e2e tier shuts a real xfs down: test_resilience.py). Through a session
+    that is down the listing could wait for the storage: then it is not done at all."""
+    import errno
+    import os
+    from csi.node import mount
+    staging = node.config.kubelet_dir / "plugins" / "x" / "globalmount"
+    monkeypatch.setattr(mount, "mounts", lambda: mount.parse_mountinfo(
+        f"36 35 8:16 / {staging} rw,relatime shared:1 - xfs /dev/sdb rw,attr2,inode64\n"))
+    listed = []
+    real_scandir = os.scandir
+
+    def scandir(path):
+        listed.append(str(path))
+        if str(path) == str(staging):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(mount.os, "scandir", scandir)
+    fake_run.on("iscsiadm", "-m", "session", stdout=session_line(1, REF.iqn))
+    request = csi.NodeGetVolumeHealthRequest(volume_id=VID, staging_target_path=str(staging))
+    sysfs(1, "LOGGED_IN")
+    (entry,) = node.NodeGetVolumeHealth(request, None).volume_health.health_statuses
+    assert (entry.status, entry.reason) == (csi.INACCESSIBLE, "FileSystemShutDown"), entry
+    assert "Input/output error" in entry.message and "restarting the pod" in entry.message
+    assert listed == [str(staging)]
+    sysfs(1, "FAILED")
+    (entry,) = node.NodeGetVolumeHealth(request, None).volume_health.health_statuses
+    assert entry.reason == "IscsiSessionNotLoggedIn" and listed == [str(staging)]   # not listed again
+    # a readable directory and a missing one are no I/O error
+    assert mount.root_io_error(str(tmp_path)) == "" and mount.root_io_error(str(tmp_path / "gone")) == ""
