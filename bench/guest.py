@@ -13,6 +13,10 @@ and rtslib-fb only. Each sub-command prints one JSON line.
   send-file IP PORT PATH BYTES                         connect (retrying), send the first BYTES of PATH
   send-device IP PORT DEVICE BYTES                     the same, reading the block device with O_DIRECT (as
                                                        LIO's block backstore does: no page cache)
+  tcp-echo IP PORT                                     accept one connection; for each 4 KiB received, answer
+                                                       48 bytes (an iSCSI response header), until EOF
+  tcp-ping IP PORT COUNT                               connect (retrying), COUNT times send 4 KiB and wait for
+                                                       the 48 bytes: round-trip mean and p99 in microseconds
 """
 
 import json
@@ -163,8 +167,49 @@ def send_device(ip, port, path, size):
     return {}
 
 
+PING, PONG = 4096, 48
+
+
+def _exactly(conn, n):
+    view, got = memoryview(bytearray(n)), 0
+    while got < n:
+        k = conn.recv_into(view[got:])
+        if not k:
+            return False
+        got += k
+    return True
+
+
+def tcp_echo(ip, port):
+    with socket.create_server((ip, int(port))) as server:
+        conn, _ = server.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as LIO and open-iscsi set it
+            answered = 0
+            while _exactly(conn, PING):
+                conn.sendall(bytes(PONG))
+                answered += 1
+            return {"answered": answered}
+
+
+def tcp_ping(ip, port, count):
+    data, times = os.urandom(PING), []
+    with _connect(ip, port) as sock:
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(int(count)):
+            started = time.perf_counter()
+            sock.sendall(data)
+            if not _exactly(sock, PONG):
+                raise OSError("the echo side closed the connection")
+            times.append(time.perf_counter() - started)
+    times.sort()
+    return {"mean_us": sum(times) / len(times) * 1e6, "p99_us": times[int(len(times) * 0.99) - 1] * 1e6}
+
+
 COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "tcp-recv": tcp_recv, "tcp-send": tcp_send,
-            "timed": timed, "recv-file": recv_file, "send-file": send_file, "send-device": send_device}
+            "timed": timed, "recv-file": recv_file, "send-file": send_file, "send-device": send_device,
+            "tcp-echo": tcp_echo, "tcp-ping": tcp_ping}
 
 if __name__ == "__main__":
     print(json.dumps(COMMANDS[sys.argv[1]](*sys.argv[2:])), flush=True)

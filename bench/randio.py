@@ -29,13 +29,16 @@ import grpc
 
 from csi import ids
 from csi.lab import Lab, LabNode
-from csi.lab.deploy import Deployment
+from csi.lab.deploy import PYTHON, Deployment
 from csi.proto import csi_pb2 as csi
 from csi.proto import csi_pb2_grpc
 
 import attach  # bench/ is on sys.path: bench.py puts it there
 
 MiB, GiB = 1 << 20, 1 << 30
+GUEST = Path(__file__).resolve().parent / "guest.py"
+ECHO_PORT = 7803
+PINGS = 2000
 M = csi.VolumeCapability.AccessMode
 EXT4 = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext4"),
                             access_mode=M(mode=M.SINGLE_NODE_WRITER))
@@ -114,6 +117,16 @@ class RandioBench:
         r = node.run(fio_argv(job, path, self.runtime, size), timeout=self.runtime + 600, check=True)
         return parse(r.stdout, job.rw)
 
+    def round_trip(self) -> tuple[float, float]:
+        """The lab's network floor of one synchronous 4 KiB write: a 4 KiB message worker -> storage node and
+        a 48-byte answer, over TCP between the same two nodes (Python at both ends): mean and p99 in us."""
+        self.s.spawn("tcp-echo", [PYTHON, str(GUEST), "tcp-echo", self.s.ip, str(ECHO_PORT)])
+        r = self.w.run([PYTHON, str(GUEST), "tcp-ping", self.s.ip, str(ECHO_PORT), str(PINGS)], timeout=600,
+                       check=True)
+        self.s.wait_exit("tcp-echo", timeout=60)
+        got = json.loads(r.stdout.splitlines()[-1])
+        return got["mean_us"], got["p99_us"]
+
     def block(self, size: int, runs: int) -> dict[str, tuple[Cell, Cell]]:
         vid = self.create("bench-randio-block", size, attach.BLOCK)
         device = attach.attach(self.ctrl, self.node, self.d, self.w, vid, "randio")
@@ -172,7 +185,7 @@ class RandioBench:
 
 
 def render(block: dict[str, tuple[Cell, Cell]], fs: dict[str, tuple[Cell, Cell]], size: int, runs: int,
-           runtime: int) -> str:
+           runtime: int, rtt: list[tuple[float, float]] | None = None) -> str:
     lines = [f"### Random and sequential I/O with fio: over iSCSI vs the same LV on its storage node "
              f"({size // MiB} MiB volume filled first, {runtime} s per run, median of {runs} runs)", ""]
     for title, table in (("raw block volume", block), ("ext4 volume, a file of 3/4 of it", fs)):
@@ -190,6 +203,14 @@ def render(block: dict[str, tuple[Cell, Cell]], fs: dict[str, tuple[Cell, Cell]]
         lines.append("")
     lines += ["fio flags on both sides: `--ioengine=libaio --direct=1 --time_based --ramp_time=2 --norandommap "
               "--randrepeat=0`, the job's `--rw --bs --iodepth`; caches dropped on both nodes before each run."]
+    if rtt:
+        mean, p99 = statistics.median(m for m, _ in rtt), statistics.median(p for _, p in rtt)
+        write = block["4 KiB random write, QD1"]
+        added = write[0].median("mean_us") - write[1].median("mean_us")
+        lines += ["", f"The lab's network floor: a 4 KiB message worker -> storage node answered with 48 bytes, over "
+                      f"TCP between the same nodes ({PINGS} in a row, median of {len(rtt)} runs): mean {mean:,.0f} us, "
+                      f"p99 {p99:,.0f} us. A QD1 4 KiB write over iSCSI adds {added:,.0f} us to the local one: "
+                      f"{added / mean:.1f}x that round trip."]
     return "\n".join(lines) + "\n"
 
 
@@ -203,10 +224,12 @@ def run(workdir: Path, subnet: str, size: int, runs: int, runtime: int, disk_gib
         d.start_all([s], [w])
         bench = RandioBench(d, s, w, runtime, log)
         try:
+            rtt = [bench.round_trip() for _ in range(runs)]
+            log(f"TCP round trip (4 KiB / 48 B): {', '.join(f'{m:,.0f} us' for m, _ in rtt)}")
             block = bench.block(size, runs)
             fs = bench.filesystem(size, runs)
         finally:
             bench.close()
             d.stop_controller()
     log(f"fio part done in {(time.monotonic() - started) / 60:.1f} min")
-    return render(block, fs, size, runs, runtime)
+    return render(block, fs, size, runs, runtime, rtt)

@@ -46,3 +46,12 @@ def test_render_gives_ratios_and_says_whether_each_target_is_met():
     assert "| 0.90 |" in qd32 and ">= 0.8: **met**" in qd32
     table = {j.name: cells(500, 1000) for j in randio.JOBS}
     assert randio.render(table, table, 512 << 20, 1, 10).count("NOT met") == 8   # 4 targets, 2 tables
+
+
+def test_render_sets_the_write_latency_against_the_network_round_trip():
+    over, here = randio.Cell(), randio.Cell()
+    over.runs.append(randio.Result(2000, 8.0, 450, 900))
+    here.runs.append(randio.Result(5000, 20.0, 190, 400))
+    table = {j.name: (over, here) for j in randio.JOBS}
+    text = randio.render(table, table, 512 << 20, 1, 10, rtt=[(130.0, 300.0), (120.0, 280.0), (200.0, 500.0)])
+    assert "mean 130 us, p99 300 us" in text and "adds 260 us to the local one: 2.0x that round trip" in text
