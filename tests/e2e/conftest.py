@@ -27,10 +27,29 @@ def lab(tmp_path_factory):
         yield the_lab
 
 
+_shared = []   # the shared cluster's generator while it runs (close_shared_cluster)
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """storage-1 (zone-a), storage-2 (zone-b), worker-1 and worker-2 (zone-a) with the driver deployed: agents on
     the storage nodes, a node plugin on each worker, the controller on the host. Shared by the test modules;
     every test leaves the storage nodes as it found them."""
     from tests.e2e.cluster import make_cluster
-    yield from make_cluster(tmp_path_factory)
+    running = make_cluster(tmp_path_factory)
+    _shared.append(running)
+    yield next(running)
+    close_shared_cluster()
+
+
+def close_shared_cluster() -> None:
+    """Stops the shared cluster now, not at the session's end: the Kubernetes tier (last) calls it first, so
+    that five idle UML nodes and a controller do not share the host's two CPUs with its cluster."""
+    while _shared:
+        _shared.pop().close()   # make_cluster's own teardown (its finally and with blocks) runs here
+
+
+def pytest_collection_modifyitems(items):
+    """The Kubernetes tier last: scripts/test builds its parts in the background meanwhile (a cold cache needs
+    about 30 minutes of both CPUs), and the UML tiers leave CPU idle while they wait on their nodes."""
+    items.sort(key=lambda item: "tests/e2e/k8s/" in item.nodeid)

@@ -59,6 +59,8 @@ def k8s(k8s_bin, k8s_images, tmp_path_factory):
         yield from _kind(k8s_images, tmp_path_factory)
         return
     from csi.lab.k8s import Cluster
+    from tests.e2e.conftest import close_shared_cluster
+    close_shared_cluster()
     problem = preflight()
     if problem:
         pytest.fail(f"e2e tests need User-Mode Linux: {problem}", pytrace=False)
