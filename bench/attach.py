@@ -7,13 +7,30 @@ import hashlib
 import os
 from pathlib import Path
 
+import grpc
+
 from csi.lab import LabNode
 from csi.lab.deploy import Deployment
 from csi.proto import csi_pb2 as csi
+from csi.proto import csi_pb2_grpc
 
 MiB = 1 << 20
 M = csi.VolumeCapability.AccessMode
 BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
+
+
+class Clients:
+    """The bench's CSI clients: the controller, and the node plugin of its worker, as the sidecars reach them."""
+
+    def __init__(self, d: Deployment, worker: LabNode):
+        self._cch = grpc.insecure_channel(d.controller_target)
+        self._nch = grpc.insecure_channel(d.node_target(worker))
+        self.ctrl = csi_pb2_grpc.ControllerStub(self._cch)
+        self.node = csi_pb2_grpc.NodeStub(self._nch)
+
+    def close(self) -> None:
+        self._cch.close()
+        self._nch.close()
 
 
 def paths(d: Deployment, worker: LabNode, vid: str, leaf: str) -> tuple[Path, Path]:

@@ -25,13 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from csi import ids
 from csi.lab import Lab, LabNode
 from csi.lab.deploy import PYTHON, Deployment
 from csi.proto import csi_pb2 as csi
-from csi.proto import csi_pb2_grpc
 
 import attach  # bench/ is on sys.path: bench.py puts it there
 
@@ -94,17 +91,10 @@ def parse(output: str, rw: str) -> Result:
     return Result(side["iops"], side["bw_bytes"] / 1e6, lat["mean"] / 1000, p99 / 1000)
 
 
-class RandioBench:
+class RandioBench(attach.Clients):
     def __init__(self, d: Deployment, s: LabNode, w: LabNode, runtime: int, log):
+        super().__init__(d, w)
         self.d, self.s, self.w, self.runtime, self.log = d, s, w, runtime, log
-        self._cch = grpc.insecure_channel(d.controller_target)
-        self._nch = grpc.insecure_channel(d.node_target(w))
-        self.ctrl = csi_pb2_grpc.ControllerStub(self._cch)
-        self.node = csi_pb2_grpc.NodeStub(self._nch)
-
-    def close(self) -> None:
-        self._cch.close()
-        self._nch.close()
 
     def create(self, name: str, size: int, cap) -> str:
         return self.ctrl.CreateVolume(csi.CreateVolumeRequest(

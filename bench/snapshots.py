@@ -21,12 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from csi.lab import VG_NAME, Lab, LabNode
 from csi.lab.deploy import PYTHON, Deployment
 from csi.proto import csi_pb2 as csi
-from csi.proto import csi_pb2_grpc
 
 import attach  # bench/ is on sys.path: bench.py puts it there
 
@@ -46,17 +43,10 @@ class Row:
     raw: list[float] = field(default_factory=list)
 
 
-class SnapshotBench:
+class SnapshotBench(attach.Clients):
     def __init__(self, lab: Lab, d: Deployment, s1: LabNode, s2: LabNode, w: LabNode, log):
+        super().__init__(d, w)
         self.lab, self.d, self.s1, self.s2, self.w, self.log = lab, d, s1, s2, w, log
-        self._cch = grpc.insecure_channel(d.controller_target)
-        self._nch = grpc.insecure_channel(d.node_target(w))
-        self.ctrl = csi_pb2_grpc.ControllerStub(self._cch)
-        self.node = csi_pb2_grpc.NodeStub(self._nch)
-
-    def close(self) -> None:
-        self._cch.close()
-        self._nch.close()
 
     def lvm_env(self, node: LabNode) -> dict[str, str]:
         return {"LVM_SYSTEM_DIR": str(self.d.agent_state(node) / "lvm-system")}   # the agent's lvm.conf
