@@ -1,6 +1,9 @@
 """Fixtures of the Kubernetes e2e tests: a real cluster built from upstream parts (csi/lab/k8s.py).
 
-k8s_bin      scripts/build-k8s run once per session (idempotent: seconds when the cache is warm), -> <cache>/bin
+k8s_bin      scripts/build-k8s cluster (Kubernetes, etcd) once per session (idempotent: seconds when the cache
+             is warm; scripts/test starts the whole build in the background), -> <cache>/bin
+k8s_sidecars scripts/build-k8s, the rest (the sidecars, the snapshot controller and CRDs): waited for only by
+             what installs the driver, so the cluster boots while they build
 k8s_images   the OCI archives of tests/e2e/k8s/images.py that the cluster needs (pause, busybox), cached;
              driver_images: the driver's and the sidecars' (imported by the scenario, which installs them)
 k8s          a lab of two UML nodes (storage-1: VG csi-vg, runs the agent and the controller; worker-1) with
@@ -28,18 +31,27 @@ from tests.e2e.k8s.driver import CACHE, PROJECT, STORAGE_LABEL, ZONE, ZONE_LABEL
 NODE_MEM = os.environ.get("CSI_K8S_NODE_MEM", "2560M")
 
 
-@pytest.fixture(scope="session")
-def k8s_bin() -> Path:
+def _build(part: str) -> Path:
     if os.environ.get("CSI_K8S_BUILD") == "0":   # iterating on the tests: use what the cache has
         return CACHE / "bin"
     t0 = time.monotonic()
-    done = subprocess.run([str(PROJECT / "scripts/build-k8s"), str(CACHE)], capture_output=True, text=True,
+    done = subprocess.run([str(PROJECT / "scripts/build-k8s"), str(CACHE), part], capture_output=True, text=True,
                           timeout=3 * 3600)
     if done.returncode != 0:
-        pytest.fail(f"scripts/build-k8s failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}",
-                    pytrace=False)
-    print(f"\nscripts/build-k8s: {time.monotonic() - t0:.0f} s")
+        pytest.fail(f"scripts/build-k8s {part} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                    f"{done.stderr[-5000:]}", pytrace=False)
+    print(f"\nscripts/build-k8s {part}: {time.monotonic() - t0:.0f} s")
     return CACHE / "bin"
+
+
+@pytest.fixture(scope="session")
+def k8s_bin() -> Path:
+    return _build("cluster")
+
+
+@pytest.fixture(scope="session")
+def k8s_sidecars(k8s_bin) -> Path:
+    return _build("all")
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +61,7 @@ def k8s_images(k8s_bin) -> dict[str, e2e_images.Image]:
 
 
 @pytest.fixture(scope="session")
-def driver_images(k8s_bin) -> dict[str, e2e_images.Image]:
+def driver_images(k8s_sidecars) -> dict[str, e2e_images.Image]:
     return {**e2e_images.sidecar_images(), "driver": e2e_images.driver_image()}
 
 
