@@ -6,8 +6,9 @@ read back at no cost):
 
 - a raw block volume: each job runs on the worker against the staged device (over iSCSI) and on the storage
   node against the LV itself, alternating, `--fio-runs` times;
-- an ext4 volume: each job runs on a file in the staged filesystem, `--fio-runs` times; then the volume is
-  unstaged and the same LV is mounted on the storage node, where the same jobs run on the same file.
+- an ext4 volume: each job runs on a file in the staged filesystem, `--fio-runs` times; then on the storage
+  node, on the same file in an LV of the same size in the same thin pool (the volume's own LV stays claimed by
+  its LIO export until it is deleted), made, formatted and filled the same way.
 
 The same fio flags on both sides: libaio, O_DIRECT, no fsync (a direct write is acknowledged by the device,
 which for iSCSI means by the target), time-based runs after a ramp, random offsets over the whole volume.
@@ -159,18 +160,27 @@ class RandioBench(attach.Clients):
                 out[job.name][0].runs.append(self.fio(self.w, job, f"{target}/fio.dat", file_size))
             self.log(f"  ext4 over iSCSI, run {i + 1}/{runs} done")
         attach.detach(self.ctrl, self.node, self.d, self.w, vid, "randio-fs")
+        self.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid), timeout=600)
+        # The volume's LV stays claimed by its LIO export until it is deleted, so the local side is an LV of
+        # the same size in the same thin pool, made, formatted and filled the same way.
         ref = ids.parse_id(vid)
-        mnt = self.s.workdir / "randio-fs"
+        env = {"LVM_SYSTEM_DIR": str(self.d.agent_state(self.s) / "lvm-system")}   # the agent's lvm.conf
+        lv, mnt = f"{ref.vg}/bench-randio-local", self.s.workdir / "randio-fs"
+        self.s.run(["lvcreate", "--yes", "--thin", "--virtualsize", f"{size}b", "--name", lv.split("/")[1],
+                    f"{ref.vg}/thinpool"], env=env, timeout=300, check=True)
+        self.s.run(["mkfs.ext4", "-q", f"/dev/{lv}"], timeout=600, check=True)
         self.s.run(["mkdir", "-p", str(mnt)], timeout=30, check=True)
-        self.s.run(["mount", "-t", "ext4", f"/dev/{ref.vg}/{ref.lv}", str(mnt)], timeout=120, check=True)
+        self.s.run(["mount", "-t", "ext4", f"/dev/{lv}", str(mnt)], timeout=120, check=True)
         try:
+            self.s.run(["dd", "if=/dev/urandom", f"of={mnt}/fio.dat", "bs=1M", f"count={file_size // MiB}",
+                        "oflag=direct", "conv=fsync", "status=none"], timeout=3600, check=True)
             for i in range(runs):
                 for job in JOBS:
                     out[job.name][1].runs.append(self.fio(self.s, job, f"{mnt}/fio.dat", file_size))
                 self.log(f"  ext4 on the storage node, run {i + 1}/{runs} done")
         finally:
             self.s.run(["umount", str(mnt)], timeout=120, check=True)
-        self.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid), timeout=600)
+            self.s.run(["lvremove", "--yes", lv], env=env, timeout=300, check=True)
         return out
 
 
