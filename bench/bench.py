@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import os
 import re
 import shutil
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attach  # noqa: E402  (bench/ is not a package: bench/run runs this file)
 import randio  # noqa: E402
 import snapshots  # noqa: E402
+from stats import percentile  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GUEST = HERE / "guest.py"
@@ -71,14 +71,6 @@ DD_RATE = re.compile(r"^(\d+) bytes .* copied, ([\d.]+) s", re.M)
 
 def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    v = sorted(values)
-    k = (len(v) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def command_label(argv: list[str]) -> str:

@@ -49,6 +49,7 @@ from csi.proto import csi_pb2_grpc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from scale_fleet import Fleet, Profiler, log, proc_cpu, proc_status  # noqa: E402  (bench/ is not a package)
+from stats import percentile  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 MESSAGE_BOUND = 4 * MiB          # gRPC's default limit on a received message
@@ -60,14 +61,6 @@ MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext
                              access_mode=M(mode=M.SINGLE_NODE_WRITER))
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 CALL_TIMEOUT = 60.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    v = sorted(values)
-    k = (len(v) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def volume_name(i: int) -> str:
