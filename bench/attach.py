@@ -40,17 +40,18 @@ def paths(d: Deployment, worker: LabNode, vid: str, leaf: str) -> tuple[Path, Pa
             kubelet / "pods" / h / "volumeDevices" / leaf)
 
 
-def attach(ctrl, node, d: Deployment, worker: LabNode, vid: str, leaf: str) -> Path:
-    """ControllerPublish + NodeStage + NodePublish of a block volume on the worker: its device path there."""
+def attach(ctrl, node, d: Deployment, worker: LabNode, vid: str, leaf: str, cap=BLOCK) -> Path:
+    """ControllerPublish + NodeStage + NodePublish on the worker: the device path there of a block volume (or
+    the mounted directory, for a mount capability)."""
     ctx = dict(ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
-        volume_id=vid, node_id=worker.initiator_iqn, volume_capability=BLOCK), timeout=300).publish_context)
+        volume_id=vid, node_id=worker.initiator_iqn, volume_capability=cap), timeout=300).publish_context)
     staging, target = paths(d, worker, vid, leaf)
     staging.mkdir(parents=True, exist_ok=True)
     node.NodeStageVolume(csi.NodeStageVolumeRequest(
-        volume_id=vid, publish_context=ctx, staging_target_path=str(staging), volume_capability=BLOCK), timeout=300)
+        volume_id=vid, publish_context=ctx, staging_target_path=str(staging), volume_capability=cap), timeout=300)
     node.NodePublishVolume(csi.NodePublishVolumeRequest(
         volume_id=vid, publish_context=ctx, staging_target_path=str(staging), target_path=str(target),
-        volume_capability=BLOCK), timeout=300)
+        volume_capability=cap), timeout=300)
     return target
 
 

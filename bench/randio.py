@@ -140,16 +140,7 @@ class RandioBench(attach.Clients):
     def filesystem(self, size: int, runs: int) -> dict[str, tuple[Cell, Cell]]:
         """The file takes 3/4 of the volume; fio lays it out (writes it) on its first job."""
         vid = self.create("bench-randio-fs", size, EXT4)
-        ctx = dict(self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
-            volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=EXT4), timeout=300).publish_context)
-        staging, target = attach.paths(self.d, self.w, vid, "randio-fs")
-        staging.mkdir(parents=True, exist_ok=True)
-        self.node.NodeStageVolume(csi.NodeStageVolumeRequest(
-            volume_id=vid, publish_context=ctx, staging_target_path=str(staging), volume_capability=EXT4),
-            timeout=300)
-        self.node.NodePublishVolume(csi.NodePublishVolumeRequest(
-            volume_id=vid, publish_context=ctx, staging_target_path=str(staging), target_path=str(target),
-            volume_capability=EXT4), timeout=300)
+        target = attach.attach(self.ctrl, self.node, self.d, self.w, vid, "randio-fs", cap=EXT4)
         file_size = size * 3 // 4 // MiB * MiB
         self.log(f"filling a {file_size // MiB} MiB file in the ext4 volume")
         self.w.run(["dd", "if=/dev/urandom", f"of={target}/fio.dat", "bs=1M", f"count={file_size // MiB}",
