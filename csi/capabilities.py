@@ -31,7 +31,13 @@ PARAM_FS = "fsType"            # ext4 | xfs; csi.storage.k8s.io/fstype is the sa
 PARAM_MUTUAL_CHAP = "mutualChap"
 PARAM_WIPE = "wipe"            # thick volumes: zero before the space is reused (default: the agent's wipeThick)
 PARAM_MKFS_OPTIONS = mkfs_options.PARAM   # xfs only: known-safe mkfs.xfs options (csi/mkfs_options.py)
-KNOWN_PARAMS = {PARAM_POOL, PARAM_TYPE, PARAM_FS, PARAM_MUTUAL_CHAP, PARAM_WIPE, PARAM_MKFS_OPTIONS}
+PARAM_REPLICAS = "replicas"    # 1 | 2: 2 is two legs on two storage nodes (csi/controller/replicas.py)
+KNOWN_PARAMS = {PARAM_POOL, PARAM_TYPE, PARAM_FS, PARAM_MUTUAL_CHAP, PARAM_WIPE, PARAM_MKFS_OPTIONS, PARAM_REPLICAS}
+REPLICA_COUNTS = (1, 2)
+# Attributes a replicated volume's legs carry on their agents (a plain volume has neither, so its request digest
+# is what it always was): how many legs the volume has, and which one this LV is.
+ATTR_REPLICAS = "replicas"
+ATTR_LEG = "replicaLeg"
 K8S_PREFIX = "csi.storage.k8s.io/"
 
 
@@ -108,6 +114,7 @@ class Params:
     mutual_chap: bool
     wipe: bool | None       # None: not set, the agent's wipeThick decides
     mkfs_options: str = ""   # canonical (csi/mkfs_options.py); "" when the class sets none
+    replicas: int = 1
 
 
 # How the wipe parameter is kept in a volume's attributes. "true" meant "set to true or not set" before the
@@ -140,8 +147,33 @@ def parse_params(params: Mapping[str, str]) -> Params:
     mkfs = mkfs_options.parse(params.get(PARAM_MKFS_OPTIONS, ""))
     if fs:
         mkfs_options.check_fs(mkfs, fs)
+    replicas = params.get(PARAM_REPLICAS) or "1"
+    if replicas not in [str(n) for n in REPLICA_COUNTS]:
+        raise errors.invalid(f"parameter {PARAM_REPLICAS}={replicas!r}: use 1 (one LV) or 2 (two LVs on two storage "
+                             "nodes of one zone, mirrored by the node)")
     return Params(pool, thin, fs, bool(_bool(params, PARAM_MUTUAL_CHAP, False)), _bool(params, PARAM_WIPE, None),
-                  str(mkfs))
+                  str(mkfs), int(replicas))
+
+
+def check_replicated(access: Access) -> Access:
+    """A replicated volume is an md RAID1 the node assembles: two nodes assembling it at once, each writing,
+    would each keep its own idea of which blocks are in sync, and corrupt it. Read-only modes are fine."""
+    if Mode.MULTI_NODE_MULTI_WRITER in access.modes:
+        raise errors.invalid(f"{mode_name(Mode.MULTI_NODE_MULTI_WRITER)} is not supported for replicated volumes "
+                             f"({PARAM_REPLICAS}: 2): a RAID1 assembled on two nodes at once would be corrupted")
+    return access
+
+
+def is_replica_leg(attributes: Mapping[str, str]) -> bool:
+    """Whether an agent's volume is one leg of a replicated volume (listed and adopted as that, never alone)."""
+    return attributes.get(ATTR_REPLICAS, "1") != "1"
+
+
+def replica_leg(attributes: Mapping[str, str]) -> int:
+    try:
+        return int(attributes.get(ATTR_LEG, "0"))
+    except ValueError:
+        return 0
 
 
 def _bool(params: Mapping[str, str], key: str, default: bool | None) -> bool | None:

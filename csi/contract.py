@@ -7,6 +7,10 @@ holds where to log in and whom to ask for the credentials, never a secret: the n
 credentials from the storage node's agent over mutual TLS with its own node certificate (storage/access.py
 gives them only to the node the grant was made for).
 
+A replicated volume (volume_id "r1:<lv>") publishes one such set of keys per leg, prefixed "leg0." and "leg1.",
+with each leg's VG and whether the controller's record holds it outdated (it missed writes the other leg has):
+parse_replicated() reads them.
+
 A VolumeAttachment made by the driver before this contract holds the CHAP secrets themselves (chapUser,
 chapSecret, mutualChapUser, mutualChapSecret) and no agent address: parse() still reads those, so a volume
 attached across the upgrade still stages.
@@ -56,6 +60,66 @@ class Attachment:
 def publish_context(target_iqn: str, portals, lun: int, storage_node: str, agent_address: str) -> dict[str, str]:
     return {TARGET_IQN: target_iqn, PORTALS: ",".join(portals), LUN: str(lun), STORAGE_NODE: storage_node,
             AGENT: agent_address}
+
+
+REPLICAS = "replicas"
+LEG_VG = "vg"
+LEG_OUTDATED = "outdated"
+MAX_LEGS = 2
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One leg of a replicated volume on a node: its target, and where its LV is (for its credentials)."""
+    index: int
+    attachment: Attachment
+    vg: str
+    lv: str
+    outdated: bool
+
+    @property
+    def ref(self) -> ids.LvRef:
+        return ids.LvRef(self.attachment.storage_node, self.vg, self.lv)
+
+
+def leg_prefix(index: int) -> str:
+    return f"leg{index}."
+
+
+def replicated_publish_context(legs: list[tuple[dict[str, str], str, bool]]) -> dict[str, str]:
+    """legs: (publish_context of the leg as publish_context() makes it, its VG, outdated) in leg order."""
+    out = {REPLICAS: str(len(legs))}
+    for i, (ctx, vg, outdated) in enumerate(legs):
+        p = leg_prefix(i)
+        out.update({p + k: v for k, v in ctx.items()})
+        out[p + LEG_VG] = vg
+        out[p + LEG_OUTDATED] = str(outdated).lower()
+    return out
+
+
+def parse_replicated(ctx, key: str) -> list[Leg]:
+    """The legs of replicated volume `key` that publish_context describes, each checked as parse() checks a
+    plain volume's context (its target must be its LV's)."""
+    count = ctx.get(REPLICAS, "")
+    if not re.fullmatch(r"[1-9]", count) or int(count) > MAX_LEGS:
+        raise errors.invalid(f"publish_context of a replicated volume needs {REPLICAS} from 1 to {MAX_LEGS} "
+                             "(was the volume published by this driver's controller?)")
+    legs = []
+    for i in range(int(count)):
+        p = leg_prefix(i)
+        sub = {k[len(p):]: v for k, v in ctx.items() if k.startswith(p)}
+        vg = sub.get(LEG_VG, "")
+        if not vg or not sub.get(STORAGE_NODE):
+            raise errors.invalid(f"publish_context leg {i} lacks its VG or storage node")
+        ref = ids.LvRef(sub[STORAGE_NODE], vg, key)
+        if ids.parse_id(ref.encode()) is None:
+            raise errors.invalid(f"publish_context leg {i} names no valid storage node and VG")
+        if sub.get(LEG_OUTDATED, "false") not in ("true", "false"):
+            raise errors.invalid(f"publish_context leg {i}: {LEG_OUTDATED} must be true or false")
+        legs.append(Leg(i, parse(sub, ref), vg, key, sub.get(LEG_OUTDATED) == "true"))
+    if len({leg.attachment.storage_node for leg in legs}) != len(legs):
+        raise errors.invalid("publish_context names one storage node for two legs")
+    return legs
 
 
 def check_chap(chap: Chap) -> Chap:

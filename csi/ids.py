@@ -1,6 +1,8 @@
 """Names and identifiers. There is no database, so the IDs carry the routing.
 
 volume_id   = "v1:<storage node>:<vg>:<lv>"      (snapshot ids use "s1:")
+              "r1:<lv>" for a replicated volume: its legs (storage node, VG each; the LV has the same name on
+              both) are in the controller's placement journal, since replacing a leg must not change the ID
 LV name     = "<cluster>-<slug of the request name>-<10 hex of a hash of kind, cluster and name>"
 target IQN  = IQN_PREFIX + "<vg>.<lv>" made IQN-safe (lower case; the hash keeps it unique)
 
@@ -128,6 +130,29 @@ def parse_id(value: str, kind: str = "volume") -> LvRef | None:
     if not _NODE_RE.fullmatch(node) or not _is_lvm_name(vg) or not _is_lvm_name(lv):
         return None
     return LvRef(node, vg, lv, kind)
+
+
+def replicated_volume_id(key: str) -> str:
+    """The volume_id of a replicated volume whose legs are LVs named `key` (ids.lv_name of its request name)."""
+    return f"r1:{key}"
+
+
+def parse_replicated_id(value: str) -> str | None:
+    """The key (LV name of both legs) a replicated volume_id names, or None when it is not one."""
+    if not value or len(value) > MAX_ID or not value.startswith("r1:"):
+        return None
+    key = value[3:]
+    return key if _is_lvm_name(key) and not key.startswith(_RESERVED_LV) else None
+
+
+def md_name(key: str) -> str:
+    """The md array name of a replicated volume: `homehost:name` as its superblock keeps it (at most 32 bytes),
+    with a homehost of the driver's own, so the udev rule that keeps workers and storage nodes from
+    assembling these arrays on their own (csi/node/raid.py) can tell them apart."""
+    return MD_HOMEHOST + ":" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+MD_HOMEHOST = "lvmiscsi"
 
 
 def _is_lvm_name(value: str) -> bool:

@@ -35,10 +35,11 @@ def retire(config: ControllerConfig, node: str, out: TextIO, yes: bool) -> int:
             out.write(f"storage node {node} answers: retire only a node that is gone for good (move its volumes "
                       "off it, or stop its agent, first)\n")
             return 1
-    held = [e for e in journal.entries() if e.node == node]
+    held = [e for e in journal.entries() if e.node == node or any(leg.get("node") == node for leg in e.legs)]
     out.write(f"storage node {node}: {len(held)} volume(s) and snapshot(s) recorded on it\n")
     for e in held[:LISTED]:
-        out.write(f"  {e.kind} {e.name}\n")
+        leg = " (one leg of a replicated volume: the other serves it, degraded)" if e.legs else ""
+        out.write(f"  {e.kind} {e.name}{leg}\n")
     if not yes:
         out.write("dry run: nothing changed; run again with --yes to retire it (their PVs, snapshots and "
                   "attachments are then released without it; the data is gone with the node)\n")

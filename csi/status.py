@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 from typing import TextIO
 
+from csi import capabilities as caps
 from csi import errors, ids, runner
 from csi.config import ControllerConfig
 from csi.controller import fleet
@@ -107,7 +108,12 @@ def report(agents, out: TextIO, min_age: int = ORPHAN_MIN_AGE) -> int:
                 state = v.condition   # a copy on its way: progress, not trouble
             else:
                 state, trouble = f"ABNORMAL: {v.condition}", trouble + 1
-            vrows.append([ids.LvRef(client.node.name, v.vg, v.lv).encode(), v.name, _gib(v.size_bytes), v.pool,
+            vid = ids.LvRef(client.node.name, v.vg, v.lv).encode()
+            if caps.is_replica_leg(v.attributes):
+                # One row per leg, under the volume's own ID; whether a leg is outdated is in the journal
+                # (ControllerGetVolumeHealth says it), not on its agent.
+                vid = f"{ids.replicated_volume_id(v.lv)} leg {caps.replica_leg(v.attributes)} ({vid})"
+            vrows.append([vid, v.name, _gib(v.size_bytes), v.pool,
                           ",".join(i.iqn.rsplit(":", 1)[-1] + (" (ro)" if i.read_only else "")
                                    for i in v.initiators) or "-", state, created])
     if len(vrows) == 1:

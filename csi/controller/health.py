@@ -11,7 +11,7 @@ agent's answer (as ListVolumes does), so there an agent that does not answer fai
 
 from __future__ import annotations
 
-from csi import errors, ids
+from csi import capabilities, errors, ids
 from csi.controller import listing
 from csi.controller.agents import Agents
 from csi.proto import agent_pb2 as apb
@@ -67,5 +67,16 @@ def list_page(agents: Agents, max_entries: int, token: str, default_page: int
     """One page of the volumes with an adverse condition, in ListVolumes' order and with its tokens."""
     page, next_token = listing.walk(agents, "volume", max_entries, token, default_page,
                                     keep=lambda node, vol: not vol.healthy)
-    return [csi.VolumeHealth(volume_id=ids.LvRef(node, vol.vg, vol.lv).encode(),
-                             health_statuses=of_volume(node, vol)) for node, vol in page], next_token
+    out: dict[str, list[Entry]] = {}
+    for node, vol in page:
+        if capabilities.is_replica_leg(vol.attributes):
+            # A leg is never a volume of its own: its trouble degrades its replicated volume (which the other
+            # leg may still serve). Whether that leg is outdated, and whether any leg is still usable, only
+            # ControllerGetVolumeHealth tells: it reads the volume's journal record.
+            leg = capabilities.replica_leg(vol.attributes)
+            out.setdefault(ids.replicated_volume_id(vol.lv), []).extend(
+                Entry(status=csi.DEGRADED, reason=e.reason, message=f"leg {leg}: {e.message}")
+                for e in of_volume(node, vol))
+        else:
+            out[ids.LvRef(node, vol.vg, vol.lv).encode()] = of_volume(node, vol)
+    return [csi.VolumeHealth(volume_id=v, health_statuses=e) for v, e in out.items()], next_token

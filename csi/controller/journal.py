@@ -3,7 +3,7 @@
 Before the controller asks an agent to create a volume, it records the placement here, create-if-absent: a
 retry reads the record and goes to the same storage node, and two controllers (HA, or a stale leader) cannot
 place one name twice. So CreateVolume needs only the agent it places on, not every agent of the cluster.
-The record goes when the volume goes, and holds what a volume needs beyond its ID (replica legs, later).
+The record goes when the volume goes, and holds what a volume needs beyond its ID (a replicated volume's legs).
 
 Records are keyed by the LV name, which both sides of the API can compute: CreateVolume from the request name
 (ids.lv_name), DeleteVolume from the volume ID. They hold no secret.
@@ -51,6 +51,9 @@ class Entry:
     vg: str = ""
     source: str = ""            # "snapshot:<id>" / "volume:<id>" for volumes with a content source
     state: str = "placing"      # "placing": the agent may not have it yet; "ready": the agent made it
+    # A replicated volume's legs, in leg order: {"node", "pool", "vg", "state": "in-sync" | "outdated"}. `node`
+    # and `pool` above are leg 0's. Empty for a plain volume (and in records written before replicas existed).
+    legs: list[dict] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     version: str = ""           # the store's own version of the record (not part of its content)
     format: int = FORMAT

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from csi import errors, ids
+from csi import capabilities, errors, ids
 from csi.controller.agents import Agents
 from csi.proto import agent_pb2 as apb
 
 AGENT_PAGE = 500
+
+
+def keep_volume(node: str, vol) -> bool:
+    """ListVolumes shows a replicated volume once, where its leg 0 is: its other legs are not volumes."""
+    return not capabilities.is_replica_leg(vol.attributes) or capabilities.replica_leg(vol.attributes) == 0
 
 
 def walk(agents: Agents, kind: str, max_entries: int, token: str, default_page: int,

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 
+from csi import capabilities as caps
 from csi import errors, ids, runner
 from csi.controller.agents import Agents
 from csi.controller.journal import Conflict, Entry, Journal
@@ -66,6 +67,14 @@ class Placement:
         if not found:
             return None
         node, obj = found[0]
+        if kind == "volume" and caps.is_replica_leg(obj.attributes):
+            # Legs of a replicated volume whose record was lost: recorded as that volume again, never as a
+            # plain one on the node of whichever leg answered first.
+            legs = sorted(found, key=lambda f: caps.replica_leg(f[1].attributes))
+            entry = Entry(key, kind, name, legs[0][0], pool=legs[0][1].pool, vg=legs[0][1].vg, state="ready",
+                          legs=[{"node": n, "pool": v.pool, "vg": v.vg, "state": "in-sync", "size": v.size_bytes}
+                                for n, v in legs])
+            return self.journal.claim(entry)
         if kind == "volume":
             entry = Entry(key, kind, name, node, pool=obj.pool, vg=obj.vg, source=obj.attributes.get("source", ""),
                           state="ready")
@@ -127,7 +136,9 @@ class Placement:
                 continue
             for vol in pages(client, "ListVolumes", "volumes"):
                 key = ids.lv_name(self.cluster_id, vol.name)
-                if key != vol.lv:
+                if key != vol.lv or caps.is_replica_leg(vol.attributes):
+                    # A replicated volume's record is claimed before its legs exist: nothing to adopt, and a
+                    # leg recorded as a plain volume would be deleted or published alone.
                     continue
                 self.journal.claim(Entry(key, "volume", vol.name, node, pool=vol.pool, vg=vol.vg,
                                          source=vol.attributes.get("source", ""), state="ready"))

@@ -16,7 +16,7 @@ from google.protobuf.wrappers_pb2 import Int64Value
 from csi import capabilities as caps
 from csi import contract, errors, faults, ids, mkfs_options
 from csi.config import ControllerConfig
-from csi.controller import health, listing, scheduler
+from csi.controller import health, listing, replicas, scheduler
 from csi.controller.agents import Agents
 from csi.controller.journal import Entry
 from csi.controller.placement import Placement
@@ -76,6 +76,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self.nodes = nodes
         self.locks = KeyLocks()
         self.topology_key = ids.topology_key(config.driver_name)
+        self.replicas = replicas.Replicas(self)   # "r1:" volume ids and replicas=2 CreateVolume go there
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -140,6 +141,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         required, limit = self._size(request)
         requisite, preferred = self._zones(request)
         attributes = volume_attributes(access, params)
+        if params.replicas > 1:
+            return self.replicas.create(request, name, params, access, required, limit, requisite, preferred,
+                                        attributes)
         source = self._source(request) if request.HasField("volume_content_source") else None
         if source is not None:
             if not request.HasField("capacity_range") or request.capacity_range.required_bytes == 0:
@@ -186,8 +190,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 size = place.size if entry.node == place.candidate.node else required
             else:
                 size = required
-            if entry.kind != "volume" or entry.name != name:
-                raise errors.exists(f"volume {name!r}: the journal holds another object under its key")
+            if entry.kind != "volume" or entry.name != name or entry.legs:
+                raise errors.exists(f"volume {name!r}: the journal holds another object (or a replicated volume) "
+                                    "under its key")
             if entry.source != (source.text if source else ""):
                 raise errors.exists(f"volume {name!r} exists with another content source")
             node, pool = entry.node, entry.pool
@@ -248,6 +253,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             vid = src.volume.volume_id
             if not vid:
                 raise errors.invalid("volume_content_source.volume.volume_id is required")
+            if self.replicas.key_of(vid) is not None:
+                raise errors.precondition(f"volume {vid} is replicated: cloning a replicated volume is not "
+                                          "supported yet")
             ref = self._ref(vid)
             if ref is None or not self._serves(ref.node):
                 raise errors.not_found(f"volume {vid!r} does not exist")
@@ -315,6 +323,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def DeleteVolume(self, request, context):
         if not request.volume_id:
             raise errors.invalid("volume_id is required")
+        if (key := self.replicas.key_of(request.volume_id)) is not None:
+            return self.replicas.delete(key, request.volume_id)
         ref = self._ref(request.volume_id)
         if ref is None:
             return csi.DeleteVolumeResponse()  # not ours, so it does not exist: success, as the spec says
@@ -339,10 +349,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.HasField("volume_capability"):
             raise errors.invalid("volume_capability is required")
         access = caps.check_capability(request.volume_capability)
-        ref = self._require_ref(request.volume_id)
-        if not self._serves(ref.node):
-            raise errors.not_found(f"volume {request.volume_id} does not exist: its storage node {ref.node} is "
-                                   f"{'retired' if self.agents.is_retired(ref.node) else 'not known'}")
         node_id = ids.normalize_iqn(request.node_id)   # any case: one node, one lower-case ACL
         if node_id is None:
             raise errors.not_found(f"node {request.node_id!r} does not exist: node ids of this driver are iSCSI "
@@ -350,6 +356,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         # The grant names the node its initiator belongs to, from a source that node cannot forge: only that
         # node's plugin gets the grant's credentials from the agent.
         node_name = self.nodes.node_of(node_id)
+        if (key := self.replicas.key_of(request.volume_id)) is not None:
+            return self.replicas.publish(request, key, access, node_id, node_name)
+        ref = self._require_ref(request.volume_id)
+        if not self._serves(ref.node):
+            raise errors.not_found(f"volume {request.volume_id} does not exist: its storage node {ref.node} is "
+                                   f"{'retired' if self.agents.is_retired(ref.node) else 'not known'}")
         with self.locks.hold(request.volume_id):
             vol = self._get(ref)
             self._check_compatible(vol, access)
@@ -384,6 +396,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerUnpublishVolume(self, request, context):
         if not request.volume_id:
             raise errors.invalid("volume_id is required")
+        if (key := self.replicas.key_of(request.volume_id)) is not None:
+            return self.replicas.unpublish(request, key)
         ref = self._ref(request.volume_id)
         # Not ours: published nowhere. On a retired node: gone with it. On a node not known at all:
         # FAILED_PRECONDITION, since an OK would let the attacher believe the node fenced while its ACL stays.
@@ -408,10 +422,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise
 
     def ValidateVolumeCapabilities(self, request, context):
-        ref = self._require_ref(request.volume_id)
+        key = self.replicas.key_of(request.volume_id)
+        ref = self._require_ref(request.volume_id) if key is None else None
         if not request.volume_capabilities:
             raise errors.invalid("volume_capabilities is required")
         caps.parse_params(request.parameters)
+        if key is not None:
+            return self.replicas.validate(request, key)
         vol = self._get(ref)
         try:
             access = caps.check_capabilities(request.volume_capabilities)
@@ -426,13 +443,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def ListVolumes(self, request, context):
         page, next_token = listing.walk(self.agents, "volume", request.max_entries, request.starting_token,
-                                        DEFAULT_PAGE)
-        return csi.ListVolumesResponse(entries=[csi.ListVolumesResponse.Entry(
+                                        DEFAULT_PAGE, keep=listing.keep_volume)
+        return csi.ListVolumesResponse(entries=[self._listed(node, vol) for node, vol in page], next_token=next_token)
+
+    def _listed(self, node: str, vol: apb.Volume) -> csi.ListVolumesResponse.Entry:
+        if caps.is_replica_leg(vol.attributes):
+            return self.replicas.listed(node, vol)
+        return csi.ListVolumesResponse.Entry(
             volume=self._to_volume(ids.LvRef(node, vol.vg, vol.lv), vol),
             status=csi.ListVolumesResponse.VolumeStatus(published_node_ids=[i.iqn for i in vol.initiators]))
-            for node, vol in page], next_token=next_token)
 
     def ControllerGetVolume(self, request, context):
+        if (key := self.replicas.key_of(request.volume_id)) is not None:
+            return self.replicas.get_volume(key, request.volume_id)
         ref = self._require_ref(request.volume_id)
         vol = self._get(ref, brief=False)
         return csi.ControllerGetVolumeResponse(
@@ -442,6 +465,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerGetVolumeHealth(self, request, context):
         """The volume as its storage node sees it (health.py): no entry while healthy; INACCESSIBLE with a
         reason when its LV or export is missing or its storage node's agent does not answer."""
+        if (key := self.replicas.key_of(request.volume_id)) is not None:
+            return self.replicas.health(key, request.volume_id)
         ref = self._require_ref(request.volume_id)
         if not self._serves(ref.node):
             raise errors.not_found(f"volume {request.volume_id} does not exist: its storage node {ref.node} is "
@@ -491,6 +516,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         name = ids.check_request_name(request.name)
         if not request.source_volume_id:
             raise errors.invalid("source_volume_id is required")
+        if self.replicas.key_of(request.source_volume_id) is not None:
+            raise errors.precondition("snapshots of replicated volumes are not supported yet")
         ref = self._require_ref(request.source_volume_id)
         if not self._serves(ref.node):
             raise errors.not_found(f"volume {request.source_volume_id!r} does not exist")
@@ -567,6 +594,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise errors.invalid("capacity_range needs a positive required_bytes or limit_bytes")
         if limit and required > limit:
             raise errors.invalid(f"required_bytes {required} exceeds limit_bytes {limit}")
+        if (key := self.replicas.key_of(request.volume_id)) is not None:
+            return self.replicas.expand(request, key, required, limit)
         ref = self._require_ref(request.volume_id)
         with self.locks.hold(request.volume_id):
             vol = self.agents.get(ref.node).call("ExpandVolume", apb.ExpandVolumeRequest(
