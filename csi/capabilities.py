@@ -8,6 +8,8 @@ mounted on two nodes at once would be corrupted).
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -32,7 +34,11 @@ PARAM_MUTUAL_CHAP = "mutualChap"
 PARAM_WIPE = "wipe"            # thick volumes: zero before the space is reused (default: the agent's wipeThick)
 PARAM_MKFS_OPTIONS = mkfs_options.PARAM   # xfs only: known-safe mkfs.xfs options (csi/mkfs_options.py)
 PARAM_REPLICAS = "replicas"    # 1 | 2: 2 is two legs on two storage nodes (csi/controller/replicas.py)
-KNOWN_PARAMS = {PARAM_POOL, PARAM_TYPE, PARAM_FS, PARAM_MUTUAL_CHAP, PARAM_WIPE, PARAM_MKFS_OPTIONS, PARAM_REPLICAS}
+# Zones, besides the first leg's, where the second leg may go: for workers that reach the storage nodes of both
+PARAM_REPLICA_ZONES = "replicaZones"
+KNOWN_PARAMS = {PARAM_POOL, PARAM_TYPE, PARAM_FS, PARAM_MUTUAL_CHAP, PARAM_WIPE, PARAM_MKFS_OPTIONS, PARAM_REPLICAS,
+                PARAM_REPLICA_ZONES}
+_ZONE_RE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?")
 REPLICA_COUNTS = (1, 2)
 # Attributes a replicated volume's legs carry on their agents (a plain volume has neither, so its request digest
 # is what it always was): how many legs the volume has, and which one this LV is.
@@ -115,6 +121,7 @@ class Params:
     wipe: bool | None       # None: not set, the agent's wipeThick decides
     mkfs_options: str = ""   # canonical (csi/mkfs_options.py); "" when the class sets none
     replicas: int = 1
+    replica_zones: tuple[str, ...] = ()
 
 
 # How the wipe parameter is kept in a volume's attributes. "true" meant "set to true or not set" before the
@@ -151,8 +158,14 @@ def parse_params(params: Mapping[str, str]) -> Params:
     if replicas not in [str(n) for n in REPLICA_COUNTS]:
         raise errors.invalid(f"parameter {PARAM_REPLICAS}={replicas!r}: use 1 (one LV) or 2 (two LVs on two storage "
                              "nodes of one zone, mirrored by the node)")
+    zones = tuple(z.strip() for z in params.get(PARAM_REPLICA_ZONES, "").split(",") if z.strip())
+    if zones and replicas == "1":
+        raise errors.invalid(f"parameter {PARAM_REPLICA_ZONES} applies to {PARAM_REPLICAS}: 2 only")
+    bad = [z for z in zones if not _ZONE_RE.fullmatch(z)]
+    if bad:
+        raise errors.invalid(f"parameter {PARAM_REPLICA_ZONES}: {bad[0]!r} is not a zone (a label value)")
     return Params(pool, thin, fs, bool(_bool(params, PARAM_MUTUAL_CHAP, False)), _bool(params, PARAM_WIPE, None),
-                  str(mkfs), int(replicas))
+                  str(mkfs), int(replicas), zones)
 
 
 def check_replicated(access: Access) -> Access:

@@ -174,6 +174,7 @@ def run_node(a: argparse.Namespace) -> int:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     node_service = NodeService(config, zone=zone or None)
     node_service.clean_stale()
+    node_service.start()
     from csi import metrics
     srv = server.make_server(metrics=_metrics(a, metrics.NodeCollector(node_service)))
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, probe), srv)
@@ -206,6 +207,8 @@ def run_agent(a: argparse.Namespace) -> int:
     lvm = Lvm(config.state_dir / "lvm-system")
     lvm.configure(config.devices, config.state_dir)
     service = AgentService(config, lvm, lio.Lio(config.portals), RecordStore(config.state_dir / "volumes"))
+    from csi.node import raid
+    raid.install_udev_rule()   # before any export: a replica leg is never assembled on its own storage node
     service.restore()       # the exports first: workers' I/O needs no certificate
     service.lio.lock_discovery()
     access.start_rotation(service)   # CHAP secrets that left the storage node (older versions): replaced

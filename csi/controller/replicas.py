@@ -156,10 +156,12 @@ class Replicas:
                 raise errors.exists(f"volume {name!r} exists with size {capacity}, outside the range asked")
             log.info("volume %s is replicated on %s (%d bytes)", name,
                      ", ".join(f"{leg.node}/{leg.vg}" for leg in legs_of(entry)), capacity)
-            return csi.CreateVolumeResponse(volume=self._volume(ids.replicated_volume_id(key), entry, vols[0], capacity))
+            volume = self._volume(ids.replicated_volume_id(key), entry, vols[0], capacity)
+            return csi.CreateVolumeResponse(volume=volume)
 
     def _place(self, key, name, params, required, limit, requisite, preferred) -> Entry:
-        """Leg 0 where the scheduler puts a plain volume; leg 1 on another node of leg 0's zone. A zone with one
+        """Leg 0 where the scheduler puts a plain volume; leg 1 on another node of leg 0's zone (or of the class's
+        `replicaZones`, for workers that reach the storage nodes of both; leg 0's zone first). A zone with one
         node that fits is left out and the choice made again, so a pair is found wherever one exists."""
         svc = self.svc
         candidates, down = svc._candidates()
@@ -177,10 +179,11 @@ class Replicas:
                     f"in zone {z or '(none)'} only {n} has" for z, n in sorted(alone.items())) +
                     ("; down and not considered: " + ", ".join(sorted(n for n, _ in down)) if down else "")) from None
             zone = first.candidate.zone
+            zones = [zone, *(z for z in params.replica_zones if z != zone)]
             try:
-                second = scheduler.choose([c for c in pool if c.node != first.candidate.node and c.zone == zone],
+                second = scheduler.choose([c for c in pool if c.node != first.candidate.node and c.zone in zones],
                                           required=required, limit=limit, pool=params.pool, thin=wanted_thin,
-                                          requisite_zones=[zone], down=down)
+                                          requisite_zones=zones, preferred_zones=[zone], down=down)
             except errors.CsiError as exc:
                 if exc.code != errors.Code.RESOURCE_EXHAUSTED:
                     raise

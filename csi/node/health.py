@@ -51,16 +51,17 @@ def _carries_io(states: set[str]) -> bool:
 def volume(iscsi: Iscsiadm, ref: ids.LvRef, staging_mounted: bool | None = None,
            publish_mounted: bool | None = None, staging: str = "", publish: str = "",
            forced_read_only: bool = False, fs_errors: int = 0,
-           root_io_error: Callable[[], str] = lambda: "") -> list[Entry]:
+           root_io_error: Callable[[], str] = lambda: "", transport: list[Entry] | None = None) -> list[Entry]:
     """The adverse conditions of one volume on this node (empty when healthy). *_mounted: None when the CO
     gave no such path (or, for staging, when the volume is a raw block one: nothing is mounted there).
     forced_read_only: its filesystem, mounted read-write, was made read-only by the kernel (mount.py);
     fs_errors: the errors the kernel recorded on it since its last check; root_io_error: lists its root
     directory and says the I/O error that fails (mount.root_io_error), asked only while the session carries
-    I/O."""
+    I/O. transport: what a replicated volume's array says (replicated.health) in place of the one session's."""
     out = []
-    states = _states(iscsi).get(ref.iqn, set())
-    failing = root_io_error() if _carries_io(states) else ""
+    states = _states(iscsi).get(ref.iqn, set()) if transport is None else set()
+    carries = _carries_io(states) if transport is None else not any(e.status == csi.INACCESSIBLE for e in transport)
+    failing = root_io_error() if carries else ""
     if failing:
         out.append(Entry(status=csi.INACCESSIBLE, reason="FileSystemShutDown",
                          message=f"the volume's filesystem fails every read and write ({failing}) while its iSCSI "
@@ -68,7 +69,9 @@ def volume(iscsi: Iscsiadm, ref: ids.LvRef, staging_mounted: bool | None = None,
                                  "storage outage longer than open-iscsi's replacement timeout). Recover by "
                                  "restarting the pod that uses it: the volume is unstaged, and the next stage "
                                  "mounts it again (xfs replays its log)"))
-    if not states:
+    if transport is not None:
+        out += transport
+    elif not states:
         out.append(Entry(status=csi.INACCESSIBLE, reason="NoIscsiSession",
                          message=f"no iSCSI session to {ref.iqn}: the target is unreachable or gone, or the volume "
                                  "is not staged on this node"))

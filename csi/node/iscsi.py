@@ -77,6 +77,8 @@ class Target:
     chap_secret: str = ""
     mutual_user: str = ""
     mutual_secret: str = ""
+    # node record settings beyond the defaults of login() (a replica leg's short replacement timeout)
+    settings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ class Iscsiadm:
             self._new_record(target.iqn, portal)
             for key, value in (("node.startup", "manual"),
                                ("node.conn[0].timeo.login_timeout", str(LOGIN_TIMEOUT_S)),
-                               ("node.session.initial_login_retry_max", str(LOGIN_RETRIES))):
+                               ("node.session.initial_login_retry_max", str(LOGIN_RETRIES)),
+                               *target.settings):
                 self._set(target.iqn, portal, key, value)
             self._write_auth(target, portal)
             if (target.iqn, portal) in live:

@@ -22,7 +22,7 @@ from csi import capabilities as caps
 from csi import contract, errors, faults, ids, mkfs_options
 from csi.config import NodeConfig
 from csi.fsutil import remove, write_atomic
-from csi.node import credentials, health, mount
+from csi.node import credentials, health, mount, raid, replicated
 from csi.node.iscsi import Iscsiadm, Target, read_initiator_name
 from csi.node.ledger import LoginLedger
 from csi.proto import csi_pb2 as csi
@@ -50,12 +50,25 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.zone = zone
         self.locks = KeyLocks()
         self.ledger = LoginLedger(config.state_dir / "logins")
+        self.replicated = replicated.Replicated(self)
+
+    def start(self) -> None:
+        """At the plugin's start: nothing but this plugin assembles replicated volumes' arrays; the legs of
+        staged replicated volumes are put back (then every few seconds)."""
+        raid.install_udev_rule()
+        raid.load_module()
+        self.replicated.reconcile()
+        self.replicated.start()
 
     # ------------------------------------------------------------------------------------ checks
 
     def _ref(self, volume_id: str) -> ids.LvRef:
         if not volume_id:
             raise errors.invalid("volume_id is required")
+        key = replicated.key_of(volume_id)
+        if key is not None:
+            # A replicated volume's legs are in its stage record; the LvRef names the array for messages.
+            return ids.LvRef("replicated", "md", key)
         ref = ids.parse_id(volume_id)
         if ref is None:
             raise errors.not_found(f"volume {volume_id!r} is not a volume of this driver")
@@ -116,6 +129,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             for path in self.config.state_dir.glob("*.json"):
                 try:
                     rec = json.loads(path.read_text())
+                    if rec.get("replicated"):
+                        legs = {leg["iqn"] for leg in rec["legs"]}
+                        ours |= legs
+                        if raid.status(rec["key"]) is not None:
+                            staged |= legs   # the array runs: its legs stay, even one the reconciler waits for
+                        else:
+                            log.warning("forgetting the stage of %s: its array is not assembled", rec["volume_id"])
+                            remove(path)
+                        continue
                     iqn, block, at = rec["iqn"], bool(rec.get("block")), Path(rec["staging"])
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
@@ -150,6 +172,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         mkfs_opts = mkfs_options.parse(request.volume_context.get(mkfs_options.PARAM, ""))
         if not access.block:
             mkfs_options.check_fs(mkfs_opts, access.fs_type)
+        if replicated.key_of(request.volume_id) is not None:
+            with self.locks.hold(request.volume_id):
+                self.replicated.stage(request.volume_id, request.publish_context, staging, access, mkfs_opts)
+            return csi.NodeStageVolumeResponse()
         att = contract.parse(request.publish_context, ref)
         target = Target(att.iqn, att.portals, att.lun)
         with self.locks.hold(request.volume_id):
@@ -260,7 +286,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staging = self._path(request.staging_target_path, "staging_target_path")
         ref = self._ref(request.volume_id)
         with self.locks.hold(request.volume_id):
-            self._undo_stage(request.volume_id, ref, staging)
+            if replicated.key_of(request.volume_id) is not None:
+                self.replicated.unstage(request.volume_id, staging)
+            else:
+                self._undo_stage(request.volume_id, ref, staging)
         return csi.NodeUnstageVolumeResponse()
 
     def _undo_stage(self, volume_id: str, ref: ids.LvRef, staging: Path) -> None:
@@ -321,8 +350,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if access.block:
                 if rec is None:
                     raise errors.precondition(f"volume {ref} is not staged on this node")
-                device = self.iscsi.wait_for_device(Target(rec["iqn"], tuple(rec["portals"]), rec["lun"]),
-                                                    timeout=5)
+                device = self._device(request.volume_id, rec)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if not target.exists():
                     target.touch(mode=0o600)
@@ -337,6 +365,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 rec["targets"] = sorted(set(others) | {str(target)})
                 write_atomic(self._record_path(request.volume_id), json.dumps(rec), mode=0o600)
         return csi.NodePublishVolumeResponse()
+
+    def _device(self, volume_id: str, rec: dict) -> Path:
+        """The staged volume's block device: its array for a replicated volume, else its iSCSI disk."""
+        if rec.get("replicated"):
+            device = self.replicated.device(volume_id)
+            if not device.exists():
+                raise errors.precondition(f"volume {volume_id}: its array {device} is not assembled on this node")
+            return device
+        return self.iscsi.wait_for_device(Target(rec["iqn"], tuple(rec["portals"]), rec["lun"]), timeout=5)
 
     def NodeUnpublishVolume(self, request, context):
         _require(request.volume_id, "volume_id")
@@ -364,7 +401,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if not path.exists():
             raise errors.not_found(f"volume path {path} does not exist")
         # A raw block device whose session lost its target is not asked for its size: that would wait for it.
-        live = not health.volume(self.iscsi, ref)
+        # An array answers while one leg does.
+        live = self.replicated.device(request.volume_id).exists() if ref.node == "replicated" else \
+            not health.volume(self.iscsi, ref)
         m = mount.mount_at(path)
         if path.is_dir():
             if m is None:
@@ -404,7 +443,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 mounted_at = found.target
         entries = health.volume(self.iscsi, ref, staging_mounted, publish_mounted, request.staging_target_path,
                                 request.volume_publish_path, forced_read_only, fs_errors,
-                                lambda: mount.root_io_error(mounted_at) if mounted_at else "")
+                                lambda: mount.root_io_error(mounted_at) if mounted_at else "",
+                                self.replicated.health(request.volume_id, rec) if ref.node == "replicated" else None)
         return csi.NodeGetVolumeHealthResponse(volume_health=csi.VolumeHealth(volume_id=request.volume_id,
                                                                               health_statuses=entries))
 

@@ -357,6 +357,22 @@ def test_adoption_never_takes_a_leg_for_a_plain_volume(svc):
 # ---------------------------------------------------------------------------------------------- pure parts
 
 
+def test_replica_zones_let_the_second_leg_go_to_another_zone(tmp_path):
+    svc = build(tmp_path, (StorageNode("s1", "10.0.0.11:7600", "a"), StorageNode("s3", "10.0.0.13:7600", "b")))
+    req = csi.TopologyRequirement(requisite=[csi.Topology(segments={ZONE_KEY: "a"})])
+    vol = create(svc, params={**R2, "replicaZones": "b"}, accessibility_requirements=req)
+    entry = svc.placement.journal.get(key_of(vol))
+    assert [leg["node"] for leg in entry.legs] == ["s1", "s3"]
+    assert [dict(t.segments) for t in vol.accessible_topology] == [{ZONE_KEY: "a"}]   # where leg 0 is
+
+
+@pytest.mark.parametrize("params", [{"replicaZones": "b"}, {"replicas": "2", "replicaZones": "b,not a zone"}])
+def test_replica_zones_need_replicas_2_and_zone_names(params):
+    with pytest.raises(errors.CsiError) as e:
+        caps.parse_params(params)
+    assert e.value.code == errors.Code.INVALID_ARGUMENT and "replicaZones" in e.value.message
+
+
 def test_journal_records_without_legs_still_load():
     entry = Entry.from_content({"key": "k", "kind": "volume", "name": "n", "node": "s1", "format": 1}, "v1")
     assert entry.legs == []

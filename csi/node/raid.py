@@ -1,0 +1,204 @@
+"""md RAID1 over the legs of a replicated volume, through mdadm (and md's sysfs, read only).
+
+- Metadata 1.0 (at the end of each leg), so the data starts at offset 0 of every leg, and an internal
+  write-intent bitmap, so a leg that comes back resyncs only the regions written while it was away.
+- Every leg is marked failfast: md fails a leg on its first I/O error instead of retrying it, so a storage node
+  that dies holds the writer no longer than the leg's iSCSI replacement timeout (csi/node/replicated.py).
+- The array's name is `lvmiscsi:<hash of the volume>` (ids.md_name): the homehost part is the driver's own, and
+  the udev rule written by `install_udev_rule` keeps udev's incremental assembly (mdadm --incremental, Debian's
+  64-md-raid-assembly.rules) off every device that carries it, on workers and on storage nodes: only the node
+  plugin assembles these arrays, and only at stage.
+- What a leg knows: `mdadm --examine` prints its superblock's "Array State" (A = active, . = missing): a leg that
+  shows the other member missing went on alone, so it holds every write the other has (csi/node/replicated.py
+  uses that to prove a lone leg current). mdadm has no machine-readable form of that line; --export lacks it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi import errors, ids, runner
+from csi.runner import CommandError
+
+log = logging.getLogger(__name__)
+
+MDADM_TIMEOUT = 60.0
+UDEV_RULE_NAME = "63-lvm-iscsi-csi-md.rules"
+# The runtime rules directory: highest priority, emptied at boot, and written again by each start of the agent
+# and the node plugin.
+UDEV_RULES_DIR = Path("/run/udev/rules.d")
+SYSFS_BLOCK = Path("/sys/block")
+DEV_MD = Path("/dev/md")
+
+
+def udev_rule() -> str:
+    # 64-md-raid-assembly.rules skips any device with SYSTEMD_READY=0 before it looks at ID_FS_TYPE.
+    return ("# lvm-iscsi-csi: the legs of replicated volumes are assembled by the node plugin at stage, never by\n"
+            "# udev's incremental assembly (written by the agent and the node plugin at start).\n"
+            f'SUBSYSTEM=="block", ENV{{ID_FS_TYPE}}=="linux_raid_member", '
+            f'ENV{{ID_FS_LABEL}}=="{ids.MD_HOMEHOST}:*", ENV{{SYSTEMD_READY}}="0"\n')
+
+
+def install_udev_rule(rules_dir: Path = UDEV_RULES_DIR) -> Path:
+    """Writes the rule (if it differs) and has udevd reload its rules. Returns the rule's path."""
+    path = Path(rules_dir) / UDEV_RULE_NAME
+    text = udev_rule()
+    try:
+        same = path.read_text() == text
+    except OSError:
+        same = False
+    if not same:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        except OSError as exc:
+            log.error("cannot write %s (%s): udev on this host may assemble the legs of replicated volumes by "
+                      "itself, which would keep them from their export or their stage", path, exc)
+            return path
+        # udevd also notices a changed rules directory by itself (a container may not reach its control socket)
+        try:
+            runner.run(["udevadm", "control", "--reload"], ok_codes=(0, 1, 2), timeout=30)
+        except CommandError as exc:
+            log.info("udevadm control --reload: %s", exc)
+    return path
+
+
+def load_module() -> None:
+    """md's RAID1 personality, loaded before the first stage (a kernel loads it on demand too, but not every
+    container can make it do so)."""
+    try:
+        runner.run(["modprobe", "raid1"], timeout=30)
+    except CommandError as exc:
+        log.warning("modprobe raid1: %s; replicated volumes will not stage here unless the kernel has it",
+                    exc.stderr.strip()[-200:] or exc)
+
+
+def md_device(key: str) -> Path:
+    """The /dev/md/<name> link of a replicated volume's array on this node."""
+    return DEV_MD / ("csi-" + ids.md_name(key).split(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class Superblock:
+    uuid: str
+    name: str            # homehost:name
+    events: int
+    array_state: str     # "AA", "A.", ".A", ... as --examine prints it; "" when mdadm did not print one
+
+
+def parse_examine(export: str, human: str) -> Superblock:
+    """`mdadm --examine --export` (KEY=value) and `mdadm --examine` (its "Array State : AA ..." line)."""
+    fields = dict(line.split("=", 1) for line in export.splitlines() if "=" in line)
+    m = re.search(r"^\s*Array State : ([A-Za-z.]+)", human, re.M)
+    return Superblock(fields.get("MD_UUID", ""), fields.get("MD_NAME", ""), int(fields.get("MD_EVENTS", "0") or 0),
+                      m.group(1) if m else "")
+
+
+def examine(device: Path) -> Superblock | None:
+    """The md superblock on a leg, None when it has none (mdadm exits 1 then)."""
+    export = runner.run(["mdadm", "--examine", "--export", str(device)], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
+    if export.rc != 0 or "MD_UUID=" not in export.stdout:
+        return None
+    human = runner.run(["mdadm", "--examine", str(device)], timeout=MDADM_TIMEOUT)
+    return parse_examine(export.stdout, human.stdout)
+
+
+def create(key: str, devices: list[Path | None], assume_clean: bool) -> Path:
+    """A new RAID1 of the legs (None: a leg not here yet, added by the reconciler later)."""
+    md = md_device(key)
+    argv = ["mdadm", "--create", str(md), "--run", "--level=1", f"--raid-devices={len(devices)}",
+            "--metadata=1.0", "--bitmap=internal", f"--name={ids.md_name(key)}"]
+    if assume_clean:
+        argv.append("--assume-clean")   # blank legs read the same (zeros): nothing to copy between them
+    argv += ["--failfast", *[str(d) if d is not None else "missing" for d in devices]]
+    runner.run(argv, timeout=MDADM_TIMEOUT)
+    return md
+
+
+def assemble(key: str, devices: list[Path]) -> Path:
+    md = md_device(key)
+    runner.run(["mdadm", "--assemble", str(md), "--run", *map(str, devices)], timeout=MDADM_TIMEOUT)
+    return md
+
+
+def stop(key: str) -> None:
+    """Stops the array if it runs; not running is success."""
+    md = md_device(key)
+    if not md.exists():
+        return
+    runner.run(["mdadm", "--stop", str(md)], timeout=MDADM_TIMEOUT)
+
+
+def readd(key: str, device: Path) -> None:
+    """Puts a leg back: --re-add (the bitmap says what to resync), or --add (a full recovery) when md refuses
+    the re-add (a leg that was away for longer than the bitmap covers, or a new one)."""
+    md = md_device(key)
+    runner.run(["mdadm", "--manage", str(md), "--remove", "failed"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
+    runner.run(["mdadm", "--manage", str(md), "--remove", "detached"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
+    try:
+        runner.run(["mdadm", "--manage", str(md), "--re-add", str(device)], timeout=MDADM_TIMEOUT)
+    except CommandError as exc:
+        log.warning("%s: md refused to re-add %s (%s); adding it for a full recovery", md, device,
+                    exc.stderr.strip()[-200:])
+        runner.run(["mdadm", "--manage", str(md), "--add", str(device)],
+                   timeout=MDADM_TIMEOUT)
+
+
+def grow(key: str) -> None:
+    runner.run(["mdadm", "--grow", str(md_device(key)), "--size=max"], timeout=MDADM_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class Member:
+    device: str          # /dev/sdX
+    state: str           # md's dev-*/state: "in_sync", "faulty", "spare", ... (comma-separated flags)
+
+    @property
+    def in_sync(self) -> bool:
+        return "in_sync" in self.state.split(",") and "faulty" not in self.state.split(",")
+
+
+@dataclass(frozen=True)
+class Array:
+    device: Path         # /dev/mdN
+    members: tuple[Member, ...]
+    degraded: int        # legs missing, as md counts them
+    sync_action: str     # idle | resync | recover | check ...
+    sync_completed: str  # "done / total" sectors, or "none"
+
+    def progress(self) -> float | None:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", self.sync_completed)
+        return int(m.group(1)) / int(m.group(2)) if m and int(m.group(2)) else None
+
+
+def status(key: str, sysfs: Path = SYSFS_BLOCK) -> Array | None:
+    """The array as md's sysfs shows it, None when it is not running here."""
+    md = md_device(key)
+    try:
+        real = Path(md).resolve(strict=True)
+    except OSError:
+        return None
+    base = sysfs / real.name / "md"
+
+    def read(p: Path) -> str:
+        try:
+            return p.read_text().strip()
+        except OSError:
+            return ""
+    members = []
+    for dev in sorted(base.glob("dev-*")):
+        members.append(Member("/dev/" + dev.name[len("dev-"):], read(dev / "state")))
+    degraded = read(base / "degraded")
+    return Array(real, tuple(members), int(degraded) if degraded.isdigit() else 0, read(base / "sync_action"),
+                 read(base / "sync_completed"))
+
+
+def refuse_foreign(key: str, device: Path, sb: Superblock) -> None:
+    if sb.name != ids.md_name(key):
+        raise errors.precondition(f"{device} carries the md superblock of array {sb.name!r}, not this volume's "
+                                  f"({ids.md_name(key)}): nothing was assembled or written")

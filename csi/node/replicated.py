@@ -1,0 +1,299 @@
+"""The node side of a replicated volume (volume_id "r1:<lv>"): an md RAID1 (raid.py) over the iSCSI disks of its
+two legs, assembled at stage, stopped at unstage, and kept whole by a reconciler.
+
+Failure and return:
+- Each leg's session has a short replacement timeout and quick no-op pings (LEG_SETTINGS): a storage node that
+  dies or is cut off fails the leg's I/O after about noop interval + noop timeout + replacement timeout
+  (2 + 3 + 5 s), md fails that leg (failfast) and the writer goes on with the other, with no error.
+- open-iscsi keeps trying to log in again after the replacement timeout; once the storage node is back the
+  session is LOGGED_IN again with the same disk. The reconciler (`reconcile`, every RECONCILE_S and at the node
+  plugin's start) re-adds such a leg: the write-intent bitmap limits the resync to what changed. A leg not
+  logged in at all (a stage made while its storage node was down) is logged in and added.
+
+Which leg is current:
+- Both legs here: md's event counts pick the newest at assembly and leave a stale leg out; it is then re-added.
+- One leg here: it is used only if it can be proven current: the controller's record (publish_context) marks
+  the other leg outdated, or the leg's own superblock shows the other member missing (it went on alone after the
+  other was cut off, so it holds every write the other has). Otherwise the stage refuses: the absent leg may
+  hold writes this one missed (the worker that wrote alone to it died, then this leg's peer went down).
+- Not done yet (README, limits): the node does not record in the controller's record that a leg is outdated
+  before md goes on without it, so the controller's record can only mark legs outdated by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+from csi import contract, errors, faults, ids
+from csi.fsutil import remove, write_atomic
+from csi.node import mount, raid
+from csi.node.iscsi import Target
+from csi.proto import csi_pb2 as csi
+
+log = logging.getLogger(__name__)
+
+RECONCILE_S = 5.0
+# A leg's I/O fails this soon after its storage node stops answering (defaults: 5 + 5 + 120 s).
+LEG_SETTINGS = (("node.conn[0].timeo.noop_out_interval", "2"),
+                ("node.conn[0].timeo.noop_out_timeout", "3"),
+                ("node.session.timeo.replacement_timeout", "5"))
+
+
+def key_of(volume_id: str) -> str | None:
+    return ids.parse_replicated_id(volume_id)
+
+
+class Replicated:
+    """Stage, unstage and reconcile of replicated volumes, for NodeService (which validates and locks)."""
+
+    def __init__(self, service):
+        self.svc = service
+        self._stop = threading.Event()
+
+    # ---------------------------------------------------------------------------------- stage
+
+    def _target(self, leg: contract.Leg, with_credentials: bool) -> Target:
+        att = leg.attachment
+        target = Target(att.iqn, att.portals, att.lun, settings=LEG_SETTINGS)
+        return self.svc._with_credentials(target, att, leg.ref) if with_credentials else target
+
+    def stage(self, volume_id: str, ctx, staging: Path, access, mkfs_opts) -> None:
+        key = key_of(volume_id)
+        legs = contract.parse_replicated(ctx, key)
+        md = raid.md_device(key)
+        if not access.block:
+            existing = mount.mount_at(staging)
+            if existing is not None:
+                if md.exists() and Path(existing.source).resolve() == md.resolve():
+                    return
+                raise errors.precondition(f"{staging} already has {existing.source} mounted, which is not this "
+                                          f"volume's array {md}; unmount it first")
+        for leg in legs:
+            self.svc.ledger.add(leg.attachment.iqn)
+        write_atomic(self.svc._record_path(volume_id), json.dumps(
+            {"volume_id": volume_id, "replicated": True, "key": key, "staging": str(staging), "block": access.block,
+             "legs": [{"iqn": leg.attachment.iqn, "portals": list(leg.attachment.portals), "lun": leg.attachment.lun,
+                       "node": leg.attachment.storage_node, "agent": leg.attachment.agent, "vg": leg.vg,
+                       "outdated": leg.outdated} for leg in legs]}), mode=0o600)
+        faults.step("stage.record")
+        try:
+            device = self._assemble(key, legs)
+            faults.step("stage.assemble")
+            if access.block:
+                return
+            staging.mkdir(parents=True, exist_ok=True)
+            ref = ids.LvRef(legs[0].attachment.storage_node, legs[0].vg, key)
+            found = self.svc._filesystem(ref, device, access, mkfs_opts)
+            mount.mount(device, staging, found, self.svc._options(found, access))
+            faults.step("stage.mount")
+            if not access.read_only:
+                mount.grow_filesystem(device, found, staging)
+        except Exception:
+            self.unstage(volume_id, staging)
+            raise
+
+    def _login_all(self, legs: list[contract.Leg]) -> tuple[dict[int, Path], list[str]]:
+        here, away = {}, []
+        for leg in legs:
+            try:
+                self.svc.iscsi.login(self._target(leg, with_credentials=True))
+                faults.step("stage.login")
+                here[leg.index] = self.svc.iscsi.wait_for_device(self._target(leg, with_credentials=False))
+            except errors.CsiError as exc:
+                if exc.code not in (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED):
+                    raise
+                log.warning("replica leg %d of %s on %s is not reachable: %s", leg.index, leg.lv,
+                            leg.attachment.storage_node, exc.message)
+                away.append(f"leg {leg.index} on {leg.attachment.storage_node}: {exc.message}")
+        return here, away
+
+    def _assemble(self, key: str, legs: list[contract.Leg]) -> Path:
+        md = raid.md_device(key)
+        if raid.status(key) is not None:
+            return md        # assembled by an earlier attempt of this stage
+        here, away = self._login_all(legs)
+        blocks = {i: raid.examine(dev) for i, dev in here.items()}
+        for i, sb in blocks.items():
+            if sb is not None:
+                raid.refuse_foreign(key, here[i], sb)
+        if not any(blocks.values()):
+            # A new volume: no leg has a superblock yet. Its legs must be blank (never someone's data).
+            for i, dev in here.items():
+                found = mount.probe(dev)
+                if not found.blank:
+                    raise errors.precondition(f"replica leg {i} ({dev}) holds {found.describe()} and no md "
+                                              "superblock: it is not this volume's leg; nothing was written")
+            if len(here) < len(legs):
+                raise errors.unavailable("a new replicated volume needs both legs to create its array: "
+                                         + "; ".join(away))
+            log.info("creating the RAID1 of %s over %s", key, ", ".join(map(str, here.values())))
+            raid.create(key, [here[leg.index] for leg in legs], assume_clean=True)
+            return md
+        current = self._current(key, legs, here, blocks, away)
+        log.info("assembling the RAID1 of %s from %s", key, ", ".join(str(here[i]) for i in current))
+        raid.assemble(key, [here[i] for i in current])
+        for i in sorted(set(here) - set(current)):
+            log.info("re-adding replica leg %d (%s) of %s", i, here[i], key)
+            raid.readd(key, here[i])
+        return md
+
+    @staticmethod
+    def _current(key, legs, here, blocks, away) -> list[int]:
+        """The legs to assemble from: never a leg that may have missed writes the other holds."""
+        outdated = {leg.index for leg in legs if leg.outdated}
+        with_sb = [i for i in here if blocks.get(i) is not None and i not in outdated]
+        if not with_sb:
+            raise errors.precondition(f"no leg of replicated volume {key} here can be proven current ("
+                                      + "; ".join(away or ["the reachable legs are marked outdated"]) + ")")
+        if len(with_sb) == len(legs):
+            return with_sb       # md's event counts choose between them
+        absent = [leg for leg in legs if leg.index not in here]
+        if all(leg.index in outdated for leg in absent):
+            return with_sb
+        # One leg here, the other away and not known outdated: only a leg that went on alone is provably current.
+        alone = [i for i in with_sb if "." in blocks[i].array_state]
+        if alone:
+            return alone
+        raise errors.unavailable(
+            f"replicated volume {key}: only leg {with_sb[0]} is reachable, and nothing proves it holds the latest "
+            "writes (its superblock shows both legs in sync, so the other leg may have gone on alone since). "
+            "Bring the other storage node back; " + "; ".join(away))
+
+    # ---------------------------------------------------------------------------------- unstage
+
+    def unstage(self, volume_id: str, staging: Path) -> None:
+        """umount, stop the array, log out of both legs: every step tried, problems raised once."""
+        key = key_of(volume_id)
+        rec = self.svc._record(volume_id) or {}
+        problems = []
+        if mount.mount_at(staging) is not None:
+            try:
+                mount.umount(staging)
+                faults.step("unstage.umount")
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"umount {staging}: {exc}")
+        if problems:
+            raise errors.internal("; ".join(problems))   # still mounted: stopping the array would lose writes
+        try:
+            raid.stop(key)
+            faults.step("unstage.stop")
+        except Exception as exc:  # noqa: BLE001
+            raise errors.internal(f"stopping the array of {volume_id}: {exc}") from None
+        iqns = [leg["iqn"] for leg in rec.get("legs", [])]
+        for iqn in iqns:
+            try:
+                self.svc.iscsi.logout(iqn)
+                faults.step("unstage.logout")
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"logout {iqn}: {exc}")
+        if problems:
+            raise errors.internal("; ".join(problems))
+        remove(self.svc._record_path(volume_id))
+        for iqn in iqns:
+            self.svc.ledger.remove(iqn)
+
+    def device(self, volume_id: str) -> Path:
+        return raid.md_device(key_of(volume_id))
+
+    # ---------------------------------------------------------------------------------- reconcile
+
+    def records(self) -> list[dict]:
+        out = []
+        for path in sorted(self.svc.config.state_dir.glob("*.json")):
+            try:
+                rec = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if rec.get("replicated"):
+                out.append(rec)
+        return out
+
+    def reconcile(self) -> None:
+        """Puts back every leg md runs without, once its session carries I/O again."""
+        sessions = {s.iqn: s for s in self.svc.iscsi.sessions()}
+        for rec in self.records():
+            volume_id, key = rec["volume_id"], rec["key"]
+            try:
+                with self.svc.locks.hold(volume_id):
+                    self._reconcile_one(volume_id, key, rec, sessions)
+            except errors.CsiError as exc:
+                if exc.code != errors.Code.ABORTED:   # a stage or unstage of it runs: next round
+                    log.warning("reconciling %s: %s", volume_id, exc.message)
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("reconciling %s: %s", volume_id, exc)
+
+    def _reconcile_one(self, volume_id: str, key: str, rec: dict, sessions) -> None:
+        array = raid.status(key)
+        if array is None:
+            return
+        in_array = {m.device for m in array.members if "faulty" not in m.state}
+        for i, leg in enumerate(rec.get("legs", [])):
+            target = Target(leg["iqn"], tuple(leg["portals"]), leg["lun"], settings=LEG_SETTINGS)
+            session = sessions.get(leg["iqn"])
+            if session is None:
+                self._login_again(volume_id, rec, i)
+                continue
+            if self.svc.iscsi.session_state(session) != "LOGGED_IN":
+                continue
+            device = self.svc.iscsi.find_device(target)
+            if device is None or str(device) in in_array:
+                continue
+            log.warning("replica leg %d of %s (%s on %s) is back: re-adding it", i, volume_id, device, leg["node"])
+            raid.readd(key, device)
+            faults.step("reconcile.readd")
+
+    def _login_again(self, volume_id: str, rec: dict, index: int) -> None:
+        leg = rec["legs"][index]
+        att = contract.Attachment(leg["iqn"], tuple(leg["portals"]), leg["lun"], leg["node"], leg["agent"])
+        cleg = contract.Leg(index, att, leg["vg"], rec["key"], leg.get("outdated", False))
+        try:
+            self.svc.iscsi.login(self._target(cleg, with_credentials=True))
+        except errors.CsiError as exc:
+            log.info("replica leg %d of %s on %s: still not reachable (%s)", index, volume_id, leg["node"],
+                     exc.message)
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="replica-reconciler", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(RECONCILE_S):
+            try:
+                self.reconcile()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("replica reconciler: %s", exc)
+
+
+    def health(self, volume_id: str, rec: dict | None) -> list:
+        """NodeGetVolumeHealth's entries for the array: which legs are in sync, which resyncs and how far, which
+        is missing. INACCESSIBLE only when the array does not run (no leg serves it)."""
+        Entry = csi.VolumeHealth.VolumeHealthEntry
+        array = raid.status(key_of(volume_id))
+        if array is None:
+            return [Entry(status=csi.INACCESSIBLE, reason="ArrayNotAssembled",
+                          message=f"the RAID1 of {volume_id} does not run on this node: it is not staged here, or "
+                                  "no leg of it could be reached")]
+        out = []
+        devices = {m.device: m for m in array.members}
+        for i, leg in enumerate((rec or {}).get("legs", [])):
+            target = Target(leg["iqn"], tuple(leg["portals"]), leg["lun"])
+            device = self.svc.iscsi.find_device(target)
+            member = devices.get(str(device)) if device is not None else None
+            where = f"leg {i} on storage node {leg['node']}"
+            if member is None or "faulty" in member.state:
+                out.append(Entry(status=csi.DEGRADED, reason="ReplicaLegMissing",
+                                 message=f"{where} is out of the array ({member.state if member else 'no disk'}): "
+                                         "writes go to the other leg alone; the node plugin re-adds it once its "
+                                         "storage node answers again"))
+            elif not member.in_sync:
+                progress = array.progress()
+                shown = f"{progress:.0%}" if progress is not None else "starting"
+                out.append(Entry(status=csi.DEGRADED, reason="ReplicaLegResyncing",
+                                 message=f"{where} is being resynced ({array.sync_action} {shown}): until it is "
+                                         "done, only the other leg holds every write"))
+        return out

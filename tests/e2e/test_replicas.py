@@ -1,0 +1,174 @@
+"""Replicated volumes (replicas: "2") on real parts: two LVs on two storage nodes, an md RAID1 over their iSCSI
+disks on the worker, a writer that goes on through a storage node's power cut, and the leg put back and
+resynced when the node is back, with nobody acting.
+
+The lab's storage nodes are each in a zone of their own (storage-1 zone-a, storage-2 zone-b) and the workers
+in zone-a reach both: the class allows the second leg in zone-b (`replicaZones`)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from csi import contract, ids
+from csi.proto import csi_pb2 as csi
+from tests.e2e.cluster import MiB
+
+PARAMS = {"replicas": "2", "replicaZones": "zone-b"}
+PY = "/usr/bin/python3"
+
+# Appends numbered 4 KiB records, each fsync'ed, and logs "<number> <monotonic time>" once it is; an error is
+# logged as "ERROR <text>" and the writer goes on (so a test sees every error, not only the first).
+WRITER = r"""
+import hashlib, os, struct, sys, time
+path, log, stop = sys.argv[1:4]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+i = 0
+with open(log, "w") as out:
+    while not os.path.exists(stop):
+        head, body = struct.pack("<Q", i), os.urandom(4096 - 40)
+        try:
+            os.write(fd, head + hashlib.sha256(head + body).digest() + body)
+            os.fsync(fd)
+        except OSError as exc:
+            out.write(f"ERROR {exc}\n"); out.flush(); time.sleep(0.5); continue
+        out.write(f"{i} {time.monotonic():.3f}\n"); out.flush()
+        i += 1
+        time.sleep(0.01)
+"""
+# How many whole, valid, consecutive records from 0 a file holds; fails on anything else.
+PREFIX = r"""
+import hashlib, struct, sys
+data = open(sys.argv[1], "rb").read()
+if len(data) % 4096:
+    sys.exit(f"torn: {len(data)} bytes")
+for i in range(len(data) // 4096):
+    rec = data[i * 4096:(i + 1) * 4096]
+    if struct.unpack("<Q", rec[:8])[0] != i or hashlib.sha256(rec[:8] + rec[40:]).digest() != rec[8:40]:
+        sys.exit(f"record {i} is not record {i}")
+print(len(data) // 4096)
+"""
+
+
+def _wait(what: str, check, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting until {what}")
+        time.sleep(every)
+
+
+def _mdstat(node) -> str:
+    return node.run(["cat", "/proc/mdstat"], timeout=30).stdout
+
+
+def _array_line(node, key: str) -> str:
+    """The status line of the volume's array ("[2/2] [UU]"), "" when it does not run there."""
+    md = node.run(["readlink", "-f", f"/dev/md/csi-{ids.md_name(key).split(':')[1]}"], timeout=30).stdout.strip()
+    name = md.rsplit("/", 1)[-1]
+    text = _mdstat(node)
+    m = re.search(rf"^{re.escape(name)} : .*\n\s+\d+ blocks.*(\[\d/\d\] \[[U_]+\])", text, re.M) if name else None
+    return m.group(1) if m else ""
+
+
+def _synced(node, key: str) -> bool:
+    text = _mdstat(node)
+    return _array_line(node, key) == "[2/2] [UU]" and "recovery" not in text and "resync" not in text
+
+
+def _log(w, path) -> tuple[list[tuple[int, float]], list[str]]:
+    lines = w.run(["cat", str(path)], timeout=30).stdout.splitlines()
+    records = [(int(a), float(b)) for a, b in (line.split() for line in lines if not line.startswith("ERROR"))]
+    return records, [line for line in lines if line.startswith("ERROR")]
+
+
+def _leg_digest(node, vg: str, lv: str, size: int) -> str:
+    r = node.run(["sh", "-c", f"head -c {size} /dev/{vg}/{lv} | sha256sum"], timeout=300, check=True)
+    return r.stdout.split()[0]
+
+
+def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_by_itself(cluster, record_property):
+    s1, s2, w = cluster.s1, cluster.s2, cluster.w
+    v = cluster.create("replicated-power-cut", size=128 * MiB, zone="zone-a", params=PARAMS)
+    assert v.volume_id.startswith("r1:")
+    key = ids.parse_replicated_id(v.volume_id)
+    ctx = cluster.publish(v.volume_id)
+    legs = contract.parse_replicated(ctx, key)
+    assert sorted(leg.attachment.storage_node for leg in legs) == ["storage-1", "storage-2"]
+    target = cluster.stage_publish(v.volume_id, ctx)
+    assert _wait("the array runs with both legs in sync", lambda: _synced(w, key), timeout=60)
+
+    # Nothing but the node plugin assembles the array: udev on the storage nodes, told about the legs again,
+    # leaves them alone (Debian's incremental assembly rule is installed in the lab: mdadm is a driver package).
+    for node in (s1, s2):
+        # The worker wrote the superblock through LIO, below the storage node's page cache: drop what that cache
+        # holds of the LV (zeros read at its creation), as a reboot would, so blkid and udev see the superblock.
+        node.run(["blockdev", "--flushbufs", f"/dev/csi-vg/{key}"], timeout=60, check=True)
+        node.run(["udevadm", "trigger", "--subsystem-match=block", "--action=change"], timeout=60, check=True)
+        node.run(["udevadm", "settle", "--timeout=30"], timeout=60)
+        found = node.run(["blkid", "-p", "-o", "value", "-s", "TYPE", f"/dev/csi-vg/{key}"], timeout=30).stdout
+        assert found.strip() == "linux_raid_member"
+        assert "md" not in "".join(line for line in _mdstat(node).splitlines() if " : active" in line), \
+            f"{node.name} assembled a replica leg by itself: {_mdstat(node)}"
+
+    # not replica-writer.log: that is the spawned process's own output
+    log, stop = w.workdir / "replica-records.log", w.workdir / "replica-writer.stop"
+    w.run(["rm", "-f", str(stop)], timeout=30)
+    w.spawn("replica-writer", [PY, "-c", WRITER, f"{target}/records.bin", str(log), str(stop)])
+    try:
+        _wait("the writer has fsync'ed 100 records", lambda: len(_log(w, log)[0]) >= 100, timeout=60)
+
+        # storage-2 loses its power: its leg's I/O stops without an answer.
+        cut = time.monotonic()
+        s2.kill()
+        _wait("the array runs degraded on storage-1's leg", lambda: _array_line(w, key) in ("[2/1] [U_]",
+                                                                                             "[2/1] [_U]"),
+              timeout=60, every=0.5)
+        degraded_after = time.monotonic() - cut
+        before_boot = len(_log(w, log)[0])
+        _wait("the writer goes on with one leg", lambda: len(_log(w, log)[0]) >= before_boot + 100, timeout=60)
+
+        s2.boot(timeout=180)
+        cluster.d.start_agent(s2)
+        back = time.monotonic()
+        _wait("the leg is re-added and resynced", lambda: _synced(w, key), timeout=180, every=1.0)
+        resynced_after = time.monotonic() - back
+        done = len(_log(w, log)[0])
+        _wait("the writer goes on with both legs", lambda: len(_log(w, log)[0]) >= done + 50, timeout=60)
+    finally:
+        w.run(["touch", str(stop)], timeout=30)
+        w.wait_exit("replica-writer", timeout=60)
+        if not s2.running:
+            s2.boot(timeout=180)
+            cluster.d.start_agent(s2)
+
+    records, write_errors = _log(w, log)
+    assert write_errors == [], f"the writer saw errors: {write_errors[:5]}"
+    stall = max(b[1] - a[1] for a, b in zip(records, records[1:]))
+    record_property("replica_worst_write_stall_s", round(stall, 1))
+    record_property("replica_degraded_after_s", round(degraded_after, 1))
+    record_property("replica_resynced_after_boot_s", round(resynced_after, 1))
+    print(f"worst stall between two fsync'ed records {stall:.1f}s; degraded after {degraded_after:.1f}s; "
+          f"resynced {resynced_after:.1f}s after the agent was back")
+    assert stall < 20, f"a write waited {stall:.1f}s (the bound is 20 s)"
+    r = w.run([PY, "-c", PREFIX, f"{target}/records.bin"], timeout=120)
+    assert r.rc == 0, r.stderr
+    assert int(r.stdout) >= len(records)
+
+    # Each leg alone holds the same bytes: the array's data starts at offset 0 of each LV (metadata 1.0).
+    cluster.worker1.unstage(v.volume_id)
+    assert not any(" : active" in line for line in _mdstat(w).splitlines()), _mdstat(w)
+    data = 120 * MiB    # well inside the array's size (the superblock and bitmap are at the end)
+    digests = {node.name: _leg_digest(node, leg.vg, key, data)
+               for node, leg in zip((s1, s2), sorted(legs, key=lambda leg: leg.attachment.storage_node))}
+    assert len(set(digests.values())) == 1, digests
+
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+        volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}

@@ -1,0 +1,142 @@
+"""The node's md RAID1 of replicated volumes (csi/node/raid.py) and which legs a stage trusts
+(csi/node/replicated.py). mdadm's answers are its real output, recorded on a UML node
+(recorded/record_mdadm.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csi import contract, errors, ids
+from csi.node import raid
+from csi.node.replicated import Replicated
+from tests.unit.conftest import recorded
+
+KEY = "e2e-replicated-0123456789"
+
+
+def mdadm_answers(case_of: dict[str, str]):
+    """mdadm --examine [--export] <device>: the recorded case named for that device."""
+    def answer(argv):
+        case = case_of[argv[-1]]
+        name = f"mdadm_examine_export_{case}" if "--export" in argv else f"mdadm_examine_{case}"
+        if case == "none":
+            name = "mdadm_examine_export_none"
+        return int(recorded(name + ".rc")), recorded(name + ".stdout"), ""
+    return answer
+
+
+@pytest.mark.parametrize("case, state, events", [("both", "AA", 0), ("alone", "A.", 4), ("left_behind", "AA", 0)])
+def test_examine_reads_the_array_state_each_leg_knows(fake_run, case, state, events):
+    export = "both"   # --export has no array state: the same recorded lines serve every case
+    fake_run.on("mdadm", "--examine", "--export", fn=lambda argv: (0, recorded(f"mdadm_examine_export_{export}.stdout")
+                                                                 .replace("MD_EVENTS=0", f"MD_EVENTS={events}"), ""))
+    fake_run.on("mdadm", "--examine", "/dev/sdb", rc=0, stdout=recorded(f"mdadm_examine_{case}.stdout"))
+    sb = raid.examine(Path("/dev/sdb"))
+    assert sb == raid.Superblock("d1426ae6:25115a81:47a9dc45:397d9ced", "lvmiscsi:0123456789abcdef", events, state)
+
+
+def test_a_leg_without_a_superblock_has_none(fake_run):
+    fake_run.on("mdadm", "--examine", "--export", rc=int(recorded("mdadm_examine_export_none.rc")),
+                stdout=recorded("mdadm_examine_export_none.stdout"), stderr="mdadm: No md superblock detected")
+    assert raid.examine(Path("/dev/sdb")) is None
+    assert fake_run.calls == [["mdadm", "--examine", "--export", "/dev/sdb"]]
+
+
+def test_create_makes_a_failfast_raid1_with_its_metadata_at_the_end_and_a_bitmap(fake_run):
+    fake_run.on("mdadm", "--create")
+    raid.create(KEY, [Path("/dev/sdb"), None], assume_clean=False)
+    name = ids.md_name(KEY)
+    assert len(name) <= 32 and name.startswith("lvmiscsi:")
+    assert fake_run.calls == [["mdadm", "--create", f"/dev/md/csi-{name.split(':')[1]}", "--run", "--level=1",
+                               "--raid-devices=2", "--metadata=1.0", "--bitmap=internal", f"--name={name}",
+                               "--failfast", "/dev/sdb", "missing"]]
+
+
+def test_readd_falls_back_to_a_full_recovery(fake_run):
+    fake_run.on("mdadm", "--manage")
+    fake_run.on("mdadm", "--manage", str(raid.md_device(KEY)), "--re-add", rc=1, stderr="mdadm: --re-add for "
+                "/dev/sdc to /dev/md/x is not possible")
+    raid.readd(KEY, Path("/dev/sdc"))
+    md = str(raid.md_device(KEY))
+    assert fake_run.calls[-2:] == [["mdadm", "--manage", md, "--re-add", "/dev/sdc"],
+                                   ["mdadm", "--manage", md, "--add", "/dev/sdc"]]
+
+
+def test_the_udev_rule_keeps_incremental_assembly_off_our_arrays_only(tmp_path, fake_run):
+    fake_run.on("udevadm")
+    path = raid.install_udev_rule(tmp_path)
+    text = path.read_text()
+    # Debian's 64-md-raid-assembly.rules leaves a device alone when SYSTEMD_READY is 0; the rule must sort before it.
+    assert path.name < "64-md-raid-assembly.rules"
+    assert 'ENV{ID_FS_LABEL}=="lvmiscsi:*"' in text and 'ENV{SYSTEMD_READY}="0"' in text
+    assert fake_run.calls == [["udevadm", "control", "--reload"]]
+    raid.install_udev_rule(tmp_path)      # unchanged: not written or reloaded again
+    assert len(fake_run.calls) == 1
+
+
+def test_status_reads_md_sysfs(tmp_path, monkeypatch):
+    dev = tmp_path / "dev-md"
+    dev.mkdir()
+    link = dev / "csi-x"
+    (tmp_path / "md127").write_text("")
+    link.symlink_to(tmp_path / "md127")
+    monkeypatch.setattr(raid, "md_device", lambda key: link)
+    md = tmp_path / "sys" / "md127" / "md"
+    for name, state in (("dev-sdb", "in_sync,failfast"), ("dev-sdc", "faulty,failfast")):
+        (md / name).mkdir(parents=True)
+        (md / name / "state").write_text(state + "\n")
+    (md / "degraded").write_text("1\n")
+    (md / "sync_action").write_text("recover\n")
+    (md / "sync_completed").write_text("2048 / 8192\n")
+    array = raid.status(KEY, sysfs=tmp_path / "sys")
+    assert [(m.device, m.in_sync) for m in array.members] == [("/dev/sdb", True), ("/dev/sdc", False)]
+    assert array.degraded == 1 and array.progress() == 0.25
+
+
+# ------------------------------------------------------------------------ which legs a stage trusts
+
+def _legs(outdated=(False, False)) -> list[contract.Leg]:
+    return [contract.Leg(i, contract.Attachment(f"iqn.2026-11.dev.csi.lvm-iscsi:csi-vg.{i}", ("10.0.0.1:3260",), 0,
+                                                f"storage-{i + 1}", "10.0.0.1:7001"), "csi-vg", KEY, outdated[i])
+            for i in range(2)]
+
+
+def _sb(state: str) -> raid.Superblock:
+    return raid.Superblock("u", ids.md_name(KEY), 1, state)
+
+
+def test_both_legs_here_are_assembled_together_md_picks_the_newest():
+    here = {0: Path("/dev/sdb"), 1: Path("/dev/sdc")}
+    assert Replicated._current(KEY, _legs(), here, {0: _sb("AA"), 1: _sb("A.")}, []) == [0, 1]
+
+
+def test_a_lone_leg_that_went_on_alone_is_current():
+    assert Replicated._current(KEY, _legs(), {0: Path("/dev/sdb")}, {0: _sb("A.")}, ["leg 1 away"]) == [0]
+
+
+def test_a_lone_leg_whose_peer_is_recorded_outdated_is_current():
+    assert Replicated._current(KEY, _legs((False, True)), {0: Path("/dev/sdb")}, {0: _sb("AA")}, ["x"]) == [0]
+
+
+def test_a_lone_leg_that_cannot_be_proven_current_is_refused():
+    # Its superblock shows both in sync: the absent leg may have gone on alone since (the worker that wrote to it
+    # alone died, then this leg's peer went down). Serving this leg could serve old data.
+    with pytest.raises(errors.CsiError) as e:
+        Replicated._current(KEY, _legs(), {1: Path("/dev/sdc")}, {1: _sb("AA")}, ["leg 0 on storage-1: down"])
+    assert e.value.code == errors.Code.UNAVAILABLE and "storage-1" in e.value.message
+
+
+def test_a_leg_recorded_outdated_is_never_assembled_from():
+    with pytest.raises(errors.CsiError) as e:
+        Replicated._current(KEY, _legs((True, False)), {0: Path("/dev/sdb")}, {0: _sb("A.")}, ["leg 1 away"])
+    assert e.value.code == errors.Code.FAILED_PRECONDITION
+    here = {0: Path("/dev/sdb"), 1: Path("/dev/sdc")}
+    assert Replicated._current(KEY, _legs((True, False)), here, {0: _sb("A."), 1: _sb("AA")}, []) == [1]
+
+
+def test_a_leg_of_another_array_is_refused():
+    with pytest.raises(errors.CsiError) as e:
+        raid.refuse_foreign(KEY, Path("/dev/sdb"), raid.Superblock("u", "lvmiscsi:ffffffffffffffff", 1, "AA"))
+    assert e.value.code == errors.Code.FAILED_PRECONDITION
