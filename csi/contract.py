@@ -9,7 +9,9 @@ gives them only to the node the grant was made for).
 
 A replicated volume (volume_id "r1:<lv>") publishes one such set of keys per leg, prefixed "leg0." and "leg1.",
 with each leg's VG and whether the controller's record holds it outdated (it missed writes the other leg has):
-parse_replicated() reads them.
+parse_replicated() reads them. Every leg of the volume is there, in the record's order: a leg whose storage node
+did not answer at publish has only its node, VG and state, and "granted" false (the node cannot log in to it,
+but knows it exists: a lone leg is trusted only when it is provably current, csi/node/replicated.py).
 
 A VolumeAttachment made by the driver before this contract holds the CHAP secrets themselves (chapUser,
 chapSecret, mutualChapUser, mutualChapSecret) and no agent address: parse() still reads those, so a volume
@@ -65,35 +67,41 @@ def publish_context(target_iqn: str, portals, lun: int, storage_node: str, agent
 REPLICAS = "replicas"
 LEG_VG = "vg"
 LEG_OUTDATED = "outdated"
+LEG_GRANTED = "granted"
 MAX_LEGS = 2
 
 
 @dataclass(frozen=True)
 class Leg:
-    """One leg of a replicated volume on a node: its target, and where its LV is (for its credentials)."""
+    """One leg of a replicated volume on a node: where its LV is (for its credentials) and its target, None when
+    it was not granted (its storage node did not answer at publish)."""
     index: int
-    attachment: Attachment
+    storage_node: str
     vg: str
     lv: str
     outdated: bool
+    attachment: Attachment | None
 
     @property
     def ref(self) -> ids.LvRef:
-        return ids.LvRef(self.attachment.storage_node, self.vg, self.lv)
+        return ids.LvRef(self.storage_node, self.vg, self.lv)
 
 
 def leg_prefix(index: int) -> str:
     return f"leg{index}."
 
 
-def replicated_publish_context(legs: list[tuple[dict[str, str], str, bool]]) -> dict[str, str]:
-    """legs: (publish_context of the leg as publish_context() makes it, its VG, outdated) in leg order."""
+def replicated_publish_context(legs: list[tuple[dict[str, str] | None, str, str, bool]]) -> dict[str, str]:
+    """legs, in the record's order: (publish_context() of the leg's grant, None when not granted; its storage
+    node; its VG; outdated)."""
     out = {REPLICAS: str(len(legs))}
-    for i, (ctx, vg, outdated) in enumerate(legs):
+    for i, (ctx, node, vg, outdated) in enumerate(legs):
         p = leg_prefix(i)
-        out.update({p + k: v for k, v in ctx.items()})
+        out.update({p + k: v for k, v in (ctx or {}).items()})
+        out[p + STORAGE_NODE] = node
         out[p + LEG_VG] = vg
         out[p + LEG_OUTDATED] = str(outdated).lower()
+        out[p + LEG_GRANTED] = str(ctx is not None).lower()
     return out
 
 
@@ -114,10 +122,12 @@ def parse_replicated(ctx, key: str) -> list[Leg]:
         ref = ids.LvRef(sub[STORAGE_NODE], vg, key)
         if ids.parse_id(ref.encode()) is None:
             raise errors.invalid(f"publish_context leg {i} names no valid storage node and VG")
-        if sub.get(LEG_OUTDATED, "false") not in ("true", "false"):
-            raise errors.invalid(f"publish_context leg {i}: {LEG_OUTDATED} must be true or false")
-        legs.append(Leg(i, parse(sub, ref), vg, key, sub.get(LEG_OUTDATED) == "true"))
-    if len({leg.attachment.storage_node for leg in legs}) != len(legs):
+        for flag in (LEG_OUTDATED, LEG_GRANTED):
+            if sub.get(flag, "true" if flag == LEG_GRANTED else "false") not in ("true", "false"):
+                raise errors.invalid(f"publish_context leg {i}: {flag} must be true or false")
+        granted = sub.get(LEG_GRANTED, "true") == "true"
+        legs.append(Leg(i, ref.node, vg, key, sub.get(LEG_OUTDATED) == "true", parse(sub, ref) if granted else None))
+    if len({leg.storage_node for leg in legs}) != len(legs):
         raise errors.invalid("publish_context names one storage node for two legs")
     return legs
 

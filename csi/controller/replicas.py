@@ -250,9 +250,11 @@ class Replicas:
 
     def publish(self, request, key: str, access: caps.Access, node_id: str, node_name: str
                 ) -> csi.ControllerPublishVolumeResponse:
-        """Grants the node both legs. A leg whose agent does not answer is left out when the other is in sync:
-        the node then writes on one leg, so the record marks the missing one outdated first (before any write
-        can happen). A publish that could reach only outdated legs is refused: it would serve old data."""
+        """Grants the node both legs. A leg whose agent does not answer is named in the context without a grant:
+        the node decides whether the leg it can reach is provably current (csi/node/replicated.py). It is not
+        marked outdated here: the record cannot tell whether the leg that answers went on alone or was itself
+        left behind by a worker that wrote alone to the one that does not answer. A publish that could reach
+        only legs recorded outdated is refused: it would serve old data."""
         caps.check_replicated(access)
         svc = self.svc
         with svc.locks.hold(request.volume_id):
@@ -293,17 +295,16 @@ class Replicas:
                 raise errors.unavailable(f"volume {request.volume_id}: no in-sync leg could be granted: "
                                          + "; ".join(failed.values()))
             if failed:
-                if not read_only:
-                    self._mark(entry, sorted(failed), OUTDATED)
                 log.warning("volume %s published to %s on %d leg(s) of %d: %s", request.volume_id, node_id,
                             len(grants), len(legs), "; ".join(failed.values()))
             outdated = {leg.index for leg in legs_of(entry) if leg.state == OUTDATED}
-        # No secret: publish_context ends up in the VolumeAttachment (csi/contract.py). Only the legs granted:
-        # the node can log in to no other.
+        # No secret: publish_context ends up in the VolumeAttachment (csi/contract.py). Every leg, the ones not
+        # granted without a target: the node must know they exist.
         return csi.ControllerPublishVolumeResponse(publish_context=contract.replicated_publish_context([
             (contract.publish_context(grants[i].target_iqn, grants[i].portals, grants[i].lun, legs[i].node,
-                                      svc.agents.node(legs[i].node).address), legs[i].vg, i in outdated)
-            for i in sorted(grants)]))
+                                      svc.agents.node(legs[i].node).address) if i in grants else None,
+             legs[i].node, legs[i].vg, i in outdated)
+            for i in sorted(legs)]))
 
     def _mark(self, entry: Entry, indexes: list[int], state: str) -> None:
         """Records legs' state before the caller goes on (the outdated record must be durable before writes go

@@ -46,6 +46,15 @@ def key_of(volume_id: str) -> str | None:
     return ids.parse_replicated_id(volume_id)
 
 
+def _leg_record(leg: contract.Leg) -> dict:
+    """What the stage record keeps of a leg: enough to log in again (reconcile) and to log out (unstage)."""
+    out = {"node": leg.storage_node, "vg": leg.vg, "outdated": leg.outdated}
+    if leg.attachment is not None:
+        att = leg.attachment
+        out.update(iqn=att.iqn, portals=list(att.portals), lun=att.lun, agent=att.agent)
+    return out
+
+
 class Replicated:
     """Stage, unstage and reconcile of replicated volumes, for NodeService (which validates and locks)."""
 
@@ -72,12 +81,11 @@ class Replicated:
                 raise errors.precondition(f"{staging} already has {existing.source} mounted, which is not this "
                                           f"volume's array {md}; unmount it first")
         for leg in legs:
-            self.svc.ledger.add(leg.attachment.iqn)
+            if leg.attachment is not None:
+                self.svc.ledger.add(leg.attachment.iqn)
         write_atomic(self.svc._record_path(volume_id), json.dumps(
             {"volume_id": volume_id, "replicated": True, "key": key, "staging": str(staging), "block": access.block,
-             "legs": [{"iqn": leg.attachment.iqn, "portals": list(leg.attachment.portals), "lun": leg.attachment.lun,
-                       "node": leg.attachment.storage_node, "agent": leg.attachment.agent, "vg": leg.vg,
-                       "outdated": leg.outdated} for leg in legs]}), mode=0o600)
+             "legs": [_leg_record(leg) for leg in legs]}), mode=0o600)
         faults.step("stage.record")
         try:
             device = self._assemble(key, legs)
@@ -85,8 +93,7 @@ class Replicated:
             if access.block:
                 return
             staging.mkdir(parents=True, exist_ok=True)
-            ref = ids.LvRef(legs[0].attachment.storage_node, legs[0].vg, key)
-            found = self.svc._filesystem(ref, device, access, mkfs_opts)
+            found = self.svc._filesystem(legs[0].ref, device, access, mkfs_opts)
             mount.mount(device, staging, found, self.svc._options(found, access))
             faults.step("stage.mount")
             if not access.read_only:
@@ -98,6 +105,10 @@ class Replicated:
     def _login_all(self, legs: list[contract.Leg]) -> tuple[dict[int, Path], list[str]]:
         here, away = {}, []
         for leg in legs:
+            if leg.attachment is None:
+                away.append(f"leg {leg.index} on {leg.storage_node}: its agent did not answer when the volume was "
+                            "published to this node")
+                continue
             try:
                 self.svc.iscsi.login(self._target(leg, with_credentials=True))
                 faults.step("stage.login")
@@ -106,8 +117,8 @@ class Replicated:
                 if exc.code not in (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED):
                     raise
                 log.warning("replica leg %d of %s on %s is not reachable: %s", leg.index, leg.lv,
-                            leg.attachment.storage_node, exc.message)
-                away.append(f"leg {leg.index} on {leg.attachment.storage_node}: {exc.message}")
+                            leg.storage_node, exc.message)
+                away.append(f"leg {leg.index} on {leg.storage_node}: {exc.message}")
         return here, away
 
     def _assemble(self, key: str, legs: list[contract.Leg]) -> Path:
@@ -182,7 +193,7 @@ class Replicated:
             faults.step("unstage.stop")
         except Exception as exc:  # noqa: BLE001
             raise errors.internal(f"stopping the array of {volume_id}: {exc}") from None
-        iqns = [leg["iqn"] for leg in rec.get("legs", [])]
+        iqns = [leg["iqn"] for leg in rec.get("legs", []) if leg.get("iqn")]
         for iqn in iqns:
             try:
                 self.svc.iscsi.logout(iqn)
@@ -231,6 +242,8 @@ class Replicated:
             return
         in_array = {m.device for m in array.members if "faulty" not in m.state}
         for i, leg in enumerate(rec.get("legs", [])):
+            if not leg.get("iqn"):
+                continue   # not granted to this node: put back by the next publish and stage
             target = Target(leg["iqn"], tuple(leg["portals"]), leg["lun"], settings=LEG_SETTINGS)
             session = sessions.get(leg["iqn"])
             if session is None:
@@ -248,7 +261,7 @@ class Replicated:
     def _login_again(self, volume_id: str, rec: dict, index: int) -> None:
         leg = rec["legs"][index]
         att = contract.Attachment(leg["iqn"], tuple(leg["portals"]), leg["lun"], leg["node"], leg["agent"])
-        cleg = contract.Leg(index, att, leg["vg"], rec["key"], leg.get("outdated", False))
+        cleg = contract.Leg(index, leg["node"], leg["vg"], rec["key"], leg.get("outdated", False), att)
         try:
             self.svc.iscsi.login(self._target(cleg, with_credentials=True))
         except errors.CsiError as exc:
@@ -281,8 +294,8 @@ class Replicated:
         out = []
         devices = {m.device: m for m in array.members}
         for i, leg in enumerate((rec or {}).get("legs", [])):
-            target = Target(leg["iqn"], tuple(leg["portals"]), leg["lun"])
-            device = self.svc.iscsi.find_device(target)
+            device = self.svc.iscsi.find_device(Target(leg["iqn"], tuple(leg["portals"]), leg["lun"])) \
+                if leg.get("iqn") else None
             member = devices.get(str(device)) if device is not None else None
             where = f"leg {i} on storage node {leg['node']}"
             if member is None or "faulty" in member.state:

@@ -130,7 +130,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 try:
                     rec = json.loads(path.read_text())
                     if rec.get("replicated"):
-                        legs = {leg["iqn"] for leg in rec["legs"]}
+                        legs = {leg["iqn"] for leg in rec["legs"] if leg.get("iqn")}
                         ours |= legs
                         if raid.status(rec["key"]) is not None:
                             staged |= legs   # the array runs: its legs stay, even one the reconciler waits for

@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 import time
 
+import grpc
 import pytest
 
 from csi import contract, ids
 from csi.proto import csi_pb2 as csi
-from tests.e2e.cluster import MiB
+from tests.e2e.cluster import MOUNT, MiB
 
 PARAMS = {"replicas": "2", "replicaZones": "zone-b"}
 PY = "/usr/bin/python3"
@@ -99,7 +100,7 @@ def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_b
     key = ids.parse_replicated_id(v.volume_id)
     ctx = cluster.publish(v.volume_id)
     legs = contract.parse_replicated(ctx, key)
-    assert sorted(leg.attachment.storage_node for leg in legs) == ["storage-1", "storage-2"]
+    assert sorted(leg.storage_node for leg in legs) == ["storage-1", "storage-2"]
     target = cluster.stage_publish(v.volume_id, ctx)
     assert _wait("the array runs with both legs in sync", lambda: _synced(w, key), timeout=60)
 
@@ -165,10 +166,70 @@ def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_b
     assert not any(" : active" in line for line in _mdstat(w).splitlines()), _mdstat(w)
     data = 120 * MiB    # well inside the array's size (the superblock and bitmap are at the end)
     digests = {node.name: _leg_digest(node, leg.vg, key, data)
-               for node, leg in zip((s1, s2), sorted(legs, key=lambda leg: leg.attachment.storage_node))}
+               for node, leg in zip((s1, s2), sorted(legs, key=lambda leg: leg.storage_node))}
     assert len(set(digests.values())) == 1, digests
 
     cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
         volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
+
+
+def _stage(cluster, vid: str, ctx: dict) -> None:
+    staging, _ = cluster.worker1.paths(vid)
+    staging.mkdir(parents=True, exist_ok=True)
+    cluster.node.NodeStageVolume(csi.NodeStageVolumeRequest(volume_id=vid, publish_context=ctx,
+                                                            staging_target_path=str(staging),
+                                                            volume_capability=MOUNT), timeout=120)
+
+
+def test_a_leg_left_behind_is_never_served_as_current(cluster):
+    """The sequence md's event counts cannot cover alone: the worker writes on storage-1's leg alone (storage-2
+    cut off), stops; storage-1 goes down and storage-2 comes back. The leg that is left can show nothing stale
+    in itself, and its superblock shows both legs in sync: the stage refuses. Once storage-1 is back, a stage on
+    the other worker assembles from its leg (the newest) and resyncs storage-2's."""
+    s1, s2, w = cluster.s1, cluster.s2, cluster.w
+    v = cluster.create("replicated-left-behind", size=64 * MiB, zone="zone-a", params=PARAMS)
+    key = ids.parse_replicated_id(v.volume_id)
+    target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
+    _wait("the array runs with both legs in sync", lambda: _synced(w, key), timeout=60)
+    cluster.write(target, mib=4)
+    try:
+        s2.kill()
+        _wait("the array runs on storage-1's leg alone", lambda: "_" in _array_line(w, key), timeout=60,
+              every=0.5)
+        newest = cluster.write(target, mib=4)       # held by storage-1's leg only
+        cluster.worker1.unstage(v.volume_id)
+        s1.kill()
+        s2.boot(timeout=180)
+        cluster.d.start_agent(s2)
+
+        ctx = cluster.publish(v.volume_id)          # storage-1 does not answer: its leg is named, not granted
+        legs = contract.parse_replicated(ctx, key)
+        assert [(leg.storage_node, leg.attachment is None) for leg in legs
+                if leg.storage_node == "storage-1"] == [("storage-1", True)]
+        with pytest.raises(grpc.RpcError) as e:
+            _stage(cluster, v.volume_id, ctx)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "storage-1" in e.value.details(), e.value.details()
+        assert not any(" : active" in line for line in _mdstat(w).splitlines()), _mdstat(w)
+        sessions = w.run(["iscsiadm", "-m", "session"], timeout=30).stdout
+        assert key.lower() not in sessions.lower(), f"the refused stage left a session: {sessions}"
+    finally:
+        for node in (s1, s2):     # storage-1 comes back here
+            if not node.running:
+                node.boot(timeout=180)
+                cluster.d.start_agent(node)
+
+    # storage-1 back, and the volume moves to worker-2 (worker-1 fenced on both legs): both legs are there, md
+    # assembles from the newer and resyncs the other.
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+        volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    w2 = cluster.worker2
+    target = w2.stage_publish(v.volume_id, cluster.publish(v.volume_id, node_id=w2.node_id))
+    assert cluster.read(target, on=w2.w) == newest
+    _wait("storage-2's leg is resynced", lambda: _synced(w2.w, key), timeout=120)
+    w2.unstage(v.volume_id)
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+        volume_id=v.volume_id, node_id=w2.node_id), timeout=60)
     cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}

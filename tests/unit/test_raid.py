@@ -98,8 +98,9 @@ def test_status_reads_md_sysfs(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------ which legs a stage trusts
 
 def _legs(outdated=(False, False)) -> list[contract.Leg]:
-    return [contract.Leg(i, contract.Attachment(f"iqn.2026-11.dev.csi.lvm-iscsi:csi-vg.{i}", ("10.0.0.1:3260",), 0,
-                                                f"storage-{i + 1}", "10.0.0.1:7001"), "csi-vg", KEY, outdated[i])
+    return [contract.Leg(i, f"storage-{i + 1}", "csi-vg", KEY, outdated[i],
+                         contract.Attachment(f"iqn.2026-11.dev.csi.lvm-iscsi:csi-vg.{i}", ("10.0.0.1:3260",), 0,
+                                             f"storage-{i + 1}", "10.0.0.1:7001"))
             for i in range(2)]
 
 

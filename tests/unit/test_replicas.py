@@ -200,8 +200,8 @@ def test_publish_grants_both_legs_and_the_context_parses_back(svc):
     ctx = publish(svc, v)
     assert "chapSecret" not in ctx and ctx["replicas"] == "2"
     legs = contract.parse_replicated(ctx, key_of(v))
-    assert [(leg.attachment.storage_node, leg.vg, leg.outdated) for leg in legs] == [("s2", "vg", False),
-                                                                                     ("s1", "vg", False)]
+    assert [(leg.storage_node, leg.vg, leg.outdated) for leg in legs] == [("s2", "vg", False), ("s1", "vg", False)]
+    assert all(leg.attachment.storage_node == leg.storage_node for leg in legs)
     assert [leg.attachment.agent for leg in legs] == ["10.0.0.12:7600", "10.0.0.11:7600"]
     assert all(leg.attachment.iqn == leg.ref.iqn for leg in legs)
     for name in ("s1", "s2"):
@@ -214,27 +214,31 @@ def test_publish_grants_both_legs_and_the_context_parses_back(svc):
         volume_id=v.volume_id, node_id=WORKER, volume_capability=cap(), readonly=True)) == errors.Code.ALREADY_EXISTS
 
 
-def test_publish_with_a_leg_down_uses_the_other_and_records_the_missing_one_outdated(svc):
+def test_publish_with_a_leg_down_names_it_without_a_grant_and_marks_nothing(svc):
     v = create(svc)
     agent(svc, "s2").down = True                                    # leg 0's agent
     ctx = publish(svc, v)
     legs = contract.parse_replicated(ctx, key_of(v))
-    assert [(leg.attachment.storage_node, leg.outdated) for leg in legs] == [("s1", False)]
-    # Written before the node could write on s1 alone: s2's leg is never read as current again until resynced.
-    assert [leg["state"] for leg in svc.placement.journal.get(key_of(v)).legs] == ["outdated", "in-sync"]
+    # The node learns that leg 0 exists and was not granted: it decides whether s1's leg alone is provably current.
+    assert [(leg.storage_node, leg.outdated, leg.attachment is None) for leg in legs] == [("s2", False, True),
+                                                                                          ("s1", False, False)]
+    # Nothing marked: the record cannot tell whether s1's leg went on alone or was left behind by a worker that
+    # wrote alone to s2's.
+    assert [leg["state"] for leg in svc.placement.journal.get(key_of(v)).legs] == ["in-sync", "in-sync"]
     health = svc.ControllerGetVolumeHealth(csi.ControllerGetVolumeHealthRequest(volume_id=v.volume_id), None)
     assert [(s.status, s.reason) for s in health.volume_health.health_statuses] == [
         (csi.DEGRADED, "ReplicaLegUnreachable")]
-    # s2 back, s1 down: the one leg that answers is outdated: refused rather than serving old data.
-    agent(svc, "s2").down, agent(svc, "s1").down = False, True
+    # A leg recorded outdated (by hand, or the node's record later) that alone answers: refused, never old data.
+    svc.replicas.set_leg_state(key_of(v), "s1", "outdated")
     with pytest.raises(errors.CsiError) as e:
         publish(svc, v, node_id=WORKER)
     assert e.value.code == errors.Code.UNAVAILABLE and "outdated" in e.value.message
     # Both back: both legs published, the outdated one said so (the node resyncs it).
-    agent(svc, "s1").down = False
+    agent(svc, "s2").down = False
     legs = contract.parse_replicated(publish(svc, v), key_of(v))
-    assert [(leg.attachment.storage_node, leg.outdated) for leg in legs] == [("s2", True), ("s1", False)]
-    svc.replicas.set_leg_state(key_of(v), "s2", "in-sync")
+    assert [(leg.storage_node, leg.outdated, leg.attachment is None) for leg in legs] == [("s2", False, False),
+                                                                                          ("s1", True, False)]
+    svc.replicas.set_leg_state(key_of(v), "s1", "in-sync")
     assert not svc.ControllerGetVolumeHealth(csi.ControllerGetVolumeHealthRequest(volume_id=v.volume_id),
                                              None).volume_health.health_statuses
 
@@ -396,17 +400,19 @@ def test_replicated_ids():
     assert name.startswith(ids.MD_HOMEHOST + ":") and len(name) <= 32 and name != ids.md_name(key + "x")
 
 
-def _ctx(key, nodes=("s1", "s2")):
+def _ctx(key, nodes=("s1", "s2"), granted=(True, True)):
     return contract.replicated_publish_context([
-        (contract.publish_context(ids.target_iqn("vg", key), ["10.0.0.1:3260"], 0, n, "10.0.0.9:7600"), "vg",
-         i == 1) for i, n in enumerate(nodes)])
+        (contract.publish_context(ids.target_iqn("vg", key), ["10.0.0.1:3260"], 0, n, "10.0.0.9:7600")
+         if granted[i] else None, n, "vg", i == 1) for i, n in enumerate(nodes)])
 
 
 def test_replicated_context_round_trip_and_parse_errors():
     key = ids.lv_name("c1", "pvc-1")
     legs = contract.parse_replicated(_ctx(key), key)
-    assert [(leg.index, leg.attachment.storage_node, leg.outdated, leg.ref) for leg in legs] == [
+    assert [(leg.index, leg.storage_node, leg.outdated, leg.ref) for leg in legs] == [
         (0, "s1", False, ids.LvRef("s1", "vg", key)), (1, "s2", True, ids.LvRef("s2", "vg", key))]
+    legs = contract.parse_replicated(_ctx(key, granted=(False, True)), key)
+    assert [(leg.storage_node, leg.attachment is None) for leg in legs] == [("s1", True), ("s2", False)]
     bad = [
         dict(_ctx(key), replicas="3"),
         dict(_ctx(key), replicas="0"),
@@ -414,6 +420,7 @@ def test_replicated_context_round_trip_and_parse_errors():
         {k: v for k, v in _ctx(key).items() if k != "leg1.vg"},
         {k: v for k, v in _ctx(key).items() if k != "leg0.storageNode"},
         dict(_ctx(key), **{"leg0.outdated": "maybe"}),
+        dict(_ctx(key), **{"leg0.granted": "maybe"}),
         dict(_ctx(key), **{"leg1.vg": "bad vg"}),
         dict(_ctx(key), **{"leg1.targetIqn": ids.target_iqn("vg", "other")}),
         _ctx(key, nodes=("s1", "s1")),
@@ -455,3 +462,8 @@ def test_every_replica_kill_point_is_listed():
     named = set(re.findall(r'faults\.step\(f?"([^"]+)"\)', text))
     expanded = {n.replace("{leg.index}", str(i)) for n in named for i in (0, 1)}
     assert expanded == set(faults.REPLICA_STEPS)
+    node_text = (Path(__file__).parents[2] / "csi/node/replicated.py").read_text()
+    node = set(re.findall(r'faults\.step\("([^"]+)"\)', node_text))
+    assert node == set(faults.REPLICA_NODE_STEPS) | {"stage.record", "stage.login", "stage.mount", "unstage.umount",
+                                                      "unstage.logout"}
+    assert set(faults.REPLICA_NODE_STEPS).isdisjoint(faults.NODE_STEPS)
