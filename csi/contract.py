@@ -109,8 +109,9 @@ def parse_replicated(ctx, key: str) -> list[Leg]:
     """The legs of replicated volume `key` that publish_context describes, each checked as parse() checks a
     plain volume's context (its target must be its LV's)."""
     count = ctx.get(REPLICAS, "")
-    if not re.fullmatch(r"[1-9]", count) or int(count) > MAX_LEGS:
-        raise errors.invalid(f"publish_context of a replicated volume needs {REPLICAS} from 1 to {MAX_LEGS} "
+    # Every leg, always: a context naming fewer would let a lone leg pass for the whole volume.
+    if count != str(MAX_LEGS):
+        raise errors.invalid(f"publish_context of a replicated volume needs {REPLICAS}={MAX_LEGS} "
                              "(was the volume published by this driver's controller?)")
     legs = []
     for i in range(int(count)):

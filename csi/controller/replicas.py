@@ -29,6 +29,16 @@ from csi.proto import csi_pb2 as csi
 log = logging.getLogger(__name__)
 
 IN_SYNC, OUTDATED = "in-sync", "outdated"
+# Each leg is this much larger than the volume: md's metadata 1.0 and its write-intent bitmap take the end of
+# each leg (mdadm reserves at most 128 KiB for the bitmap, plus the superblock and its rounding), and the
+# array must hold at least the bytes asked for.
+MD_RESERVE = 1 << 20
+
+
+def usable(leg_bytes: int, limit: int = 0) -> int:
+    """The capacity a replicated volume reports for legs of leg_bytes: at most what its array holds."""
+    size = leg_bytes - MD_RESERVE
+    return min(size, limit) if limit else size
 COUNT = 2
 _DOWN = (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED)
 # Agent answers after which nothing was made on that leg's node (as service._NOTHING_MADE).
@@ -132,12 +142,14 @@ class Replicas:
                 self._undo(key, entry)
                 entry = None
             if entry is None:
-                entry = svc.placement.claim(self._place(key, name, params, required, limit, requisite, preferred))
+                # No limit on the legs: their extent rounding is above the reserve; the capacity reported is capped.
+                entry = svc.placement.claim(self._place(key, name, params, required + MD_RESERVE, 0, requisite,
+                                                        preferred))
                 faults.step("replicas.placed")
             if entry.kind != "volume" or entry.name != name or not entry.legs:
                 raise errors.exists(f"volume {name!r} exists as another object or as a plain volume "
                                     f"({caps.PARAM_REPLICAS}: 1)")
-            size = max([required] + [leg.get("size", 0) for leg in entry.legs])
+            size = max([required + MD_RESERVE] + [leg.get("size", 0) for leg in entry.legs])
             vols = []
             for leg in legs_of(entry):
                 try:
@@ -151,8 +163,8 @@ class Replicas:
                     raise
                 faults.step(f"replicas.leg{leg.index}-made")
             self._made(entry, vols)
-            capacity = min(v.size_bytes for v in vols)
-            if capacity < required or (limit and capacity > limit):
+            capacity = usable(min(v.size_bytes for v in vols), limit)
+            if capacity < required:
                 raise errors.exists(f"volume {name!r} exists with size {capacity}, outside the range asked")
             log.info("volume %s is replicated on %s (%d bytes)", name,
                      ", ".join(f"{leg.node}/{leg.vg}" for leg in legs_of(entry)), capacity)
@@ -343,10 +355,11 @@ class Replicas:
                 return csi.ControllerUnpublishVolumeResponse()
             problems = []
             for leg in legs_of(entry):
-                if svc._gone_with_node(leg.node, f"leg {leg.index} of volume {request.volume_id}"):
-                    continue
-                client = svc.agents.get(leg.node)
                 try:
+                    # In the try: a leg on a node not known at all must not keep the other leg from its revoke.
+                    if svc._gone_with_node(leg.node, f"leg {leg.index} of volume {request.volume_id}"):
+                        continue
+                    client = svc.agents.get(leg.node)
                     if request.node_id:
                         targets = [request.node_id]
                     else:
@@ -374,7 +387,7 @@ class Replicas:
         published = sorted({i.iqn for v in vols.values() for i in v.initiators})
         return csi.ControllerGetVolumeResponse(
             volume=self._volume(volume_id, entry, next(iter(vols.values())),
-                                min(v.size_bytes for v in vols.values())),
+                                usable(min(v.size_bytes for v in vols.values()))),
             status=csi.ControllerGetVolumeResponse.VolumeStatus(published_node_ids=published))
 
     def validate(self, request, key: str) -> csi.ValidateVolumeCapabilitiesResponse:
@@ -430,9 +443,10 @@ class Replicas:
                     raise errors.precondition(f"leg {leg.index} of volume {request.volume_id} is on {leg.node}, "
                                               "which is retired or not known: replace the leg first")
                 vol = self.svc.agents.get(leg.node).call("ExpandVolume", apb.ExpandVolumeRequest(
-                    vg=leg.vg, lv=key, size_bytes=required or limit, limit_bytes=limit))
+                    vg=leg.vg, lv=key, size_bytes=(required or limit) + MD_RESERVE))
                 sizes.append(vol.size_bytes)
-        return csi.ControllerExpandVolumeResponse(capacity_bytes=min(sizes), node_expansion_required=True)
+        return csi.ControllerExpandVolumeResponse(capacity_bytes=usable(min(sizes), limit),
+                                                  node_expansion_required=True)
 
     # ------------------------------------------------------------------------------------ listing
 
@@ -440,6 +454,6 @@ class Replicas:
         """A replicated volume as ListVolumes shows it: once, from its leg 0 (listing.keep_volume drops the
         other legs), published where leg 0 is granted."""
         return csi.ListVolumesResponse.Entry(
-            volume=csi.Volume(volume_id=ids.replicated_volume_id(vol.lv), capacity_bytes=vol.size_bytes,
+            volume=csi.Volume(volume_id=ids.replicated_volume_id(vol.lv), capacity_bytes=usable(vol.size_bytes),
                               volume_context=volume_context(vol), accessible_topology=self.svc._topology(node)),
             status=csi.ListVolumesResponse.VolumeStatus(published_node_ids=[i.iqn for i in vol.initiators]))

@@ -1,7 +1,10 @@
 """md RAID1 over the legs of a replicated volume, through mdadm (and md's sysfs, read only).
 
-- Metadata 1.0 (at the end of each leg), so the data starts at offset 0 of every leg, and an internal
-  write-intent bitmap, so a leg that comes back resyncs only the regions written while it was away.
+- Metadata 1.2 (4 KiB from the start of each leg, the data from DATA_OFFSET on) and an internal write-intent
+  bitmap, so a leg that comes back resyncs only the regions written while it was away. Not 1.0 (at the end, data
+  at offset 0): md cannot move a 1.0 superblock to the new end of a grown leg while a bitmap sits before it, and
+  a leg grown while its array is not assembled (an expansion of a volume no pod uses) would show no superblock
+  at all; a 1.2 superblock stays where it is, and the array grows with `--size=max`.
 - Every leg is marked failfast: md fails a leg on its first I/O error instead of retrying it, so a storage node
   that dies holds the writer no longer than the leg's iSCSI replacement timeout (csi/node/replicated.py).
 - The array's name is `lvmiscsi:<hash of the volume>` (ids.md_name): the homehost part is the driver's own, and
@@ -26,6 +29,7 @@ from csi.runner import CommandError
 log = logging.getLogger(__name__)
 
 MDADM_TIMEOUT = 60.0
+DATA_OFFSET = "1M"      # the superblock, the bitmap and the bad block log before the data (controller: MD_RESERVE)
 UDEV_RULE_NAME = "63-lvm-iscsi-csi-md.rules"
 # The runtime rules directory: highest priority, emptied at boot, and written again by each start of the agent
 # and the node plugin.
@@ -100,29 +104,35 @@ def parse_examine(export: str, human: str) -> Superblock:
 
 
 def examine(device: Path) -> Superblock | None:
-    """The md superblock on a leg, None when it has none (mdadm exits 1 then)."""
+    """The md superblock on a leg, None when it has none. mdadm exits 1 for that and for a device it cannot
+    read: only its "No md superblock detected" means none."""
     export = runner.run(["mdadm", "--examine", "--export", str(device)], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
-    if export.rc != 0 or "MD_UUID=" not in export.stdout:
-        return None
+    if export.rc != 0:
+        if "No md superblock detected" in export.stderr:
+            return None
+        raise errors.unavailable(f"cannot read the md superblock of {device}: {export.stderr.strip()[-200:]}")
+    if "MD_UUID=" not in export.stdout:
+        raise errors.precondition(f"{device} carries an md superblock mdadm does not describe: "
+                                  f"{export.stdout.strip()[-200:]}")
     human = runner.run(["mdadm", "--examine", str(device)], timeout=MDADM_TIMEOUT)
     return parse_examine(export.stdout, human.stdout)
 
 
-def create(key: str, devices: list[Path | None], assume_clean: bool) -> Path:
-    """A new RAID1 of the legs (None: a leg not here yet, added by the reconciler later)."""
+def create(key: str, devices: list[Path]) -> Path:
+    """A new RAID1 of blank legs. --assume-clean: blank legs read the same (a thin LV reads zeros; a thick one
+    what its pool's wipe left, zeros too unless the class turned wiping off): nothing to copy between them."""
     md = md_device(key)
-    argv = ["mdadm", "--create", str(md), "--run", "--level=1", f"--raid-devices={len(devices)}",
-            "--metadata=1.0", "--bitmap=internal", f"--name={ids.md_name(key)}"]
-    if assume_clean:
-        argv.append("--assume-clean")   # blank legs read the same (zeros): nothing to copy between them
-    argv += ["--failfast", *[str(d) if d is not None else "missing" for d in devices]]
-    runner.run(argv, timeout=MDADM_TIMEOUT)
+    runner.run(["mdadm", "--create", str(md), "--run", "--level=1", f"--raid-devices={len(devices)}",
+                "--metadata=1.2", f"--data-offset={DATA_OFFSET}", "--bitmap=internal", f"--name={ids.md_name(key)}",
+                "--assume-clean", "--failfast", *map(str, devices)], timeout=MDADM_TIMEOUT)
     return md
 
 
-def assemble(key: str, devices: list[Path]) -> Path:
+def assemble(key: str, devices: list[Path], read_only: bool = False) -> Path:
+    """--readonly for a read-only stage: md then writes nothing to the legs (no superblock update, no resync)."""
     md = md_device(key)
-    runner.run(["mdadm", "--assemble", str(md), "--run", *map(str, devices)], timeout=MDADM_TIMEOUT)
+    runner.run(["mdadm", "--assemble", str(md), "--run", *(["--readonly"] if read_only else []),
+                *map(str, devices)], timeout=MDADM_TIMEOUT)
     return md
 
 
@@ -145,11 +155,11 @@ def readd(key: str, device: Path) -> None:
     except CommandError as exc:
         log.warning("%s: md refused to re-add %s (%s); adding it for a full recovery", md, device,
                     exc.stderr.strip()[-200:])
-        runner.run(["mdadm", "--manage", str(md), "--add", str(device)],
-                   timeout=MDADM_TIMEOUT)
+        runner.run(["mdadm", "--manage", str(md), "--failfast", "--add", str(device)], timeout=MDADM_TIMEOUT)
 
 
 def grow(key: str) -> None:
+    """The array to the size of its legs (after they grew; nothing changes when it has it already)."""
     runner.run(["mdadm", "--grow", str(md_device(key)), "--size=max"], timeout=MDADM_TIMEOUT)
 
 

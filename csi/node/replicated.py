@@ -25,11 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 from csi import contract, errors, faults, ids
 from csi.fsutil import remove, write_atomic
-from csi.node import mount, raid
+from csi.node import health, mount, raid
 from csi.node.iscsi import Target
 from csi.proto import csi_pb2 as csi
 
@@ -60,7 +61,6 @@ class Replicated:
 
     def __init__(self, service):
         self.svc = service
-        self._stop = threading.Event()
 
     # ---------------------------------------------------------------------------------- stage
 
@@ -85,10 +85,11 @@ class Replicated:
                 self.svc.ledger.add(leg.attachment.iqn)
         write_atomic(self.svc._record_path(volume_id), json.dumps(
             {"volume_id": volume_id, "replicated": True, "key": key, "staging": str(staging), "block": access.block,
+             "read_only": access.read_only,
              "legs": [_leg_record(leg) for leg in legs]}), mode=0o600)
         faults.step("stage.record")
         try:
-            device = self._assemble(key, legs)
+            device = self._assemble(key, legs, access.read_only)
             faults.step("stage.assemble")
             if access.block:
                 return
@@ -121,51 +122,64 @@ class Replicated:
                 away.append(f"leg {leg.index} on {leg.storage_node}: {exc.message}")
         return here, away
 
-    def _assemble(self, key: str, legs: list[contract.Leg]) -> Path:
+    def _assemble(self, key: str, legs: list[contract.Leg], read_only: bool) -> Path:
         md = raid.md_device(key)
         if raid.status(key) is not None:
             return md        # assembled by an earlier attempt of this stage
         here, away = self._login_all(legs)
         blocks = {i: raid.examine(dev) for i, dev in here.items()}
-        for i, sb in blocks.items():
-            if sb is not None:
-                raid.refuse_foreign(key, here[i], sb)
-        if not any(blocks.values()):
-            # A new volume: no leg has a superblock yet. Its legs must be blank (never someone's data).
-            for i, dev in here.items():
-                found = mount.probe(dev)
-                if not found.blank:
-                    raise errors.precondition(f"replica leg {i} ({dev}) holds {found.describe()} and no md "
-                                              "superblock: it is not this volume's leg; nothing was written")
-            if len(here) < len(legs):
+        sbs = {i: sb for i, sb in blocks.items() if sb is not None}
+        for i, sb in sbs.items():
+            raid.refuse_foreign(key, here[i], sb)
+        if len({sb.uuid for sb in sbs.values()}) > 1:
+            raise errors.precondition(f"the legs of {key} carry the superblocks of two different arrays: nothing "
+                                      "was assembled or written")
+        blank = set()
+        for i in set(here) - set(sbs):
+            found = mount.probe(here[i])
+            if not found.blank:
+                # Not this volume's leg as md made it (or unreadable): never written to, never a new array's.
+                raise errors.precondition(f"replica leg {i} of {key} ({here[i]}) holds {found.describe()} and no md "
+                                          "superblock: nothing was assembled or written")
+            blank.add(i)
+        if not sbs:
+            if len(blank) < len(legs):
                 raise errors.unavailable("a new replicated volume needs both legs to create its array: "
                                          + "; ".join(away))
+            if read_only:
+                raise errors.precondition("the volume is blank and published read-only: its array cannot be "
+                                          "created; write to it once through a writable claim")
             log.info("creating the RAID1 of %s over %s", key, ", ".join(map(str, here.values())))
-            raid.create(key, [here[leg.index] for leg in legs], assume_clean=True)
-            return md
-        current = self._current(key, legs, here, blocks, away)
-        log.info("assembling the RAID1 of %s from %s", key, ", ".join(str(here[i]) for i in current))
-        raid.assemble(key, [here[i] for i in current])
+            return raid.create(key, [here[leg.index] for leg in legs])
+        current = self._current(key, legs, sbs, blank, away)
+        log.info("assembling the RAID1 of %s from %s%s", key, ", ".join(str(here[i]) for i in current),
+                 " read-only" if read_only else "")
+        raid.assemble(key, [here[i] for i in current], read_only)
+        if read_only:
+            return md        # md writes nothing: no re-add, no resync, no growth
         for i in sorted(set(here) - set(current)):
             log.info("re-adding replica leg %d (%s) of %s", i, here[i], key)
             raid.readd(key, here[i])
+        if len(here) == len(legs):
+            raid.grow(key)   # legs grown while the array was not assembled (an expansion of an unused volume)
         return md
 
     @staticmethod
-    def _current(key, legs, here, blocks, away) -> list[int]:
-        """The legs to assemble from: never a leg that may have missed writes the other holds."""
+    def _current(key: str, legs: list[contract.Leg], sbs: dict, blank: set[int], away: list[str]) -> list[int]:
+        """The legs to assemble from (sbs: the superblock of each leg here that has one; blank: legs here that
+        hold nothing at all): never a leg that may have missed writes another holds."""
         outdated = {leg.index for leg in legs if leg.outdated}
-        with_sb = [i for i in here if blocks.get(i) is not None and i not in outdated]
+        with_sb = [i for i in sbs if i not in outdated]
         if not with_sb:
             raise errors.precondition(f"no leg of replicated volume {key} here can be proven current ("
                                       + "; ".join(away or ["the reachable legs are marked outdated"]) + ")")
         if len(with_sb) == len(legs):
             return with_sb       # md's event counts choose between them
-        absent = [leg for leg in legs if leg.index not in here]
-        if all(leg.index in outdated for leg in absent):
-            return with_sb
+        others = [leg.index for leg in legs if leg.index not in with_sb]
+        if all(i in outdated or i in blank for i in others):
+            return with_sb       # the other legs hold nothing newer: recorded outdated, or blank
         # One leg here, the other away and not known outdated: only a leg that went on alone is provably current.
-        alone = [i for i in with_sb if "." in blocks[i].array_state]
+        alone = [i for i in with_sb if "." in sbs[i].array_state]
         if alone:
             return alone
         raise errors.unavailable(
@@ -206,6 +220,27 @@ class Replicated:
         for iqn in iqns:
             self.svc.ledger.remove(iqn)
 
+    def expand(self, volume_id: str, rec: dict, required: int, wait_size) -> tuple[Path, int]:
+        """Both legs' disks learn their new size (a rescan), then the array grows to the smaller (md moves
+        the superblock of metadata 1.0 to the new end). Every leg must be in the array: growing a degraded array
+        would leave the missing leg too small to be re-added."""
+        key = key_of(volume_id)
+        array = raid.status(key)
+        if array is None:
+            raise errors.precondition(f"volume {volume_id}: its array is not assembled on this node")
+        legs = [leg for leg in rec.get("legs", []) if leg.get("iqn")]
+        if array.degraded or len(legs) < len(rec.get("legs", [])):
+            raise errors.unavailable(f"volume {volume_id} runs on one leg: it grows once both legs are in the "
+                                     "array again (the node plugin re-adds a leg whose storage node is back)")
+        for leg in legs:
+            disk = self.svc.iscsi.wait_for_device(Target(leg["iqn"], tuple(leg["portals"]), leg["lun"]), timeout=5)
+            self.svc.iscsi.rescan(leg["iqn"])
+            faults.step("expand.rescan")
+            wait_size(disk, required)
+        raid.grow(key)
+        md = raid.md_device(key)
+        return md, wait_size(md, required)
+
     def device(self, volume_id: str) -> Path:
         return raid.md_device(key_of(volume_id))
 
@@ -226,6 +261,8 @@ class Replicated:
         """Puts back every leg md runs without, once its session carries I/O again."""
         sessions = {s.iqn: s for s in self.svc.iscsi.sessions()}
         for rec in self.records():
+            if rec.get("read_only"):
+                continue   # assembled read-only: md writes nothing, so no leg is put back
             volume_id, key = rec["volume_id"], rec["key"]
             try:
                 with self.svc.locks.hold(volume_id):
@@ -247,7 +284,10 @@ class Replicated:
             target = Target(leg["iqn"], tuple(leg["portals"]), leg["lun"], settings=LEG_SETTINGS)
             session = sessions.get(leg["iqn"])
             if session is None:
-                self._login_again(volume_id, rec, i)
+                # Under the volume's lock: only when the agent answers at once, so a storage node that is down
+                # holds the lock (and the volume's own calls) no longer than a probe.
+                if health.connects(leg["agent"]):
+                    self._login_again(volume_id, rec, i)
                 continue
             if self.svc.iscsi.session_state(session) != "LOGGED_IN":
                 continue
@@ -271,15 +311,13 @@ class Replicated:
     def start(self) -> None:
         threading.Thread(target=self._loop, name="replica-reconciler", daemon=True).start()
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _loop(self) -> None:
-        while not self._stop.wait(RECONCILE_S):
+        while True:
             try:
                 self.reconcile()
             except Exception as exc:  # noqa: BLE001
                 log.warning("replica reconciler: %s", exc)
+            time.sleep(RECONCILE_S)
 
 
     def health(self, volume_id: str, rec: dict | None) -> list:

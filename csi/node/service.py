@@ -57,8 +57,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staged replicated volumes are put back (then every few seconds)."""
         raid.install_udev_rule()
         raid.load_module()
-        self.replicated.reconcile()
-        self.replicated.start()
+        self.replicated.start()    # its first round at once, in its own thread: registration does not wait
 
     # ------------------------------------------------------------------------------------ checks
 
@@ -402,8 +401,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise errors.not_found(f"volume path {path} does not exist")
         # A raw block device whose session lost its target is not asked for its size: that would wait for it.
         # An array answers while one leg does.
-        live = self.replicated.device(request.volume_id).exists() if ref.node == "replicated" else \
-            not health.volume(self.iscsi, ref)
+        live = self.replicated.device(request.volume_id).exists() if replicated.key_of(request.volume_id) \
+            else not health.volume(self.iscsi, ref)
         m = mount.mount_at(path)
         if path.is_dir():
             if m is None:
@@ -444,7 +443,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         entries = health.volume(self.iscsi, ref, staging_mounted, publish_mounted, request.staging_target_path,
                                 request.volume_publish_path, forced_read_only, fs_errors,
                                 lambda: mount.root_io_error(mounted_at) if mounted_at else "",
-                                self.replicated.health(request.volume_id, rec) if ref.node == "replicated" else None)
+                                self.replicated.health(request.volume_id, rec) if replicated.key_of(request.volume_id)
+                                else None)
         return csi.NodeGetVolumeHealthResponse(volume_health=csi.VolumeHealth(volume_id=request.volume_id,
                                                                               health_statuses=entries))
 
@@ -479,11 +479,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             rec = self._record(request.volume_id)
             if rec is None:
                 raise errors.not_found(f"volume {ref} is not staged on this node")
-            device = self.iscsi.wait_for_device(Target(rec["iqn"], tuple(rec["portals"]), rec["lun"]), timeout=5)
-            # The target already serves the new size; the initiator learns it from a rescan.
-            self.iscsi.rescan(rec["iqn"])
-            faults.step("expand.rescan")
-            size = self._wait_size(device, required)
+            if rec.get("replicated"):
+                device, size = self.replicated.expand(request.volume_id, rec, required, self._wait_size)
+            else:
+                device = self.iscsi.wait_for_device(Target(rec["iqn"], tuple(rec["portals"]), rec["lun"]),
+                                                    timeout=5)
+                # The target already serves the new size; the initiator learns it from a rescan.
+                self.iscsi.rescan(rec["iqn"])
+                faults.step("expand.rescan")
+                size = self._wait_size(device, required)
             block = (request.HasField("volume_capability") and request.volume_capability.HasField("block")) or \
                 rec.get("block", False)
             if not block:

@@ -88,8 +88,10 @@ def _log(w, path) -> tuple[list[tuple[int, float]], list[str]]:
     return records, [line for line in lines if line.startswith("ERROR")]
 
 
-def _leg_digest(node, vg: str, lv: str, size: int) -> str:
-    r = node.run(["sh", "-c", f"head -c {size} /dev/{vg}/{lv} | sha256sum"], timeout=300, check=True)
+def _leg_digest(node, vg: str, lv: str, mib: int) -> str:
+    """The SHA-256 of `mib` MiB of a leg's data: from 1 MiB in (md's metadata 1.2 and bitmap are before it)."""
+    r = node.run(["sh", "-c", f"dd if=/dev/{vg}/{lv} bs=1M skip=1 count={mib} status=none | sha256sum"],
+                 timeout=300, check=True)
     return r.stdout.split()[0]
 
 
@@ -161,11 +163,24 @@ def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_b
     assert r.rc == 0, r.stderr
     assert int(r.stdout) >= len(records)
 
-    # Each leg alone holds the same bytes: the array's data starts at offset 0 of each LV (metadata 1.0).
+    # Online expansion: both legs grow, then the array (md moves its superblock to the new end), then ext4.
+    grown = cluster.ctrl.ControllerExpandVolume(csi.ControllerExpandVolumeRequest(
+        volume_id=v.volume_id, capacity_range=csi.CapacityRange(required_bytes=192 * MiB)), timeout=120)
+    assert grown.capacity_bytes >= 192 * MiB and grown.node_expansion_required
+    staging, _ = cluster.worker1.paths(v.volume_id)
+    resp = cluster.node.NodeExpandVolume(csi.NodeExpandVolumeRequest(
+        volume_id=v.volume_id, volume_path=str(target), staging_target_path=str(staging),
+        capacity_range=csi.CapacityRange(required_bytes=192 * MiB)), timeout=120)
+    assert resp.capacity_bytes >= 192 * MiB
+    df = w.run(["df", "-B1", "--output=size", str(target)], timeout=30, check=True).stdout.split()[-1]
+    assert int(df) > 170 * MiB, f"the filesystem did not grow: {df} bytes"
+    _wait("the grown array is in sync", lambda: _synced(w, key), timeout=120)   # md resyncs the new region
+    assert w.run([PY, "-c", PREFIX, f"{target}/records.bin"], timeout=120).rc == 0
+
+    # Each leg alone holds the same bytes: the array's data, 1 MiB into each LV.
     cluster.worker1.unstage(v.volume_id)
     assert not any(" : active" in line for line in _mdstat(w).splitlines()), _mdstat(w)
-    data = 120 * MiB    # well inside the array's size (the superblock and bitmap are at the end)
-    digests = {node.name: _leg_digest(node, leg.vg, key, data)
+    digests = {node.name: _leg_digest(node, leg.vg, key, 120)
                for node, leg in zip((s1, s2), sorted(legs, key=lambda leg: leg.storage_node))}
     assert len(set(digests.values())) == 1, digests
 

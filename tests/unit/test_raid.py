@@ -34,24 +34,44 @@ def test_examine_reads_the_array_state_each_leg_knows(fake_run, case, state, eve
                                                                  .replace("MD_EVENTS=0", f"MD_EVENTS={events}"), ""))
     fake_run.on("mdadm", "--examine", "/dev/sdb", rc=0, stdout=recorded(f"mdadm_examine_{case}.stdout"))
     sb = raid.examine(Path("/dev/sdb"))
-    assert sb == raid.Superblock("d1426ae6:25115a81:47a9dc45:397d9ced", "lvmiscsi:0123456789abcdef", events, state)
+    uuid = [line.split("=", 1)[1] for line in recorded("mdadm_examine_export_both.stdout").splitlines()
+            if line.startswith("MD_UUID=")][0]
+    assert sb == raid.Superblock(uuid, "lvmiscsi:0123456789abcdef", events, state)
 
 
 def test_a_leg_without_a_superblock_has_none(fake_run):
     fake_run.on("mdadm", "--examine", "--export", rc=int(recorded("mdadm_examine_export_none.rc")),
-                stdout=recorded("mdadm_examine_export_none.stdout"), stderr="mdadm: No md superblock detected")
+                stdout=recorded("mdadm_examine_export_none.stdout"),
+                stderr="mdadm: No md superblock detected on /dev/sdb.\n")
     assert raid.examine(Path("/dev/sdb")) is None
     assert fake_run.calls == [["mdadm", "--examine", "--export", "/dev/sdb"]]
 
 
-def test_create_makes_a_failfast_raid1_with_its_metadata_at_the_end_and_a_bitmap(fake_run):
+def test_a_leg_mdadm_cannot_read_is_not_taken_for_a_blank_one(fake_run):
+    # mdadm exits 1 for an unreadable device too: that leg must never be taken for a new one and overwritten.
+    fake_run.on("mdadm", "--examine", "--export", rc=1, stderr="mdadm: cannot open /dev/sdb: No such device\n")
+    with pytest.raises(errors.CsiError) as e:
+        raid.examine(Path("/dev/sdb"))
+    assert e.value.code == errors.Code.UNAVAILABLE
+
+
+def test_create_makes_a_failfast_raid1_with_a_bitmap_and_its_data_1_mib_in(fake_run):
     fake_run.on("mdadm", "--create")
-    raid.create(KEY, [Path("/dev/sdb"), None], assume_clean=False)
+    raid.create(KEY, [Path("/dev/sdb"), Path("/dev/sdc")])
     name = ids.md_name(KEY)
     assert len(name) <= 32 and name.startswith("lvmiscsi:")
     assert fake_run.calls == [["mdadm", "--create", f"/dev/md/csi-{name.split(':')[1]}", "--run", "--level=1",
-                               "--raid-devices=2", "--metadata=1.0", "--bitmap=internal", f"--name={name}",
-                               "--failfast", "/dev/sdb", "missing"]]
+                               "--raid-devices=2", "--metadata=1.2", "--data-offset=1M", "--bitmap=internal",
+                               f"--name={name}", "--assume-clean", "--failfast", "/dev/sdb", "/dev/sdc"]]
+    # the controller makes each leg that much larger than the volume
+    from csi.controller.replicas import MD_RESERVE
+    assert MD_RESERVE == 1 << 20
+
+
+def test_a_read_only_stage_assembles_read_only(fake_run):
+    fake_run.on("mdadm", "--assemble")
+    raid.assemble(KEY, [Path("/dev/sdb")], read_only=True)
+    assert fake_run.calls == [["mdadm", "--assemble", str(raid.md_device(KEY)), "--run", "--readonly", "/dev/sdb"]]
 
 
 def test_readd_falls_back_to_a_full_recovery(fake_run):
@@ -61,7 +81,7 @@ def test_readd_falls_back_to_a_full_recovery(fake_run):
     raid.readd(KEY, Path("/dev/sdc"))
     md = str(raid.md_device(KEY))
     assert fake_run.calls[-2:] == [["mdadm", "--manage", md, "--re-add", "/dev/sdc"],
-                                   ["mdadm", "--manage", md, "--add", "/dev/sdc"]]
+                                   ["mdadm", "--manage", md, "--failfast", "--add", "/dev/sdc"]]
 
 
 def test_the_udev_rule_keeps_incremental_assembly_off_our_arrays_only(tmp_path, fake_run):
@@ -109,32 +129,31 @@ def _sb(state: str) -> raid.Superblock:
 
 
 def test_both_legs_here_are_assembled_together_md_picks_the_newest():
-    here = {0: Path("/dev/sdb"), 1: Path("/dev/sdc")}
-    assert Replicated._current(KEY, _legs(), here, {0: _sb("AA"), 1: _sb("A.")}, []) == [0, 1]
+    assert Replicated._current(KEY, _legs(), {0: _sb("AA"), 1: _sb("A.")}, set(), []) == [0, 1]
 
 
 def test_a_lone_leg_that_went_on_alone_is_current():
-    assert Replicated._current(KEY, _legs(), {0: Path("/dev/sdb")}, {0: _sb("A.")}, ["leg 1 away"]) == [0]
+    assert Replicated._current(KEY, _legs(), {0: _sb("A.")}, set(), ["leg 1 away"]) == [0]
 
 
-def test_a_lone_leg_whose_peer_is_recorded_outdated_is_current():
-    assert Replicated._current(KEY, _legs((False, True)), {0: Path("/dev/sdb")}, {0: _sb("AA")}, ["x"]) == [0]
+def test_a_lone_leg_whose_peer_is_recorded_outdated_or_blank_is_current():
+    assert Replicated._current(KEY, _legs((False, True)), {0: _sb("AA")}, set(), ["x"]) == [0]
+    assert Replicated._current(KEY, _legs(), {0: _sb("AA")}, {1}, []) == [0]   # a new leg, blank: holds nothing
 
 
 def test_a_lone_leg_that_cannot_be_proven_current_is_refused():
     # Its superblock shows both in sync: the absent leg may have gone on alone since (the worker that wrote to it
     # alone died, then this leg's peer went down). Serving this leg could serve old data.
     with pytest.raises(errors.CsiError) as e:
-        Replicated._current(KEY, _legs(), {1: Path("/dev/sdc")}, {1: _sb("AA")}, ["leg 0 on storage-1: down"])
+        Replicated._current(KEY, _legs(), {1: _sb("AA")}, set(), ["leg 0 on storage-1: down"])
     assert e.value.code == errors.Code.UNAVAILABLE and "storage-1" in e.value.message
 
 
 def test_a_leg_recorded_outdated_is_never_assembled_from():
     with pytest.raises(errors.CsiError) as e:
-        Replicated._current(KEY, _legs((True, False)), {0: Path("/dev/sdb")}, {0: _sb("A.")}, ["leg 1 away"])
+        Replicated._current(KEY, _legs((True, False)), {0: _sb("A.")}, set(), ["leg 1 away"])
     assert e.value.code == errors.Code.FAILED_PRECONDITION
-    here = {0: Path("/dev/sdb"), 1: Path("/dev/sdc")}
-    assert Replicated._current(KEY, _legs((True, False)), here, {0: _sb("A."), 1: _sb("AA")}, []) == [1]
+    assert Replicated._current(KEY, _legs((True, False)), {0: _sb("A."), 1: _sb("AA")}, set(), []) == [1]
 
 
 def test_a_leg_of_another_array_is_refused():

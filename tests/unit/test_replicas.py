@@ -11,6 +11,7 @@ import pytest
 from csi import capabilities as caps
 from csi import contract, errors, ids
 from csi.config import ControllerConfig, StorageNode
+from csi.controller import replicas
 from csi.controller.journal import Entry, FileJournal
 from csi.controller.nodes import StaticNodes
 from csi.controller.placement import Placement
@@ -19,7 +20,7 @@ from csi.proto import agent_pb2 as apb
 from csi.proto import csi_pb2 as csi
 from tests.unit.test_controller import WORKER, FakeAgent, cap, code_of, fake_agents
 
-GiB = 1 << 30
+GiB, MiB = 1 << 30, 1 << 20
 M = csi.VolumeCapability.AccessMode
 ZONE_KEY = "topology.lvm-iscsi.csi.dev/zone"
 R2 = {"replicas": "2"}
@@ -93,9 +94,12 @@ def test_create_places_two_legs_on_two_nodes_of_one_zone(svc):
     assert v.volume_id == f"r1:{key}" and key == ids.lv_name("c1", "pvc-r")
     # s3 has the most space but is alone in zone b: the pair is s1 + s2, in zone a.
     assert [dict(t.segments) for t in v.accessible_topology] == [{ZONE_KEY: "a"}]
-    assert v.capacity_bytes == GiB
+    # Each leg holds md's metadata at its end besides the volume: 1 MiB more, rounded up to the 4 MiB extent;
+    # the capacity reported is what the array holds at least.
+    assert v.capacity_bytes == GiB + 4 * MiB - replicas.MD_RESERVE
     for i, name in enumerate(("s2", "s1")):    # leg 0 where a plain volume would go: the most space
         vol = agent(svc, name).volumes[key]
+        assert vol.size_bytes == GiB + 4 * MiB
         assert vol.attributes["replicas"] == "2" and vol.attributes["replicaLeg"] == str(i)
         assert vol.attributes["accessModes"] == "SINGLE_NODE_WRITER"
     assert not agent(svc, "s3").volumes
@@ -334,8 +338,11 @@ def test_get_validate_expand_and_health(svc):
     assert not no.HasField("confirmed") and "replicated" in no.message
     grown = svc.ControllerExpandVolume(csi.ControllerExpandVolumeRequest(
         volume_id=v.volume_id, capacity_range=csi.CapacityRange(required_bytes=2 * GiB)), None)
-    assert grown.capacity_bytes == 2 * GiB and grown.node_expansion_required
-    assert all(agent(svc, n).volumes[key_of(v)].size_bytes == 2 * GiB for n in ("s1", "s2"))
+    assert grown.capacity_bytes == 2 * GiB and grown.node_expansion_required     # the fake agent does not round
+    assert all(agent(svc, n).volumes[key_of(v)].size_bytes == 2 * GiB + replicas.MD_RESERVE for n in ("s1", "s2"))
+    capped = svc.ControllerExpandVolume(csi.ControllerExpandVolumeRequest(volume_id=v.volume_id, capacity_range=
+                                        csi.CapacityRange(required_bytes=3 * GiB, limit_bytes=3 * GiB)), None)
+    assert capped.capacity_bytes == 3 * GiB
     agent(svc, "s1").volumes[key_of(v)].healthy = False
     agent(svc, "s1").volumes[key_of(v)].condition_reason = "TargetNotExported"
     health = svc.ControllerListVolumeHealth(csi.ControllerListVolumeHealthRequest(), None)
@@ -416,6 +423,7 @@ def test_replicated_context_round_trip_and_parse_errors():
     bad = [
         dict(_ctx(key), replicas="3"),
         dict(_ctx(key), replicas="0"),
+        dict(_ctx(key), replicas="1"),     # every leg, always: one leg must not pass for the whole volume
         {k: v for k, v in _ctx(key).items() if k != "replicas"},
         {k: v for k, v in _ctx(key).items() if k != "leg1.vg"},
         {k: v for k, v in _ctx(key).items() if k != "leg0.storageNode"},
@@ -465,5 +473,5 @@ def test_every_replica_kill_point_is_listed():
     node_text = (Path(__file__).parents[2] / "csi/node/replicated.py").read_text()
     node = set(re.findall(r'faults\.step\("([^"]+)"\)', node_text))
     assert node == set(faults.REPLICA_NODE_STEPS) | {"stage.record", "stage.login", "stage.mount", "unstage.umount",
-                                                      "unstage.logout"}
+                                                      "unstage.logout", "expand.rescan"}
     assert set(faults.REPLICA_NODE_STEPS).isdisjoint(faults.NODE_STEPS)

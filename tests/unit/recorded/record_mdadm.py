@@ -44,8 +44,8 @@ def main() -> int:
         for lv in ("a", "b"):
             run(["lvcreate", "-q", "-V", "64m", "-T", "csi-vg/thinpool", "-n", lv])
         run(["mdadm", "--examine", "--export", "/dev/csi-vg/a"], "examine_export_none")
-        run(["mdadm", "--create", MD, "--run", "--level=1", "--raid-devices=2", "--metadata=1.0",
-             "--bitmap=internal", "--name=lvmiscsi:0123456789abcdef", "--assume-clean", "--failfast",
+        run(["mdadm", "--create", MD, "--run", "--level=1", "--raid-devices=2", "--metadata=1.2",
+             "--data-offset=1M", "--bitmap=internal", "--name=lvmiscsi:0123456789abcdef", "--assume-clean", "--failfast",
              "/dev/csi-vg/a", "/dev/csi-vg/b"])
         run(["mdadm", "--examine", "--export", "/dev/csi-vg/a"], "examine_export_both")
         run(["mdadm", "--examine", "/dev/csi-vg/a"], "examine_both")
