@@ -160,3 +160,50 @@ def test_a_leg_of_another_array_is_refused():
     with pytest.raises(errors.CsiError) as e:
         raid.refuse_foreign(KEY, Path("/dev/sdb"), raid.Superblock("u", "lvmiscsi:ffffffffffffffff", 1, "AA"))
     assert e.value.code == errors.Code.FAILED_PRECONDITION
+
+
+class _Assembly:
+    """Replicated._assemble with its legs already logged in (here: index -> device), superblocks and blkid
+    answers given per device, and every md change recorded instead of made."""
+
+    def __init__(self, monkeypatch, here, sbs, blank):
+        from csi.node import mount, replicated
+        self.made = []
+        monkeypatch.setattr(raid, "status", lambda key: None)
+        monkeypatch.setattr(raid, "examine", lambda dev: sbs.get(str(dev)))
+        monkeypatch.setattr(mount, "probe", lambda dev: mount.Signatures() if str(dev) in blank
+                            else mount.Signatures("ext4", "filesystem"))
+        for name in ("create", "assemble", "readd", "grow"):
+            monkeypatch.setattr(raid, name, lambda *a, _n=name, **kw: self.made.append((_n, a, kw)))
+        self.rep = replicated.Replicated(service=None)
+        monkeypatch.setattr(self.rep, "_login_all", lambda legs: ({i: Path(d) for i, d in here.items()},
+                                                                  [f"leg {i} away" for i in (0, 1) if i not in here]))
+
+
+def test_a_leg_without_a_superblock_that_holds_data_is_never_written(monkeypatch):
+    a = _Assembly(monkeypatch, {0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": _sb("A.")}, blank=set())
+    with pytest.raises(errors.CsiError) as e:
+        a.rep._assemble(KEY, _legs(), read_only=False)
+    assert e.value.code == errors.Code.FAILED_PRECONDITION and "/dev/sdc" in e.value.message
+    assert a.made == []
+
+
+def test_a_blank_leg_is_added_for_a_full_recovery_and_a_new_volume_gets_a_new_array(monkeypatch):
+    a = _Assembly(monkeypatch, {0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": _sb("AA")}, blank={"/dev/sdc"})
+    a.rep._assemble(KEY, _legs(), read_only=False)
+    assert [(n, args[1]) for n, args, _ in a.made[:2]] == [("assemble", [Path("/dev/sdb")]),
+                                                           ("readd", Path("/dev/sdc"))]
+    b = _Assembly(monkeypatch, {0: "/dev/sdb", 1: "/dev/sdc"}, {}, blank={"/dev/sdb", "/dev/sdc"})
+    b.rep._assemble(KEY, _legs(), read_only=False)
+    assert [n for n, _, _ in b.made] == ["create"]
+
+
+def test_a_read_only_stage_never_creates_re_adds_or_grows(monkeypatch):
+    a = _Assembly(monkeypatch, {0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": _sb("A."), "/dev/sdc": _sb("AA")},
+                  blank=set())
+    a.rep._assemble(KEY, _legs(), read_only=True)
+    assert [(n, kw) for n, _, kw in a.made] == [("assemble", {})] and a.made[0][1][2] is True
+    b = _Assembly(monkeypatch, {0: "/dev/sdb", 1: "/dev/sdc"}, {}, blank={"/dev/sdb", "/dev/sdc"})
+    with pytest.raises(errors.CsiError) as e:
+        b.rep._assemble(KEY, _legs(), read_only=True)
+    assert e.value.code == errors.Code.FAILED_PRECONDITION and b.made == []
