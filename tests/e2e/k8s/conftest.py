@@ -5,7 +5,9 @@ k8s_bin      scripts/build-k8s cluster (Kubernetes, etcd) once per session (idem
 k8s_sidecars scripts/build-k8s, the rest (the sidecars, the snapshot controller and CRDs): waited for only by
              what installs the driver, so the cluster boots while they build
 k8s_images   the OCI archives of tests/e2e/k8s/images.py that the cluster needs (pause, busybox), cached;
-             driver_images: the driver's and the sidecars' (imported by the scenario, which installs them)
+             driver_images: the driver's and the sidecars' (imported by the scenario, which installs them).
+             scripts/test builds them all in the background after build-k8s: these find their stamps fresh, or
+             wait on the archive's lock while the background builds it
 k8s          a lab of two UML nodes (storage-1: VG csi-vg, runs the agent and the controller; worker-1) with
              the control plane on the host in the lab's namespace, pause and busybox imported on every node,
              both nodes Ready. One per session (test_cluster.py, then test_scenario.py, which installs the
