@@ -395,16 +395,7 @@ class Replicas:
         vols, missing = self._get_legs(key, entry)
         if not vols:
             raise errors.unavailable(f"no leg of volume {request.volume_id} answers: " + "; ".join(missing.values()))
-        try:
-            access = caps.check_replicated(caps.check_capabilities(request.volume_capabilities))
-            self.svc._check_compatible(next(iter(vols.values())), access)
-        except errors.CsiError as exc:
-            if exc.code != errors.Code.INVALID_ARGUMENT:
-                raise
-            return csi.ValidateVolumeCapabilitiesResponse(message=exc.message)
-        return csi.ValidateVolumeCapabilitiesResponse(confirmed=csi.ValidateVolumeCapabilitiesResponse.Confirmed(
-            volume_context=request.volume_context, volume_capabilities=request.volume_capabilities,
-            parameters=request.parameters))
+        return self.svc._validated(request, next(iter(vols.values())), caps.check_replicated)
 
     def health(self, key: str, volume_id: str) -> csi.ControllerGetVolumeHealthResponse:
         """DEGRADED per leg that is missing, unhealthy or outdated; INACCESSIBLE when no in-sync leg is usable."""

@@ -429,10 +429,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         caps.parse_params(request.parameters)
         if key is not None:
             return self.replicas.validate(request, key)
-        vol = self._get(ref)
+        return self._validated(request, self._get(ref))
+
+    def _validated(self, request, vol: apb.Volume, check=lambda access: access):
+        """The answer of ValidateVolumeCapabilities for a volume as its agent has it: confirmed, or the reason
+        the capabilities do not fit (`check` adds the rules of a kind of volume, e.g. replicated ones')."""
         try:
-            access = caps.check_capabilities(request.volume_capabilities)
-            self._check_compatible(vol, access)
+            self._check_compatible(vol, check(caps.check_capabilities(request.volume_capabilities)))
         except errors.CsiError as exc:
             if exc.code != errors.Code.INVALID_ARGUMENT:
                 raise

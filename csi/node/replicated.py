@@ -56,6 +56,11 @@ def _leg_record(leg: contract.Leg) -> dict:
     return out
 
 
+def _leg_target(leg: dict) -> Target:
+    """The target of a granted leg as its stage record (_leg_record) keeps it."""
+    return Target(leg["iqn"], tuple(leg["portals"]), leg["lun"], settings=LEG_SETTINGS)
+
+
 class Replicated:
     """Stage, unstage and reconcile of replicated volumes, for NodeService (which validates and locks)."""
 
@@ -233,7 +238,7 @@ class Replicated:
             raise errors.unavailable(f"volume {volume_id} runs on one leg: it grows once both legs are in the "
                                      "array again (the node plugin re-adds a leg whose storage node is back)")
         for leg in legs:
-            disk = self.svc.iscsi.wait_for_device(Target(leg["iqn"], tuple(leg["portals"]), leg["lun"]), timeout=5)
+            disk = self.svc.iscsi.wait_for_device(_leg_target(leg), timeout=5)
             self.svc.iscsi.rescan(leg["iqn"])
             faults.step("expand.rescan")
             wait_size(disk, required)
@@ -281,7 +286,7 @@ class Replicated:
         for i, leg in enumerate(rec.get("legs", [])):
             if not leg.get("iqn"):
                 continue   # not granted to this node: put back by the next publish and stage
-            target = Target(leg["iqn"], tuple(leg["portals"]), leg["lun"], settings=LEG_SETTINGS)
+            target = _leg_target(leg)
             session = sessions.get(leg["iqn"])
             if session is None:
                 # Under the volume's lock: only when the agent answers at once, so a storage node that is down
@@ -332,8 +337,7 @@ class Replicated:
         out = []
         devices = {m.device: m for m in array.members}
         for i, leg in enumerate((rec or {}).get("legs", [])):
-            device = self.svc.iscsi.find_device(Target(leg["iqn"], tuple(leg["portals"]), leg["lun"])) \
-                if leg.get("iqn") else None
+            device = self.svc.iscsi.find_device(_leg_target(leg)) if leg.get("iqn") else None
             member = devices.get(str(device)) if device is not None else None
             where = f"leg {i} on storage node {leg['node']}"
             if member is None or "faulty" in member.state:

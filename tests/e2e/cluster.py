@@ -195,6 +195,21 @@ def make_cluster(tmp_path_factory):
 
 
 
+# Run in a node with `python3 -c PREFIX <file>`: how many whole, valid, consecutive 4 KiB records from 0 the file
+# holds (a record: its number, 8 bytes; a SHA-256 of the number and the body, 32; the body), as the tests'
+# writers append them; fails on anything else.
+PREFIX = r"""
+import hashlib, struct, sys
+data = open(sys.argv[1], "rb").read()
+if len(data) % 4096:
+    sys.exit(f"torn: {len(data)} bytes")
+for i in range(len(data) // 4096):
+    rec = data[i * 4096:(i + 1) * 4096]
+    if struct.unpack("<Q", rec[:8])[0] != i or hashlib.sha256(rec[:8] + rec[40:]).digest() != rec[8:40]:
+        sys.exit(f"record {i} is not record {i}")
+print(len(data) // 4096)
+"""
+
 WIPE_MARK = "+wipe+"   # in the name of a deleted thick LV being zeroed (csi/ids.py)
 
 

@@ -17,7 +17,8 @@ from csi import faults, ids, peers
 from csi.proto import agent_pb2 as apb
 from csi.proto import agent_pb2_grpc
 from csi.proto import csi_pb2 as csi
-from tests.e2e.cluster import BLOCK, ZONE_KEY, MiB, count_on_device, overlaps, pv_ranges, wait_for_wipes
+from tests.e2e.cluster import (BLOCK, PREFIX, ZONE_KEY, MiB, count_on_device, overlaps, pv_ranges,
+                               wait_for_wipes)
 
 pytestmark = pytest.mark.e2e
 TARGETS = "/sys/kernel/config/target/iscsi"
@@ -300,18 +301,6 @@ with open(log, "w") as out:
         out.flush()
         i += 1
         time.sleep(0.005)
-"""
-# How many whole, valid, consecutive records from 0 a file holds; fails on anything else.
-PREFIX = r"""
-import hashlib, struct, sys
-data = open(sys.argv[1], "rb").read()
-if len(data) % 4096:
-    sys.exit(f"torn: {len(data)} bytes")
-for i in range(len(data) // 4096):
-    rec = data[i * 4096:(i + 1) * 4096]
-    if struct.unpack("<Q", rec[:8])[0] != i or hashlib.sha256(rec[:8] + rec[40:]).digest() != rec[8:40]:
-        sys.exit(f"record {i} is not record {i}")
-print(len(data) // 4096)
 """
 
 

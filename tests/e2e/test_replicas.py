@@ -15,7 +15,7 @@ import pytest
 
 from csi import contract, ids
 from csi.proto import csi_pb2 as csi
-from tests.e2e.cluster import MOUNT, MiB
+from tests.e2e.cluster import MOUNT, PREFIX, MiB
 
 PARAMS = {"replicas": "2", "replicaZones": "zone-b"}
 PY = "/usr/bin/python3"
@@ -38,18 +38,6 @@ with open(log, "w") as out:
         out.write(f"{i} {time.monotonic():.3f}\n"); out.flush()
         i += 1
         time.sleep(0.01)
-"""
-# How many whole, valid, consecutive records from 0 a file holds; fails on anything else.
-PREFIX = r"""
-import hashlib, struct, sys
-data = open(sys.argv[1], "rb").read()
-if len(data) % 4096:
-    sys.exit(f"torn: {len(data)} bytes")
-for i in range(len(data) // 4096):
-    rec = data[i * 4096:(i + 1) * 4096]
-    if struct.unpack("<Q", rec[:8])[0] != i or hashlib.sha256(rec[:8] + rec[40:]).digest() != rec[8:40]:
-        sys.exit(f"record {i} is not record {i}")
-print(len(data) // 4096)
 """
 
 
