@@ -154,6 +154,14 @@ class LabNode:
         except subprocess.TimeoutExpired as e:
             raise LabError(f"{self.name}: UML pid {self._proc.pid} survived SIGKILL") from e
 
+    def unplug(self) -> None:
+        """Network cut: the bridge's end of the node's cable goes down. The node runs on, cut off from every other
+        node and from the host (guestd too) until plug()."""
+        run_host(["ip", "-n", self._lab.netns, "link", "set", self.bridge_port, "down"])
+
+    def plug(self) -> None:
+        run_host(["ip", "-n", self._lab.netns, "link", "set", self.bridge_port, "up"])
+
     def reboot(self, timeout: float = 120) -> None:
         self.kill()
         self.boot(timeout)

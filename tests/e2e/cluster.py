@@ -269,3 +269,14 @@ def count_on_device(node, device: str, ranges: list[tuple[int, int]], pattern: b
                  timeout=300, check=True)
     nonzero, found = r.stdout.split()
     return int(nonzero), int(found)
+
+
+def wait_until(what: str, check, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting until {what}")
+        time.sleep(every)

@@ -7,7 +7,6 @@ in zone-a reach both: the class allows the second leg in zone-b (`replicaZones`)
 
 from __future__ import annotations
 
-import re
 import time
 
 import grpc
@@ -15,9 +14,9 @@ import pytest
 
 from csi import contract, ids
 from csi.proto import csi_pb2 as csi
-from tests.e2e.cluster import MOUNT, PREFIX, MiB
+from tests.e2e.arrays import PARAMS, array_line, mdstat, synced
+from tests.e2e.cluster import MOUNT, PREFIX, MiB, wait_until
 
-PARAMS = {"replicas": "2", "replicaZones": "zone-b"}
 PY = "/usr/bin/python3"
 
 # Appends numbered 4 KiB records, each fsync'ed, and logs "<number> <monotonic time>" once it is; an error is
@@ -41,35 +40,6 @@ with open(log, "w") as out:
 """
 
 
-def _wait(what: str, check, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting until {what}")
-        time.sleep(every)
-
-
-def _mdstat(node) -> str:
-    return node.run(["cat", "/proc/mdstat"], timeout=30).stdout
-
-
-def _array_line(node, key: str) -> str:
-    """The status line of the volume's array ("[2/2] [UU]"), "" when it does not run there."""
-    md = node.run(["readlink", "-f", f"/dev/md/csi-{ids.md_name(key).split(':')[1]}"], timeout=30).stdout.strip()
-    name = md.rsplit("/", 1)[-1]
-    text = _mdstat(node)
-    m = re.search(rf"^{re.escape(name)} : .*\n\s+\d+ blocks.*(\[\d/\d\] \[[U_]+\])", text, re.M) if name else None
-    return m.group(1) if m else ""
-
-
-def _synced(node, key: str) -> bool:
-    text = _mdstat(node)
-    return _array_line(node, key) == "[2/2] [UU]" and "recovery" not in text and "resync" not in text
-
-
 def _log(w, path) -> tuple[list[tuple[int, float]], list[str]]:
     lines = w.run(["cat", str(path)], timeout=30).stdout.splitlines()
     records = [(int(a), float(b)) for a, b in (line.split() for line in lines if not line.startswith("ERROR"))]
@@ -83,6 +53,61 @@ def _leg_digest(node, vg: str, lv: str, mib: int) -> str:
     return r.stdout.split()[0]
 
 
+def _write_through_an_outage(cluster, key: str, target, cut, restore, record_property, label: str) -> None:
+    """A writer fsyncs numbered records on the staged volume while `cut` takes one storage node away and
+    `restore` brings it back: no write error, the array degraded within seconds, the leg re-added and resynced
+    with nobody acting, the worst stall between two records under 20 s, every record fsync'ed reads back."""
+    w = cluster.w
+    # not replica-writer.log: that is the spawned process's own output
+    log, stop = w.workdir / "replica-records.log", w.workdir / "replica-writer.stop"
+    w.run(["rm", "-f", str(stop), str(log)], timeout=30)
+    w.spawn("replica-writer", [PY, "-c", WRITER, f"{target}/records.bin", str(log), str(stop)])
+    restored = False
+    try:
+        wait_until("the writer has fsync'ed 100 records", lambda: len(_log(w, log)[0]) >= 100, timeout=60)
+        cut_at = time.monotonic()
+        cut()
+        wait_until("the array runs degraded on one leg", lambda: array_line(w, key) in ("[2/1] [U_]", "[2/1] [_U]"),
+              timeout=60, every=0.5)
+        degraded_after = time.monotonic() - cut_at
+        before = len(_log(w, log)[0])
+        wait_until("the writer goes on with one leg", lambda: len(_log(w, log)[0]) >= before + 100, timeout=60)
+
+        restored = True
+        restore()
+        back = time.monotonic()
+        wait_until("the leg is re-added and resynced", lambda: synced(w, key), timeout=180, every=1.0)
+        resynced_after = time.monotonic() - back
+        done = len(_log(w, log)[0])
+        wait_until("the writer goes on with both legs", lambda: len(_log(w, log)[0]) >= done + 50, timeout=60)
+    finally:
+        if not restored:
+            restore()
+        w.run(["touch", str(stop)], timeout=30)
+        w.wait_exit("replica-writer", timeout=60)
+
+    records, write_errors = _log(w, log)
+    assert write_errors == [], f"the writer saw errors: {write_errors[:5]}"
+    stall = max(b[1] - a[1] for a, b in zip(records, records[1:]))
+    record_property(f"replica_{label}_worst_write_stall_s", round(stall, 1))
+    record_property(f"replica_{label}_degraded_after_s", round(degraded_after, 1))
+    record_property(f"replica_{label}_resynced_after_s", round(resynced_after, 1))
+    print(f"{label}: worst stall between two fsync'ed records {stall:.1f}s; degraded after {degraded_after:.1f}s; "
+          f"resynced {resynced_after:.1f}s after the node was back")
+    assert stall < 20, f"a write waited {stall:.1f}s (the bound is 20 s)"
+    r = w.run([PY, "-c", PREFIX, f"{target}/records.bin"], timeout=120)
+    assert r.rc == 0, r.stderr
+    assert int(r.stdout) >= len(records)
+
+
+def _legs_hold_the_same_bytes(cluster, key: str, legs, mib: int) -> None:
+    """Each leg alone holds the same bytes: the array's data, 1 MiB into each LV (the volume is unstaged)."""
+    assert not any(" : active" in line for line in mdstat(cluster.w).splitlines()), mdstat(cluster.w)
+    nodes = {"storage-1": cluster.s1, "storage-2": cluster.s2}
+    digests = {leg.storage_node: _leg_digest(nodes[leg.storage_node], leg.vg, key, mib) for leg in legs}
+    assert len(set(digests.values())) == 1, digests
+
+
 def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_by_itself(cluster, record_property):
     s1, s2, w = cluster.s1, cluster.s2, cluster.w
     v = cluster.create("replicated-power-cut", size=128 * MiB, zone="zone-a", params=PARAMS)
@@ -92,7 +117,7 @@ def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_b
     legs = contract.parse_replicated(ctx, key)
     assert sorted(leg.storage_node for leg in legs) == ["storage-1", "storage-2"]
     target = cluster.stage_publish(v.volume_id, ctx)
-    assert _wait("the array runs with both legs in sync", lambda: _synced(w, key), timeout=60)
+    assert wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
 
     # Nothing but the node plugin assembles the array: udev on the storage nodes, told about the legs again,
     # leaves them alone (Debian's incremental assembly rule is installed in the lab: mdadm is a driver package).
@@ -104,52 +129,14 @@ def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_b
         node.run(["udevadm", "settle", "--timeout=30"], timeout=60)
         found = node.run(["blkid", "-p", "-o", "value", "-s", "TYPE", f"/dev/csi-vg/{key}"], timeout=30).stdout
         assert found.strip() == "linux_raid_member"
-        assert "md" not in "".join(line for line in _mdstat(node).splitlines() if " : active" in line), \
-            f"{node.name} assembled a replica leg by itself: {_mdstat(node)}"
+        assert "md" not in "".join(line for line in mdstat(node).splitlines() if " : active" in line), \
+            f"{node.name} assembled a replica leg by itself: {mdstat(node)}"
 
-    # not replica-writer.log: that is the spawned process's own output
-    log, stop = w.workdir / "replica-records.log", w.workdir / "replica-writer.stop"
-    w.run(["rm", "-f", str(stop)], timeout=30)
-    w.spawn("replica-writer", [PY, "-c", WRITER, f"{target}/records.bin", str(log), str(stop)])
-    try:
-        _wait("the writer has fsync'ed 100 records", lambda: len(_log(w, log)[0]) >= 100, timeout=60)
-
-        # storage-2 loses its power: its leg's I/O stops without an answer.
-        cut = time.monotonic()
-        s2.kill()
-        _wait("the array runs degraded on storage-1's leg", lambda: _array_line(w, key) in ("[2/1] [U_]",
-                                                                                             "[2/1] [_U]"),
-              timeout=60, every=0.5)
-        degraded_after = time.monotonic() - cut
-        before_boot = len(_log(w, log)[0])
-        _wait("the writer goes on with one leg", lambda: len(_log(w, log)[0]) >= before_boot + 100, timeout=60)
-
+    # storage-2 loses its power: its leg's I/O stops without an answer.
+    def restore():
         s2.boot(timeout=180)
         cluster.d.start_agent(s2)
-        back = time.monotonic()
-        _wait("the leg is re-added and resynced", lambda: _synced(w, key), timeout=180, every=1.0)
-        resynced_after = time.monotonic() - back
-        done = len(_log(w, log)[0])
-        _wait("the writer goes on with both legs", lambda: len(_log(w, log)[0]) >= done + 50, timeout=60)
-    finally:
-        w.run(["touch", str(stop)], timeout=30)
-        w.wait_exit("replica-writer", timeout=60)
-        if not s2.running:
-            s2.boot(timeout=180)
-            cluster.d.start_agent(s2)
-
-    records, write_errors = _log(w, log)
-    assert write_errors == [], f"the writer saw errors: {write_errors[:5]}"
-    stall = max(b[1] - a[1] for a, b in zip(records, records[1:]))
-    record_property("replica_worst_write_stall_s", round(stall, 1))
-    record_property("replica_degraded_after_s", round(degraded_after, 1))
-    record_property("replica_resynced_after_boot_s", round(resynced_after, 1))
-    print(f"worst stall between two fsync'ed records {stall:.1f}s; degraded after {degraded_after:.1f}s; "
-          f"resynced {resynced_after:.1f}s after the agent was back")
-    assert stall < 20, f"a write waited {stall:.1f}s (the bound is 20 s)"
-    r = w.run([PY, "-c", PREFIX, f"{target}/records.bin"], timeout=120)
-    assert r.rc == 0, r.stderr
-    assert int(r.stdout) >= len(records)
+    _write_through_an_outage(cluster, key, target, s2.kill, restore, record_property, "power_cut")
 
     # Online expansion: both legs grow, then the array (md moves its superblock to the new end), then ext4.
     grown = cluster.ctrl.ControllerExpandVolume(csi.ControllerExpandVolumeRequest(
@@ -162,16 +149,32 @@ def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_b
     assert resp.capacity_bytes >= 192 * MiB
     df = w.run(["df", "-B1", "--output=size", str(target)], timeout=30, check=True).stdout.split()[-1]
     assert int(df) > 170 * MiB, f"the filesystem did not grow: {df} bytes"
-    _wait("the grown array is in sync", lambda: _synced(w, key), timeout=120)   # md resyncs the new region
+    wait_until("the grown array is in sync", lambda: synced(w, key), timeout=120)   # md resyncs the new region
     assert w.run([PY, "-c", PREFIX, f"{target}/records.bin"], timeout=120).rc == 0
 
-    # Each leg alone holds the same bytes: the array's data, 1 MiB into each LV.
     cluster.worker1.unstage(v.volume_id)
-    assert not any(" : active" in line for line in _mdstat(w).splitlines()), _mdstat(w)
-    digests = {node.name: _leg_digest(node, leg.vg, key, 120)
-               for node, leg in zip((s1, s2), sorted(legs, key=lambda leg: leg.storage_node))}
-    assert len(set(digests.values())) == 1, digests
+    _legs_hold_the_same_bytes(cluster, key, legs, 120)
 
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+        volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
+
+
+def test_a_writer_goes_on_while_the_other_storage_node_is_cut_off_by_the_network(cluster, record_property):
+    """The same with storage-1, the leg of the volume's own zone, and a network cut instead of a power cut: the
+    node runs on with its agent and target, unreachable; its iSCSI session comes back by itself when the cable
+    is back, and the node plugin re-adds the leg."""
+    s1, w = cluster.s1, cluster.w
+    v = cluster.create("replicated-network-cut", size=64 * MiB, zone="zone-a", params=PARAMS)
+    key = ids.parse_replicated_id(v.volume_id)
+    ctx = cluster.publish(v.volume_id)
+    legs = contract.parse_replicated(ctx, key)
+    target = cluster.stage_publish(v.volume_id, ctx)
+    assert wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
+    _write_through_an_outage(cluster, key, target, s1.unplug, s1.plug, record_property, "network_cut")
+    cluster.worker1.unstage(v.volume_id)
+    _legs_hold_the_same_bytes(cluster, key, legs, 60)
     cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
         volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
     cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
@@ -195,11 +198,11 @@ def test_a_leg_left_behind_is_never_served_as_current(cluster):
     v = cluster.create("replicated-left-behind", size=64 * MiB, zone="zone-a", params=PARAMS)
     key = ids.parse_replicated_id(v.volume_id)
     target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
-    _wait("the array runs with both legs in sync", lambda: _synced(w, key), timeout=60)
+    wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
     cluster.write(target, mib=4)
     try:
         s2.kill()
-        _wait("the array runs on storage-1's leg alone", lambda: "_" in _array_line(w, key), timeout=60,
+        wait_until("the array runs on storage-1's leg alone", lambda: "_" in array_line(w, key), timeout=60,
               every=0.5)
         newest = cluster.write(target, mib=4)       # held by storage-1's leg only
         cluster.worker1.unstage(v.volume_id)
@@ -214,7 +217,7 @@ def test_a_leg_left_behind_is_never_served_as_current(cluster):
         with pytest.raises(grpc.RpcError) as e:
             _stage(cluster, v.volume_id, ctx)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "storage-1" in e.value.details(), e.value.details()
-        assert not any(" : active" in line for line in _mdstat(w).splitlines()), _mdstat(w)
+        assert not any(" : active" in line for line in mdstat(w).splitlines()), mdstat(w)
         sessions = w.run(["iscsiadm", "-m", "session"], timeout=30).stdout
         assert key.lower() not in sessions.lower(), f"the refused stage left a session: {sessions}"
     finally:
@@ -230,7 +233,7 @@ def test_a_leg_left_behind_is_never_served_as_current(cluster):
     w2 = cluster.worker2
     target = w2.stage_publish(v.volume_id, cluster.publish(v.volume_id, node_id=w2.node_id))
     assert cluster.read(target, on=w2.w) == newest
-    _wait("storage-2's leg is resynced", lambda: _synced(w2.w, key), timeout=120)
+    wait_until("storage-2's leg is resynced", lambda: synced(w2.w, key), timeout=120)
     w2.unstage(v.volume_id)
     cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
         volume_id=v.volume_id, node_id=w2.node_id), timeout=60)
