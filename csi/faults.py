@@ -30,12 +30,12 @@ AGENT_STEPS = ("create.lv", "create.record", "create.export", "copy.chunk", "cop
 NODE_STEPS = ("stage.record", "stage.login", "stage.mkfs", "stage.mount", "unstage.umount", "unstage.logout",
               "publish.mount", "expand.rescan")
 CONTROLLER_STEPS = ("clone.transfer-snapshot", "create.placed", "create.made", "delete.removed", "snapshot.placed")
-# The controller's steps for replicated volumes (csi/controller/replicas.py): not yet walked by the crash
-# campaign (tests/e2e/test_crash.py), which adds them to its list with the lab's replicated volumes.
+# The controller's steps for replicated volumes (csi/controller/replicas.py), walked by
+# tests/e2e/test_crash_replicas.py.
 REPLICA_STEPS = ("replicas.placed", "replicas.leg0-made", "replicas.leg1-made", "replicas.leg0-deleted",
                  "replicas.leg1-deleted")
 # The node plugin's own steps for replicated volumes (csi/node/replicated.py; it also passes stage.record,
-# stage.login, stage.mount, unstage.umount and unstage.logout of NODE_STEPS): not yet walked either.
+# stage.login, stage.mount, unstage.umount and unstage.logout of NODE_STEPS), walked there too.
 REPLICA_NODE_STEPS = ("stage.assemble", "unstage.stop", "reconcile.readd")
 
 

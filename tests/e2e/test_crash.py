@@ -14,14 +14,13 @@ from csi import faults, ids
 from csi.controller.journal import FileJournal
 from csi.proto import csi_pb2 as csi
 from tests.e2e.cluster import MOUNT, MiB, count_on_device, pv_ranges, wait_for_wipes
+from tests.e2e.crash import ENV, TRIED, crash_agent_during, crash_controller_during, crash_node_during
 
 pytestmark = pytest.mark.e2e
 # The whole campaign (every kill point) runs with scripts/fault-campaign; scripts/test (CI) runs the steps
 # below that are not marked `campaign`: one or more per operation, so CI stays well inside its time.
 campaign = pytest.mark.campaign
 
-ENV = faults.ENV
-TRIED: list[str] = []
 
 
 def inventory(cluster) -> dict:
@@ -49,27 +48,6 @@ def inventory(cluster) -> dict:
 def empty(cluster) -> dict:
     return {"lvs": [], "targets": {}, "records": [], "sessions": [], "node_records": [], "mounts": [],
             "journal": []}
-
-
-def crash_agent_during(cluster, step: str, call, node=None):
-    node = node or cluster.s1
-    cluster.d.start_agent(node, env={ENV: step})
-    with pytest.raises(grpc.RpcError):
-        call()
-    assert node.wait_exit("agent", timeout=60) == -9, f"the agent did not die at {step}"
-    cluster.d.start_agent(node)
-    TRIED.append(f"agent:{step}")
-    return call()
-
-
-def crash_node_during(cluster, step: str, call):
-    cluster.d.start_node_plugin(cluster.w, env={ENV: step})
-    with pytest.raises(grpc.RpcError):
-        call()
-    assert cluster.w.wait_exit("node-plugin", timeout=60) == -9, f"the node plugin did not die at {step}"
-    cluster.d.start_node_plugin(cluster.w)
-    TRIED.append(f"node:{step}")
-    return call()
 
 
 def create_req(name: str) -> csi.CreateVolumeRequest:
@@ -368,19 +346,6 @@ def test_controller_crash_after_the_transfer_snapshot_of_a_clone_across_nodes(cl
     cluster.teardown(dst.volume_id)
     assert inventory(cluster) == empty(cluster)
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
-
-
-def crash_controller_during(cluster, step: str, call):
-    storage = [cluster.s1, cluster.s2, cluster.s3]
-    try:
-        cluster.d.start_controller(storage, env={ENV: step})
-        with pytest.raises(grpc.RpcError):
-            call()
-        assert cluster.d.controller.wait(60) == -9, f"the controller did not die at {step}"
-    finally:
-        cluster.d.start_controller(storage)
-    TRIED.append(f"controller:{step}")
-    return call(wait_for_ready=True)
 
 
 @pytest.mark.parametrize("step", ["create.placed", pytest.param("create.made", marks=campaign)])

@@ -1,0 +1,147 @@
+"""Crash at every step of replicated volumes (issue 15): the controller killed between placing a volume's two
+legs and making them, and between deleting them; the node plugin killed after assembling the array, after
+stopping it, and after putting a leg that came back into it. Restarted without the fault, the call retried:
+exactly the objects that should exist do, on both storage nodes and on the worker, and then nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from csi import faults, ids
+from csi.controller.journal import FileJournal
+from csi.proto import csi_pb2 as csi
+from tests.e2e.arrays import PARAMS, array_line, synced
+from tests.e2e.cluster import MOUNT, MiB, wait_for_wipes, wait_until
+from tests.e2e.crash import ENV, TRIED, crash_controller_during, crash_node_during
+
+pytestmark = pytest.mark.e2e
+campaign = pytest.mark.campaign
+
+
+def inventory(cluster) -> dict:
+    """What of this driver exists: per storage node its LVs, targets with their ACLs and agent records; on the
+    worker its iSCSI sessions and node records, mounts under the kubelet dir and running arrays; the journal."""
+    out = {}
+    base = "/sys/kernel/config/target/iscsi"
+    for n in (cluster.s1, cluster.s2):
+        targets = {t: sorted(n.run(["ls", f"{base}/{t}/tpgt_1/acls"], timeout=30).stdout.split())
+                   for t in n.run(["ls", base], timeout=30).stdout.split() if t.startswith("iqn.")}
+        records = sorted(p.stem for p in (cluster.d.agent_state(n) / "volumes").glob("*/*.json"))
+        out[n.name] = {"lvs": sorted(x for x in wait_for_wipes(n) if x != "thinpool"), "targets": targets,
+                       "records": records}
+    w = cluster.w
+    out["sessions"] = sorted(x for x in w.run(["iscsiadm", "-m", "session"], timeout=30).stdout.split("\n") if x)
+    out["node_records"] = sorted(x for x in w.run(["iscsiadm", "-m", "node"], timeout=30).stdout.split("\n") if x)
+    out["mounts"] = sorted(line.split()[4] for line in w.run(["cat", "/proc/self/mountinfo"], timeout=30).stdout
+                           .splitlines() if str(cluster.kubelet) in line.split()[4])
+    out["arrays"] = sorted(line.split()[0] for line in w.run(["cat", "/proc/mdstat"], timeout=30).stdout
+                           .splitlines() if " : active" in line)
+    out["journal"] = sorted(e.key for e in FileJournal(cluster.d.journal_dir).entries())
+    return out
+
+
+def empty() -> dict:
+    nothing = {"lvs": [], "targets": {}, "records": []}
+    return {"storage-1": nothing, "storage-2": nothing, "sessions": [], "node_records": [], "mounts": [],
+            "arrays": [], "journal": []}
+
+
+def create_req(name: str) -> csi.CreateVolumeRequest:
+    req = csi.CreateVolumeRequest(name=name, capacity_range=csi.CapacityRange(required_bytes=32 * MiB),
+                                  volume_capabilities=[MOUNT], parameters=PARAMS)
+    req.accessibility_requirements.requisite.add(segments={"topology.lvm-iscsi.csi.dev/zone": "zone-a"})
+    return req
+
+
+def _both_legs_only(cluster, key: str) -> None:
+    inv = inventory(cluster)
+    for node in ("storage-1", "storage-2"):
+        assert inv[node]["lvs"] == [key] and inv[node]["records"] == [key], (node, inv[node])
+        assert list(inv[node]["targets"].values()) == [[]], (node, inv[node]["targets"])
+    assert inv["journal"] == [key], inv["journal"]
+
+
+@pytest.mark.parametrize("step", [pytest.param("replicas.placed", marks=campaign), "replicas.leg0-made",
+                                  pytest.param("replicas.leg1-made", marks=campaign)])
+def test_controller_crash_in_a_replicated_create(cluster, step):
+    """Killed after recording where the legs go, or after making one or both: the retry makes the missing leg
+    where the journal says, and exactly one LV, record and target exist on each storage node."""
+    req = create_req(f"crash-r-{step.replace('.', '-')}")
+    vol = crash_controller_during(cluster, step,
+                                  lambda **kw: cluster.ctrl.CreateVolume(req, timeout=120, **kw)).volume
+    key = ids.parse_replicated_id(vol.volume_id)
+    _both_legs_only(cluster, key)
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=120)
+    assert inventory(cluster) == empty()
+
+
+@campaign
+@pytest.mark.parametrize("step", ["replicas.leg0-deleted", "replicas.leg1-deleted"])
+def test_controller_crash_in_a_replicated_delete(cluster, step):
+    vol = cluster.ctrl.CreateVolume(create_req(f"crash-r-{step.replace('.', '-')}"), timeout=120).volume
+    req = csi.DeleteVolumeRequest(volume_id=vol.volume_id)
+    crash_controller_during(cluster, step, lambda **kw: cluster.ctrl.DeleteVolume(req, timeout=120, **kw))
+    assert inventory(cluster) == empty()
+
+
+@campaign
+@pytest.mark.parametrize("step", ["stage.assemble", "unstage.stop"])
+def test_node_crash_in_a_replicated_stage_and_unstage(cluster, step):
+    vol = cluster.ctrl.CreateVolume(create_req(f"crash-r-{step.replace('.', '-')}"), timeout=120).volume
+    ctx = cluster.publish(vol.volume_id)
+    staging, target = cluster.paths(vol.volume_id)
+    staging.mkdir(parents=True, exist_ok=True)
+    if step == "stage.assemble":
+        req = csi.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
+                                         staging_target_path=str(staging), volume_capability=MOUNT)
+        crash_node_during(cluster, step, lambda: cluster.node.NodeStageVolume(req, timeout=120))
+        inv = inventory(cluster)
+        assert inv["mounts"] == [str(staging)] and len(inv["arrays"]) == 1 and len(inv["sessions"]) == 2, inv
+        target = cluster.stage_publish(vol.volume_id, ctx)
+        digest = cluster.write(target, mib=2)
+        assert cluster.read(target) == digest
+    else:
+        cluster.stage_publish(vol.volume_id, ctx)
+        cluster.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=vol.volume_id,
+                                                                        target_path=str(target)), timeout=60)
+        req = csi.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=str(staging))
+        crash_node_during(cluster, step, lambda: cluster.node.NodeUnstageVolume(req, timeout=120))
+        inv = inventory(cluster)
+        assert (inv["mounts"], inv["arrays"], inv["sessions"], inv["node_records"]) == ([], [], [], []), inv
+    cluster.teardown(vol.volume_id)
+    assert inventory(cluster) == empty()
+
+
+def test_node_crash_right_after_putting_a_leg_back(cluster):
+    """storage-2 is cut off while the volume is written: md drops its leg. The node plugin's reconciler puts
+    the leg back once its session is back and is killed right then; the restarted plugin finds the array
+    whole (or resyncing), finishes, and the volume is torn down to nothing."""
+    w, s2 = cluster.w, cluster.s2
+    vol = cluster.ctrl.CreateVolume(create_req("crash-r-reconcile-readd"), timeout=120).volume
+    key = ids.parse_replicated_id(vol.volume_id)
+    target = cluster.stage_publish(vol.volume_id, cluster.publish(vol.volume_id))
+    wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
+    try:
+        s2.unplug()
+        cluster.write(target, mib=2)      # md fails the leg only on I/O
+        wait_until("md dropped storage-2's leg", lambda: "_" in array_line(w, key), timeout=60, every=0.5)
+        cluster.d.start_node_plugin(w, env={ENV: "reconcile.readd"})
+    finally:
+        s2.plug()
+    assert w.wait_exit("node-plugin", timeout=120) == -9, "the node plugin did not die at reconcile.readd"
+    TRIED.append("node:reconcile.readd")
+    cluster.d.start_node_plugin(w)
+    cluster.node_ready()
+    wait_until("the leg is back in sync", lambda: synced(w, key), timeout=120)
+    digest = cluster.write(target, mib=2)
+    assert cluster.read(target) == digest
+    cluster.teardown(vol.volume_id)
+    assert inventory(cluster) == empty()
+
+
+@campaign
+def test_kill_points_cover_every_replica_step():
+    """Runs last in this module: every replicated-volume step of csi/faults.py was tried by a test above."""
+    untried = [s for s in faults.REPLICA_STEPS if f"controller:{s}" not in TRIED] + \
+              [s for s in faults.REPLICA_NODE_STEPS if f"node:{s}" not in TRIED]
+    assert not untried, f"steps never killed at: {untried}"
