@@ -309,6 +309,14 @@ def test_controller_sidecars_have_a_startup_probe_before_liveness():
             assert "initialDelaySeconds" not in liveness, (value_set, name)
 
 
+def test_csi_attacher_starts_last():
+    """csi-attacher gives the driver one second (hard-coded upstream) for its first calls and exits when that
+    passes; started while kubelet and containerd were still starting the pod's later containers on a one-CPU
+    node, it exited once (the Kubernetes tier). Last, nothing of its pod starts after it."""
+    for value_set in VALUE_SETS:
+        assert list(containers(one(rendered(value_set), "Deployment", "controller")))[-1] == "csi-attacher"
+
+
 def test_controller_sidecars_start_once_the_driver_answers(tmp_path):
     """kubelet starts a pod's containers in order and the next one only once the postStart hook of the one
     before returned: the driver comes first and its hook waits until the driver answers on its socket, so no
@@ -602,7 +610,7 @@ def test_values_yaml_matches_its_schema():
 def test_controller_runs_the_sidecars_with_leader_election_topology_and_capacity():
     dep = one(rendered(), "Deployment", "-controller")
     c = containers(dep)
-    assert list(c) == ["driver", "csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer", "liveness-probe"]
+    assert list(c) == ["driver", "csi-provisioner", "csi-snapshotter", "csi-resizer", "liveness-probe", "csi-attacher"]
     for name in ("csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer"):
         assert "--leader-election=true" in c[name]["args"], name
         assert c[name]["livenessProbe"]["httpGet"]["path"] == "/healthz/leader-election", name

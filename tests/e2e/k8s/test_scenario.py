@@ -148,9 +148,12 @@ def test_helm_install_runs_controller_node_and_agent_pods(installed):
     for controller in pods["controller"]:
         ready = drv.container_ready(controller)
         assert sorted(ready) == sorted(drv.CONTROLLER_CONTAINERS) and all(ready.values()), ready
-    # a fresh install comes up without any container being restarted by its probes on the way
-    restarted = drv.restarts(installed)
+    # a fresh install comes up without any container being restarted on the way (but for csi-attacher's exit on
+    # its hard-coded one-second start-up deadline, once: printed)
+    restarted, excused = drv.unexplained_restarts(installed)
     assert not restarted, drv.restart_report(installed)
+    for line in excused:
+        print(f"tolerated, a restart of {line}")
     csinodes = installed.get("csinodes")["items"]
     assert sorted(n["metadata"]["name"] for n in csinodes
                   if any(d["name"] == "lvm-iscsi.csi.dev" for d in n["spec"].get("drivers") or [])) == sorted([s, w])
