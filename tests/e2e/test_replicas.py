@@ -7,6 +7,7 @@ in zone-a reach both: the class allows the second leg in zone-b (`replicaZones`)
 
 from __future__ import annotations
 
+import re
 import time
 
 import grpc
@@ -205,6 +206,12 @@ def test_a_leg_left_behind_is_never_served_as_current(cluster):
         wait_until("the array runs on storage-1's leg alone", lambda: "_" in array_line(w, key), timeout=60,
               every=0.5)
         newest = cluster.write(target, mib=4)       # held by storage-1's leg only
+        # The record that storage-2's leg is outdated, outside it: storage-1's superblock shows it missing once
+        # md acknowledged those writes (raid1 completes no write the failed leg missed before it wrote that).
+        s1.run(["blockdev", "--flushbufs", f"/dev/csi-vg/{key}"], timeout=60, check=True)
+        examined = s1.run(["mdadm", "--examine", f"/dev/csi-vg/{key}"], timeout=60, check=True).stdout
+        state = re.search(r"Array State : (\S+)", examined).group(1)
+        assert sorted(state) == [".", "A"], examined
         cluster.worker1.unstage(v.volume_id)
         s1.kill()
         s2.boot(timeout=180)
