@@ -29,9 +29,9 @@ from csi.proto import csi_pb2 as csi
 log = logging.getLogger(__name__)
 
 IN_SYNC, OUTDATED = "in-sync", "outdated"
-# Each leg is this much larger than the volume: md's metadata 1.0 and its write-intent bitmap take the end of
-# each leg (mdadm reserves at most 128 KiB for the bitmap, plus the superblock and its rounding), and the
-# array must hold at least the bytes asked for.
+# Each leg is this much larger than the volume: md's metadata 1.2 superblock and its write-intent bitmap take
+# the first MiB of each leg (the node creates the array with --data-offset=1M), and the array must hold at
+# least the bytes asked for.
 MD_RESERVE = 1 << 20
 
 
@@ -39,6 +39,22 @@ def usable(leg_bytes: int, limit: int = 0) -> int:
     """The capacity a replicated volume reports for legs of leg_bytes: at most what its array holds."""
     size = leg_bytes - MD_RESERVE
     return min(size, limit) if limit else size
+
+
+def capacity(own: dict[str, tuple[int, int]], other: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """GetCapacity for replicated volumes: (available_capacity, maximum_volume_size) from the storage nodes of
+    the volume's zone (`own`) and of the class's replicaZones (`other`), each node -> (bytes free in all its
+    matching pools, in its largest). A volume needs two legs on two nodes, one of them in its own zone: the
+    largest is the best pair's smaller node, and the total at most half of all, all but the fullest node's
+    share (it cannot pair with itself), and what the own zone holds."""
+    nodes = {**other, **own}
+    largest = max((min(own[a][1], nodes[b][1]) for a in own for b in nodes if b != a), default=0)
+    if largest <= MD_RESERVE:
+        return 0, 0
+    total_all = sum(free for free, _ in nodes.values())
+    total = min(total_all // 2, total_all - max(free for free, _ in nodes.values()),
+                sum(free for free, _ in own.values()))
+    return max(0, total - MD_RESERVE), largest - MD_RESERVE
 COUNT = 2
 _DOWN = (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED)
 # Agent answers after which nothing was made on that leg's node (as service._NOTHING_MADE).

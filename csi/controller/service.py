@@ -492,14 +492,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise errors.invalid(f"unknown topology key(s) {', '.join(sorted(extra))}")
             zone = request.accessible_topology.segments.get(self.topology_key)
         wanted_thin = params.thin if params.thin is not None else (None if params.pool else True)
-        total = largest = 0
+        own: dict[str, tuple[int, int]] = {}      # node -> (free in its matching pools, in the largest)
+        other: dict[str, tuple[int, int]] = {}    # the same, in the class's replicaZones (the second leg only)
         # The storage nodes that answer; one that is down has no capacity to offer now.
         for c in self._candidates()[0]:
-            if (zone is not None and c.zone != zone) or (params.pool and c.pool != params.pool) or \
-                    (wanted_thin is not None and c.thin != wanted_thin):
+            if (params.pool and c.pool != params.pool) or (wanted_thin is not None and c.thin != wanted_thin):
                 continue
-            total += c.available
-            largest = max(largest, c.available)
+            if zone is None or c.zone == zone:
+                bucket = own
+            elif params.replicas > 1 and c.zone in params.replica_zones:
+                bucket = other
+            else:
+                continue
+            free, best = bucket.get(c.node, (0, 0))
+            bucket[c.node] = (free + c.available, max(best, c.available))
+        if params.replicas > 1:
+            total, largest = replicas.capacity(own, other)
+        else:
+            total, largest = sum(f for f, _ in own.values()), max((b for _, b in own.values()), default=0)
         return csi.GetCapacityResponse(available_capacity=total, maximum_volume_size=Int64Value(value=largest))
 
     def ControllerGetCapabilities(self, request, context):

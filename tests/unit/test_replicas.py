@@ -475,3 +475,33 @@ def test_every_replica_kill_point_is_listed():
     assert node == set(faults.REPLICA_NODE_STEPS) | {"stage.record", "stage.login", "stage.mount", "unstage.umount",
                                                       "unstage.logout", "expand.rescan"}
     assert set(faults.REPLICA_NODE_STEPS).isdisjoint(faults.NODE_STEPS)
+
+
+def test_get_capacity_counts_two_legs_on_two_nodes(svc):
+    """CSIStorageCapacity for a replicated class: a volume takes its size (and md's 1 MiB) on two storage
+    nodes, one of them in its own zone, the other there or in the class's replicaZones."""
+    reserve = replicas.MD_RESERVE
+
+    def capacity(params, zone):
+        got = svc.GetCapacity(csi.GetCapacityRequest(parameters=params, accessible_topology=csi.Topology(
+            segments={ZONE_KEY: zone})), None)
+        return got.available_capacity, got.maximum_volume_size.value
+
+    # zone a: s1 (10 GiB) and s2 (20 GiB): every volume has a leg on s1, whose space bounds both figures
+    assert capacity(R2, "a") == (10 * GiB - reserve, 10 * GiB - reserve)
+    # with s3 (40 GiB, zone b) for second legs: the best pair is s2 + s3; s3 cannot pair with itself, and every
+    # volume still needs a leg in zone a (30 GiB there)
+    assert capacity({**R2, "replicaZones": "b"}, "a") == (30 * GiB - reserve, 20 * GiB - reserve)
+    assert capacity(R2, "b") == (0, 0)                           # one storage node: no pair at all
+    assert capacity({}, "a") == (30 * GiB, 20 * GiB)             # a plain class, as before
+
+
+def test_replicated_capacity_bounds():
+    assert replicas.capacity({}, {}) == (0, 0)
+    assert replicas.capacity({"s1": (8 * GiB, 8 * GiB)}, {}) == (0, 0)
+    # three equal nodes: every byte twice, on any two of them
+    three = {n: (6 * GiB, 6 * GiB) for n in ("s1", "s2", "s3")}
+    assert replicas.capacity(three, {}) == (9 * GiB - replicas.MD_RESERVE, 6 * GiB - replicas.MD_RESERVE)
+    # one node with most of the space: what the others hold bounds it
+    lopsided = {"s1": (100 * GiB, 100 * GiB), "s2": (2 * GiB, GiB), "s3": (GiB, GiB)}
+    assert replicas.capacity(lopsided, {}) == (3 * GiB - replicas.MD_RESERVE, GiB - replicas.MD_RESERVE)
