@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -152,18 +151,20 @@ def run_node(a: argparse.Namespace) -> int:
     from csi import server
     from csi.config import NodeConfig
     from csi.identity import IdentityService
+    from csi.node import iscsiadm_mode
     from csi.node.service import NodeService
     from csi.node.zone import node_zone
     from csi.proto import csi_pb2_grpc
 
     config = NodeConfig.build(driver_name=a.driver_name, node_name=a.node_name, kubelet_dir=a.kubelet_dir,
                               initiator_name_file=a.initiator_name_file, zone=a.zone, max_volumes=a.max_volumes,
-                              state_dir=a.state_dir, tls_dir=a.tls_dir)
+                              state_dir=a.state_dir, tls_dir=a.tls_dir, iscsiadm=a.iscsiadm)
     zone = a.zone if a.zone is not None else node_zone(a.node_name, ids.topology_key(config.driver_name))
+    tool = iscsiadm_mode.startup_check(config.iscsiadm)
 
     def probe() -> str | None:
-        if shutil.which("iscsiadm") is None:
-            return "iscsiadm is not installed (open-iscsi)"
+        if tool.problem:
+            return tool.problem
         if not config.initiator_name_file.exists():
             return f"{config.initiator_name_file} is missing"
         return None
@@ -345,6 +346,9 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--initiator-name-file", default="/etc/iscsi/initiatorname.iscsi")
     n.add_argument("--zone", default=None, help="overrides the Node object's topology.kubernetes.io/zone label")
     n.add_argument("--max-volumes", type=int, default=128)
+    n.add_argument("--iscsiadm", choices=("image", "host"), default="image",
+                   help="whose iscsiadm runs: the image's, or the host's own through nsenter (needs the host's PID "
+                        "namespace); use host when the host's iscsid is of another open-iscsi release")
     n.add_argument("--state-dir", default=None, help="default: <kubelet-dir>/plugins/<driver>/staged")
     n.add_argument("--tls-dir", default="", help="ca.crt, tls.crt, tls.key: this node plugin's identity; the agents "
                                                  "give a volume's CHAP credentials only to the node it is attached to")

@@ -210,16 +210,21 @@ class NodeConfig:
     max_volumes: int
     state_dir: Path
     tls_dir: Path | None = None   # this node's certificate: asks the agents for its volumes' credentials
+    iscsiadm: str = "image"       # "host": the host's own iscsiadm, through nsenter (csi/node/iscsiadm_mode.py)
 
     @classmethod
     def build(cls, *, driver_name: str, node_name: str, kubelet_dir: str, initiator_name_file: str,
-              zone: str | None, max_volumes: int, state_dir: str | None, tls_dir: str = "") -> "NodeConfig":
+              zone: str | None, max_volumes: int, state_dir: str | None, tls_dir: str = "",
+              iscsiadm: str = "image") -> "NodeConfig":
         kubelet = Path(kubelet_dir).resolve()
         state = Path(state_dir) if state_dir else kubelet / "plugins" / driver_name / "staged"
         if max_volumes < 1:
             raise ConfigError("--max-volumes must be at least 1")
+        if iscsiadm not in ("image", "host"):
+            raise ConfigError(f"--iscsiadm {iscsiadm!r}: image (the image's own) or host (the host's, through "
+                              "nsenter)")
         return cls(driver_name, node_name, kubelet, Path(initiator_name_file), zone, max_volumes, state,
-                   Path(tls_dir) if tls_dir else None)
+                   Path(tls_dir) if tls_dir else None, iscsiadm)
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,

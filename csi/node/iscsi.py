@@ -113,8 +113,16 @@ def parse_sessions(text: str) -> list[Session]:
 
 
 class Iscsiadm:
+    """`prefix` goes before every iscsiadm argv: the host's own iscsiadm through nsenter (iscsiadm_mode.py)."""
+
+    def __init__(self, prefix: tuple[str, ...] = ()):
+        self.prefix = tuple(prefix)
+
+    def _argv(self, *args: str) -> list[str]:
+        return [*self.prefix, "iscsiadm", *args]
+
     def sessions(self) -> list[Session]:
-        r = runner.run(["iscsiadm", "-m", "session"], ok_codes=(0, RC_NO_OBJECTS))
+        r = runner.run(self._argv("-m", "session"), ok_codes=(0, RC_NO_OBJECTS))
         return parse_sessions(r.stdout) if r.rc == 0 else []
 
     def session_state(self, session: Session) -> str:
@@ -126,9 +134,8 @@ class Iscsiadm:
         except OSError:
             return ""
 
-    @staticmethod
-    def _node_argv(iqn: str, portal: str, *args: str) -> list[str]:
-        return ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args]
+    def _node_argv(self, iqn: str, portal: str, *args: str) -> list[str]:
+        return self._argv("-m", "node", "-T", iqn, "-p", portal, *args)
 
     def _node(self, iqn: str, portal: str, *args: str, ok: tuple[int, ...] = (0,), secrets: tuple[str, ...] = ()):
         return _node_db(self._node_argv(iqn, portal, *args), ok=ok, secrets=secrets)
@@ -198,15 +205,15 @@ class Iscsiadm:
 
     def logout(self, iqn: str) -> None:
         """Logs out of every portal of the target and deletes its node records. Gone already is success."""
-        _node_db(["iscsiadm", "-m", "node", "-T", iqn, "--logout"], ok=(0, RC_NO_OBJECTS))
-        self._record_change(["iscsiadm", "-m", "node", "-T", iqn, "-o", "delete"], ok=(0, RC_NO_OBJECTS))
+        _node_db(self._argv("-m", "node", "-T", iqn, "--logout"), ok=(0, RC_NO_OBJECTS))
+        self._record_change(self._argv("-m", "node", "-T", iqn, "-o", "delete"), ok=(0, RC_NO_OBJECTS))
 
     def rescan(self, iqn: str) -> None:
-        _node_db(["iscsiadm", "-m", "node", "-T", iqn, "-R"], ok=(0, RC_NO_OBJECTS))
+        _node_db(self._argv("-m", "node", "-T", iqn, "-R"), ok=(0, RC_NO_OBJECTS))
 
     def records(self) -> list[tuple[str, str]]:
         """(portal, iqn) of every node record."""
-        r = _node_db(["iscsiadm", "-m", "node"], ok=(0, RC_NO_OBJECTS))
+        r = _node_db(self._argv("-m", "node"), ok=(0, RC_NO_OBJECTS))
         out = []
         for line in r.stdout.splitlines():
             parts = line.split()

@@ -22,7 +22,7 @@ from csi import capabilities as caps
 from csi import contract, errors, faults, ids, mkfs_options
 from csi.config import NodeConfig
 from csi.fsutil import remove, write_atomic
-from csi.node import credentials, health, mount, raid, replicated
+from csi.node import credentials, health, iscsiadm_mode, mount, raid, replicated
 from csi.node.iscsi import Iscsiadm, Target, read_initiator_name
 from csi.node.ledger import LoginLedger
 from csi.proto import csi_pb2 as csi
@@ -46,7 +46,7 @@ def _require(value: str, what: str) -> None:
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, config: NodeConfig, iscsi: Iscsiadm | None = None, zone: str | None = None):
         self.config = config
-        self.iscsi = iscsi or Iscsiadm()
+        self.iscsi = iscsi or Iscsiadm(iscsiadm_mode.prefix(config.iscsiadm))
         self.zone = zone
         self.locks = KeyLocks()
         self.ledger = LoginLedger(config.state_dir / "logins")

@@ -338,3 +338,35 @@ def test_two_releases_on_one_worker_leave_each_others_sessions_alone(cluster):
     finally:
         ch.close()
         d.stop_node_plugin(w, name="node-plugin-b")
+
+
+# ---------------------------------------------------------------------------------------------- host iscsiadm
+
+def test_host_iscsiadm_mode_logs_in_through_nsenter(cluster):
+    """--iscsiadm host (the chart's node.iscsiadm: host) on worker-2: every iscsiadm runs through nsenter in
+    PID 1's mount namespace. In the lab the plugin runs on the node itself, so that is its own namespace (the
+    Kubernetes tier shows the pod's view of the host): here the real nsenter and iscsiadm carry a whole stage,
+    write, read and unstage, and the start-up check names the tool it runs."""
+    d, w2 = cluster.d, cluster.worker2
+    log = w2.w.log_path("node-plugin")
+    start = log.stat().st_size if log.exists() else 0          # the plugin's log is appended to
+    d.start_node_plugin(w2.w, extra=["--iscsiadm", "host"])
+    try:
+        w2.node.NodeGetInfo(csi.NodeGetInfoRequest(), timeout=60, wait_for_ready=True)
+        v = cluster.create("iscsiadm-host", zone="zone-a")
+        target = w2.stage_publish(v.volume_id, cluster.publish(v.volume_id, node_id=w2.node_id))
+        digest = cluster.write(target, mib=1, on=w2.w)
+        assert cluster.read(target, on=w2.w) == digest
+        w2.unstage(v.volume_id)
+        text = log.read_bytes()[start:].decode(errors="replace")
+        assert "iscsiadm: the host's (through nsenter), version" in text, text[-2000:]
+        ran = [line for line in text.splitlines() if "ran " in line and "iscsiadm" in line]
+        logins = [line for line in ran if "--login" in line]
+        assert logins and all("nsenter" in line for line in ran), ran[-5:]
+        assert w2.w.run(["iscsiadm", "-m", "session"], timeout=30).rc == 21
+        cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+            volume_id=v.volume_id, node_id=w2.node_id), timeout=60)
+        cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
+    finally:
+        d.start_node_plugin(w2.w)
+        w2.node.NodeGetInfo(csi.NodeGetInfoRequest(), timeout=60, wait_for_ready=True)

@@ -47,7 +47,8 @@ class FakeRunner:
         if best is None:
             raise AssertionError(f"unexpected command {argv}")
         rc, out, err = best[1](argv)
-        if rc in (0, 15) and argv[:3] == ["iscsiadm", "-m", "node"] and argv[-2:] == ["-o", "new"]:
+        core = argv[argv.index("iscsiadm"):] if "iscsiadm" in argv else []   # the host's, through nsenter, too
+        if rc in (0, 15) and core[:3] == ["iscsiadm", "-m", "node"] and argv[-2:] == ["-o", "new"]:
             make_node_record(argv[argv.index("-T") + 1], argv[argv.index("-p") + 1])
         import subprocess
         return subprocess.CompletedProcess(argv, rc, out, err)

@@ -684,6 +684,7 @@ class FakeIscsiadm(Iscsiadm):
     all the wait ends as the real one does when its time is up."""
 
     def __init__(self, device: Path):
+        super().__init__()
         self.device = device
         self.waits: list[Target] = []
 

@@ -136,6 +136,7 @@ PORTAL = "10.213.1.11:3260"
 
 class DeviceAppears(Iscsiadm):
     def __init__(self, device: Path):
+        super().__init__()
         self.device = device
 
     def wait_for_device(self, target: Target, timeout: float = 20.0) -> Path:

@@ -82,6 +82,7 @@ class FakeIscsi(Iscsiadm):
     """Login does nothing; the volume's disk is DEVICE, or `disk` when set (None: no disk, no session)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.disk: str | None = DEVICE
         self.logins: list[str] = []
         self.logouts: list[str] = []

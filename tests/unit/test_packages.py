@@ -26,6 +26,15 @@ def executables() -> dict[str, str]:
         if path.relative_to(ROOT / "csi").parts[0] in LAB_SIDE:
             continue
         tree = ast.parse(path.read_text())
+        # argv builders: a function that returns a list literal (`return [*self.prefix, "iscsiadm", *args]`)
+        built = {f.name: r.value for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for r in ast.walk(f) if isinstance(r, ast.Return) and isinstance(r.value, ast.List)}
+        # argv prefixes: a module's *_PREFIX tuple runs before another tool (nsenter before iscsiadm)
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, (ast.Tuple, ast.List)) and node.value.elts \
+                    and isinstance(node.value.elts[0], ast.Constant) and \
+                    any(isinstance(t, ast.Name) and t.id.endswith("_PREFIX") for t in node.targets):
+                found.setdefault(node.value.elts[0].value, f"{path.relative_to(ROOT)}:{node.lineno}")
         for func in ast.walk(tree):
             if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
@@ -46,14 +55,20 @@ def executables() -> dict[str, str]:
                     arg = arg.left
                 if isinstance(arg, ast.Name):
                     arg = assigned.get(arg.id)
-                if isinstance(arg, ast.List) and arg.elts and isinstance(arg.elts[0], ast.Constant):
-                    found.setdefault(arg.elts[0].value, f"{path.relative_to(ROOT)}:{node.lineno}")
+                if isinstance(arg, ast.Call):
+                    callee = arg.func.attr if isinstance(arg.func, ast.Attribute) else getattr(arg.func, "id", "")
+                    arg = built.get(callee)
+                elts = list(arg.elts) if isinstance(arg, ast.List) else []
+                while elts and isinstance(elts[0], ast.Starred):   # [*prefix, "tool", ...]
+                    elts.pop(0)
+                if elts and isinstance(elts[0], ast.Constant):
+                    found.setdefault(elts[0].value, f"{path.relative_to(ROOT)}:{node.lineno}")
     return found
 
 
 def test_the_scan_finds_the_tools_we_know_of():
     exe = executables()
-    for tool in ("lvcreate", "lvs", "iscsiadm", "mount", "mkfs.ext4", "modprobe", "blkid", "resize2fs"):
+    for tool in ("lvcreate", "lvs", "iscsiadm", "nsenter", "mount", "mkfs.ext4", "modprobe", "blkid", "resize2fs"):
         assert tool in exe, f"{tool} not found: the scan no longer sees the runner calls"
 
 

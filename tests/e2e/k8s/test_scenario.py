@@ -8,6 +8,7 @@ that cannot run here would be an expected failure (strict, with the reason), nev
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -154,6 +155,16 @@ def test_helm_install_runs_controller_node_and_agent_pods(installed):
     assert not restarted, drv.restart_report(installed)
     for line in excused:
         print(f"tolerated, a restart of {line}")
+    # Each node plugin compared its image's iscsiadm with the host's (the pod shares the host's PID namespace):
+    # the lab's hosts run Debian 12's open-iscsi, the image Debian 13's.
+    for p in pods["node"]:
+        logs = installed.kubectl(["logs", "-n", drv.NAMESPACE, p["metadata"]["name"], "-c", "driver"],
+                                 check=False).stdout
+        found = re.search(r"iscsiadm: the image's, version (\S+), (the same as the host's|the host's (\S+))", logs)
+        assert found, logs[-3000:]
+        if found.group(3):
+            assert found.group(3) != found.group(1) and "set node.iscsiadm: host" in logs, logs[-3000:]
+        print(f"{p['spec']['nodeName']}: {found.group(0)}")
     csinodes = installed.get("csinodes")["items"]
     assert sorted(n["metadata"]["name"] for n in csinodes
                   if any(d["name"] == "lvm-iscsi.csi.dev" for d in n["spec"].get("drivers") or [])) == sorted([s, w])
