@@ -166,11 +166,14 @@ class Agents:
 
     def __init__(self, tls_dir, nodes: Iterable[StorageNode] = (),
                  retired: Callable[[], set[str]] = set, remember: Callable[[list[StorageNode]], None] | None = None,
-                 poll: bool = False, client_factory: Callable[[StorageNode, Health], AgentClient] | None = None):
+                 poll: bool = False, client_factory: Callable[[StorageNode, Health], AgentClient] | None = None,
+                 observe: Callable[[str, bool, pb.AgentInfo | None, str], None] | None = None):
         """nodes: the storage nodes known so far (listed ones come through update()); retired: reads the
         storage nodes retired for good (the journal's), re-read by the poller; remember: stores the nodes
         that joined or moved, so a node that later leaves the source is still known after a restart.
-        client_factory: makes a node's client (tests pass fakes; default: a mutual-TLS channel)."""
+        client_factory: makes a node's client (tests pass fakes; default: a mutual-TLS channel).
+        observe(node, up, info, error): told after every probe (csi/controller/events.py)."""
+        self._observe = observe
         self._tls = TlsFiles(tls_dir)
         self._tls_version = self._tls.version()
         self._credentials: grpc.ChannelCredentials | None = None   # of _tls_version, made on first use
@@ -390,6 +393,11 @@ class Agents:
                 log.info("storage node %s is up", client.node.name)
             else:
                 log.warning("storage node %s is down: %s", client.node.name, h.error)
+        if self._observe is not None:
+            try:
+                self._observe(client.node.name, h.up, h.info if h.up else None, h.error)
+            except Exception as exc:  # noqa: BLE001 - an observer never stops the poller
+                log.warning("observing storage node %s: %s", client.node.name, exc)
 
     def poll_once(self) -> None:
         """Every storage node at once, and waits for them (tests, operators' commands)."""

@@ -11,6 +11,7 @@ import os
 
 from csi.config import ControllerConfig, StorageNode
 from csi.controller.agents import Agents
+from csi.controller.events import NodeEvents
 from csi.controller.journal import FileJournal, Journal
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,11 @@ def storage_nodes(config: ControllerConfig, journal: Journal, poll: bool, watch:
     """The storage nodes: every one the journal remembers (a node that left the source stays known until
     retired), then the source's current list (the static file, or the labelled Nodes, watched if asked)."""
     remembered = [StorageNode(n, a, z) for n, a, z in journal.known_nodes()]
+    # The controller (the one that polls) posts Warning events on the storage nodes' Nodes in a cluster.
+    events = NodeEvents(_core_api() if config.journal_dir is None else None) if poll else None
     agents = Agents(config.tls_dir, nodes=remembered, retired=journal.retired,
                     remember=lambda nodes: journal.remember_nodes([(n.name, n.address, n.zone) for n in nodes]),
-                    poll=poll)
+                    poll=poll, observe=events.observe if events else None)
     if config.storage_node_label:
         from csi.controller.discovery import KubeStorageNodes
         source = KubeStorageNodes(agents.update, config.storage_node_label, config.agent_port, api=_core_api())

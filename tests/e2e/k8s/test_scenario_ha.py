@@ -101,6 +101,11 @@ def test_a_node_labelled_during_the_run_receives_volumes(installed):
     # It held volumes once, so it stays known (down) until an administrator retires it.
     k8s.wait_for(lambda: any(line.split()[:3] == [worker.name, "zone-a", "down"]
                              for line in operator(k8s, "status").splitlines()), 60, "the worker listed down")
+    # ... and the controller said so on its Node, where `kubectl describe node` shows it
+    k8s.wait_for(lambda: [e for e in k8s.get("events", "-n", "default")["items"]
+                          if e["reason"] == "StorageNodeDown" and e["type"] == "Warning"
+                          and e["involvedObject"]["kind"] == "Node" and e["involvedObject"]["name"] == worker.name],
+                 60, "a StorageNodeDown event on the worker's Node")
     dry = operator(k8s, "retire-storage-node", worker.name)
     assert "dry run" in dry, dry
     out = operator(k8s, "retire-storage-node", worker.name, "--yes")
