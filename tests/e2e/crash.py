@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from csi import faults
+from csi.proto import csi_pb2 as csi
 
 ENV = faults.ENV
 TRIED: list[str] = []
@@ -45,3 +46,14 @@ def crash_controller_during(cluster, step: str, call):
         cluster.d.start_controller(storage)
     TRIED.append(f"controller:{step}")
     return call(wait_for_ready=True)
+
+
+def crash_node_in_unstage(cluster, vid: str, ctx: dict, step: str) -> None:
+    """Stages and publishes the volume on the worker, unpublishes it, then kills the node plugin at `step` of
+    its NodeUnstageVolume and retries that."""
+    staging, target = cluster.paths(vid)
+    cluster.stage_publish(vid, ctx)
+    cluster.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target)),
+                                     timeout=60)
+    req = csi.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging))
+    crash_node_during(cluster, step, lambda: cluster.node.NodeUnstageVolume(req, timeout=120))

@@ -14,7 +14,8 @@ from csi import faults, ids
 from csi.controller.journal import FileJournal
 from csi.proto import csi_pb2 as csi
 from tests.e2e.cluster import MOUNT, MiB, count_on_device, pv_ranges, wait_for_wipes
-from tests.e2e.crash import ENV, TRIED, crash_agent_during, crash_controller_during, crash_node_during
+from tests.e2e.crash import ENV, TRIED, crash_agent_during, crash_controller_during, crash_node_during, \
+    crash_node_in_unstage
 
 pytestmark = pytest.mark.e2e
 # The whole campaign (every kill point) runs with scripts/fault-campaign; scripts/test (CI) runs the steps
@@ -265,11 +266,7 @@ def test_node_crash_in_unstage_and_publish(cluster, step):
         crash_node_during(cluster, step, lambda: cluster.node.NodePublishVolume(req, timeout=60))
         assert inventory(cluster)["mounts"] == sorted([str(staging), str(target)])
     else:
-        cluster.stage_publish(vol.volume_id, ctx)
-        cluster.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=vol.volume_id,
-                                                                        target_path=str(target)), timeout=60)
-        req = csi.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=str(staging))
-        crash_node_during(cluster, step, lambda: cluster.node.NodeUnstageVolume(req, timeout=120))
+        crash_node_in_unstage(cluster, vol.volume_id, ctx, step)
         inv = inventory(cluster)
         assert inv["mounts"] == [] and inv["sessions"] == [] and inv["node_records"] == []
     cluster.teardown(vol.volume_id)

@@ -12,7 +12,8 @@ from csi.controller.journal import FileJournal
 from csi.proto import csi_pb2 as csi
 from tests.e2e.arrays import PARAMS, array_line, synced
 from tests.e2e.cluster import MOUNT, MiB, wait_for_wipes, wait_until
-from tests.e2e.crash import ENV, TRIED, crash_controller_during, crash_node_during
+from tests.e2e.crash import ENV, TRIED, crash_controller_during, crash_node_during, \
+    crash_node_in_unstage
 
 pytestmark = pytest.mark.e2e
 campaign = pytest.mark.campaign
@@ -101,11 +102,7 @@ def test_node_crash_in_a_replicated_stage_and_unstage(cluster, step):
         digest = cluster.write(target, mib=2)
         assert cluster.read(target) == digest
     else:
-        cluster.stage_publish(vol.volume_id, ctx)
-        cluster.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=vol.volume_id,
-                                                                        target_path=str(target)), timeout=60)
-        req = csi.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=str(staging))
-        crash_node_during(cluster, step, lambda: cluster.node.NodeUnstageVolume(req, timeout=120))
+        crash_node_in_unstage(cluster, vol.volume_id, ctx, step)
         inv = inventory(cluster)
         assert (inv["mounts"], inv["arrays"], inv["sessions"], inv["node_records"]) == ([], [], [], []), inv
     cluster.teardown(vol.volume_id)
