@@ -18,6 +18,9 @@ runs on the host and reaches the agent over mutual TLS (csi/lab/deploy.py, as th
    see bench/snapshots.py.
 5. Random and sequential I/O with fio over iSCSI, next to the same LV on its storage node: in its own lab,
    see bench/randio.py (`--parts randio`).
+6. Replicated volumes: write IOPS and throughput with two legs next to one, resync after an outage per GiB
+   changed and a full recovery per GiB: in its own lab of two storage nodes, see bench/replicas.py
+   (`--parts replicas`).
 
 Prints the tables as Markdown and writes them to bench/results.md (--out).
 """
@@ -50,6 +53,7 @@ from csi.proto import csi_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attach  # noqa: E402  (bench/ is not a package: bench/run runs this file)
 import randio  # noqa: E402
+import replicas  # noqa: E402
 import snapshots  # noqa: E402
 from stats import percentile  # noqa: E402
 
@@ -396,8 +400,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--subnet", default="10.213.7", help="first three octets of the lab's private subnet")
     a.add_argument("--workdir", default=None, help="lab directory (default: a new one under /var/tmp)")
     a.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
-    a.add_argument("--parts", default="create,snapshots,randio",
-                   help="comma-separated: create (tables 1-3), snapshots (table 4), randio (fio); default all")
+    a.add_argument("--parts", default="create,snapshots,randio,replicas",
+                   help="comma-separated: create (tables 1-3), snapshots (table 4), randio (fio), replicas (two legs "
+                        "next to one, resync); default all")
     a.add_argument("--snap-mib", type=int, default=1024, help="MiB written to the snapshot bench's source volume")
     a.add_argument("--snap-samples", type=int, default=3, help="samples per snapshot / restore kind")
     a.add_argument("--fio-mib", type=int, default=512, help="MiB of the fio bench's volumes")
@@ -412,8 +417,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.volumes or args.volumes[0] < 0 or args.samples < 1 or args.io_runs < 1 or args.io_mib < 1:
         a.error("counts must be >= 0, samples, io runs and io size >= 1")
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not args.parts or args.parts - {"create", "snapshots", "randio"}:
-        a.error(f"--parts: any of create, snapshots, randio, not {sorted(args.parts)}")
+    if not args.parts or args.parts - {"create", "snapshots", "randio", "replicas"}:
+        a.error(f"--parts: any of create, snapshots, randio, replicas, not {sorted(args.parts)}")
     if args.snap_mib < 1 or args.snap_samples < 1:
         a.error("--snap-mib and --snap-samples must be >= 1")
     if args.fio_mib < 64 or args.fio_runs < 1 or args.fio_seconds < 1:
@@ -441,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"fio on {args.fio_mib} MiB volumes, {args.fio_runs} runs of {args.fio_seconds} s per job and side")
             report += "\n" + randio.run(workdir / "randio", args.subnet, args.fio_mib * MiB, args.fio_runs,
                                         args.fio_seconds, args.disk_gib, log)
+        if "replicas" in args.parts:
+            log(f"replicated volumes of {args.fio_mib} MiB, {args.fio_runs} runs of {args.fio_seconds} s per job")
+            report += "\n" + replicas.run(workdir / "replicas", args.subnet, args.fio_mib * MiB, args.fio_runs,
+                                          args.fio_seconds, args.disk_gib, log)
     finally:
         if args.keep:
             log(f"logs kept in {workdir}")
