@@ -163,8 +163,11 @@ def run_node(a: argparse.Namespace) -> int:
     tool = iscsiadm_mode.startup_check(config.iscsiadm)
 
     def probe() -> str | None:
+        nonlocal tool
         if tool.problem:
-            return tool.problem
+            tool = iscsiadm_mode.startup_check(config.iscsiadm)   # installed since, or a slow first try
+            if tool.problem:
+                return tool.problem
         if not config.initiator_name_file.exists():
             return f"{config.initiator_name_file} is missing"
         return None

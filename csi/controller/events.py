@@ -3,23 +3,34 @@ node` and `kubectl get events` show them: a pool at or above its warn level, and
 stopped answering. A full pool and a failed copy already reach the claim itself: the provisioner turns the
 failed CreateVolume into a ProvisioningFailed event with the driver's message.
 
-Edge-triggered: one event when a pool crosses its warn level or a node goes down, the next only after it was
-back below the level, or up. Events are posted in the `default` namespace with the node's name as its UID, as
-kubelet posts its own node events (kubectl matches them that way). The controller's account may create them
-through the provisioner's cluster role (the same service account). A failed post is logged, never raised:
-events inform, the poller must go on.
+One event object per node, reason and pool (a fixed name), raised when a pool crosses its warn level or a node
+goes down and raised again (its count and last time) at the next crossing, after the pool was back below or
+the node up. Both controller replicas poll: the second to see a crossing within RECENT_S of the first leaves
+the event alone, and a controller that restarts while the condition holds raises it again. Events are posted
+in the `default` namespace with the node's name as its UID, as kubelet posts its own node events (kubectl
+matches them that way), by a thread of their own: the poller, and the CSI calls that refresh a node's health,
+never wait on the API server. The controller's account creates, lists and patches them through the
+provisioner's events rule (the same service account). A failed post is logged, never raised.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
+import queue
 import threading
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "lvm-iscsi-csi-controller"
 NAMESPACE = "default"
+RECENT_S = 60.0
+
+
+def event_name(node: str, reason: str, subject: str) -> str:
+    """A fixed name per node, reason and pool ("" for the node itself): a DNS subdomain, as names must be."""
+    return f"{node}.{reason.lower()}.{hashlib.sha256(subject.encode()).hexdigest()[:10]}"
 
 
 class NodeEvents:
@@ -29,6 +40,9 @@ class NodeEvents:
         self._mutex = threading.Lock()
         self._above: set[tuple[str, str]] = set()
         self._down: set[str] = set()
+        self._todo: queue.Queue = queue.Queue()
+        if api is not None:
+            threading.Thread(target=self._drain, name="node-events", daemon=True).start()
 
     def observe(self, node: str, up: bool, info, error: str = "") -> None:
         """The poller's view of one storage node after a probe: `info` its AgentInfo when up."""
@@ -37,41 +51,73 @@ class NodeEvents:
                 if node in self._down:
                     return
                 self._down.add(node)
-                todo = [("StorageNodeDown", f"the storage agent on {node} does not answer ({error}): its volumes "
-                                            "cannot be created, attached or detached until it is back, and it gets "
-                                            "no new volumes")]
+                todo = [("StorageNodeDown", "", f"the storage agent on {node} does not answer ({error}): its "
+                                                "volumes cannot be created, attached or detached until it is back, "
+                                                "and it gets no new volumes")]
             else:
                 self._down.discard(node)
-                todo = []
-                for pool in info.pools if info is not None else ():
-                    key, warn = (node, pool.name), pool.warn_fill_percent
-                    fill = max(pool.data_percent, pool.metadata_percent)
-                    if not warn or fill < warn:
-                        self._above.discard(key)
-                        continue
-                    if key in self._above:
-                        continue
-                    self._above.add(key)
-                    todo.append(("PoolAboveWarnLevel",
-                                 f"pool {pool.name} on {node} is {pool.data_percent:.0f}% full (metadata "
-                                 f"{pool.metadata_percent:.0f}%), at or above its warn level of {warn:.0f}%: "
-                                 f"extend its volume group or thin pool, or delete volumes; at "
-                                 f"{pool.max_fill_percent:.0f}% it takes no new volumes"))
-        for reason, message in todo:
+                todo = [(reason, pool.name, message) for pool in (info.pools if info is not None else ())
+                        for reason, message in self._pool(node, pool)]
+        for reason, subject, message in todo:
             log.warning("%s: %s", reason, message)
-            self._post(node, reason, message)
+            if self.api is not None:
+                self._todo.put((node, reason, subject, message))
 
-    def _post(self, node: str, reason: str, message: str) -> None:
-        if self.api is None:
-            return
+    def _pool(self, node: str, pool) -> list[tuple[str, str]]:
+        key, warn = (node, pool.name), pool.warn_fill_percent
+        fill = max(pool.data_percent, pool.metadata_percent)
+        if not warn or fill < warn:
+            self._above.discard(key)
+            return []
+        if key in self._above:
+            return []
+        self._above.add(key)
+        if pool.thin_pool:
+            what = (f"thin pool {pool.name} on {node} is {pool.data_percent:.0f}% full (metadata "
+                    f"{pool.metadata_percent:.0f}%), at or above its warn level of {warn:.0f}%: extend its volume "
+                    f"group or thin pool, or delete volumes; at {pool.max_fill_percent:.0f}% it takes no new "
+                    "volumes")
+        else:
+            what = (f"pool {pool.name} on {node} has {pool.data_percent:.0f}% of its volume group in use, at or "
+                    f"above its warn level of {warn:.0f}%: extend the volume group, or delete volumes")
+        return [("PoolAboveWarnLevel", what)]
+
+    def flush(self) -> None:
+        """Waits until every event observed so far was posted (tests)."""
+        self._todo.join()
+
+    def _drain(self) -> None:
+        while True:
+            node, reason, subject, message = self._todo.get()
+            try:
+                self._post(node, reason, subject, message)
+            except Exception as exc:  # noqa: BLE001 - an event is not worth the thread
+                log.warning("could not post the %s event for %s: %s", reason, node, exc)
+            finally:
+                self._todo.task_done()
+
+    def _post(self, node: str, reason: str, subject: str, message: str) -> None:
         from kubernetes import client
+        from kubernetes.client.rest import ApiException
+        name = event_name(node, reason, subject)
         now = datetime.datetime.now(datetime.timezone.utc)
         body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{node}.", namespace=NAMESPACE),
+            metadata=client.V1ObjectMeta(name=name, namespace=NAMESPACE),
             involved_object=client.V1ObjectReference(api_version="v1", kind="Node", name=node, uid=node),
             reason=reason, message=message, type="Warning", count=1, first_timestamp=now, last_timestamp=now,
             source=client.V1EventSource(component=COMPONENT), reporting_component=COMPONENT)
         try:
             self.api.create_namespaced_event(NAMESPACE, body, _request_timeout=10)
-        except Exception as exc:  # noqa: BLE001 - an event is not worth a poller's round
-            log.warning("could not post the %s event for %s: %s", reason, node, exc)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        found = self.api.list_namespaced_event(NAMESPACE, field_selector=f"metadata.name={name}",
+                                               _request_timeout=10).items
+        if not found:
+            return                          # deleted meanwhile (events expire): the next crossing makes it anew
+        old = found[0]
+        if old.last_timestamp and (now - old.last_timestamp).total_seconds() < RECENT_S:
+            return                          # the other controller replica raised this crossing already
+        self.api.patch_namespaced_event(name, NAMESPACE, {"count": (old.count or 1) + 1, "message": message,
+                                                          "lastTimestamp": now.isoformat()}, _request_timeout=10)

@@ -3,7 +3,9 @@ crossing; and the poller tells them every probe (the Kubernetes tier checks a re
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 from csi import errors
 from csi.config import StorageNode
@@ -14,54 +16,116 @@ from tests.unit.test_controller import FakeAgent
 
 
 class FakeApi:
+    """The API server's events in namespace `default`, by name: create (409 when the name exists), list by
+    name, patch."""
+
     def __init__(self, fail: bool = False):
-        self.posted, self.fail = [], fail
+        self.events, self.fail, self.creates, self.patches = {}, fail, 0, 0
+
+    @property
+    def posted(self):
+        return [(ns, body) for (ns, _), body in self.events.items()]
 
     def create_namespaced_event(self, namespace, body, _request_timeout=None):
+        from kubernetes.client.rest import ApiException
         if self.fail:
             raise RuntimeError("forbidden: events is forbidden")
-        self.posted.append((namespace, body))
+        self.creates += 1
+        if (namespace, body.metadata.name) in self.events:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.events[(namespace, body.metadata.name)] = body
+
+    def list_namespaced_event(self, namespace, field_selector="", _request_timeout=None):
+        name = field_selector.split("metadata.name=", 1)[1]
+        return SimpleNamespace(items=[e for (ns, n), e in self.events.items() if ns == namespace and n == name])
+
+    def patch_namespaced_event(self, name, namespace, patch, _request_timeout=None):
+        self.patches += 1
+        event = self.events[(namespace, name)]
+        event.count, event.message = patch["count"], patch["message"]
+        event.last_timestamp = datetime.datetime.fromisoformat(patch["lastTimestamp"])
 
 
-def info(data: float, meta: float = 1.0, warn: float = 80.0) -> apb.AgentInfo:
-    return apb.AgentInfo(pools=[apb.Pool(name="thin", vg="vg", thin_pool="tp", data_percent=data,
+def info(data: float, meta: float = 1.0, warn: float = 80.0, thin_pool: str = "tp") -> apb.AgentInfo:
+    return apb.AgentInfo(pools=[apb.Pool(name="thin", vg="vg", thin_pool=thin_pool, data_percent=data,
                                          metadata_percent=meta, warn_fill_percent=warn, max_fill_percent=95.0)])
 
 
-def test_a_pool_crossing_its_warn_level_posts_one_warning_on_the_node():
+def age(api, seconds: float) -> None:
+    """Every event's last time `seconds` earlier: a crossing long ago."""
+    for event in api.events.values():
+        event.last_timestamp -= datetime.timedelta(seconds=seconds)
+
+
+def test_a_pool_crossing_its_warn_level_raises_one_warning_on_the_node():
     api = FakeApi()
     events = NodeEvents(api)
     events.observe("storage-1", True, info(50.0), "")
-    assert api.posted == []
     for _ in range(3):                                   # above, polled again and again: one event
         events.observe("storage-1", True, info(85.0), "")
+    events.flush()
     (namespace, body), = api.posted
     assert namespace == "default" and body.type == "Warning" and body.reason == "PoolAboveWarnLevel"
     ref = body.involved_object
     assert (ref.kind, ref.name, ref.uid, ref.api_version) == ("Node", "storage-1", "storage-1", "v1")
-    assert "pool thin on storage-1 is 85% full" in body.message and "warn level of 80%" in body.message
-    events.observe("storage-1", True, info(60.0), "")   # back below, then above again: a second event
+    assert "thin pool thin on storage-1 is 85% full" in body.message and "warn level of 80%" in body.message
+    assert body.metadata.name.startswith("storage-1.poolabovewarnlevel.") and body.count == 1
+    # back below, then above again a while later: the same event, raised again
+    events.observe("storage-1", True, info(60.0), "")
+    age(api, 3600)
     events.observe("storage-1", True, info(90.0, meta=96.0), "")
-    assert len(api.posted) == 2 and "metadata 96%" in api.posted[1][1].message
+    events.flush()
+    (_, body), = api.posted
+    assert body.count == 2 and "metadata 96%" in body.message
     events.observe("storage-1", True, info(99.0, warn=0.0), "")   # no warn level: nothing
-    assert len(api.posted) == 2
+    events.flush()
+    assert api.creates == 2 and api.patches == 1
 
 
-def test_a_storage_node_going_down_posts_one_warning_until_it_is_back():
+def test_the_other_controller_replica_leaves_a_fresh_event_alone():
+    api = FakeApi()
+    first, second = NodeEvents(api), NodeEvents(api)
+    first.observe("storage-1", True, info(85.0), "")
+    first.flush()
+    second.observe("storage-1", True, info(85.0), "")    # the same crossing, seen by the other replica
+    second.flush()
+    (_, body), = api.posted
+    assert body.count == 1 and api.patches == 0
+    age(api, 3600)                                        # a controller restarted an hour later, still above
+    restarted = NodeEvents(api)
+    restarted.observe("storage-1", True, info(85.0), "")
+    restarted.flush()
+    assert api.posted[0][1].count == 2
+
+
+def test_a_thick_pool_is_told_about_its_volume_group():
+    api = FakeApi()
+    events = NodeEvents(api)
+    events.observe("storage-1", True, info(85.0, thin_pool=""), "")
+    events.flush()
+    (_, body), = api.posted
+    assert "85% of its volume group in use" in body.message and "takes no new volumes" not in body.message
+
+
+def test_a_storage_node_going_down_raises_one_warning_until_it_is_back():
     api = FakeApi()
     events = NodeEvents(api)
     events.observe("storage-2", False, None, "connection refused")
     events.observe("storage-2", False, None, "connection refused")
-    assert [b.reason for _, b in api.posted] == ["StorageNodeDown"]
-    assert "does not answer (connection refused)" in api.posted[0][1].message
+    events.flush()
+    (_, body), = api.posted
+    assert body.reason == "StorageNodeDown" and "does not answer (connection refused)" in body.message
     events.observe("storage-2", True, info(10.0), "")
+    age(api, 3600)
     events.observe("storage-2", False, None, "deadline exceeded")
-    assert [b.reason for _, b in api.posted] == ["StorageNodeDown", "StorageNodeDown"]
+    events.flush()
+    assert api.posted[0][1].count == 2 and "deadline exceeded" in api.posted[0][1].message
 
 
-def test_a_refused_post_is_logged_and_the_poller_goes_on(caplog):
+def test_a_refused_post_is_logged_and_nothing_waits_for_it(caplog):
     events = NodeEvents(FakeApi(fail=True))
     events.observe("storage-1", False, None, "gone")
+    events.flush()
     assert "could not post the StorageNodeDown event for storage-1: forbidden" in caplog.text
     NodeEvents(None).observe("storage-1", False, None, "gone")   # outside a cluster: the log line only
 

@@ -172,11 +172,13 @@ ATTACHER_START_DEADLINE = re.compile(r'"Failed to (get the CSI driver name|contr
 def unexplained_restarts(cluster) -> tuple[dict[tuple[str, str], int], list[str]]:
     """restarts() less a single exit of csi-attacher on its hard-coded start-up deadline (exit code 1 and that
     message at the end of its previous log), and the lines of those let through."""
-    exits = {(p["metadata"]["name"], c["name"]): (c.get("lastState") or {}).get("terminated") or {}
-             for ps in driver_pods(cluster).values() for p in ps for c in p["status"].get("containerStatuses") or []}
+    statuses = [(p["metadata"]["name"], c) for ps in driver_pods(cluster).values() for p in ps
+                for c in p["status"].get("containerStatuses") or [] if c["restartCount"]]   # one listing
     left, excused = {}, []
-    for (pod, container), count in restarts(cluster).items():
-        if container == "csi-attacher" and count == 1 and exits[(pod, container)].get("exitCode") == 1:
+    for pod, status in statuses:
+        container, count = status["name"], status["restartCount"]
+        ended = (status.get("lastState") or {}).get("terminated") or {}
+        if container == "csi-attacher" and count == 1 and ended.get("exitCode") == 1:
             logs = cluster.kubectl(["logs", "-n", NAMESPACE, pod, "-c", container, "--previous", "--tail=5"],
                                    check=False).stdout
             found = ATTACHER_START_DEADLINE.search(logs)
