@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from csi import ids
+from csi.node import iscsiadm_mode
 
 log = logging.getLogger("csi")
 
@@ -151,7 +152,6 @@ def run_node(a: argparse.Namespace) -> int:
     from csi import server
     from csi.config import NodeConfig
     from csi.identity import IdentityService
-    from csi.node import iscsiadm_mode
     from csi.node.service import NodeService
     from csi.node.zone import node_zone
     from csi.proto import csi_pb2_grpc
@@ -349,7 +349,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--initiator-name-file", default="/etc/iscsi/initiatorname.iscsi")
     n.add_argument("--zone", default=None, help="overrides the Node object's topology.kubernetes.io/zone label")
     n.add_argument("--max-volumes", type=int, default=128)
-    n.add_argument("--iscsiadm", choices=("image", "host"), default="image",
+    n.add_argument("--iscsiadm", choices=iscsiadm_mode.MODES, default="image",
                    help="whose iscsiadm runs: the image's, or the host's own through nsenter (needs the host's PID "
                         "namespace); use host when the host's iscsid is of another open-iscsi release")
     n.add_argument("--state-dir", default=None, help="default: <kubelet-dir>/plugins/<driver>/staged")

@@ -220,7 +220,8 @@ class NodeConfig:
         state = Path(state_dir) if state_dir else kubelet / "plugins" / driver_name / "staged"
         if max_volumes < 1:
             raise ConfigError("--max-volumes must be at least 1")
-        if iscsiadm not in ("image", "host"):
+        from csi.node.iscsiadm_mode import MODES
+        if iscsiadm not in MODES:
             raise ConfigError(f"--iscsiadm {iscsiadm!r}: image (the image's own) or host (the host's, through "
                               "nsenter)")
         return cls(driver_name, node_name, kubelet, Path(initiator_name_file), zone, max_volumes, state,
