@@ -66,6 +66,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, CommandTimeout):
         return Code.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, CommandNotFound):
+        if exc.rc == 127:   # missing where a wrapper (nsenter) looked: the host's own tools, not the image's
+            return Code.FAILED_PRECONDITION, str(exc)
         return Code.FAILED_PRECONDITION, f"{exc.reason} on this host (the image installs it from deploy/packages.txt)"
     if isinstance(exc, CommandError):
         return Code.INTERNAL, str(exc)

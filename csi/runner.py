@@ -64,8 +64,22 @@ class CommandError(Exception):
         self.stderr = stderr
         self.stdout = stdout
         self.reason = reason or f"exit code {rc}"
-        super().__init__(f"{' '.join(self.argv[:3])}{' ...' if len(self.argv) > 3 else ''}: "
-                         f"{self.reason}: {stderr.strip()[-500:]}")
+        super().__init__(f"{described(self.argv)}: {self.reason}: {stderr.strip()[-500:]}")
+
+
+# Commands that run the command after their "--" elsewhere (nsenter: the host's mount namespace for
+# `--iscsiadm host`): an error names that command, with where it ran.
+_WRAPPERS = {"nsenter": "in the host's namespaces"}
+
+
+def described(argv: Sequence[str]) -> str:
+    """The command's first three words for an error message, past a wrapper such as `nsenter ... --`."""
+    argv = tuple(argv)
+    where = ""
+    if argv and argv[0] in _WRAPPERS and "--" in argv:
+        where = f" ({_WRAPPERS[argv[0]]})"
+        argv = argv[argv.index("--") + 1:]
+    return f"{' '.join(argv[:3])}{' ...' if len(argv) > 3 else ''}{where}"
 
 
 class CommandTimeout(CommandError):
@@ -108,6 +122,9 @@ def run(argv: Sequence[str], *, timeout: float | None = None, input: str | None 
     stderr = _scrub(proc.stderr, secrets)
     log.debug("ran %s rc=%d in %.3fs", shown, proc.returncode, took)
     result = Result(tuple(shown), proc.returncode, proc.stdout, stderr)
+    if proc.returncode == 127 and argv[0] in _WRAPPERS and 127 not in tuple(ok_codes):
+        # the wrapper ran, the command it was to run does not exist where it looked
+        raise CommandNotFound(shown, 127, stderr, reason="not installed there")
     if proc.returncode not in tuple(ok_codes):
         raise CommandError(shown, proc.returncode, stderr, _scrub(proc.stdout, secrets))
     return result

@@ -200,6 +200,7 @@ print(json.dumps({"exported": exported, "left": lio.exported_iqns(a["prefix"]), 
 """
 
 
+@pytest.mark.campaign   # scripts/fault-campaign; its load test drives the same concurrency through the driver
 def test_lio_exports_and_unexports_concurrently(lab):
     """The agent serves calls on many threads. rtslib objects are views of configfs paths, so one thread's
     removal of a target once broke another's walk over the targets (FileNotFoundError, found by the load test);

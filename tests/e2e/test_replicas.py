@@ -162,6 +162,7 @@ def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_b
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
 
 
+@pytest.mark.campaign   # the power cut above runs in CI; this variant in scripts/fault-campaign (CI's 60 minutes)
 def test_a_writer_goes_on_while_the_other_storage_node_is_cut_off_by_the_network(cluster, record_property):
     """The same with storage-1, the leg of the volume's own zone, and a network cut instead of a power cut: the
     node runs on with its agent and target, unreachable; its iSCSI session comes back by itself when the cable

@@ -70,3 +70,16 @@ def test_secrets_are_masked_in_what_a_timed_out_command_printed():
                    secrets=["s3cr3t-value"])
     assert "login with ***" in e.value.stderr and "out ***" in e.value.stdout
     assert "s3cr3t-value" not in f"{e.value} {e.value.stderr} {e.value.stdout} {' '.join(e.value.argv)}"
+
+
+def test_a_command_run_through_nsenter_is_named_with_where_it_ran():
+    # `--iscsiadm host` runs `nsenter --target 1 --mount -- iscsiadm ...`: the error names iscsiadm and its
+    # subcommand, not nsenter's own options; a tool missing there is a clear FAILED_PRECONDITION, not exit 127
+    assert runner.described(["nsenter", "--target", "1", "--mount", "--", "iscsiadm", "-m", "node", "-T", "x"]) \
+        == "iscsiadm -m node ... (in the host's namespaces)"
+    assert runner.described(["iscsiadm", "-m", "session"]) == "iscsiadm -m session"
+    with pytest.raises(runner.CommandNotFound) as e:
+        runner.run(["nsenter", "--", "no-such-tool-xyz", "-m", "session"])
+    code, message = errors.status_of(e.value)
+    assert code == errors.Code.FAILED_PRECONDITION
+    assert message.startswith("no-such-tool-xyz -m session (in the host's namespaces): not installed there: ")
