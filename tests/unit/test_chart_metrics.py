@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import grpc
+import promql_parser
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -90,6 +91,38 @@ def _rules(objs) -> dict[str, dict]:
     return {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
 
 
+def _selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
+    """Every series selector of a PromQL expression, parsed with Prometheus's grammar (promql-parser, a port of
+    its parser): (metric name, {label: value}) of the equality matchers."""
+    found = []
+
+    def visit(node, *_):
+        if isinstance(node, promql_parser.VectorSelector):
+            found.append((node.name, {m.name: m.value for m in node.matchers.matchers
+                                      if str(m.op).endswith(".Equal")}))
+        return True
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
+def test_every_rule_is_valid_promql_with_durations_prometheus_reads(monitoring):
+    # What promtool's `check rules` checks of an alerting rule: the expression parses, `for` is a duration,
+    # the names are unique and each rule has labels and annotations as strings. A typo that Prometheus would
+    # refuse at load time (and so silently drop the whole group in the operator's hands) fails here.
+    groups = one(monitoring, "PrometheusRule")["spec"]["groups"]
+    assert len({g["name"] for g in groups}) == len(groups)
+    for g in groups:
+        for r in g["rules"]:
+            assert set(r) <= {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}, r
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", r["alert"]), r["alert"]
+            assert promql_parser.parse(r["expr"]), r["expr"]
+            assert promql_parser.parse_duration(r["for"]).total_seconds() > 0, r["for"]
+            assert all(isinstance(v, str) for v in {**r["labels"], **r["annotations"]}.values()), r
+    with pytest.raises(ValueError):   # the parser refuses what Prometheus refuses
+        promql_parser.parse('sum by (job (rate(x_total[5m]))')
+
+
 @pytest.fixture(scope="module")
 def monitoring():
     """Rendered before any function fixture: agent_world's fake runner would answer helm too."""
@@ -109,10 +142,11 @@ def test_the_alerts_read_what_the_driver_exports_under_the_service_monitors_job_
     ctl.GetInfo(apb.GetInfoRequest(), timeout=10)
     exported = {name for name, _ in scraper.samples()}
     for name, rule in rules.items():
-        used = set(re.findall(r"\blvm_iscsi_csi_\w+", rule["expr"]))
-        assert used <= exported, (name, used - exported)
+        selectors = _selectors(rule["expr"])
+        used = {metric for metric, _ in selectors} - {"up"}
+        assert selectors and used <= exported, (name, used - exported)
         assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
-        assert f'namespace="{NAMESPACE}"' in rule["expr"]
+        assert all(labels.get("namespace") == NAMESPACE for _, labels in selectors), (name, selectors)
     # Each pool against its own levels, data and metadata alike.
     assert rules["LvmIscsiCsiPoolDataFillWarning"]["expr"].split(" > ")[1].startswith(
         "lvm_iscsi_csi_pool_warn_fill_ratio")
@@ -121,7 +155,8 @@ def test_the_alerts_read_what_the_driver_exports_under_the_service_monitors_job_
     # "Down" is Prometheus's up == 0 for the jobs the ServiceMonitor makes (the Services' names).
     for component in ("agent", "node"):
         svc = one(objs, "Service", f"-{component}-metrics")["metadata"]["name"]
-        assert f'job="{svc}"' in rules[f"LvmIscsiCsi{component.title()}Down"]["expr"]
+        assert _selectors(rules[f"LvmIscsiCsi{component.title()}Down"]["expr"]) == [
+            ("up", {"namespace": NAMESPACE, "job": svc})]
         assert rules[f"LvmIscsiCsi{component.title()}Down"]["expr"].strip().endswith("== 0")
     errors = rules["LvmIscsiCsiRpcErrors"]["expr"]
     assert errors.strip().endswith("> 0.2")
