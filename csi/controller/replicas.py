@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 from csi import capabilities as caps
 from csi import contract, errors, faults, ids
@@ -55,6 +56,21 @@ def capacity(own: dict[str, tuple[int, int]], other: dict[str, tuple[int, int]])
     total = min(total_all // 2, total_all - max(free for free, _ in nodes.values()),
                 sum(free for free, _ in own.values()))
     return max(0, total - MD_RESERVE), largest - MD_RESERVE
+
+
+def capacity_any_zone(by_zone: dict[str, dict[str, tuple[int, int]]],
+                      replica_zones: Sequence[str]) -> tuple[int, int]:
+    """GetCapacity for replicated volumes asked without a topology: a volume still pairs only within its zone
+    (and the class's replicaZones), never two nodes of two other zones. Each zone as `capacity` counts it; the
+    sum is bounded by all the nodes taken together, since a replicaZones node may serve several zones."""
+    totals, largest = [], 0
+    for zone, own in by_zone.items():
+        other = {n: v for z in replica_zones if z != zone for n, v in by_zone.get(z, {}).items()}
+        total, big = capacity(own, other)
+        totals.append(total)
+        largest = max(largest, big)
+    everything = {n: v for nodes in by_zone.values() for n, v in nodes.items()}
+    return min(sum(totals), capacity(everything, {})[0]), largest
 COUNT = 2
 _DOWN = (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED)
 # Agent answers after which nothing was made on that leg's node (as service._NOTHING_MADE).

@@ -492,21 +492,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise errors.invalid(f"unknown topology key(s) {', '.join(sorted(extra))}")
             zone = request.accessible_topology.segments.get(self.topology_key)
         wanted_thin = params.thin if params.thin is not None else (None if params.pool else True)
-        own: dict[str, tuple[int, int]] = {}      # node -> (free in its matching pools, in the largest)
-        other: dict[str, tuple[int, int]] = {}    # the same, in the class's replicaZones (the second leg only)
-        # The storage nodes that answer; one that is down has no capacity to offer now.
+        # zone -> node -> (free in its matching pools, in its largest), of the storage nodes that answer: one
+        # that is down has no capacity to offer now.
+        by_zone: dict[str, dict[str, tuple[int, int]]] = {}
         for c in self._candidates()[0]:
             if (params.pool and c.pool != params.pool) or (wanted_thin is not None and c.thin != wanted_thin):
                 continue
-            if zone is None or c.zone == zone:
-                bucket = own
-            elif params.replicas > 1 and c.zone in params.replica_zones:
-                bucket = other
-            else:
-                continue
-            free, best = bucket.get(c.node, (0, 0))
-            bucket[c.node] = (free + c.available, max(best, c.available))
-        if params.replicas > 1:
+            nodes = by_zone.setdefault(c.zone, {})
+            free, best = nodes.get(c.node, (0, 0))
+            nodes[c.node] = (free + c.available, max(best, c.available))
+        own = {n: v for z, nodes in by_zone.items() if zone is None or z == zone for n, v in nodes.items()}
+        if params.replicas > 1 and zone is None:
+            total, largest = replicas.capacity_any_zone(by_zone, params.replica_zones)
+        elif params.replicas > 1:   # the second leg may also go to the class's replicaZones
+            other = {n: v for z in params.replica_zones if z != zone for n, v in by_zone.get(z, {}).items()}
             total, largest = replicas.capacity(own, other)
         else:
             total, largest = sum(f for f, _ in own.values()), max((b for _, b in own.values()), default=0)

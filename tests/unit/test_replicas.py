@@ -494,6 +494,25 @@ def test_get_capacity_counts_two_legs_on_two_nodes(svc):
     assert capacity({**R2, "replicaZones": "b"}, "a") == (30 * GiB - reserve, 20 * GiB - reserve)
     assert capacity(R2, "b") == (0, 0)                           # one storage node: no pair at all
     assert capacity({}, "a") == (30 * GiB, 20 * GiB)             # a plain class, as before
+    # asked without a topology: pairs only within a zone (s1 + s2) unless replicaZones allows zone b
+    anywhere = svc.GetCapacity(csi.GetCapacityRequest(parameters=R2), None)
+    assert (anywhere.available_capacity, anywhere.maximum_volume_size.value) == (10 * GiB - reserve,
+                                                                                 10 * GiB - reserve)
+    anywhere = svc.GetCapacity(csi.GetCapacityRequest(parameters={**R2, "replicaZones": "b"}), None)
+    assert (anywhere.available_capacity, anywhere.maximum_volume_size.value) == (30 * GiB - reserve,
+                                                                                 20 * GiB - reserve)
+
+
+def test_replicated_capacity_without_a_topology_never_pairs_two_other_zones():
+    reserve = replicas.MD_RESERVE
+    a = {"s1": (10 * GiB, 10 * GiB)}
+    b = {"s2": (10 * GiB, 10 * GiB)}
+    c = {"s3": (10 * GiB, 10 * GiB), "s4": (4 * GiB, 4 * GiB)}
+    # one node in each of zones a and b: no pair in either; zone c pairs s3 with s4
+    assert replicas.capacity_any_zone({"a": a, "b": b, "c": c}, ()) == (4 * GiB - reserve, 4 * GiB - reserve)
+    # replicaZones b: zone a pairs with s2, zone c may too; all four nodes hold 34 GiB, 17 GiB twice at most
+    total, largest = replicas.capacity_any_zone({"a": a, "b": b, "c": c}, ("b",))
+    assert largest == 10 * GiB - reserve and total == 17 * GiB - reserve
 
 
 def test_replicated_capacity_bounds():
