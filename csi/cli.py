@@ -255,6 +255,11 @@ def run_wait_for_driver(a: argparse.Namespace) -> int:
     return 0 if wait_until_answering(a.path, a.timeout) else 1
 
 
+def run_mark_leg(a: argparse.Namespace) -> int:
+    from csi.legmark import mark
+    return mark(_controller_config(a), a.volume_id, a.node, a.state, sys.stdout, a.yes)
+
+
 def run_retire(a: argparse.Namespace) -> int:
     from csi.retire import retire
     return retire(_controller_config(a), a.node, sys.stdout, a.yes)
@@ -395,6 +400,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("node", help="the storage node's name")
     r.add_argument("--yes", action="store_true", help="really retire it (default: say what would happen)")
     r.set_defaults(func=run_retire)
+
+    m = sub.add_parser("mark-replica-leg", help="record one leg of a replicated volume outdated (serve the volume "
+                                                "from the other, giving up what only this one holds) or in sync")
+    common(m, endpoint=False)
+    fleet_flags(m)
+    m.add_argument("volume_id", help="the replicated volume's ID (r1:<name>), the PV's volumeHandle")
+    m.add_argument("node", help="the storage node of the leg")
+    m.add_argument("state", choices=("outdated", "in-sync"))
+    m.add_argument("--yes", action="store_true", help="really record it (default: say what would happen)")
+    m.set_defaults(func=run_mark_leg)
 
     d = sub.add_parser("demo", help="the whole volume lifecycle on a throw-away storage node (User-Mode Linux)")
     d.add_argument("--workdir", default="/tmp/lvm-iscsi-csi-demo")

@@ -58,6 +58,23 @@ def capacity(own: dict[str, tuple[int, int]], other: dict[str, tuple[int, int]])
     return max(0, total - MD_RESERVE), largest - MD_RESERVE
 
 
+def mark_legs(journal, entry: Entry, indexes: list[int], state: str) -> None:
+    """Records legs' state before the caller goes on (the outdated record must be durable before writes go on
+    without the leg); a concurrent change of the record is read again and applied to it."""
+    for _ in range(5):
+        for i in indexes:
+            entry.legs[i]["state"] = state
+        try:
+            entry.version = journal.update(entry).version
+            return
+        except Conflict:
+            fresh = journal.get(entry.key)
+            if fresh is None:
+                raise errors.aborted(f"volume {entry.name!r} was deleted meanwhile") from None
+            entry.legs, entry.version, entry.state = fresh.legs, fresh.version, fresh.state
+    raise errors.aborted(f"the journal record of volume {entry.name!r} keeps changing; try again")
+
+
 def capacity_any_zone(by_zone: dict[str, dict[str, tuple[int, int]]],
                       replica_zones: Sequence[str]) -> tuple[int, int]:
     """GetCapacity for replicated volumes asked without a topology: a volume still pairs only within its zone
@@ -351,20 +368,7 @@ class Replicas:
             for i in sorted(legs)]))
 
     def _mark(self, entry: Entry, indexes: list[int], state: str) -> None:
-        """Records legs' state before the caller goes on (the outdated record must be durable before writes go
-        on without the leg); a concurrent change of the record is read again and applied to it."""
-        for _ in range(5):
-            for i in indexes:
-                entry.legs[i]["state"] = state
-            try:
-                entry.version = self.svc.placement.journal.update(entry).version
-                return
-            except Conflict:
-                fresh = self.svc.placement.journal.get(entry.key)
-                if fresh is None:
-                    raise errors.aborted(f"volume {entry.name!r} was deleted meanwhile") from None
-                entry.legs, entry.version, entry.state = fresh.legs, fresh.version, fresh.state
-        raise errors.aborted(f"the journal record of volume {entry.name!r} keeps changing; try again")
+        mark_legs(self.svc.placement.journal, entry, indexes, state)
 
     def set_leg_state(self, key: str, node: str, state: str) -> None:
         """Marks the leg of volume `key` on storage node `node` in-sync or outdated (the seam for whoever learns

@@ -144,12 +144,20 @@ def stop(key: str) -> None:
     runner.run(["mdadm", "--stop", str(md)], timeout=MDADM_TIMEOUT)
 
 
-def readd(key: str, device: Path) -> None:
+def readd(key: str, device: Path, outdated: bool = False) -> None:
     """Puts a leg back: --re-add (the bitmap says what to resync), or --add (a full recovery) when md refuses
-    the re-add (a leg that was away for longer than the bitmap covers, or a new one)."""
+    the re-add (a leg that was away for longer than the bitmap covers, or a new one). A leg the controller's
+    record holds outdated gets the full recovery at once, its superblock cleared first: an operator may have
+    outdated a leg that holds writes the array never had (`mark-replica-leg`), and md must not take its event
+    count for the newest."""
     md = md_device(key)
     runner.run(["mdadm", "--manage", str(md), "--remove", "failed"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
     runner.run(["mdadm", "--manage", str(md), "--remove", "detached"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
+    if outdated:
+        log.warning("%s: adding %s, a leg recorded outdated, for a full recovery", md, device)
+        runner.run(["mdadm", "--zero-superblock", str(device)], timeout=MDADM_TIMEOUT)
+        runner.run(["mdadm", "--manage", str(md), "--failfast", "--add", str(device)], timeout=MDADM_TIMEOUT)
+        return
     try:
         runner.run(["mdadm", "--manage", str(md), "--re-add", str(device)], timeout=MDADM_TIMEOUT)
     except CommandError as exc:

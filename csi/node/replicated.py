@@ -17,7 +17,8 @@ Which leg is current:
   other was cut off, so it holds every write the other has). Otherwise the stage refuses: the absent leg may
   hold writes this one missed (the worker that wrote alone to it died, then this leg's peer went down).
 - Not done yet (README, limits): the node does not record in the controller's record that a leg is outdated
-  before md goes on without it, so the controller's record can only mark legs outdated by hand.
+  before md goes on without it, so the controller's record marks legs outdated only by an operator's hand
+  (`lvm-iscsi-csi mark-replica-leg`, csi/legmark.py). A leg recorded outdated is put back with a full recovery.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class Replicated:
             return md        # md writes nothing: no re-add, no resync, no growth
         for i in sorted(set(here) - set(current)):
             log.info("re-adding replica leg %d (%s) of %s", i, here[i], key)
-            raid.readd(key, here[i])
+            raid.readd(key, here[i], outdated=any(leg.outdated for leg in legs if leg.index == i))
         if len(here) == len(legs):
             raid.grow(key)   # legs grown while the array was not assembled (an expansion of an unused volume)
         return md
@@ -300,7 +301,7 @@ class Replicated:
             if device is None or str(device) in in_array:
                 continue
             log.warning("replica leg %d of %s (%s on %s) is back: re-adding it", i, volume_id, device, leg["node"])
-            raid.readd(key, device)
+            raid.readd(key, device, outdated=bool(leg.get("outdated")))
             faults.step("reconcile.readd")
 
     def _login_again(self, volume_id: str, rec: dict, index: int) -> None:

@@ -106,7 +106,8 @@ def _diagnosis() -> list[str]:
                 continue
             for what, argv, keep in (("dm", ["dmsetup", "info", "-c", "--noheadings", "-o", "name,attr,open"], 6),
                                      ("pool", ["dmsetup", "status", "csi--vg-thinpool-tpool"], 1),
-                                     ("dmesg", ["dmesg"], 4), ("memory", ["grep", "-E", "^(MemAvailable|Dirty):", "/proc/meminfo"], 2)):
+                                     ("dmesg", ["dmesg"], 4),
+                                     ("memory", ["grep", "-E", "^(MemAvailable|Dirty):", "/proc/meminfo"], 2)):
                 try:
                     r = node.run(argv, timeout=10)
                     out = [x for x in (r.stdout + r.stderr).strip().splitlines() if not x.startswith(" ")]

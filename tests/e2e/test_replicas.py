@@ -191,48 +191,63 @@ def _stage(cluster, vid: str, ctx: dict) -> None:
                                                             volume_capability=MOUNT), timeout=120)
 
 
+def _written_alone_on_storage_1_then_lost(cluster, name: str):
+    """The worker writes on storage-1's leg alone (storage-2 cut off) and stops; storage-1 goes down and
+    storage-2 comes back. Returns (volume, key, the data before, the data only storage-1's leg holds)."""
+    s1, s2, w = cluster.s1, cluster.s2, cluster.w
+    v = cluster.create(name, size=64 * MiB, zone="zone-a", params=PARAMS)
+    key = ids.parse_replicated_id(v.volume_id)
+    target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
+    wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
+    older = cluster.write(target, mib=4)
+    s2.kill()
+    wait_until("the array runs on storage-1's leg alone", lambda: "_" in array_line(w, key), timeout=60, every=0.5)
+    newest = cluster.write(target, mib=4)       # held by storage-1's leg only
+    # The record that storage-2's leg is outdated, outside it: storage-1's superblock shows it missing once md
+    # acknowledged those writes (raid1 completes no write the failed leg missed before it wrote that).
+    s1.run(["blockdev", "--flushbufs", f"/dev/csi-vg/{key}"], timeout=60, check=True)
+    examined = s1.run(["mdadm", "--examine", f"/dev/csi-vg/{key}"], timeout=60, check=True).stdout
+    state = re.search(r"Array State : (\S+)", examined).group(1)
+    assert sorted(state) == [".", "A"], examined
+    cluster.worker1.unstage(v.volume_id)
+    s1.kill()
+    s2.boot(timeout=180)
+    cluster.d.start_agent(s2)
+    return v, key, older, newest
+
+
+def _refused(cluster, vid: str, key: str) -> None:
+    """The stage refuses: storage-1 does not answer and nothing proves storage-2's leg current."""
+    ctx = cluster.publish(vid)          # storage-1 does not answer: its leg is named, not granted
+    legs = contract.parse_replicated(ctx, key)
+    assert [(leg.storage_node, leg.attachment is None) for leg in legs
+            if leg.storage_node == "storage-1"] == [("storage-1", True)]
+    with pytest.raises(grpc.RpcError) as e:
+        _stage(cluster, vid, ctx)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "storage-1" in e.value.details(), e.value.details()
+    w = cluster.w
+    assert not any(" : active" in line for line in mdstat(w).splitlines()), mdstat(w)
+    sessions = w.run(["iscsiadm", "-m", "session"], timeout=30).stdout
+    assert key.lower() not in sessions.lower(), f"the refused stage left a session: {sessions}"
+
+
+def _both_back(cluster) -> None:
+    for node in (cluster.s1, cluster.s2):
+        if not node.running:
+            node.boot(timeout=180)
+            cluster.d.start_agent(node)
+
+
 def test_a_leg_left_behind_is_never_served_as_current(cluster):
     """The sequence md's event counts cannot cover alone: the worker writes on storage-1's leg alone (storage-2
     cut off), stops; storage-1 goes down and storage-2 comes back. The leg that is left can show nothing stale
     in itself, and its superblock shows both legs in sync: the stage refuses. Once storage-1 is back, a stage on
     the other worker assembles from its leg (the newest) and resyncs storage-2's."""
-    s1, s2, w = cluster.s1, cluster.s2, cluster.w
-    v = cluster.create("replicated-left-behind", size=64 * MiB, zone="zone-a", params=PARAMS)
-    key = ids.parse_replicated_id(v.volume_id)
-    target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
-    wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
-    cluster.write(target, mib=4)
     try:
-        s2.kill()
-        wait_until("the array runs on storage-1's leg alone", lambda: "_" in array_line(w, key), timeout=60,
-              every=0.5)
-        newest = cluster.write(target, mib=4)       # held by storage-1's leg only
-        # The record that storage-2's leg is outdated, outside it: storage-1's superblock shows it missing once
-        # md acknowledged those writes (raid1 completes no write the failed leg missed before it wrote that).
-        s1.run(["blockdev", "--flushbufs", f"/dev/csi-vg/{key}"], timeout=60, check=True)
-        examined = s1.run(["mdadm", "--examine", f"/dev/csi-vg/{key}"], timeout=60, check=True).stdout
-        state = re.search(r"Array State : (\S+)", examined).group(1)
-        assert sorted(state) == [".", "A"], examined
-        cluster.worker1.unstage(v.volume_id)
-        s1.kill()
-        s2.boot(timeout=180)
-        cluster.d.start_agent(s2)
-
-        ctx = cluster.publish(v.volume_id)          # storage-1 does not answer: its leg is named, not granted
-        legs = contract.parse_replicated(ctx, key)
-        assert [(leg.storage_node, leg.attachment is None) for leg in legs
-                if leg.storage_node == "storage-1"] == [("storage-1", True)]
-        with pytest.raises(grpc.RpcError) as e:
-            _stage(cluster, v.volume_id, ctx)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "storage-1" in e.value.details(), e.value.details()
-        assert not any(" : active" in line for line in mdstat(w).splitlines()), mdstat(w)
-        sessions = w.run(["iscsiadm", "-m", "session"], timeout=30).stdout
-        assert key.lower() not in sessions.lower(), f"the refused stage left a session: {sessions}"
+        v, key, _, newest = _written_alone_on_storage_1_then_lost(cluster, "replicated-left-behind")
+        _refused(cluster, v.volume_id, key)
     finally:
-        for node in (s1, s2):     # storage-1 comes back here
-            if not node.running:
-                node.boot(timeout=180)
-                cluster.d.start_agent(node)
+        _both_back(cluster)     # storage-1 comes back here
 
     # storage-1 back, and the volume moves to worker-2 (worker-1 fenced on both legs): both legs are there, md
     # assembles from the newer and resyncs the other.
@@ -246,4 +261,41 @@ def test_a_leg_left_behind_is_never_served_as_current(cluster):
     cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
         volume_id=v.volume_id, node_id=w2.node_id), timeout=60)
     cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
+
+
+@pytest.mark.campaign   # scripts/fault-campaign (CI's 60 minutes); the refusal itself runs in CI above
+def test_an_operator_outdates_the_lost_leg_and_the_volume_is_served_from_the_other(cluster):
+    """The way out of that refusal while storage-1 stays away: an operator records its leg outdated
+    (mark-replica-leg), giving up the writes only it holds. The next publish carries the mark, the stage serves
+    storage-2's leg alone (the data from before those writes), and once storage-1 is back its leg is cleared and
+    copied over in full, never taken for the newest although its event count is higher."""
+    s1, s2 = cluster.s1, cluster.s2
+    try:
+        v, key, older, newest = _written_alone_on_storage_1_then_lost(cluster, "replicated-outdated")
+        _refused(cluster, v.volume_id, key)
+        mark = ["mark-replica-leg", [s1, s2], v.volume_id, "storage-1"]
+        r = cluster.d.operator(*mark, "outdated")
+        assert r.returncode == 0 and "dry run" in r.stdout, r.stdout + r.stderr
+        r = cluster.d.operator(*mark, "outdated", "--yes")
+        assert r.returncode == 0 and "recorded" in r.stdout, r.stdout + r.stderr
+        cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+            volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+        ctx = cluster.publish(v.volume_id)
+        assert [leg.outdated for leg in contract.parse_replicated(ctx, key) if leg.storage_node == "storage-1"] \
+            == [True]
+        target = cluster.stage_publish(v.volume_id, ctx)
+        assert cluster.read(target) == older != newest
+    finally:
+        _both_back(cluster)
+    # storage-1 back: the next publish grants its leg again, and the stage puts it back in full.
+    cluster.worker1.unstage(v.volume_id)
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+        volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
+    wait_until("storage-1's leg is copied over in full", lambda: synced(cluster.w, key), timeout=180)
+    assert cluster.read(target) == older
+    r = cluster.d.operator(*mark, "in-sync", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    cluster.teardown(v.volume_id)
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}

@@ -84,6 +84,17 @@ def test_readd_falls_back_to_a_full_recovery(fake_run):
                                    ["mdadm", "--manage", md, "--failfast", "--add", "/dev/sdc"]]
 
 
+def test_a_leg_recorded_outdated_is_cleared_and_recovered_in_full(fake_run):
+    # Its event count may be the higher one (an operator outdated the leg holding the last writes): a re-add
+    # could let md take it as current; cleared, it can only be a new member, copied from the array.
+    fake_run.on("mdadm")
+    raid.readd(KEY, Path("/dev/sdc"), outdated=True)
+    md = str(raid.md_device(KEY))
+    assert fake_run.calls[-2:] == [["mdadm", "--zero-superblock", "/dev/sdc"],
+                                   ["mdadm", "--manage", md, "--failfast", "--add", "/dev/sdc"]]
+    assert ["mdadm", "--manage", md, "--re-add", "/dev/sdc"] not in fake_run.calls
+
+
 def test_the_udev_rule_keeps_incremental_assembly_off_our_arrays_only(tmp_path, fake_run):
     fake_run.on("udevadm")
     path = raid.install_udev_rule(tmp_path)
@@ -193,6 +204,7 @@ def test_a_blank_leg_is_added_for_a_full_recovery_and_a_new_volume_gets_a_new_ar
     a.rep._assemble(KEY, _legs(), read_only=False)
     assert [(n, args[1]) for n, args, _ in a.made[:2]] == [("assemble", [Path("/dev/sdb")]),
                                                            ("readd", Path("/dev/sdc"))]
+    assert a.made[1][2] == {"outdated": False}
     b = _Assembly(monkeypatch, {0: "/dev/sdb", 1: "/dev/sdc"}, {}, blank={"/dev/sdb", "/dev/sdc"})
     b.rep._assemble(KEY, _legs(), read_only=False)
     assert [n for n, _, _ in b.made] == ["create"]
@@ -207,3 +219,12 @@ def test_a_read_only_stage_never_creates_re_adds_or_grows(monkeypatch):
     with pytest.raises(errors.CsiError) as e:
         b.rep._assemble(KEY, _legs(), read_only=True)
     assert e.value.code == errors.Code.FAILED_PRECONDITION and b.made == []
+
+
+def test_a_leg_outdated_by_the_record_is_assembled_without_and_put_back_in_full(monkeypatch):
+    # leg 0 was outdated by an operator while it held the newest writes (its superblock shows leg 1 missing)
+    a = _Assembly(monkeypatch, {0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": _sb("A."), "/dev/sdc": _sb("AA")},
+                  blank=set())
+    a.rep._assemble(KEY, _legs(outdated=(True, False)), read_only=False)
+    assert [(n, args[1], kw) for n, args, kw in a.made[:2]] == [
+        ("assemble", [Path("/dev/sdc")], {}), ("readd", Path("/dev/sdb"), {"outdated": True})]
