@@ -95,6 +95,7 @@ def _agent_log(cluster, node=None) -> str:
     return (node or cluster.s1).log_path("agent").read_text(errors="replace")
 
 
+@campaign   # the wipe itself (a thick volume's data never reaching the next) runs in CI: test_data_safety.py
 def test_agent_crash_in_a_thick_delete_and_in_the_middle_of_its_wipe(cluster):
     """A thick volume is renamed out of the volume namespace, then zeroed in 256 MiB steps in the background
     (csi/storage/wipe.py). Killed right after the rename, the retried DeleteVolume succeeds and the wipe is

@@ -109,6 +109,7 @@ def test_node_crash_in_a_replicated_stage_and_unstage(cluster, step):
     assert inventory(cluster) == empty()
 
 
+@campaign
 def test_node_crash_right_after_putting_a_leg_back(cluster):
     """storage-2 is cut off while the volume is written: md drops its leg. The node plugin's reconciler puts
     the leg back once its session is back and is killed right then; the restarted plugin finds the array

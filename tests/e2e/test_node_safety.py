@@ -187,7 +187,8 @@ def _ext4_needs_recovery(cluster, vid: str) -> bool:
     return "needs_recovery" in next(line for line in out.splitlines() if line.startswith("Filesystem features"))
 
 
-@pytest.mark.parametrize("mode", [M.SINGLE_NODE_READER_ONLY, M.MULTI_NODE_READER_ONLY],
+@pytest.mark.parametrize("mode", [M.SINGLE_NODE_READER_ONLY,
+                                  pytest.param(M.MULTI_NODE_READER_ONLY, marks=pytest.mark.campaign)],
                          ids=["single-node-reader", "multi-node-reader"])
 def test_read_only_access_from_a_snapshot_of_a_volume_in_use(cluster, mode):
     """A read-only restore of a snapshot taken while its source was mounted: its ext4 journal needs recovery,

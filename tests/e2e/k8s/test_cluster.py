@@ -32,6 +32,7 @@ def test_nodes_are_ready_with_the_built_versions(k8s):
     assert version["serverVersion"]["gitVersion"] == "v1.35.4"
 
 
+@pytest.mark.campaign   # the lab cluster's own pod network: every driver test below would fail without it
 def test_a_pod_runs_on_each_node_with_pod_network_and_service_ip(k8s, k8s_images):
     busybox = k8s_images["busybox"].ref
     for node in ("storage-1", "worker-1"):
