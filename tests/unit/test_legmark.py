@@ -9,12 +9,11 @@ import grpc
 import pytest
 
 from csi import cli, legmark, peers
-from csi.controller.journal import Entry, FileJournal
+from csi.controller.journal import Entry
 from csi.proto import agent_pb2 as pb
 from csi.proto import agent_pb2_grpc
 from csi.server import TlsFiles
-from csi.tls import TestPki
-from tests.unit.test_retire import closed_port
+from tests.unit.test_retire import operator_fleet
 
 KEY = "c1-pvc-9-0123456789"
 VOLUME = f"r1:{KEY}"
@@ -24,21 +23,9 @@ VOLUME = f"r1:{KEY}"
 def fleet(tmp_path, monkeypatch):
     """(argv prefix, journal, pki, write_nodes): a replicated volume with legs on s1 and s2, both in sync."""
     monkeypatch.setattr(legmark, "ANSWER_WAIT", 1.0)   # a closed port is down within it
-    pki = TestPki(tmp_path / "pki")
-    journal = FileJournal(tmp_path / "journal")
-    journal.claim(Entry(KEY, "volume", "pvc-9", "s1", state="ready", legs=[
+    return operator_fleet(tmp_path, "mark-replica-leg", [Entry(KEY, "volume", "pvc-9", "s1", state="ready", legs=[
         {"node": "s1", "pool": "thin", "vg": "vg", "state": "in-sync"},
-        {"node": "s2", "pool": "thin", "vg": "vg", "state": "in-sync"}]))
-    nodes = tmp_path / "nodes.yaml"
-
-    def write_nodes(s2_port: int):
-        nodes.write_text("storageNodes:\n"
-                         f"  - {{name: s1, address: '127.0.0.1:{closed_port()}', zone: a}}\n"
-                         f"  - {{name: s2, address: '127.0.0.1:{s2_port}', zone: a}}\n")
-    write_nodes(closed_port())
-    argv = ["mark-replica-leg", "--storage-nodes", str(nodes), "--journal-dir", str(tmp_path / "journal"),
-            "--tls-dir", str(pki.issue(peers.CONTROLLER)), "--cluster-id", "c1"]
-    return argv, journal, pki, write_nodes
+        {"node": "s2", "pool": "thin", "vg": "vg", "state": "in-sync"}])])
 
 
 def states(journal) -> list[str]:

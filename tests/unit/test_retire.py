@@ -24,14 +24,13 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    """(argv prefix, journal, pki, nodes file): storage nodes s1 and s2, s2's volume and snapshot journaled."""
+def operator_fleet(tmp_path, command: str, entries: list[Entry]):
+    """(argv prefix of `command`, journal, pki, write_nodes): storage nodes s1 (a closed port) and s2 (a closed
+    port until write_nodes(port) names a real agent), the entries journaled."""
     pki = TestPki(tmp_path / "pki")
     journal = FileJournal(tmp_path / "journal")
-    journal.claim(Entry("k-vol", "volume", "pvc-1", "s2"))
-    journal.claim(Entry("k-snap", "snapshot", "snap-1", "s2"))
-    journal.claim(Entry("k-other", "volume", "pvc-2", "s1"))
+    for entry in entries:
+        journal.claim(entry)
     nodes = tmp_path / "nodes.yaml"
 
     def write_nodes(s2_port: int):
@@ -39,9 +38,17 @@ def fleet(tmp_path):
                          f"  - {{name: s1, address: '127.0.0.1:{closed_port()}', zone: a}}\n"
                          f"  - {{name: s2, address: '127.0.0.1:{s2_port}', zone: a}}\n")
     write_nodes(closed_port())
-    argv = ["retire-storage-node", "--storage-nodes", str(nodes), "--journal-dir", str(tmp_path / "journal"),
+    argv = [command, "--storage-nodes", str(nodes), "--journal-dir", str(tmp_path / "journal"),
             "--tls-dir", str(pki.issue(peers.CONTROLLER)), "--cluster-id", "c1"]
     return argv, journal, pki, write_nodes
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """storage nodes s1 and s2, s2's volume and snapshot journaled (operator_fleet)."""
+    return operator_fleet(tmp_path, "retire-storage-node", [
+        Entry("k-vol", "volume", "pvc-1", "s2"), Entry("k-snap", "snapshot", "snap-1", "s2"),
+        Entry("k-other", "volume", "pvc-2", "s1")])
 
 
 def test_a_dry_run_lists_what_the_node_held_and_changes_nothing(fleet, capsys):

@@ -76,6 +76,7 @@ def _drop_vg(node) -> None:
     (node.workdir / "csi-vg2.img").unlink(missing_ok=True)
 
 
+@pytest.mark.campaign   # 4-5 minutes of CI's hour: scripts/fault-campaign (label discovery itself: the test above)
 def test_a_node_labelled_during_the_run_receives_volumes(installed):
     k8s = installed
     worker = k8s.lab.node(STATE["worker"])
