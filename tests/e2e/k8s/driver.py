@@ -165,7 +165,9 @@ def restarts(cluster) -> dict[tuple[str, str], int]:
 # csi-attacher's start-up calls, made with a deadline of one second hard-coded upstream (csiTimeout in its
 # main.go), after which it exits 1: on the lab's one-CPU nodes, busy starting every pod of a fresh install, it
 # can miss one. Its restart is kubelet's, not a probe's, and the second start finds a quieter node.
-ATTACHER_START_DEADLINE = re.compile(r'"Failed to (get the CSI driver name|controller capability check)" '
+# Its three start-up calls with that deadline: GetPluginInfo, GetPluginCapabilities, GetControllerCapabilities.
+ATTACHER_START_DEADLINE = re.compile(r'"Failed to (get the CSI driver name|controller capability check|check if the '
+                                     r'CSI Driver supports the CONTROLLER_SERVICE)" '
                                      r'err="rpc error: code = DeadlineExceeded')
 
 
