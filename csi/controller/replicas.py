@@ -75,19 +75,25 @@ def mark_legs(journal, entry: Entry, indexes: list[int], state: str) -> None:
     raise errors.aborted(f"the journal record of volume {entry.name!r} keeps changing; try again")
 
 
+def capacity_in_zone(by_zone: dict[str, dict[str, tuple[int, int]]], zone: str,
+                     replica_zones: Sequence[str]) -> tuple[int, int]:
+    """`capacity` for volumes of `zone` (by_zone: zone -> node -> as `capacity` takes them): the second leg may
+    also go to the class's replicaZones."""
+    other = {n: v for z in replica_zones if z != zone for n, v in by_zone.get(z, {}).items()}
+    return capacity(by_zone.get(zone, {}), other)
+
+
 def capacity_any_zone(by_zone: dict[str, dict[str, tuple[int, int]]],
                       replica_zones: Sequence[str]) -> tuple[int, int]:
     """GetCapacity for replicated volumes asked without a topology: a volume still pairs only within its zone
     (and the class's replicaZones), never two nodes of two other zones. Each zone as `capacity` counts it; the
     sum is bounded by all the nodes taken together, since a replicaZones node may serve several zones."""
-    totals, largest = [], 0
-    for zone, own in by_zone.items():
-        other = {n: v for z in replica_zones if z != zone for n, v in by_zone.get(z, {}).items()}
-        total, big = capacity(own, other)
-        totals.append(total)
-        largest = max(largest, big)
+    per_zone = [capacity_in_zone(by_zone, zone, replica_zones) for zone in by_zone]
     everything = {n: v for nodes in by_zone.values() for n, v in nodes.items()}
-    return min(sum(totals), capacity(everything, {})[0]), largest
+    return (min(sum(total for total, _ in per_zone), capacity(everything, {})[0]),
+            max((largest for _, largest in per_zone), default=0))
+
+
 COUNT = 2
 _DOWN = (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED)
 # Agent answers after which nothing was made on that leg's node (as service._NOTHING_MADE).

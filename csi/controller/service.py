@@ -501,14 +501,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             nodes = by_zone.setdefault(c.zone, {})
             free, best = nodes.get(c.node, (0, 0))
             nodes[c.node] = (free + c.available, max(best, c.available))
-        own = {n: v for z, nodes in by_zone.items() if zone is None or z == zone for n, v in nodes.items()}
         if params.replicas > 1 and zone is None:
             total, largest = replicas.capacity_any_zone(by_zone, params.replica_zones)
-        elif params.replicas > 1:   # the second leg may also go to the class's replicaZones
-            other = {n: v for z in params.replica_zones if z != zone for n, v in by_zone.get(z, {}).items()}
-            total, largest = replicas.capacity(own, other)
+        elif params.replicas > 1:
+            total, largest = replicas.capacity_in_zone(by_zone, zone, params.replica_zones)
         else:
-            total, largest = sum(f for f, _ in own.values()), max((b for _, b in own.values()), default=0)
+            own = [v for z, nodes in by_zone.items() if zone is None or z == zone for v in nodes.values()]
+            total, largest = sum(f for f, _ in own), max((b for _, b in own), default=0)
         return csi.GetCapacityResponse(available_capacity=total, maximum_volume_size=Int64Value(value=largest))
 
     def ControllerGetCapabilities(self, request, context):

@@ -3,17 +3,11 @@ default, refused while the leg's node answers (outdated) or does not (in-sync), 
 
 from __future__ import annotations
 
-from concurrent import futures
-
-import grpc
 import pytest
 
-from csi import cli, legmark, peers
+from csi import cli, legmark
 from csi.controller.journal import Entry
-from csi.proto import agent_pb2 as pb
-from csi.proto import agent_pb2_grpc
-from csi.server import TlsFiles
-from tests.unit.test_retire import operator_fleet
+from tests.unit.test_retire import answering_agent, operator_fleet
 
 KEY = "c1-pvc-9-0123456789"
 VOLUME = f"r1:{KEY}"
@@ -66,24 +60,13 @@ def test_bad_input_is_refused_clearly(fleet, capsys):
 def test_a_node_that_answers_is_not_outdated_and_is_marked_in_sync_again(fleet, capsys):
     argv, journal, pki, write_nodes = fleet
     assert cli.main(argv + [VOLUME, "s2", "outdated", "--yes"]) == 0
-
-    class Agent(agent_pb2_grpc.AgentServicer):
-        def GetInfo(self, request, context):
-            return pb.AgentInfo(node_name="s2")
-
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    agent_pb2_grpc.add_AgentServicer_to_server(Agent(), server)
-    port = server.add_secure_port("127.0.0.1:0", TlsFiles(pki.issue(peers.AGENT, "s2")).server_credentials())
-    server.start()
-    try:
+    with answering_agent(pki, "s2") as port:
         write_nodes(port)
         journal.update(_with_state(journal, 1, "in-sync"))
         assert cli.main(argv + [VOLUME, "s2", "outdated", "--yes"]) == 1
         assert "s2 answers" in capsys.readouterr().out
         journal.update(_with_state(journal, 1, "outdated"))
         assert cli.main(argv + [VOLUME, "s2", "in-sync", "--yes"]) == 0
-    finally:
-        server.stop(None)
     assert states(journal) == ["in-sync", "in-sync"]
 
 

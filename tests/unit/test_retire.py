@@ -4,8 +4,11 @@ mutual TLS) refused. The command was once lost in a merge (an ImportError at the
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from concurrent import futures
+
+from typing import Iterator
 
 import grpc
 import pytest
@@ -43,6 +46,23 @@ def operator_fleet(tmp_path, command: str, entries: list[Entry]):
     return argv, journal, pki, write_nodes
 
 
+@contextlib.contextmanager
+def answering_agent(pki, node: str) -> Iterator[int]:
+    """A real gRPC agent of `node` over mutual TLS that answers GetInfo, for the block; yields its port."""
+    class Agent(agent_pb2_grpc.AgentServicer):
+        def GetInfo(self, request, context):
+            return pb.AgentInfo(node_name=node)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    agent_pb2_grpc.add_AgentServicer_to_server(Agent(), server)
+    port = server.add_secure_port("127.0.0.1:0", TlsFiles(pki.issue(peers.AGENT, node)).server_credentials())
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None)
+
+
 @pytest.fixture
 def fleet(tmp_path):
     """storage nodes s1 and s2, s2's volume and snapshot journaled (operator_fleet)."""
@@ -71,19 +91,8 @@ def test_yes_retires_the_node_once(fleet, capsys):
 
 def test_a_node_whose_agent_answers_is_not_retired(fleet, capsys):
     argv, journal, pki, write_nodes = fleet
-
-    class Agent(agent_pb2_grpc.AgentServicer):
-        def GetInfo(self, request, context):
-            return pb.AgentInfo(node_name="s2")
-
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    agent_pb2_grpc.add_AgentServicer_to_server(Agent(), server)
-    port = server.add_secure_port("127.0.0.1:0", TlsFiles(pki.issue(peers.AGENT, "s2")).server_credentials())
-    server.start()
-    try:
+    with answering_agent(pki, "s2") as port:
         write_nodes(port)
         assert cli.main(argv + ["s2", "--yes"]) == 1
-    finally:
-        server.stop(None)
     assert "answers" in capsys.readouterr().out
     assert journal.retired() == set()
