@@ -2,7 +2,10 @@
 
 Every command is an argv list (never a shell string), runs with LC_ALL=C, keeps stderr apart from stdout, and
 gets a timeout from the deadline of the RPC being served (see `deadline`), so a command never outlives the
-call that started it. Failures raise `CommandError` carrying argv, exit code and stderr.
+call that started it; except a command run with `finish`, which must never be killed half-way (an LVM change:
+killed while it holds a device suspended, every later I/O to that device and every later LVM command waits):
+it runs to its end, bounded by FINISH_TIMEOUT, and the call answers late (its retry waits on the call's lock,
+then finds the work done). Failures raise `CommandError` carrying argv, exit code and stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ DEFAULT_TIMEOUT = 120.0
 # half-way (lvcreate, iscsiadm --login) costs more to clean up than a deadline overrun by a second.
 MIN_TIMEOUT = 2.0
 MAX_DEADLINE = 24 * 3600.0
+FINISH_TIMEOUT = 600.0
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
@@ -97,15 +101,19 @@ def mask(argv: Sequence[str], secrets: Iterable[str]) -> list[str]:
 
 def run(argv: Sequence[str], *, timeout: float | None = None, input: str | None = None,
         ok_codes: Iterable[int] = (0,), env: dict[str, str] | None = None,
-        secrets: Iterable[str] = ()) -> Result:
+        secrets: Iterable[str] = (), finish: bool = False) -> Result:
     """Runs argv and returns its Result; raises CommandError unless the exit code is in ok_codes.
 
-    `secrets` are argv items (CHAP passwords) that must never reach a log line or an error message.
+    `secrets` are argv items (CHAP passwords) that must never reach a log line or an error message. `finish`:
+    the RPC's deadline does not apply (see the module's docstring); `timeout`, or FINISH_TIMEOUT, does.
     """
     argv = [str(a) for a in argv]
     secrets = tuple(secrets)
     shown = mask(argv, secrets)
-    limit = min(timeout, time_left()) if timeout is not None else time_left()
+    if finish:
+        limit = timeout if timeout is not None else FINISH_TIMEOUT
+    else:
+        limit = min(timeout, time_left()) if timeout is not None else time_left()
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env["LC_ALL"] = "C"

@@ -19,6 +19,10 @@ from csi import runner
 from csi.fsutil import write_atomic
 from csi.runner import CommandError
 
+# The LVM commands that change metadata or devices: never killed at the RPC's deadline.
+CHANGES = frozenset({"lvcreate", "lvremove", "lvextend", "lvconvert", "lvchange", "lvrename", "vgcreate",
+                     "vgextend", "pvcreate"})
+
 LV_FIELDS = "lv_name,vg_name,lv_size,lv_tags,pool_lv,lv_attr,data_percent,metadata_percent,origin,lv_time"
 VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size,lv_count"
 POOL_FIELDS = ("lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,zero,lv_when_full,vg_size,vg_free,"
@@ -186,8 +190,11 @@ class Lvm:
         write_atomic(self.system_dir / "lvm.conf", lvm_config(devices, state_dir), mode=0o644)
 
     def _run(self, argv: list[str], ok_codes: Iterable[int] = (0,)) -> runner.Result:
+        # A change runs to its end past the RPC's deadline (runner.py): lvextend or a snapshot's lvcreate killed
+        # while it holds the LV suspended would leave every I/O to it, and every later LVM command, waiting.
         return runner.run(argv, ok_codes=ok_codes, env={"LVM_SYSTEM_DIR": str(self.system_dir),
-                                                        "LVM_SUPPRESS_FD_WARNINGS": "1"})
+                                                        "LVM_SUPPRESS_FD_WARNINGS": "1"},
+                          finish=argv[0] in CHANGES)
 
     @staticmethod
     def _report(stdout: str, kind: str) -> list[dict[str, str]]:

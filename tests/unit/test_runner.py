@@ -32,6 +32,27 @@ def test_deadline_bounds_the_command():
     assert code == errors.Code.DEADLINE_EXCEEDED
 
 
+def test_a_command_that_must_finish_outlives_the_deadline():
+    started = time.monotonic()
+    with runner.deadline(0.2):
+        assert runner.run(["sh", "-c", "sleep 2.5; echo done"], finish=True).stdout == "done\n"
+        with pytest.raises(runner.CommandTimeout):
+            runner.run(["sleep", "30"], finish=True, timeout=0.5)     # its own bound still holds
+    assert 2.5 <= time.monotonic() - started < 10
+
+
+def test_lvm_changes_are_never_killed_at_the_deadline_and_reports_are(fake_run, tmp_path):
+    from csi.storage.lvm import Lvm
+    fake_run.on("lvextend")
+    fake_run.on("lvs", stdout='{"report": [{"lv": []}]}')
+    lvm = Lvm(tmp_path)
+    with runner.deadline(3.0):
+        lvm.extend("vg", "lv", 1 << 30)
+        lvm.lv("vg", "lv")
+    assert fake_run.calls[0][0] == "lvextend" and fake_run.timeouts[0] == runner.FINISH_TIMEOUT
+    assert fake_run.calls[1][0] == "lvs" and fake_run.timeouts[1] <= 3.0
+
+
 def test_missing_tool_is_a_clear_failed_precondition():
     with pytest.raises(runner.CommandNotFound) as e:
         runner.run(["no-such-tool-xyz", "a"])
