@@ -11,7 +11,9 @@ A replicated volume (volume_id "r1:<lv>") publishes one such set of keys per leg
 with each leg's VG and whether the controller's record holds it outdated (it missed writes the other leg has):
 parse_replicated() reads them. Every leg of the volume is there, in the record's order: a leg whose storage node
 did not answer at publish has only its node, VG and state, and "granted" false (the node cannot log in to it,
-but knows it exists: a lone leg is trusted only when it is provably current, csi/node/replicated.py).
+but knows it exists: a lone leg is trusted only when it is provably current, csi/node/replicated.py). A volume
+made from a snapshot or a clone of a replicated volume names its "seed" leg: the one that holds the source's
+data under the source array's superblock, from which the node creates the volume's own array at its first stage.
 
 A VolumeAttachment made by the driver before this contract holds the CHAP secrets themselves (chapUser,
 chapSecret, mutualChapUser, mutualChapSecret) and no agent address: parse() still reads those, so a volume
@@ -68,6 +70,7 @@ REPLICAS = "replicas"
 LEG_VG = "vg"
 LEG_OUTDATED = "outdated"
 LEG_GRANTED = "granted"
+SEED = "seedLeg"
 MAX_LEGS = 2
 
 
@@ -81,6 +84,7 @@ class Leg:
     lv: str
     outdated: bool
     attachment: Attachment | None
+    seed: bool = False      # holds the data of the volume's source, under the source array's superblock
 
     @property
     def ref(self) -> ids.LvRef:
@@ -91,10 +95,13 @@ def leg_prefix(index: int) -> str:
     return f"leg{index}."
 
 
-def replicated_publish_context(legs: list[tuple[dict[str, str] | None, str, str, bool]]) -> dict[str, str]:
+def replicated_publish_context(legs: list[tuple[dict[str, str] | None, str, str, bool]],
+                                seed: int | None = None) -> dict[str, str]:
     """legs, in the record's order: (publish_context() of the leg's grant, None when not granted; its storage
-    node; its VG; outdated)."""
+    node; its VG; outdated); seed: the index of the seed leg of a volume made from a replicated source."""
     out = {REPLICAS: str(len(legs))}
+    if seed is not None:
+        out[SEED] = str(seed)
     for i, (ctx, node, vg, outdated) in enumerate(legs):
         p = leg_prefix(i)
         out.update({p + k: v for k, v in (ctx or {}).items()})
@@ -113,6 +120,9 @@ def parse_replicated(ctx, key: str) -> list[Leg]:
     if count != str(MAX_LEGS):
         raise errors.invalid(f"publish_context of a replicated volume needs {REPLICAS}={MAX_LEGS} "
                              "(was the volume published by this driver's controller?)")
+    seed = ctx.get(SEED)
+    if seed is not None and seed not in [str(i) for i in range(MAX_LEGS)]:
+        raise errors.invalid(f"publish_context {SEED} must name a leg (0 to {MAX_LEGS - 1})")
     legs = []
     for i in range(int(count)):
         p = leg_prefix(i)
@@ -127,7 +137,8 @@ def parse_replicated(ctx, key: str) -> list[Leg]:
             if sub.get(flag, "true" if flag == LEG_GRANTED else "false") not in ("true", "false"):
                 raise errors.invalid(f"publish_context leg {i}: {flag} must be true or false")
         granted = sub.get(LEG_GRANTED, "true") == "true"
-        legs.append(Leg(i, ref.node, vg, key, sub.get(LEG_OUTDATED) == "true", parse(sub, ref) if granted else None))
+        legs.append(Leg(i, ref.node, vg, key, sub.get(LEG_OUTDATED) == "true", parse(sub, ref) if granted else None,
+                        seed == str(i)))
     if len({leg.storage_node for leg in legs}) != len(legs):
         raise errors.invalid("publish_context names one storage node for two legs")
     return legs

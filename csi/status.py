@@ -93,6 +93,7 @@ def report(agents, out: TextIO, min_age: int = ORPHAN_MIN_AGE) -> int:
     table(rows, out)
     out.write("\n")
     vrows = [["VOLUME ID", "NAME", "SIZE", "POOL", "ATTACHED TO", "STATE", "CREATED"]]
+    legs: list[tuple[int, str, int, apb.LegSuperblock | None]] = []    # (row, key, leg index, its superblock)
     unlisted = []
     for client in agents.all():
         result = lists[client.node.name]
@@ -110,12 +111,17 @@ def report(agents, out: TextIO, min_age: int = ORPHAN_MIN_AGE) -> int:
                 state, trouble = f"ABNORMAL: {v.condition}", trouble + 1
             vid = ids.LvRef(client.node.name, v.vg, v.lv).encode()
             if caps.is_replica_leg(v.attributes):
-                # One row per leg, under the volume's own ID; whether a leg is outdated is in the journal
-                # (ControllerGetVolumeHealth says it), not on its agent.
+                # One row per leg, under the volume's own ID; what the worker's md wrote on each leg says whether
+                # it is in the array (below); whether an operator outdated one is in the journal.
                 vid = f"{ids.replicated_volume_id(v.lv)} leg {caps.replica_leg(v.attributes)} ({vid})"
+                if v.healthy:
+                    legs.append((len(vrows), v.lv, caps.replica_leg(v.attributes), _examine(client, v)))
             vrows.append([vid, v.name, _gib(v.size_bytes), v.pool,
                           ",".join(i.iqn.rsplit(":", 1)[-1] + (" (ro)" if i.read_only else "")
                                    for i in v.initiators) or "-", state, created])
+    for row, state in _leg_states(legs).items():
+        vrows[row][5] = state
+        trouble += state.startswith("OUT OF ARRAY")
     if len(vrows) == 1:
         out.write("no volumes\n")
     else:
@@ -134,6 +140,30 @@ def report(agents, out: TextIO, min_age: int = ORPHAN_MIN_AGE) -> int:
         table([["NODE", "KIND", "NAME", "AGE", "WHY"]] + found, out)
         trouble += 1
     return 1 if trouble else 0
+
+
+def _examine(client, v: apb.Volume) -> apb.LegSuperblock | None:
+    try:
+        return client.call("ExamineLeg", apb.ExamineLegRequest(vg=v.vg, lv=v.lv))
+    except errors.CsiError:
+        return None      # an agent from before ExamineLeg, or the LV went meanwhile: the row says "ok"
+
+
+def _leg_states(legs: list[tuple[int, str, int, apb.LegSuperblock | None]]) -> dict[int, str]:
+    """The STATE of each healthy leg's row that its array's superblocks say more about: a leg being rebuilt,
+    one that another leg's superblock shows failed (it missed writes), one that went on alone."""
+    out = {}
+    for row, key, index, sb in legs:
+        if sb is None or not sb.present or sb.name != ids.md_name(key):
+            continue
+        peers = [p for _, k, i, p in legs if k == key and i != index and p is not None and p.present]
+        if sb.recovering:
+            out[row] = "resyncing: being rebuilt from the other leg"
+        elif "." in sb.array_state:
+            out[row] = "ok, the other leg out of the array"
+        elif any("." in p.array_state and not p.recovering for p in peers):
+            out[row] = "OUT OF ARRAY: missed writes (the other leg's superblock shows it failed)"
+    return out
 
 
 def _orphans(agents, min_age: int, remove: bool) -> tuple[list[list[str]], dict[str, str]]:

@@ -11,14 +11,13 @@ leg as current).
 
 The legs carry the attributes capabilities.ATTR_REPLICAS and ATTR_LEG on their agents: listing, health and the
 journal's adoption scan know them by these, so a leg never shows up, or is adopted, as a plain volume.
-Content sources and snapshots of replicated volumes are refused for now.
+Snapshots and clones of replicated volumes, and the volumes made from them: csi/controller/replica_sources.py.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
 
 from csi import capabilities as caps
 from csi import contract, errors, faults, ids
@@ -42,22 +41,6 @@ def usable(leg_bytes: int, limit: int = 0) -> int:
     return min(size, limit) if limit else size
 
 
-def capacity(own: dict[str, tuple[int, int]], other: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    """GetCapacity for replicated volumes: (available_capacity, maximum_volume_size) from the storage nodes of
-    the volume's zone (`own`) and of the class's replicaZones (`other`), each node -> (bytes free in all its
-    matching pools, in its largest). A volume needs two legs on two nodes, one of them in its own zone: the
-    largest is the best pair's smaller node, and the total at most half of all, all but the fullest node's
-    share (it cannot pair with itself), and what the own zone holds."""
-    nodes = {**other, **own}
-    largest = max((min(own[a][1], nodes[b][1]) for a in own for b in nodes if b != a), default=0)
-    if largest <= MD_RESERVE:
-        return 0, 0
-    total_all = sum(free for free, _ in nodes.values())
-    total = min(total_all // 2, total_all - max(free for free, _ in nodes.values()),
-                sum(free for free, _ in own.values()))
-    return max(0, total - MD_RESERVE), largest - MD_RESERVE
-
-
 def mark_legs(journal, entry: Entry, indexes: list[int], state: str) -> None:
     """Records legs' state before the caller goes on (the outdated record must be durable before writes go on
     without the leg); a concurrent change of the record is read again and applied to it."""
@@ -73,25 +56,6 @@ def mark_legs(journal, entry: Entry, indexes: list[int], state: str) -> None:
                 raise errors.aborted(f"volume {entry.name!r} was deleted meanwhile") from None
             entry.legs, entry.version, entry.state = fresh.legs, fresh.version, fresh.state
     raise errors.aborted(f"the journal record of volume {entry.name!r} keeps changing; try again")
-
-
-def capacity_in_zone(by_zone: dict[str, dict[str, tuple[int, int]]], zone: str,
-                     replica_zones: Sequence[str]) -> tuple[int, int]:
-    """`capacity` for volumes of `zone` (by_zone: zone -> node -> as `capacity` takes them): the second leg may
-    also go to the class's replicaZones."""
-    other = {n: v for z in replica_zones if z != zone for n, v in by_zone.get(z, {}).items()}
-    return capacity(by_zone.get(zone, {}), other)
-
-
-def capacity_any_zone(by_zone: dict[str, dict[str, tuple[int, int]]],
-                      replica_zones: Sequence[str]) -> tuple[int, int]:
-    """GetCapacity for replicated volumes asked without a topology: a volume still pairs only within its zone
-    (and the class's replicaZones), never two nodes of two other zones. Each zone as `capacity` counts it; the
-    sum is bounded by all the nodes taken together, since a replicaZones node may serve several zones."""
-    per_zone = [capacity_in_zone(by_zone, zone, replica_zones) for zone in by_zone]
-    everything = {n: v for nodes in by_zone.values() for n, v in nodes.items()}
-    return (min(sum(total for total, _ in per_zone), capacity(everything, {})[0]),
-            max((largest for _, largest in per_zone), default=0))
 
 
 COUNT = 2
@@ -133,7 +97,9 @@ class Replicas:
     node directory, locks and topology; it dispatches "r1:" ids and replicas=2 CreateVolume here."""
 
     def __init__(self, service):
+        from csi.controller.replica_sources import ReplicaSources   # it builds on this module's legs
         self.svc = service
+        self.sources = ReplicaSources(self)
 
     # ------------------------------------------------------------------------------------ look-up
 
@@ -156,8 +122,14 @@ class Replicas:
         return ""   # filled in from the agent's answer (made())
 
     def _volume(self, volume_id: str, entry: Entry, vol: apb.Volume, size: int) -> csi.Volume:
-        return csi.Volume(volume_id=volume_id, capacity_bytes=size, volume_context=volume_context(vol),
-                          accessible_topology=self.svc._topology(entry.node))
+        out = csi.Volume(volume_id=volume_id, capacity_bytes=size, volume_context=volume_context(vol),
+                         accessible_topology=self.svc._topology(entry.node))
+        kind, _, sid = entry.source.partition(":")
+        if kind == "snapshot":
+            out.content_source.snapshot.snapshot_id = sid
+        elif kind == "volume":
+            out.content_source.volume.volume_id = sid
+        return out
 
     def _ask(self, entry: Entry, fn) -> tuple[dict[int, object], dict[int, str]]:
         """fn(leg, agent client) on every leg: (answer by leg index, why not by leg index) for the legs whose
@@ -184,10 +156,16 @@ class Replicas:
     def create(self, request, name: str, params: caps.Params, access: caps.Access, required: int, limit: int,
                requisite, preferred, attributes: dict[str, str]) -> csi.CreateVolumeResponse:
         caps.check_replicated(access)
-        if request.HasField("volume_content_source"):
-            raise errors.invalid("replicated volumes (replicas: 2) cannot be made from a snapshot or a volume yet; "
-                                 "create a plain volume from it, or an empty replicated volume")
         svc = self.svc
+        seed = self.sources.seed(request) if request.HasField("volume_content_source") else None
+        if seed is not None:
+            held = usable(seed.size)
+            if not request.HasField("capacity_range") or request.capacity_range.required_bytes == 0:
+                required = max(required, held)
+            if required < held or (limit and held > limit):
+                raise errors.out_of_range(f"the source holds {held} bytes; a volume of {required}"
+                                          f"{f' to {limit}' if limit else ''} bytes cannot hold it")
+            attributes = dict(attributes, source=seed.text)
         key = ids.lv_name(svc.config.cluster_id, name)
         with svc.locks.hold("name:" + name):
             entry = svc.placement.find("volume", name)
@@ -199,17 +177,21 @@ class Replicas:
             if entry is None:
                 # No limit on the legs: their extent rounding is above the reserve; the capacity reported is capped.
                 entry = svc.placement.claim(self._place(key, name, params, required + MD_RESERVE, 0, requisite,
-                                                        preferred))
+                                                        preferred, seed))
                 faults.step("replicas.placed")
             if entry.kind != "volume" or entry.name != name or not entry.legs:
                 raise errors.exists(f"volume {name!r} exists as another object or as a plain volume "
                                     f"({caps.PARAM_REPLICAS}: 1)")
+            if entry.source != (seed.text if seed else ""):
+                raise errors.exists(f"volume {name!r} exists with another content source")
             size = max([required + MD_RESERVE] + [leg.get("size", 0) for leg in entry.legs])
             vols = []
             for leg in legs_of(entry):
                 try:
                     vols.append(svc.agents.get(leg.node).call("CreateVolume", apb.CreateVolumeRequest(
-                        name=name, pool=leg.pool, size_bytes=size, attributes=leg_attributes(attributes, leg.index))))
+                        name=name, pool=leg.pool, size_bytes=size, attributes=leg_attributes(attributes, leg.index),
+                        source=self.sources.volume_source(seed) if seed and entry.legs[leg.index].get("seed")
+                        else None)))
                 except errors.CsiError as exc:
                     if entry.state == "placing" and exc.code in _NOTHING_MADE:
                         # This node made nothing (its pool filled up since the poll, say): undo the legs made,
@@ -226,19 +208,33 @@ class Replicas:
             volume = self._volume(ids.replicated_volume_id(key), entry, vols[0], capacity)
             return csi.CreateVolumeResponse(volume=volume)
 
-    def _place(self, key, name, params, required, limit, requisite, preferred) -> Entry:
-        """Leg 0 where the scheduler puts a plain volume; leg 1 on another node of leg 0's zone (or of the class's
-        `replicaZones`, for workers that reach the storage nodes of both; leg 0's zone first). A zone with one
-        node that fits is left out and the choice made again, so a pair is found wherever one exists."""
+    def _place(self, key, name, params, required, limit, requisite, preferred, seed=None) -> Entry:
+        """Leg 0 where the scheduler puts a plain volume (a seed's: in its source's thin pool); leg 1 on another
+        node of leg 0's zone (or of the class's `replicaZones`, for workers that reach the storage nodes of both;
+        leg 0's zone first). A zone with one node that fits is left out and the choice made again, so a pair is
+        found wherever one exists."""
         svc = self.svc
         candidates, down = svc._candidates()
+        if seed is not None:
+            at_seed = [c for c in candidates if c.node == seed.node and c.pool == seed.pool]
+            if not at_seed:
+                raise errors.unavailable(f"storage node {seed.node}, which holds the source, does not answer now")
+            try:
+                first = scheduler.choose(at_seed, required=required, limit=limit, pool=seed.pool, thin=True,
+                                         requisite_zones=requisite, preferred_zones=preferred)
+            except errors.CsiError as exc:
+                raise errors.CsiError(exc.code, f"the first leg of a replicated volume made from {seed.text} "
+                                      f"goes into the source's own thin pool ({seed.pool} on {seed.node}), "
+                                      f"and: {exc.message}") from None
         wanted_thin = params.thin if params.thin is not None else (None if params.pool else True)
         alone: dict[str, str] = {}    # zone -> the one node in it that had room
         while True:
             pool = [c for c in candidates if c.zone not in alone]
             try:
-                first = scheduler.choose(pool, required=required, limit=limit, pool=params.pool, thin=wanted_thin,
-                                         requisite_zones=requisite, preferred_zones=preferred, down=down)
+                if seed is None:
+                    first = scheduler.choose(pool, required=required, limit=limit, pool=params.pool,
+                                             thin=wanted_thin, requisite_zones=requisite, preferred_zones=preferred,
+                                             down=down)
             except errors.CsiError as exc:
                 if not alone or exc.code != errors.Code.RESOURCE_EXHAUSTED:
                     raise
@@ -254,6 +250,10 @@ class Replicas:
             except errors.CsiError as exc:
                 if exc.code != errors.Code.RESOURCE_EXHAUSTED:
                     raise
+                if seed is not None:
+                    raise errors.exhausted(f"the second leg of a replicated volume made from {seed.text} needs "
+                                           f"another storage node with room in zone {zone or '(none)'} (or the "
+                                           f"class's replicaZones): {exc.message}") from None
                 alone[zone] = first.candidate.node
                 continue
             break
@@ -264,8 +264,10 @@ class Replicas:
             svc.agents.consume(p.candidate.node, p.candidate.pool, size)
             legs.append({"node": p.candidate.node, "pool": p.candidate.pool, "state": IN_SYNC, "size": size,
                          "vg": self._vg_of(p.candidate.node, p.candidate.pool)})
+        if seed is not None:
+            legs[0]["seed"] = True
         return Entry(key, "volume", name, first.candidate.node, pool=first.candidate.pool, vg=legs[0]["vg"],
-                     legs=legs)
+                     legs=legs, source=seed.text if seed else "")
 
     def _made(self, entry: Entry, vols: list[apb.Volume]) -> None:
         """Records that every leg exists (ready), with the VG each agent answered."""
@@ -371,7 +373,7 @@ class Replicas:
             (contract.publish_context(grants[i].target_iqn, grants[i].portals, grants[i].lun, legs[i].node,
                                       svc.agents.node(legs[i].node).address) if i in grants else None,
              legs[i].node, legs[i].vg, i in outdated)
-            for i in sorted(legs)]))
+            for i in sorted(legs)], seed=next((i for i, d in enumerate(entry.legs) if d.get("seed")), None)))
 
     def _mark(self, entry: Entry, indexes: list[int], state: str) -> None:
         mark_legs(self.svc.placement.journal, entry, indexes, state)
@@ -389,7 +391,8 @@ class Replicas:
 
     def unpublish(self, request, key: str) -> csi.ControllerUnpublishVolumeResponse:
         """Revokes the node on every leg (fencing holds on both). A leg whose agent does not answer fails the
-        call after the others are revoked: an OK would let the attacher believe the node fenced from it."""
+        call after the others are revoked: an OK would let the attacher believe the node fenced from it; unless
+        the leg is recorded outdated, so that nothing it holds is read again."""
         svc = self.svc
         with svc.locks.hold(request.volume_id):
             entry = svc.placement.journal.get(key)
@@ -413,6 +416,13 @@ class Replicas:
                                  request.volume_id, r.sessions_ended)
                 except errors.CsiError as exc:
                     if exc.code == errors.Code.NOT_FOUND:
+                        continue
+                    if leg.state == OUTDATED and exc.code in _DOWN:
+                        # Nothing on an outdated leg is ever read again (it is cleared and copied over in full
+                        # when it is back), so its revoke may wait: the volume can move on (mark-replica-leg).
+                        log.warning("leg %d of %s on %s is outdated and does not answer: its grant to %s stays "
+                                    "until a later unpublish (%s)", leg.index, request.volume_id, leg.node,
+                                    request.node_id or "every node", exc.message)
                         continue
                     problems.append(exc)
             if problems:
@@ -440,9 +450,11 @@ class Replicas:
         return self.svc._validated(request, next(iter(vols.values())), caps.check_replicated)
 
     def health(self, key: str, volume_id: str) -> csi.ControllerGetVolumeHealthResponse:
-        """DEGRADED per leg that is missing, unhealthy or outdated; INACCESSIBLE when no in-sync leg is usable."""
+        """DEGRADED per leg that is missing, unhealthy, outdated or, as the legs' superblocks show, out of the
+        worker's array; INACCESSIBLE when no in-sync leg is usable."""
         entry = self._entry(key, volume_id)
         vols, missing = self._get_legs(key, entry, brief=False)
+        behind = self.sources.out_of_array(key, entry, vols)
         statuses, usable = [], 0
         for leg in legs_of(entry):
             vol = vols.get(leg.index)
@@ -455,6 +467,9 @@ class Replicas:
             elif leg.state == OUTDATED:
                 statuses.append(health.Entry(status=csi.DEGRADED, reason="ReplicaLegOutdated", message=(
                     f"leg {leg.index} on {leg.node} missed writes the other leg holds; the node resyncs it")))
+            elif leg.index in behind:
+                statuses.append(health.Entry(status=csi.DEGRADED, reason="ReplicaLegOutOfArray",
+                                             message=behind[leg.index]))
             else:
                 usable += 1
         if not usable:

@@ -16,7 +16,7 @@ from google.protobuf.wrappers_pb2 import Int64Value
 from csi import capabilities as caps
 from csi import contract, errors, faults, ids, mkfs_options
 from csi.config import ControllerConfig
-from csi.controller import health, listing, replicas, scheduler
+from csi.controller import health, listing, replica_capacity, replicas, scheduler
 from csi.controller.agents import Agents
 from csi.controller.journal import Entry
 from csi.controller.placement import Placement
@@ -248,14 +248,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             if ref is None or not self._serves(ref.node):
                 raise errors.not_found(f"snapshot {sid!r} does not exist")
             snap = self.agents.get(ref.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=ref.vg, lv=ref.lv))
+            if snap.source_replicated:
+                raise errors.invalid(f"snapshot {sid} is of a replicated volume: it restores into a replicated "
+                                     "volume (replicas: 2) only, for now")
             return Source("snapshot", ref, snap.size_bytes, "snapshot:" + sid)
         if src.HasField("volume"):
             vid = src.volume.volume_id
             if not vid:
                 raise errors.invalid("volume_content_source.volume.volume_id is required")
             if self.replicas.key_of(vid) is not None:
-                raise errors.precondition(f"volume {vid} is replicated: cloning a replicated volume is not "
-                                          "supported yet")
+                raise errors.invalid(f"volume {vid} is replicated: it is cloned into a replicated volume "
+                                     "(replicas: 2) only, for now")
             ref = self._ref(vid)
             if ref is None or not self._serves(ref.node):
                 raise errors.not_found(f"volume {vid!r} does not exist")
@@ -502,9 +505,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             free, best = nodes.get(c.node, (0, 0))
             nodes[c.node] = (free + c.available, max(best, c.available))
         if params.replicas > 1 and zone is None:
-            total, largest = replicas.capacity_any_zone(by_zone, params.replica_zones)
+            total, largest = replica_capacity.capacity_any_zone(by_zone, params.replica_zones)
         elif params.replicas > 1:
-            total, largest = replicas.capacity_in_zone(by_zone, zone, params.replica_zones)
+            total, largest = replica_capacity.capacity_in_zone(by_zone, zone, params.replica_zones)
         else:
             own = [v for z, nodes in by_zone.items() if zone is None or z == zone for v in nodes.values()]
             total, largest = sum(f for f, _ in own), max((b for _, b in own), default=0)
@@ -517,8 +520,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     # ------------------------------------------------------------------------------------ snapshots
 
     def _to_snapshot(self, node: str, snap: apb.Snapshot) -> csi.Snapshot:
+        source = (ids.replicated_volume_id(snap.source_lv) if snap.source_replicated else
+                  ids.LvRef(node, snap.source_vg, snap.source_lv).encode())
         out = csi.Snapshot(snapshot_id=ids.LvRef(node, snap.vg, snap.lv, "snapshot").encode(),
-                           source_volume_id=ids.LvRef(node, snap.source_vg, snap.source_lv).encode(),
+                           source_volume_id=source,
                            size_bytes=snap.size_bytes, ready_to_use=snap.ready)
         out.creation_time.FromSeconds(snap.created_unix)
         return out
@@ -527,8 +532,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         name = ids.check_request_name(request.name)
         if not request.source_volume_id:
             raise errors.invalid("source_volume_id is required")
-        if self.replicas.key_of(request.source_volume_id) is not None:
-            raise errors.precondition("snapshots of replicated volumes are not supported yet")
+        key = self.replicas.key_of(request.source_volume_id)
+        if key is not None:
+            return self.replicas.sources.snapshot(request, name, key)
         ref = self._require_ref(request.source_volume_id)
         if not self._serves(ref.node):
             raise errors.not_found(f"volume {request.source_volume_id!r} does not exist")
@@ -585,8 +591,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         nodes, keep = None, (lambda node, snap: True)
         if request.source_volume_id:
             src = self._ref(request.source_volume_id)
-            nodes = [src.node] if src is not None and self._serves(src.node) else []
-            keep = lambda node, snap: ids.LvRef(node, snap.source_vg, snap.source_lv).encode() == \
+            key = self.replicas.key_of(request.source_volume_id)
+            entry = self.placement.journal.get(key) if key is not None else None
+            # A replicated volume's snapshots are on its legs' nodes (every node, once the volume is deleted).
+            nodes = ([src.node] if src is not None and self._serves(src.node) else [] if key is None else
+                     sorted({d["node"] for d in entry.legs if self._serves(d["node"])}) if entry and entry.legs
+                     else None)
+            keep = lambda node, snap: self._to_snapshot(node, snap).source_volume_id == \
                 request.source_volume_id  # noqa: E731
         page, next_token = listing.walk(self.agents, "snapshot", request.max_entries, request.starting_token,
                                         DEFAULT_PAGE, nodes=nodes, keep=keep)

@@ -93,6 +93,7 @@ class Superblock:
     name: str            # homehost:name
     events: int
     array_state: str     # "AA", "A.", ".A", ... as --examine prints it; "" when mdadm did not print one
+    recovering: bool = False   # this leg is being rebuilt (its "Recovery Offset"): not the array's data yet
 
 
 def parse_examine(export: str, human: str) -> Superblock:
@@ -100,7 +101,7 @@ def parse_examine(export: str, human: str) -> Superblock:
     fields = dict(line.split("=", 1) for line in export.splitlines() if "=" in line)
     m = re.search(r"^\s*Array State : ([A-Za-z.]+)", human, re.M)
     return Superblock(fields.get("MD_UUID", ""), fields.get("MD_NAME", ""), int(fields.get("MD_EVENTS", "0") or 0),
-                      m.group(1) if m else "")
+                      m.group(1) if m else "", re.search(r"^\s*Recovery Offset : ", human, re.M) is not None)
 
 
 def examine(device: Path) -> Superblock | None:
@@ -125,6 +126,17 @@ def create(key: str, devices: list[Path]) -> Path:
     runner.run(["mdadm", "--create", str(md), "--run", "--level=1", f"--raid-devices={len(devices)}",
                 "--metadata=1.2", f"--data-offset={DATA_OFFSET}", "--bitmap=internal", f"--name={ids.md_name(key)}",
                 "--assume-clean", "--failfast", *map(str, devices)], timeout=MDADM_TIMEOUT)
+    return md
+
+
+def create_from_seed(key: str, seed: Path) -> Path:
+    """A new RAID1 of a volume made from a replicated source: the seed leg holds the source's data from
+    DATA_OFFSET on (the source array's superblock and bitmap before it, overwritten here: --run takes the
+    leg without asking), the other leg is missing until `add` copies the seed to it in full."""
+    md = md_device(key)
+    runner.run(["mdadm", "--create", str(md), "--run", "--level=1", "--raid-devices=2", "--metadata=1.2",
+                f"--data-offset={DATA_OFFSET}", "--bitmap=internal", f"--name={ids.md_name(key)}", "--failfast",
+                str(seed), "missing"], timeout=MDADM_TIMEOUT)
     return md
 
 
@@ -156,14 +168,19 @@ def readd(key: str, device: Path, outdated: bool = False) -> None:
     if outdated:
         log.warning("%s: adding %s, a leg recorded outdated, for a full recovery", md, device)
         runner.run(["mdadm", "--zero-superblock", str(device)], timeout=MDADM_TIMEOUT)
-        runner.run(["mdadm", "--manage", str(md), "--failfast", "--add", str(device)], timeout=MDADM_TIMEOUT)
+        add(key, device)
         return
     try:
         runner.run(["mdadm", "--manage", str(md), "--re-add", str(device)], timeout=MDADM_TIMEOUT)
     except CommandError as exc:
         log.warning("%s: md refused to re-add %s (%s); adding it for a full recovery", md, device,
                     exc.stderr.strip()[-200:])
-        runner.run(["mdadm", "--manage", str(md), "--failfast", "--add", str(device)], timeout=MDADM_TIMEOUT)
+        add(key, device)
+
+
+def add(key: str, device: Path) -> None:
+    """A leg into the array for a full recovery (md copies every block to it)."""
+    runner.run(["mdadm", "--manage", str(md_device(key)), "--failfast", "--add", str(device)], timeout=MDADM_TIMEOUT)
 
 
 def grow(key: str) -> None:

@@ -135,6 +135,9 @@ class Replicated:
         here, away = self._login_all(legs)
         blocks = {i: raid.examine(dev) for i, dev in here.items()}
         sbs = {i: sb for i, sb in blocks.items() if sb is not None}
+        seed = next((leg for leg in legs if leg.seed), None)
+        if seed is not None and not any(sb.name == ids.md_name(key) for sb in sbs.values()):
+            return self._create_from_seed(key, seed, here, sbs, away, read_only)
         for i, sb in sbs.items():
             raid.refuse_foreign(key, here[i], sb)
         if len({sb.uuid for sb in sbs.values()}) > 1:
@@ -170,6 +173,33 @@ class Replicated:
             raid.grow(key)   # legs grown while the array was not assembled (an expansion of an unused volume)
         return md
 
+    def _create_from_seed(self, key: str, seed: contract.Leg, here: dict[int, Path], sbs: dict, away: list[str],
+                          read_only: bool) -> Path:
+        """The first stage of a volume made from a replicated source (no leg carries its own array yet): its
+        array is created from the seed leg, which holds the source's data under the source array's superblock,
+        and the other legs, new and blank, are added for a full copy (csi/controller/replica_sources.py)."""
+        if seed.outdated or seed.index not in here:
+            raise errors.unavailable(
+                f"replicated volume {key} was made from a source whose data is on leg {seed.index} "
+                f"({seed.storage_node}), and that leg is " + ("recorded outdated" if seed.outdated else
+                                                              "not reachable: " + "; ".join(away)))
+        others = sorted(i for i in here if i != seed.index)
+        for i in others:
+            if i in sbs or not mount.probe(here[i]).blank:
+                raise errors.precondition(f"replica leg {i} of {key} ({here[i]}) is not blank, but a volume made "
+                                          "from a source has one new leg besides its seed: nothing was assembled "
+                                          "or written")
+        if read_only:
+            raise errors.precondition("the volume was made from a source and was never staged writable: its array "
+                                      "cannot be created read-only; use it once through a writable claim")
+        log.info("creating the RAID1 of %s from its seed leg %d (%s)", key, seed.index, here[seed.index])
+        md = raid.create_from_seed(key, here[seed.index])
+        faults.step("stage.seed-array")
+        for i in others:
+            log.info("adding replica leg %d (%s) of %s for a full copy of the seed", i, here[i], key)
+            raid.add(key, here[i])
+        return md
+
     @staticmethod
     def _current(key: str, legs: list[contract.Leg], sbs: dict, blank: set[int], away: list[str]) -> list[int]:
         """The legs to assemble from (sbs: the superblock of each leg here that has one; blank: legs here that
@@ -185,7 +215,7 @@ class Replicated:
         if all(i in outdated or i in blank for i in others):
             return with_sb       # the other legs hold nothing newer: recorded outdated, or blank
         # One leg here, the other away and not known outdated: only a leg that went on alone is provably current.
-        alone = [i for i in with_sb if "." in sbs[i].array_state]
+        alone = [i for i in with_sb if "." in sbs[i].array_state and not sbs[i].recovering]
         if alone:
             return alone
         raise errors.unavailable(

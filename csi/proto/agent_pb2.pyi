@@ -283,7 +283,7 @@ class RevokeAccessResponse(_message.Message):
     def __init__(self, sessions_ended: _Optional[int] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("name", "vg", "lv", "source_vg", "source_lv", "size_bytes", "created_unix", "ready")
+    __slots__ = ("name", "vg", "lv", "source_vg", "source_lv", "size_bytes", "created_unix", "ready", "source_replicated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VG_FIELD_NUMBER: _ClassVar[int]
     LV_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,7 @@ class Snapshot(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_REPLICATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     vg: str
     lv: str
@@ -300,7 +301,8 @@ class Snapshot(_message.Message):
     size_bytes: int
     created_unix: int
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., source_vg: _Optional[str] = ..., source_lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    source_replicated: bool
+    def __init__(self, name: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., source_vg: _Optional[str] = ..., source_lv: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[int] = ..., ready: _Optional[bool] = ..., source_replicated: _Optional[bool] = ...) -> None: ...
 
 class CreateSnapshotRequest(_message.Message):
     __slots__ = ("name", "source_vg", "source_lv", "transient")
@@ -325,6 +327,30 @@ class DeleteSnapshotRequest(_message.Message):
 class DeleteSnapshotResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ExamineLegRequest(_message.Message):
+    __slots__ = ("vg", "lv")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ...) -> None: ...
+
+class LegSuperblock(_message.Message):
+    __slots__ = ("present", "name", "uuid", "events", "array_state", "recovering")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ARRAY_STATE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERING_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    name: str
+    uuid: str
+    events: int
+    array_state: str
+    recovering: bool
+    def __init__(self, present: _Optional[bool] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., events: _Optional[int] = ..., array_state: _Optional[str] = ..., recovering: _Optional[bool] = ...) -> None: ...
 
 class GetSnapshotRequest(_message.Message):
     __slots__ = ("vg", "lv", "name")

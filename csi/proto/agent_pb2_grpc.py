@@ -99,6 +99,11 @@ class AgentStub:
                 request_serializer=agent__pb2.ListSnapshotsRequest.SerializeToString,
                 response_deserializer=agent__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.ExamineLeg = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/ExamineLeg',
+                request_serializer=agent__pb2.ExamineLegRequest.SerializeToString,
+                response_deserializer=agent__pb2.LegSuperblock.FromString,
+                _registered_method=True)
         self.ReadData = channel.unary_stream(
                 '/lvmiscsi.agent.v1.Agent/ReadData',
                 request_serializer=agent__pb2.ReadDataRequest.SerializeToString,
@@ -209,6 +214,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExamineLeg(self, request, context):
+        """The md superblock on one leg of a replicated volume, as the worker last wrote it through the target: the
+        controller's proof of which leg holds the newest data before it snapshots or clones one. Controller only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReadData(self, request, context):
         """Streams the content of a volume or snapshot to another agent (a restore or clone across storage
         nodes): only the chunks that are not all zeros, then one last message with the size and the SHA-256 of
@@ -301,6 +314,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ListSnapshots,
                     request_deserializer=agent__pb2.ListSnapshotsRequest.FromString,
                     response_serializer=agent__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'ExamineLeg': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExamineLeg,
+                    request_deserializer=agent__pb2.ExamineLegRequest.FromString,
+                    response_serializer=agent__pb2.LegSuperblock.SerializeToString,
             ),
             'ReadData': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadData,
@@ -669,6 +687,33 @@ class Agent:
             '/lvmiscsi.agent.v1.Agent/ListSnapshots',
             agent__pb2.ListSnapshotsRequest.SerializeToString,
             agent__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExamineLeg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/ExamineLeg',
+            agent__pb2.ExamineLegRequest.SerializeToString,
+            agent__pb2.LegSuperblock.FromString,
             options,
             channel_credentials,
             insecure,

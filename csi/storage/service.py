@@ -23,8 +23,8 @@ from csi.proto import agent_pb2 as pb
 from csi.proto import agent_pb2_grpc
 from csi.runner import CommandError
 from csi.server import KeyLocks
-from csi.storage import (access, authz, capacity, copy, listing, lvm, orphans, restore, snapshots, tags,
-                         transfer, wipe)
+from csi.storage import (access, authz, capacity, copy, listing, lvm, orphans, replica_legs, restore, snapshots,
+                         tags, transfer, wipe)
 from csi.storage.capacity import PoolReports, PoolTotals, PoolUsage
 from csi.storage.lio import Lio
 from csi.storage.lvm import LogicalVolume, Lvm
@@ -427,6 +427,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def ListSnapshots(self, request, context):
         return snapshots.list_page(self, request.max_entries, request.starting_token)
+
+    def ExamineLeg(self, request, context):
+        return replica_legs.examine(self, request)
 
     def Orphans(self, request, context):
         if request.min_age_seconds < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from csi import capabilities as caps
 from csi import errors, faults, ids
 from csi.proto import agent_pb2 as pb
 from csi.runner import CommandError
@@ -26,7 +27,8 @@ COW_MIN = 64 << 20
 def message(lv: LogicalVolume, size: int = 0) -> pb.Snapshot:
     return pb.Snapshot(name=tags.decode_name(lv.tag(tags.NAME) or ""), vg=lv.vg, lv=lv.name,
                        source_vg=lv.vg, source_lv=lv.tag(tags.SOURCE) or "",
-                       size_bytes=size or lv.size, created_unix=int(lv.created), ready=True)
+                       size_bytes=size or lv.size, created_unix=int(lv.created), ready=True,
+                       source_replicated=lv.tag(tags.LEG) is not None)
 
 
 def is_split(lv: LogicalVolume) -> bool:
@@ -71,6 +73,8 @@ def create(service, request) -> pb.Snapshot:
                 "full: no new snapshots"))
         lv_tags = [tags.tag("cluster", cfg.cluster_id), tags.tag("kind", kind),
                    tags.tag("name", tags.encode_name(name)), tags.tag("source", request.source_lv)]
+        if caps.is_replica_leg(rec.attributes):
+            lv_tags.append(tags.tag("leg", str(caps.replica_leg(rec.attributes))))
         try:
             service.lvm.snapshot(vg, request.source_lv, snap, lv_tags, activate=False)
         except CommandError as exc:

@@ -22,6 +22,7 @@ REQUEST = f"{ids.TAG_PREFIX}/request"
 SOURCE = f"{ids.TAG_PREFIX}/source"
 CONTENT = f"{ids.TAG_PREFIX}/content"
 ATTRS = f"{ids.TAG_PREFIX}/attrs"
+LEG = f"{ids.TAG_PREFIX}/leg"        # on a snapshot of a replicated volume's leg: that leg's index
 MAX_TAG = 1024
 
 

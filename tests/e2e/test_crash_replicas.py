@@ -110,6 +110,34 @@ def test_node_crash_in_a_replicated_stage_and_unstage(cluster, step):
 
 
 @campaign
+def test_node_crash_right_after_making_a_restored_volumes_array_from_its_seed(cluster):
+    """Killed once the restore's array exists on its seed leg alone: the retried stage finds it running, the
+    restarted plugin's reconciler adds the new leg, and the volume reads its snapshot's data."""
+    src = cluster.ctrl.CreateVolume(create_req("crash-r-seed-source"), timeout=120).volume
+    digest = cluster.write(cluster.stage_publish(src.volume_id, cluster.publish(src.volume_id)), mib=2)
+    snap = cluster.ctrl.CreateSnapshot(csi.CreateSnapshotRequest(name="crash-r-seed-snap",
+                                                                 source_volume_id=src.volume_id), timeout=120).snapshot
+    cluster.teardown(src.volume_id)
+    req = create_req("crash-r-seed")
+    req.volume_content_source.snapshot.snapshot_id = snap.snapshot_id
+    vol = cluster.ctrl.CreateVolume(req, timeout=120).volume
+    key = ids.parse_replicated_id(vol.volume_id)
+    ctx = cluster.publish(vol.volume_id)
+    staging, _ = cluster.paths(vol.volume_id)
+    staging.mkdir(parents=True, exist_ok=True)
+    stage = csi.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
+                                       staging_target_path=str(staging), volume_capability=MOUNT)
+    crash_node_during(cluster, "stage.seed-array", lambda: cluster.node.NodeStageVolume(stage, timeout=120))
+    cluster.node_ready()
+    target = cluster.stage_publish(vol.volume_id, ctx)
+    assert cluster.read(target) == digest
+    wait_until("the new leg holds the seed's copy", lambda: synced(cluster.w, key), timeout=180)
+    cluster.teardown(vol.volume_id)
+    cluster.ctrl.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=120)
+    assert inventory(cluster) == empty()
+
+
+@campaign
 def test_node_crash_right_after_putting_a_leg_back(cluster):
     """storage-2 is cut off while the volume is written: md drops its leg. The node plugin's reconciler puts
     the leg back once its session is back and is killed right then; the restarted plugin finds the array

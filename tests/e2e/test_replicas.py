@@ -229,6 +229,10 @@ def _refused(cluster, vid: str, key: str) -> None:
     assert not any(" : active" in line for line in mdstat(w).splitlines()), mdstat(w)
     sessions = w.run(["iscsiadm", "-m", "session"], timeout=30).stdout
     assert key.lower() not in sessions.lower(), f"the refused stage left a session: {sessions}"
+    # Nor is a snapshot taken of that leg: the controller reads the same proof in its superblock.
+    with pytest.raises(grpc.RpcError) as e:
+        cluster.ctrl.CreateSnapshot(csi.CreateSnapshotRequest(name=f"{key}-snap", source_volume_id=vid), timeout=120)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "storage-1" in e.value.details(), e.value.details()
 
 
 def _both_back(cluster) -> None:
@@ -298,4 +302,56 @@ def test_an_operator_outdates_the_lost_leg_and_the_volume_is_served_from_the_oth
     r = cluster.d.operator(*mark, "in-sync", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     cluster.teardown(v.volume_id)
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
+
+
+def _md_uuid(node, key: str) -> str:
+    out = node.run(["mdadm", "--detail", "--export", f"/dev/md/csi-{ids.md_name(key).split(':')[1]}"],
+                   timeout=60, check=True).stdout
+    return re.search(r"^MD_UUID=(\S+)", out, re.M).group(1)
+
+
+def test_a_replicated_volume_is_snapshotted_restored_and_cloned_into_new_replicated_volumes(cluster):
+    """A snapshot of a replicated volume is taken of the leg its superblock proves current (leg 0, in the
+    volume's zone, with both in sync); a restore from it and a clone of the volume are new replicated volumes:
+    each gets an array of its own (another UUID) made from its seed leg at its first stage, md copies the seed
+    to the new leg, and each reads what its source held at that moment. A plain volume is not made from it."""
+    w = cluster.w
+    v = cluster.create("replicated-source", size=64 * MiB, zone="zone-a", params=PARAMS)
+    key = ids.parse_replicated_id(v.volume_id)
+    target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
+    wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
+    at_snapshot = cluster.write(target, mib=4)
+    snap = cluster.ctrl.CreateSnapshot(csi.CreateSnapshotRequest(name="replicated-snap", source_volume_id=v.volume_id),
+                                       timeout=120).snapshot
+    assert snap.source_volume_id == v.volume_id and snap.ready_to_use, snap
+    assert ids.parse_id(snap.snapshot_id, kind="snapshot").node == "storage-1", snap.snapshot_id
+    listed = cluster.ctrl.ListSnapshots(csi.ListSnapshotsRequest(source_volume_id=v.volume_id), timeout=60).entries
+    assert [e.snapshot.snapshot_id for e in listed] == [snap.snapshot_id]
+    at_clone = cluster.write(target, mib=4)
+    from_snap = csi.VolumeContentSource(snapshot=csi.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id))
+    with pytest.raises(grpc.RpcError) as e:
+        cluster.create("plain-from-replicated", zone="zone-a", source=from_snap)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+
+    restored = cluster.create("replicated-restored", size=64 * MiB, zone="zone-a", params=PARAMS, source=from_snap)
+    assert restored.content_source.snapshot.snapshot_id == snap.snapshot_id
+    clone = cluster.create("replicated-clone", size=64 * MiB, zone="zone-a", params=PARAMS,
+                           source=csi.VolumeContentSource(volume=csi.VolumeContentSource.VolumeSource(
+                               volume_id=v.volume_id)))
+    made = []
+    for vol, expected in ((restored, at_snapshot), (clone, at_clone)):
+        new_key = ids.parse_replicated_id(vol.volume_id)
+        ctx = cluster.publish(vol.volume_id)
+        assert [leg.seed for leg in contract.parse_replicated(ctx, new_key)] == [True, False]
+        new_target = cluster.stage_publish(vol.volume_id, ctx)
+        assert cluster.read(new_target) == expected
+        assert _md_uuid(w, new_key) != _md_uuid(w, key)
+        wait_until("the seed is copied to the new leg", lambda: synced(w, new_key), timeout=180)
+        made.append((vol, new_target))
+    written = cluster.write(made[0][1], mib=2)
+    assert cluster.read(made[0][1]) == written and cluster.read(target) == at_clone
+    for vol in (clone, restored, v):
+        cluster.teardown(vol.volume_id)
+    cluster.ctrl.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=120)
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}

@@ -247,6 +247,25 @@ def test_a_retried_snapshot_is_found_even_after_its_source_went(agent):
         a.CreateSnapshot(apb.CreateSnapshotRequest(name="snap-new", source_vg=vol.vg, source_lv=vol.lv), None)
 
 
+def test_a_snapshot_of_a_replicated_volumes_leg_says_so(agent):
+    # Its data starts 1 MiB in (md's superblock and bitmap first): the controller must know, from the snapshot
+    # alone (the source may be gone), that it restores only into a replicated volume.
+    a, run, sim = agent
+    attributes = dict(ATTRIBUTES, replicas="2", replicaLeg="0")
+    leg = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-leg", pool="thin", size_bytes=GiB,
+                                                 attributes=attributes), None)
+    plain = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-plain", pool="thin", size_bytes=GiB,
+                                                   attributes=ATTRIBUTES), None)
+    snap = a.CreateSnapshot(apb.CreateSnapshotRequest(name="snap-leg", source_vg=leg.vg, source_lv=leg.lv), None)
+    assert snap.source_replicated
+    assert a.GetSnapshot(apb.GetSnapshotRequest(vg=snap.vg, lv=snap.lv), None).source_replicated
+    a.DeleteVolume(apb.DeleteVolumeRequest(vg=leg.vg, lv=leg.lv), None)
+    assert a.GetSnapshot(apb.GetSnapshotRequest(vg=snap.vg, lv=snap.lv), None).source_replicated
+    other = a.CreateSnapshot(apb.CreateSnapshotRequest(name="snap-plain", source_vg=plain.vg, source_lv=plain.lv),
+                             None)
+    assert not other.source_replicated
+
+
 def test_a_snapshot_of_a_volume_whose_lv_vanished_is_not_found(agent):
     # The record alone does not make a source: lvcreate's "origin not found" (recorded) is NOT_FOUND.
     a, _, sim = agent

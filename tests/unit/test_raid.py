@@ -128,10 +128,10 @@ def test_status_reads_md_sysfs(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------ which legs a stage trusts
 
-def _legs(outdated=(False, False)) -> list[contract.Leg]:
+def _legs(outdated=(False, False), seed=None) -> list[contract.Leg]:
     return [contract.Leg(i, f"storage-{i + 1}", "csi-vg", KEY, outdated[i],
                          contract.Attachment(f"iqn.2026-11.dev.csi.lvm-iscsi:csi-vg.{i}", ("10.0.0.1:3260",), 0,
-                                             f"storage-{i + 1}", "10.0.0.1:7001"))
+                                             f"storage-{i + 1}", "10.0.0.1:7001"), seed == i)
             for i in range(2)]
 
 
@@ -184,7 +184,7 @@ class _Assembly:
         monkeypatch.setattr(raid, "examine", lambda dev: sbs.get(str(dev)))
         monkeypatch.setattr(mount, "probe", lambda dev: mount.Signatures() if str(dev) in blank
                             else mount.Signatures("ext4", "filesystem"))
-        for name in ("create", "assemble", "readd", "grow"):
+        for name in ("create", "create_from_seed", "add", "assemble", "readd", "grow"):
             monkeypatch.setattr(raid, name, lambda *a, _n=name, **kw: self.made.append((_n, a, kw)))
         self.rep = replicated.Replicated(service=None)
         monkeypatch.setattr(self.rep, "_login_all", lambda legs: ({i: Path(d) for i, d in here.items()},
@@ -228,3 +228,65 @@ def test_a_leg_outdated_by_the_record_is_assembled_without_and_put_back_in_full(
     a.rep._assemble(KEY, _legs(outdated=(True, False)), read_only=False)
     assert [(n, args[1], kw) for n, args, kw in a.made[:2]] == [
         ("assemble", [Path("/dev/sdc")], {}), ("readd", Path("/dev/sdb"), {"outdated": True})]
+
+
+# ------------------------------------------------------------------------ a volume made from a replicated source
+
+SOURCE_SB = raid.Superblock("u0", "lvmiscsi:ffffffffffffffff", 9, "AA")    # the source array's, on the seed
+
+
+def test_create_from_seed_makes_the_array_on_the_seed_alone(fake_run):
+    fake_run.on("mdadm", "--create")
+    raid.create_from_seed(KEY, Path("/dev/sdb"))
+    name = ids.md_name(KEY)
+    assert fake_run.calls == [["mdadm", "--create", f"/dev/md/csi-{name.split(':')[1]}", "--run", "--level=1",
+                               "--raid-devices=2", "--metadata=1.2", "--data-offset=1M", "--bitmap=internal",
+                               f"--name={name}", "--failfast", "/dev/sdb", "missing"]]
+
+
+def test_the_first_stage_of_a_restore_makes_its_array_from_the_seed_and_copies_it_to_the_new_leg(monkeypatch):
+    a = _Assembly(monkeypatch, {0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": SOURCE_SB}, blank={"/dev/sdc"})
+    a.rep._assemble(KEY, _legs(seed=0), read_only=False)
+    assert [(n, args) for n, args, _ in a.made] == [("create_from_seed", (KEY, Path("/dev/sdb"))),
+                                                    ("add", (KEY, Path("/dev/sdc")))]
+
+
+def test_once_the_array_exists_the_seed_is_an_ordinary_leg(monkeypatch):
+    a = _Assembly(monkeypatch, {0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": _sb("A.")}, blank={"/dev/sdc"})
+    a.rep._assemble(KEY, _legs(seed=0), read_only=False)
+    assert [n for n, _, _ in a.made[:2]] == ["assemble", "readd"]
+
+
+@pytest.mark.parametrize("here, sbs, blank, outdated, read_only, code", [
+    ({1: "/dev/sdc"}, {}, {"/dev/sdc"}, (False, False), False, errors.Code.UNAVAILABLE),      # the seed away
+    ({0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": SOURCE_SB}, {"/dev/sdc"}, (True, False), False,
+     errors.Code.UNAVAILABLE),                                                              # the seed outdated
+    ({0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": SOURCE_SB}, set(), (False, False), False,
+     errors.Code.FAILED_PRECONDITION),                                                      # the new leg holds data
+    ({0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": SOURCE_SB, "/dev/sdc": SOURCE_SB}, {"/dev/sdc"}, (False, False),
+     False, errors.Code.FAILED_PRECONDITION),                                               # ... or an md array
+    ({0: "/dev/sdb", 1: "/dev/sdc"}, {"/dev/sdb": SOURCE_SB}, {"/dev/sdc"}, (False, False), True,
+     errors.Code.FAILED_PRECONDITION),                                                      # read-only first stage
+])
+def test_a_restore_whose_seed_cannot_be_used_is_refused_and_nothing_is_written(monkeypatch, here, sbs, blank,
+                                                                               outdated, read_only, code):
+    a = _Assembly(monkeypatch, here, sbs, blank)
+    with pytest.raises(errors.CsiError) as e:
+        a.rep._assemble(KEY, _legs(outdated, seed=0), read_only=read_only)
+    assert e.value.code == code, e.value.message
+    assert a.made == []
+
+
+def test_a_lone_leg_being_rebuilt_is_never_current():
+    rebuilding = raid.Superblock("u", ids.md_name(KEY), 1, "A.", recovering=True)
+    with pytest.raises(errors.CsiError):
+        Replicated._current(KEY, _legs(), {1: rebuilding}, set(), ["leg 0 away"])
+
+
+def test_examine_sees_a_leg_being_rebuilt(fake_run):
+    human = recorded("mdadm_examine_both.stdout").replace("    Data Offset :",
+                                                          "Recovery Offset : 2048 sectors\n    Data Offset :")
+    assert "Recovery Offset" in human
+    fake_run.on("mdadm", "--examine", "--export", rc=0, stdout=recorded("mdadm_examine_export_both.stdout"))
+    fake_run.on("mdadm", "--examine", "/dev/sdb", rc=0, stdout=human)
+    assert raid.examine(Path("/dev/sdb")).recovering

@@ -11,7 +11,7 @@ import pytest
 from csi import capabilities as caps
 from csi import contract, errors, ids
 from csi.config import ControllerConfig, StorageNode
-from csi.controller import replicas
+from csi.controller import replica_capacity, replicas
 from csi.controller.journal import Entry, FileJournal
 from csi.controller.nodes import StaticNodes
 from csi.controller.placement import Placement
@@ -32,8 +32,14 @@ class Agent(FakeAgent):
     def __init__(self, node, available):
         super().__init__(node, available)
         self.full = False
+        self.superblocks: dict[str, apb.LegSuperblock] = {}     # what the worker's md wrote on each leg
 
     def call(self, method, request, timeout=None, reconnect=True):
+        if method == "ExamineLeg" and not self.down:
+            self.calls.append(method)
+            if request.lv not in self.volumes:
+                raise errors.not_found("no such volume")
+            return self.superblocks.get(request.lv, apb.LegSuperblock(present=False))
         if method == "CreateVolume" and self.full and not self.down:
             self.calls.append(method)
             raise errors.exhausted("pool full")
@@ -180,20 +186,10 @@ def test_same_name_as_a_plain_volume_or_with_a_source_is_refused(svc):
     create(svc, "r")
     assert code_of(svc.CreateVolume, csi.CreateVolumeRequest(name="r", volume_capabilities=[cap()])) \
         == errors.Code.ALREADY_EXISTS
-    src = csi.VolumeContentSource(snapshot=csi.VolumeContentSource.SnapshotSource(snapshot_id="s1:s1:vg:x"))
+    src = csi.VolumeContentSource(snapshot=csi.VolumeContentSource.SnapshotSource(snapshot_id=ids.LvRef(
+        "s9", "vg", "x", "snapshot").encode()))     # on a storage node nobody knows
     assert code_of(svc.CreateVolume, csi.CreateVolumeRequest(name="c", volume_capabilities=[cap()], parameters=R2,
-                                                             volume_content_source=src)) == errors.Code.INVALID_ARGUMENT
-
-
-def test_snapshots_and_clones_of_a_replicated_volume_are_refused_clearly(svc):
-    v = create(svc)
-    with pytest.raises(errors.CsiError) as e:
-        svc.CreateSnapshot(csi.CreateSnapshotRequest(name="snap", source_volume_id=v.volume_id), None)
-    assert e.value.code == errors.Code.FAILED_PRECONDITION and "not supported yet" in e.value.message
-    src = csi.VolumeContentSource(volume=csi.VolumeContentSource.VolumeSource(volume_id=v.volume_id))
-    assert code_of(svc.CreateVolume, csi.CreateVolumeRequest(name="c", volume_capabilities=[cap()],
-                                                             volume_content_source=src)) \
-        == errors.Code.FAILED_PRECONDITION
+                                                             volume_content_source=src)) == errors.Code.NOT_FOUND
 
 
 # ---------------------------------------------------------------------------------------------- publish
@@ -457,9 +453,26 @@ def test_status_shows_each_leg_under_its_volume():
     for i, s in enumerate((a, b)):
         s.volumes[0].attributes.update({"replicas": "2", "replicaLeg": str(i)})
     out = io.StringIO()
-    assert status.report(StatusAgents(a, b), out, min_age=600) == 0
+    assert status.report(StatusAgents(a, b), out, min_age=600) == 0      # agents from before ExamineLeg: "ok"
     assert f"r1:{key} leg 0 (v1:s1:vg:{key})" in out.getvalue()
     assert f"r1:{key} leg 1 (v1:s2:vg:{key})" in out.getvalue()
+
+    def examined(agent, state, recovering=False):
+        def call(method, request, timeout=None, reconnect=True, _orig=agent.call):
+            if method == "ExamineLeg":
+                return apb.LegSuperblock(present=True, name=ids.md_name(key), array_state=state, recovering=recovering)
+            return _orig(method, request, timeout, reconnect)
+        agent.call = call
+    examined(a, "A.")
+    examined(b, "AA")
+    out = io.StringIO()
+    assert status.report(StatusAgents(a, b), out, min_age=600) == 1      # md failed leg 1: it missed writes
+    rows = {line.split()[2]: line for line in out.getvalue().splitlines() if line.startswith(f"r1:{key}")}
+    assert "ok, the other leg out of the array" in rows["0"] and "OUT OF ARRAY: missed writes" in rows["1"]
+    examined(b, "AA", recovering=True)
+    out = io.StringIO()
+    assert status.report(StatusAgents(a, b), out, min_age=600) == 0
+    assert "resyncing" in out.getvalue() and "OUT OF ARRAY" not in out.getvalue()
 
 
 def test_every_replica_kill_point_is_listed():
@@ -509,18 +522,18 @@ def test_replicated_capacity_without_a_topology_never_pairs_two_other_zones():
     b = {"s2": (10 * GiB, 10 * GiB)}
     c = {"s3": (10 * GiB, 10 * GiB), "s4": (4 * GiB, 4 * GiB)}
     # one node in each of zones a and b: no pair in either; zone c pairs s3 with s4
-    assert replicas.capacity_any_zone({"a": a, "b": b, "c": c}, ()) == (4 * GiB - reserve, 4 * GiB - reserve)
+    assert replica_capacity.capacity_any_zone({"a": a, "b": b, "c": c}, ()) == (4 * GiB - reserve, 4 * GiB - reserve)
     # replicaZones b: zone a pairs with s2, zone c may too; all four nodes hold 34 GiB, 17 GiB twice at most
-    total, largest = replicas.capacity_any_zone({"a": a, "b": b, "c": c}, ("b",))
+    total, largest = replica_capacity.capacity_any_zone({"a": a, "b": b, "c": c}, ("b",))
     assert largest == 10 * GiB - reserve and total == 17 * GiB - reserve
 
 
 def test_replicated_capacity_bounds():
-    assert replicas.capacity({}, {}) == (0, 0)
-    assert replicas.capacity({"s1": (8 * GiB, 8 * GiB)}, {}) == (0, 0)
+    assert replica_capacity.capacity({}, {}) == (0, 0)
+    assert replica_capacity.capacity({"s1": (8 * GiB, 8 * GiB)}, {}) == (0, 0)
     # three equal nodes: every byte twice, on any two of them
     three = {n: (6 * GiB, 6 * GiB) for n in ("s1", "s2", "s3")}
-    assert replicas.capacity(three, {}) == (9 * GiB - replicas.MD_RESERVE, 6 * GiB - replicas.MD_RESERVE)
+    assert replica_capacity.capacity(three, {}) == (9 * GiB - replicas.MD_RESERVE, 6 * GiB - replicas.MD_RESERVE)
     # one node with most of the space: what the others hold bounds it
     lopsided = {"s1": (100 * GiB, 100 * GiB), "s2": (2 * GiB, GiB), "s3": (GiB, GiB)}
-    assert replicas.capacity(lopsided, {}) == (3 * GiB - replicas.MD_RESERVE, GiB - replicas.MD_RESERVE)
+    assert replica_capacity.capacity(lopsided, {}) == (3 * GiB - replicas.MD_RESERVE, GiB - replicas.MD_RESERVE)

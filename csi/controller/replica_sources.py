@@ -1,0 +1,219 @@
+"""Snapshots and clones of replicated volumes, and the replicated volumes made from them.
+
+- Which leg: a snapshot (or a clone) of a replicated volume is taken of one leg, the one proven to hold every
+  write the array acknowledged. The worker's md is the only one that knows, and it writes what it knows into
+  the legs' superblocks: a leg it failed is marked so in the other leg's superblock before any write that leg
+  missed completes, and a leg being rebuilt carries its recovery offset. So the controller reads each reachable
+  leg's superblock on its storage node (the agent's ExamineLeg) and picks by `current_leg`. A leg that went on
+  alone wins; otherwise, with every leg reachable, a leg that is not being rebuilt and whose superblock is the
+  most recent (its event count); with a leg unreachable, only a leg that shows it failed, or one whose peer the
+  record holds outdated. Anything else is UNAVAILABLE: a snapshot of a leg that may have missed writes would
+  be old data under a new name.
+- The snapshot is that leg's thin snapshot, with the leg's md superblock and bitmap in its first MiB (agent
+  tag `leg`, Snapshot.source_replicated): its source_volume_id is the replicated volume's.
+- A replicated volume made from it (a restore) or from a replicated volume (a clone): its leg 0, the seed, is
+  made from the snapshot (or the chosen leg) in the same thin pool on the same storage node, a thin snapshot
+  (instant); its leg 1 is new and empty, on another storage node. The node creates the new volume's own array
+  (its own name and UUID) from the seed at its first stage and md copies it to leg 1 in full
+  (csi/node/replicated.py); contract.SEED names the seed leg.
+- Not yet: a plain volume from a replicated snapshot or the reverse (the data starts 1 MiB into a leg), and a
+  seed anywhere but in the source's own thin pool: both are INVALID_ARGUMENT / RESOURCE_EXHAUSTED saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from csi import errors, faults, ids
+from csi.controller.journal import Entry
+from csi.controller.replicas import OUTDATED, Leg, legs_of
+from csi.proto import agent_pb2 as apb
+from csi.proto import csi_pb2 as csi
+
+log = logging.getLogger(__name__)
+
+_DOWN = (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED)
+# Agent answers after which its CreateSnapshot made nothing (as the plain CreateSnapshot's).
+_NOTHING_MADE = (errors.Code.RESOURCE_EXHAUSTED, errors.Code.INVALID_ARGUMENT, errors.Code.FAILED_PRECONDITION,
+                 errors.Code.NOT_FOUND)
+
+
+def current_leg(key: str, legs: list[Leg], examined: dict[int, apb.LegSuperblock], away: dict[int, str],
+                seed: int | None = None) -> int:
+    """The index of a leg that holds every write the array of volume `key` acknowledged (examined: the
+    superblock of each reachable leg; away: why the others could not be read; seed: the seed leg of a volume
+    made from a source, whose array may not exist yet)."""
+    name = ids.md_name(key)
+    ours = {i: sb for i, sb in examined.items() if sb.present and sb.name == name}
+    outdated = {leg.index for leg in legs if leg.state == OUTDATED}
+    why_away = "; ".join(away.values())
+    if not ours:
+        if seed is not None and seed in examined and seed not in outdated:
+            return seed      # the array was never created: the seed holds the volume's data, the others nothing
+        if seed is None and len(examined) == len(legs) and not any(sb.present for sb in examined.values()):
+            return min(examined)    # a volume no pod has written: its array was never created, every leg blank
+        raise errors.unavailable(f"replicated volume {key}: no leg that can be read holds its array ("
+                                 + (why_away or "the legs carry no superblock of it") + ")")
+    foreign = sorted(i for i, sb in examined.items() if sb.present and sb.name != name and i != seed)
+    if foreign:
+        raise errors.precondition(f"replicated volume {key}: leg {foreign[0]} carries the superblock of another "
+                                  f"array ({examined[foreign[0]].name!r})")
+    usable = {i: sb for i, sb in ours.items() if i not in outdated and not sb.recovering}
+    alone = sorted(i for i, sb in usable.items() if "." in sb.array_state)
+    if len(alone) > 1:
+        raise errors.precondition(f"replicated volume {key}: legs {alone} each went on without the other; "
+                                  "which holds the newest data cannot be told (mark one outdated)")
+    if alone:
+        return alone[0]
+    others_away = [leg.index for leg in legs if leg.index not in examined]
+    if usable and all(i in outdated for i in others_away):
+        # Every leg is here (or the absent ones are recorded outdated): the superblock written last is the
+        # newest; a leg that missed writes was never written after it fell out, so its count is the lower.
+        return max(sorted(usable), key=lambda i: usable[i].events)
+    raise errors.unavailable(f"replicated volume {key}: nothing proves a reachable leg holds the newest writes ("
+                             + (why_away or "every reachable leg is outdated or being rebuilt") + ")")
+
+
+@dataclass(frozen=True)
+class Seed:
+    """Where a replicated volume made from a source takes its leg 0 from."""
+    node: str
+    vg: str
+    lv: str
+    pool: str
+    snapshot: bool
+    size: int
+    text: str         # "snapshot:<id>" / "volume:<id>": part of the request's identity
+
+
+class ReplicaSources:
+    """The snapshot and clone half of replicated volumes: `replicas` lends the journal, agents and locks (its
+    `svc`, the ControllerService)."""
+
+    def __init__(self, replicas):
+        self.replicas = replicas
+        self.svc = replicas.svc
+
+    # ------------------------------------------------------------------------------------ which leg
+
+    def current(self, key: str, entry: Entry) -> Leg:
+        legs = legs_of(entry)
+        examined, away = {}, {}
+        for leg in legs:
+            if not self.svc._serves(leg.node):
+                away[leg.index] = f"leg {leg.index}: storage node {leg.node} is retired or not known"
+                continue
+            try:
+                examined[leg.index] = self.svc.agents.get(leg.node).call("ExamineLeg", apb.ExamineLegRequest(
+                    vg=leg.vg, lv=key))
+            except errors.CsiError as exc:
+                if exc.code not in _DOWN + (errors.Code.NOT_FOUND,):
+                    raise
+                away[leg.index] = f"leg {leg.index} on {leg.node}: {exc.message}"
+        seed = next((i for i, d in enumerate(entry.legs) if d.get("seed")), None)
+        return legs[current_leg(key, legs, examined, away, seed)]
+
+    def out_of_array(self, key: str, entry: Entry, reachable) -> dict[int, str]:
+        """The legs the superblocks show out of the worker's array (failed, or being rebuilt) -> why, from the
+        legs in `reachable`: what the worker's md knows and the journal may not (no node tells the controller).
+        Best effort, for health: a leg that cannot be examined shows nothing."""
+        legs, examined = legs_of(entry), {}
+        for leg in legs:
+            if leg.index in reachable:
+                try:
+                    examined[leg.index] = self.svc.agents.get(leg.node).call("ExamineLeg", apb.ExamineLegRequest(
+                        vg=leg.vg, lv=key))
+                except errors.CsiError as exc:
+                    log.debug("leg %d of %s on %s not examined: %s", leg.index, key, leg.node, exc.message)
+        ours = {i: sb for i, sb in examined.items() if sb.present and sb.name == ids.md_name(key)}
+        out = {}
+        for i, sb in ours.items():
+            if sb.recovering:
+                out[i] = f"leg {i} on {legs[i].node} is being rebuilt from the other leg"
+            elif "." in sb.array_state:
+                for leg in legs:
+                    if leg.index != i and leg.index not in out:
+                        out[leg.index] = (f"leg {leg.index} on {leg.node} missed writes: the superblock of leg {i} "
+                                          "shows it failed (the worker puts it back once it answers)")
+        return out
+
+    # ------------------------------------------------------------------------------------ snapshots
+
+    def snapshot(self, request, name: str, key: str) -> csi.CreateSnapshotResponse:
+        svc = self.svc
+        source = "volume:" + request.source_volume_id
+        with svc.locks.hold("snapshot:" + name):
+            entry = svc.placement.find("snapshot", name)
+            if entry is not None and (entry.kind != "snapshot" or entry.name != name or entry.source != source):
+                raise errors.exists(f"snapshot {name!r} exists for another volume")
+            if entry is not None and entry.state == "placing" and not self._snapshot_exists(entry):
+                # Placed on a leg, never made: that leg may not be the current one any more.
+                svc.placement.forget("snapshot", entry.key)
+                entry = None
+            if entry is None:
+                leg = self.current(key, self.replicas._entry(key, request.source_volume_id))
+                entry = svc.placement.claim(Entry(ids.lv_name(svc.config.cluster_id, name, kind="snapshot"),
+                                                  "snapshot", name, leg.node, vg=leg.vg, source=source))
+                faults.step("snapshot.placed")
+                log.info("snapshot %s of %s is taken of its leg on %s", name, request.source_volume_id, leg.node)
+            try:
+                snap = svc.agents.get(entry.node).call("CreateSnapshot", apb.CreateSnapshotRequest(
+                    name=name, source_vg=entry.vg, source_lv=key))
+            except errors.CsiError as exc:
+                if entry.state == "placing" and exc.code in _NOTHING_MADE:
+                    svc.placement.forget("snapshot", entry.key)
+                raise
+            svc.placement.made(entry)
+            return csi.CreateSnapshotResponse(snapshot=svc._to_snapshot(entry.node, snap))
+
+    def _snapshot_exists(self, entry: Entry) -> bool:
+        try:
+            self.svc.agents.get(entry.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=entry.vg, lv=entry.key))
+            return True
+        except errors.CsiError as exc:
+            if exc.code == errors.Code.NOT_FOUND:
+                return False
+            raise
+
+    # ------------------------------------------------------------------------------------ seeds
+
+    def seed(self, request) -> Seed:
+        """The seed of a replicated volume made from request.volume_content_source: a snapshot of a replicated
+        volume, or a replicated volume (its current leg)."""
+        svc, src = self.svc, request.volume_content_source
+        if src.HasField("snapshot"):
+            sid = src.snapshot.snapshot_id
+            ref = ids.parse_id(sid, kind="snapshot") if sid else None
+            if ref is None or not svc._serves(ref.node):
+                raise errors.not_found(f"snapshot {sid!r} does not exist")
+            snap = svc.agents.get(ref.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=ref.vg, lv=ref.lv))
+            if not snap.source_replicated:
+                raise errors.invalid(f"snapshot {sid} is of a plain volume: a replicated volume (replicas: 2) is "
+                                     "made only from a snapshot of a replicated volume for now; restore it into "
+                                     "a plain volume")
+            return Seed(ref.node, ref.vg, ref.lv, self._thin_pool(ref.node, ref.vg), True, snap.size_bytes,
+                        "snapshot:" + sid)
+        if src.HasField("volume"):
+            vid = src.volume.volume_id
+            key = self.replicas.key_of(vid) if vid else None
+            if key is None:
+                if vid and svc._ref(vid) is not None:
+                    raise errors.invalid(f"volume {vid} is a plain volume: a replicated volume is cloned only from "
+                                         "a replicated volume for now")
+                raise errors.not_found(f"volume {vid!r} does not exist")
+            leg = self.current(key, self.replicas._entry(key, vid))
+            vol = svc.agents.get(leg.node).call("GetVolume", apb.GetVolumeRequest(vg=leg.vg, lv=key, brief=True))
+            return Seed(leg.node, leg.vg, key, leg.pool, False, vol.size_bytes, "volume:" + vid)
+        raise errors.invalid("volume_content_source names neither a snapshot nor a volume")
+
+    def _thin_pool(self, node: str, vg: str) -> str:
+        h = self.svc.agents.health(node)
+        for p in (h.info.pools if h is not None and h.info is not None else ()):
+            if p.vg == vg and p.thin_pool:
+                return p.name
+        raise errors.unavailable(f"storage node {node} does not report the thin pool of VG {vg} now")
+
+    def volume_source(self, seed: Seed) -> apb.VolumeSource:
+        return apb.VolumeSource(node=seed.node, vg=seed.vg, lv=seed.lv, snapshot=seed.snapshot,
+                                size_bytes=seed.size)

@@ -1,0 +1,253 @@
+"""Snapshots and clones of replicated volumes, and replicated volumes made from them
+(csi/controller/replica_sources.py), against fake agents that answer ExamineLeg with given superblocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csi import capabilities as caps
+from csi import contract, errors, ids
+from csi.config import ControllerConfig, StorageNode
+from csi.controller import replica_sources
+from csi.controller.journal import FileJournal
+from csi.controller.nodes import StaticNodes
+from csi.controller.placement import Placement
+from csi.controller.replicas import IN_SYNC, OUTDATED, Leg
+from csi.controller.service import ControllerService
+from csi.proto import agent_pb2 as apb
+from csi.proto import csi_pb2 as csi
+from tests.unit.test_controller import WORKER, cap, code_of, fake_agents
+from tests.unit.test_replicas import R2, Agent, create, key_of, publish
+
+GiB = 1 << 30
+KEY = "c1-pvc-0123456789"
+NAME = ids.md_name(KEY)
+
+
+def sb(state="AA", events=10, recovering=False, name=NAME) -> apb.LegSuperblock:
+    return apb.LegSuperblock(present=True, name=name, uuid="u", events=events, array_state=state,
+                             recovering=recovering)
+
+
+BLANK = apb.LegSuperblock(present=False)
+
+
+def legs(*states) -> list[Leg]:
+    return [Leg(i, f"s{i + 1}", "thin", "vg", s) for i, s in enumerate(states or (IN_SYNC, IN_SYNC))]
+
+
+@pytest.mark.parametrize("examined, away, states, seed, expected", [
+    ({0: sb(), 1: sb()}, {}, (), None, 0),                                    # in sync: leg 0, the volume's zone
+    ({0: sb(events=10), 1: sb(events=12)}, {}, (), None, 1),                 # the superblock written last
+    ({0: sb(events=12, recovering=True), 1: sb(events=12)}, {}, (), None, 1),  # leg 0 is being rebuilt
+    ({0: sb(events=20), 1: sb("A.", events=14)}, {}, (), None, 1),            # leg 1 went on alone
+    ({1: sb(".A")}, {0: "leg 0 on s1: down"}, (), None, 1),                   # ... and leg 0 is away
+    ({1: sb()}, {0: "leg 0 on s1: down"}, (OUTDATED, IN_SYNC), None, 1),     # leg 0 recorded outdated
+    ({0: sb("A."), 1: sb()}, {}, (OUTDATED, IN_SYNC), None, 1),              # never leg 0, whatever it shows
+    ({0: BLANK, 1: BLANK}, {}, (), None, 0),                                  # never written: both blank
+    ({0: sb(name="lvmiscsi:ffffffffffffffff"), 1: BLANK}, {}, (), 0, 0),      # a restore not staged yet: its seed
+    ({0: sb(name="lvmiscsi:ffffffffffffffff")}, {1: "leg 1 on s2: down"}, (), 0, 0),
+])
+def test_the_current_leg(examined, away, states, seed, expected):
+    assert replica_sources.current_leg(KEY, legs(*states), examined, away, seed) == expected
+
+
+@pytest.mark.parametrize("examined, away, states, seed, code", [
+    ({1: sb()}, {0: "leg 0 on s1: down"}, (), None, errors.Code.UNAVAILABLE),       # may have missed writes
+    ({0: BLANK}, {1: "leg 1 on s2: down"}, (), None, errors.Code.UNAVAILABLE),      # blank: cleared for a copy?
+    ({0: sb("A."), 1: sb(".A")}, {}, (), None, errors.Code.FAILED_PRECONDITION),   # each went on alone
+    ({0: sb(), 1: sb(name="lvmiscsi:ffffffffffffffff")}, {}, (), None, errors.Code.FAILED_PRECONDITION),
+    ({1: BLANK}, {0: "leg 0 on s1: down"}, (), 0, errors.Code.UNAVAILABLE),         # the seed away
+    ({0: sb(recovering=True)}, {1: "leg 1 on s2: down"}, (), None, errors.Code.UNAVAILABLE),
+    ({}, {0: "down", 1: "down"}, (), None, errors.Code.UNAVAILABLE),
+])
+def test_no_leg_proven_current_is_refused(examined, away, states, seed, code):
+    with pytest.raises(errors.CsiError) as e:
+        replica_sources.current_leg(KEY, legs(*states), examined, away, seed)
+    assert e.value.code == code
+
+
+class LegAgent(Agent):
+    """An agent whose snapshots are kept (and whose legs carry md superblocks, as every test Agent's)."""
+
+    def __init__(self, node, available):
+        super().__init__(node, available)
+        self.snapshots: dict[str, apb.Snapshot] = {}
+        self.sources: list[apb.VolumeSource] = []
+
+    def call(self, method, request, timeout=None, reconnect=True):
+        if self.down:
+            return super().call(method, request, timeout, reconnect)
+        if method == "CreateSnapshot":
+            snap = super().call(method, request, timeout, reconnect)
+            snap.source_replicated = caps.is_replica_leg(self.volumes[request.source_lv].attributes)
+            return self.snapshots.setdefault(snap.lv, snap)
+        if method == "ListSnapshots":
+            self.calls.append(method)
+            return apb.ListSnapshotsResponse(snapshots=list(self.snapshots.values()))
+        if method == "GetSnapshot":
+            self.calls.append(method)
+            if request.lv not in self.snapshots:
+                raise errors.not_found("no such snapshot")
+            return self.snapshots[request.lv]
+        if method == "CreateVolume" and request.HasField("source"):
+            self.sources.append(request.source)
+        return super().call(method, request, timeout, reconnect)
+
+
+@pytest.fixture
+def svc(tmp_path):
+    nodes = (StorageNode("s1", "10.0.0.11:7600", "a"), StorageNode("s2", "10.0.0.12:7600", "a"),
+             StorageNode("s3", "10.0.0.13:7600", "a"))
+    config = ControllerConfig("lvm-iscsi.csi.dev", "c1", nodes, Path("/nonexistent"))
+    journal = FileJournal(tmp_path / "journal")
+    journal.mark_adopted()
+    agents = fake_agents([LegAgent(n, 10 * GiB) for n in nodes], journal)
+    agents.update(nodes)
+    (tmp_path / "nodes.yaml").write_text(f"nodes: [{{name: worker-1, iqn: {WORKER}}}]\n")
+    return ControllerService(config, agents, Placement(journal, agents, "c1"), StaticNodes(tmp_path / "nodes.yaml"))
+
+
+def agent(svc, name) -> LegAgent:
+    return svc.agents.get(name)
+
+
+def leg_nodes(svc, volume) -> list[str]:
+    return [d["node"] for d in svc.placement.journal.get(key_of(volume)).legs]
+
+
+def written(svc, volume, states=("AA", "AA"), events=(10, 10)):
+    """The worker's md wrote these superblocks on the volume's legs."""
+    key = key_of(volume)
+    for node, state, ev in zip(leg_nodes(svc, volume), states, events):
+        agent(svc, node).superblocks[key] = sb(state, ev, name=ids.md_name(key))
+
+
+def snapshot(svc, volume, name="snap"):
+    return svc.CreateSnapshot(csi.CreateSnapshotRequest(name=name, source_volume_id=volume.volume_id), None).snapshot
+
+
+def from_snapshot(snap_id):
+    return csi.VolumeContentSource(snapshot=csi.VolumeContentSource.SnapshotSource(snapshot_id=snap_id))
+
+
+def test_a_snapshot_is_of_the_current_leg_and_names_the_replicated_volume(svc):
+    v = create(svc, size=GiB)
+    first, second = leg_nodes(svc, v)
+    written(svc, v, ("A.", "AA"), (10, 12))      # the second leg fell out: the first went on alone
+    s = snapshot(svc, v)
+    assert ids.parse_id(s.snapshot_id, kind="snapshot").node == first and s.source_volume_id == v.volume_id
+    assert snapshot(svc, v) == s                                              # a retry: the same answer
+    written(svc, v, ("AA", "AA"), (10, 12))
+    other = snapshot(svc, v, "snap-2")                                        # now the second's is the newest
+    assert ids.parse_id(other.snapshot_id, kind="snapshot").node == second
+    plain = create(svc, "plain", params={})
+    svc.CreateSnapshot(csi.CreateSnapshotRequest(name="plain-snap", source_volume_id=plain.volume_id), None)
+    listed = svc.ListSnapshots(csi.ListSnapshotsRequest(source_volume_id=v.volume_id), None).entries
+    assert sorted(e.snapshot.snapshot_id for e in listed) == sorted([s.snapshot_id, other.snapshot_id])
+    assert {e.snapshot.source_volume_id for e in svc.ListSnapshots(csi.ListSnapshotsRequest(), None).entries} == \
+        {v.volume_id, plain.volume_id}
+
+
+def test_a_snapshot_of_a_leg_that_cannot_be_proven_current_is_refused_and_leaves_nothing(svc):
+    v = create(svc, size=GiB)
+    first, second = leg_nodes(svc, v)
+    written(svc, v)
+    agent(svc, first).down = True
+    with pytest.raises(errors.CsiError) as e:
+        snapshot(svc, v)
+    assert e.value.code == errors.Code.UNAVAILABLE and first in e.value.message
+    assert "CreateSnapshot" not in agent(svc, second).calls
+    assert svc.placement.find("snapshot", "snap") is None
+
+
+def test_a_restore_seeds_leg_0_from_the_snapshot_in_its_pool_and_the_node_is_told(svc):
+    v = create(svc, size=GiB)
+    first, _ = leg_nodes(svc, v)
+    written(svc, v)
+    s = snapshot(svc, v)
+    req = csi.CreateVolumeRequest(name="restored", volume_capabilities=[cap()], parameters=R2,
+                                  volume_content_source=from_snapshot(s.snapshot_id))
+    r = svc.CreateVolume(req, None).volume
+    assert r.content_source.snapshot.snapshot_id == s.snapshot_id and r.capacity_bytes >= GiB
+    assert svc.CreateVolume(req, None).volume == r                           # a retry: the same volume
+    entry = svc.placement.journal.get(key_of(r))
+    assert entry.legs[0]["node"] == first and entry.legs[0]["seed"] and not entry.legs[1].get("seed")
+    assert entry.legs[1]["node"] != first
+    src = agent(svc, first).sources[-1]
+    assert (src.node, src.lv, src.snapshot) == (first, ids.parse_id(s.snapshot_id, kind="snapshot").lv, True)
+    assert not agent(svc, entry.legs[1]["node"]).sources                     # the other leg starts blank
+    ctx = publish(svc, r)
+    assert [leg.seed for leg in contract.parse_replicated(ctx, key_of(r))] == [True, False]
+    assert contract.SEED not in publish(svc, v)
+
+
+def test_a_clone_seeds_leg_0_from_the_current_leg(svc):
+    v = create(svc, size=GiB)
+    _, second = leg_nodes(svc, v)
+    written(svc, v, ("AA", "A."), (10, 11))
+    c = svc.CreateVolume(csi.CreateVolumeRequest(name="clone", volume_capabilities=[cap()], parameters=R2,
+                                                 volume_content_source=csi.VolumeContentSource(
+                                                     volume=csi.VolumeContentSource.VolumeSource(
+                                                         volume_id=v.volume_id))), None).volume
+    assert c.content_source.volume.volume_id == v.volume_id
+    entry = svc.placement.journal.get(key_of(c))
+    assert entry.legs[0]["node"] == second
+    src = agent(svc, second).sources[-1]
+    assert (src.lv, src.snapshot) == (key_of(v), False)
+
+
+def test_what_is_not_made_from_a_replicated_source_yet(svc):
+    v = create(svc, size=GiB)
+    written(svc, v)
+    s = snapshot(svc, v)
+    plain = create(svc, "plain", params={})
+    plain_snap = svc.CreateSnapshot(csi.CreateSnapshotRequest(name="plain-snap", source_volume_id=plain.volume_id),
+                                    None).snapshot
+    cases = [
+        ({}, from_snapshot(s.snapshot_id), GiB),                             # a plain volume from a leg's data
+        (R2, from_snapshot(plain_snap.snapshot_id), GiB),                    # a replicated one from a plain
+        (R2, csi.VolumeContentSource(volume=csi.VolumeContentSource.VolumeSource(volume_id=plain.volume_id)), GiB),
+        ({}, csi.VolumeContentSource(volume=csi.VolumeContentSource.VolumeSource(volume_id=v.volume_id)), GiB),
+    ]
+    for params, source, size in cases:
+        req = csi.CreateVolumeRequest(name="x", volume_capabilities=[cap()], parameters=params,
+                                      capacity_range=csi.CapacityRange(required_bytes=size),
+                                      volume_content_source=source)
+        assert code_of(svc.CreateVolume, req) == errors.Code.INVALID_ARGUMENT, (params, source)
+    small = csi.CreateVolumeRequest(name="small", volume_capabilities=[cap()], parameters=R2,
+                                    capacity_range=csi.CapacityRange(required_bytes=GiB // 2),
+                                    volume_content_source=from_snapshot(s.snapshot_id))
+    assert code_of(svc.CreateVolume, small) == errors.Code.OUT_OF_RANGE
+
+
+def test_an_outdated_leg_that_does_not_answer_does_not_hold_up_unpublish(svc):
+    v = create(svc, size=GiB)
+    first, _ = leg_nodes(svc, v)
+    publish(svc, v)
+    agent(svc, first).down = True
+    with pytest.raises(errors.CsiError):
+        svc.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id, node_id=WORKER),
+                                      None)
+    svc.replicas.set_leg_state(key_of(v), first, OUTDATED)
+    svc.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id, node_id=WORKER), None)
+
+
+def test_health_shows_what_the_superblocks_know_and_the_journal_does_not(svc):
+    v = create(svc, size=GiB)
+    first, second = leg_nodes(svc, v)
+
+    def statuses():
+        h = svc.ControllerGetVolumeHealth(csi.ControllerGetVolumeHealthRequest(volume_id=v.volume_id), None)
+        return [(s.status, s.reason) for s in h.volume_health.health_statuses]
+    written(svc, v)
+    assert statuses() == []
+    written(svc, v, ("A.", "AA"), (12, 10))     # md failed the second leg: only the first's superblock says so
+    assert statuses() == [(csi.DEGRADED, "ReplicaLegOutOfArray")]
+    written(svc, v, ("AA", "AA"), (12, 12))     # put back: being rebuilt, its own superblock says
+    agent(svc, second).superblocks[key_of(v)] = sb("AA", 12, recovering=True, name=ids.md_name(key_of(v)))
+    assert statuses() == [(csi.DEGRADED, "ReplicaLegOutOfArray")]
+    agent(svc, first).down = True               # the only leg that knew is away: nothing usable is proven
+    assert [s for s, _ in statuses()] == [csi.INACCESSIBLE, csi.DEGRADED, csi.DEGRADED]
