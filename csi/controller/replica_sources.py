@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from csi import errors, faults, ids
 from csi.controller.journal import Entry
-from csi.controller.replicas import OUTDATED, Leg, legs_of
+from csi.controller.replicas import IN_SYNC, OUTDATED, Leg, legs_of
 from csi.proto import agent_pb2 as apb
 from csi.proto import csi_pb2 as csi
 
@@ -75,6 +75,35 @@ def current_leg(key: str, legs: list[Leg], examined: dict[int, apb.LegSuperblock
                              + (why_away or "every reachable leg is outdated or being rebuilt") + ")")
 
 
+def out_of_array(key: str, legs: list[Leg], examined: dict[int, apb.LegSuperblock]) -> dict[int, str]:
+    """The legs the superblocks show out of the worker's array (failed, or being rebuilt) -> why: what the
+    worker's md knows and the journal may not (no node tells the controller)."""
+    ours = {i: sb for i, sb in examined.items() if sb.present and sb.name == ids.md_name(key)}
+    out = {}
+    for i, sb in ours.items():
+        if sb.recovering:
+            out[i] = f"leg {i} on {legs[i].node} is being rebuilt from the other leg"
+        elif "." in sb.array_state:
+            for leg in legs:
+                if leg.index != i and leg.index not in out:
+                    out[leg.index] = (f"leg {leg.index} on {leg.node} missed writes: the superblock of leg {i} "
+                                      "shows it failed (the worker puts it back once it answers)")
+    return out
+
+
+def rebuilt(key: str, legs: list[Leg], examined: dict[int, apb.LegSuperblock]) -> list[int]:
+    """The legs recorded outdated that the worker has copied over in full since: every leg's superblock is
+    this array's, shows every member active, none being rebuilt, all written together (one event count). An
+    outdated leg is only ever put back cleared, as a new member (csi/node/raid.py readd), so in sync means
+    rebuilt from the others."""
+    outdated = [leg.index for leg in legs if leg.state == OUTDATED]
+    sbs = [examined.get(leg.index) for leg in legs]
+    if not outdated or any(sb is None or not sb.present or sb.name != ids.md_name(key) or sb.recovering or
+                           "." in sb.array_state for sb in sbs):
+        return []
+    return outdated if len({sb.events for sb in sbs}) == 1 else []
+
+
 @dataclass(frozen=True)
 class Seed:
     """Where a replicated volume made from a source takes its leg 0 from."""
@@ -114,29 +143,31 @@ class ReplicaSources:
         seed = next((i for i, d in enumerate(entry.legs) if d.get("seed")), None)
         return legs[current_leg(key, legs, examined, away, seed)]
 
-    def out_of_array(self, key: str, entry: Entry, reachable) -> dict[int, str]:
-        """The legs the superblocks show out of the worker's array (failed, or being rebuilt) -> why, from the
-        legs in `reachable`: what the worker's md knows and the journal may not (no node tells the controller).
-        Best effort, for health: a leg that cannot be examined shows nothing."""
-        legs, examined = legs_of(entry), {}
-        for leg in legs:
+    def examine(self, key: str, entry: Entry, reachable) -> dict[int, apb.LegSuperblock]:
+        """The superblocks of the legs in `reachable` that can be examined now (best effort: for health and
+        for taking an outdated mark back; a leg that cannot be examined is left out)."""
+        examined = {}
+        for leg in legs_of(entry):
             if leg.index in reachable:
                 try:
                     examined[leg.index] = self.svc.agents.get(leg.node).call("ExamineLeg", apb.ExamineLegRequest(
                         vg=leg.vg, lv=key))
                 except errors.CsiError as exc:
                     log.debug("leg %d of %s on %s not examined: %s", leg.index, key, leg.node, exc.message)
-        ours = {i: sb for i, sb in examined.items() if sb.present and sb.name == ids.md_name(key)}
-        out = {}
-        for i, sb in ours.items():
-            if sb.recovering:
-                out[i] = f"leg {i} on {legs[i].node} is being rebuilt from the other leg"
-            elif "." in sb.array_state:
-                for leg in legs:
-                    if leg.index != i and leg.index not in out:
-                        out[leg.index] = (f"leg {leg.index} on {leg.node} missed writes: the superblock of leg {i} "
-                                          "shows it failed (the worker puts it back once it answers)")
-        return out
+        return examined
+
+    @staticmethod
+    def behind(key: str, entry: Entry, examined: dict[int, apb.LegSuperblock]) -> dict[int, str]:
+        return out_of_array(key, legs_of(entry), examined)
+
+    def take_back_rebuilt(self, key: str, entry: Entry, examined: dict[int, apb.LegSuperblock]) -> None:
+        """Records in sync the outdated legs the worker has copied over in full (`rebuilt`): the mark an
+        operator set (mark-replica-leg) is taken back without anyone acting."""
+        done = rebuilt(key, legs_of(entry), examined)
+        if done:
+            log.info("volume %s: leg(s) %s, recorded outdated, are rebuilt and in sync: recorded so",
+                     ids.replicated_volume_id(key), done)
+            self.replicas._mark(entry, done, IN_SYNC)
 
     # ------------------------------------------------------------------------------------ snapshots
 

@@ -159,12 +159,13 @@ class Replicas:
         svc = self.svc
         seed = self.sources.seed(request) if request.HasField("volume_content_source") else None
         if seed is not None:
+            # The new legs are at least the seed's size, whatever was asked: its array must hold the source's
+            # (a leg is its volume plus md's reserve, rounded to the pool's extent, so a claim of the source's
+            # own size asks a little less than the source leg's array holds).
             held = usable(seed.size)
-            if not request.HasField("capacity_range") or request.capacity_range.required_bytes == 0:
-                required = max(required, held)
-            if required < held or (limit and held > limit):
-                raise errors.out_of_range(f"the source holds {held} bytes; a volume of {required}"
-                                          f"{f' to {limit}' if limit else ''} bytes cannot hold it")
+            if limit and held > limit:
+                raise errors.out_of_range(f"the source holds {held} bytes, above limit_bytes {limit}")
+            required = max(required, held)
             attributes = dict(attributes, source=seed.text)
         key = ids.lv_name(svc.config.cluster_id, name)
         with svc.locks.hold("name:" + name):
@@ -332,6 +333,8 @@ class Replicas:
             if not vols:
                 raise errors.unavailable(f"no leg of volume {request.volume_id} can be reached: "
                                          + "; ".join(missing.values()))
+            if len(vols) == len(entry.legs) and any(d.get("state") == OUTDATED for d in entry.legs):
+                self.sources.take_back_rebuilt(key, entry, self.sources.examine(key, entry, vols))
             legs = {leg.index: leg for leg in legs_of(entry)}
             any_vol = next(iter(vols.values()))
             svc._check_compatible(any_vol, access)
@@ -454,7 +457,9 @@ class Replicas:
         worker's array; INACCESSIBLE when no in-sync leg is usable."""
         entry = self._entry(key, volume_id)
         vols, missing = self._get_legs(key, entry, brief=False)
-        behind = self.sources.out_of_array(key, entry, vols)
+        examined = self.sources.examine(key, entry, vols)
+        self.sources.take_back_rebuilt(key, entry, examined)
+        behind = self.sources.behind(key, entry, examined)
         statuses, usable = [], 0
         for leg in legs_of(entry):
             vol = vols.get(leg.index)

@@ -217,10 +217,16 @@ def test_what_is_not_made_from_a_replicated_source_yet(svc):
                                       capacity_range=csi.CapacityRange(required_bytes=size),
                                       volume_content_source=source)
         assert code_of(svc.CreateVolume, req) == errors.Code.INVALID_ARGUMENT, (params, source)
-    small = csi.CreateVolumeRequest(name="small", volume_capabilities=[cap()], parameters=R2,
-                                    capacity_range=csi.CapacityRange(required_bytes=GiB // 2),
-                                    volume_content_source=from_snapshot(s.snapshot_id))
-    assert code_of(svc.CreateVolume, small) == errors.Code.OUT_OF_RANGE
+    capped = csi.CreateVolumeRequest(name="capped", volume_capabilities=[cap()], parameters=R2,
+                                     capacity_range=csi.CapacityRange(required_bytes=GiB // 2, limit_bytes=GiB // 2),
+                                     volume_content_source=from_snapshot(s.snapshot_id))
+    assert code_of(svc.CreateVolume, capped) == errors.Code.OUT_OF_RANGE
+    assert s.size_bytes == v.capacity_bytes      # what the array held, not the leg with md's reserve
+    small = svc.CreateVolume(csi.CreateVolumeRequest(name="small", volume_capabilities=[cap()], parameters=R2,
+                                                     capacity_range=csi.CapacityRange(required_bytes=GiB // 2),
+                                                     volume_content_source=from_snapshot(s.snapshot_id)),
+                             None).volume
+    assert small.capacity_bytes == v.capacity_bytes      # never less: the source's filesystem fills that
 
 
 def test_an_outdated_leg_that_does_not_answer_does_not_hold_up_unpublish(svc):
@@ -251,3 +257,29 @@ def test_health_shows_what_the_superblocks_know_and_the_journal_does_not(svc):
     assert statuses() == [(csi.DEGRADED, "ReplicaLegOutOfArray")]
     agent(svc, first).down = True               # the only leg that knew is away: nothing usable is proven
     assert [s for s, _ in statuses()] == [csi.INACCESSIBLE, csi.DEGRADED, csi.DEGRADED]
+
+
+@pytest.mark.parametrize("examined, expected", [
+    ({0: sb(events=30), 1: sb(events=30)}, [0]),                       # copied over in full: in sync again
+    ({0: sb(events=30, recovering=True), 1: sb(events=30)}, []),      # still being copied
+    ({0: sb("A.", events=31), 1: sb(events=20)}, []),                 # not put back yet: its own old state
+    ({0: sb(events=29), 1: sb(events=30)}, []),                       # not written together
+    ({1: sb(events=30)}, []),                                         # leg 0 not seen
+])
+def test_an_outdated_mark_is_taken_back_only_once_the_leg_is_rebuilt(examined, expected):
+    assert replica_sources.rebuilt(KEY, legs(OUTDATED, IN_SYNC), examined) == expected
+
+
+def test_publish_and_health_take_back_the_mark_of_a_rebuilt_leg(svc):
+    v = create(svc, size=GiB)
+    first, second = leg_nodes(svc, v)
+    svc.replicas.set_leg_state(key_of(v), first, OUTDATED)
+    written(svc, v, ("A.", "AA"), (31, 20))       # leg 0 went on alone, then was given up by an operator
+    publish(svc, v)
+    assert svc.placement.journal.get(key_of(v)).legs[0]["state"] == OUTDATED
+    written(svc, v, ("AA", "AA"), (40, 40))       # the worker cleared it and copied leg 1 over it
+    svc.ControllerGetVolumeHealth(csi.ControllerGetVolumeHealthRequest(volume_id=v.volume_id), None)
+    assert svc.placement.journal.get(key_of(v)).legs[0]["state"] == IN_SYNC
+    svc.replicas.set_leg_state(key_of(v), first, OUTDATED)
+    ctx = publish(svc, v)
+    assert not any(leg.outdated for leg in contract.parse_replicated(ctx, key_of(v)))
