@@ -260,6 +260,11 @@ def run_mark_leg(a: argparse.Namespace) -> int:
     return mark(_controller_config(a), a.volume_id, a.node, a.state, sys.stdout, a.yes)
 
 
+def run_replace_leg(a: argparse.Namespace) -> int:
+    from csi.legreplace import replace
+    return replace(_controller_config(a), a.volume_id, a.node, a.to, sys.stdout, a.yes)
+
+
 def run_retire(a: argparse.Namespace) -> int:
     from csi.retire import retire
     return retire(_controller_config(a), a.node, sys.stdout, a.yes)
@@ -410,6 +415,16 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("state", choices=("outdated", "in-sync"))
     m.add_argument("--yes", action="store_true", help="really record it (default: say what would happen)")
     m.set_defaults(func=run_mark_leg)
+
+    x = sub.add_parser("replace-replica-leg", help="replace the leg of a replicated volume on a storage node lost "
+                                                  "for good by a new one on another node (copied in full)")
+    common(x, endpoint=False)
+    fleet_flags(x)
+    x.add_argument("volume_id", help="the replicated volume's ID (r1:<name>), the PV's volumeHandle")
+    x.add_argument("node", help="the lost storage node of the leg")
+    x.add_argument("--to", required=True, help="the storage node of the new leg")
+    x.add_argument("--yes", action="store_true", help="really replace it (default: say what would happen)")
+    x.set_defaults(func=run_replace_leg)
 
     d = sub.add_parser("demo", help="the whole volume lifecycle on a throw-away storage node (User-Mode Linux)")
     d.add_argument("--workdir", default="/tmp/lvm-iscsi-csi-demo")

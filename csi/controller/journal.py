@@ -54,6 +54,9 @@ class Entry:
     # A replicated volume's legs, in leg order: {"node", "pool", "vg", "state": "in-sync" | "outdated"}. `node`
     # and `pool` above are leg 0's. Empty for a plain volume (and in records written before replicas existed).
     legs: list[dict] = field(default_factory=list)
+    # Legs replaced by others (replace-replica-leg), as `legs` held them: their LVs may still exist on nodes
+    # that were down; the controller deletes them once those answer (or are retired).
+    replaced: list[dict] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     version: str = ""           # the store's own version of the record (not part of its content)
     format: int = FORMAT

@@ -288,7 +288,31 @@ class Replicas:
         self._delete_legs(key, entry, f"volume {entry.name!r}")
         self.svc.placement.forget("volume", key)
 
+    def _drop_replaced(self, key: str, entry: Entry) -> None:
+        """Deletes the LVs of replaced legs whose nodes answer (or are retired) and forgets them."""
+        kept = []
+        for d in entry.replaced:
+            node = d.get("node", "")
+            try:
+                if not self.svc._gone_with_node(node, f"replaced leg of volume {entry.name!r}"):
+                    self.svc.agents.get(node).call("DeleteVolume", apb.DeleteVolumeRequest(vg=d.get("vg", ""), lv=key))
+                log.info("volume %s: the replaced leg on %s is deleted", entry.name, node)
+            except errors.CsiError as exc:
+                if exc.code != errors.Code.NOT_FOUND:
+                    kept.append(d)
+        if kept != entry.replaced:
+            entry.replaced = kept
+            try:
+                entry.version = self.svc.placement.journal.update(entry).version
+            except Conflict:
+                pass     # changed meanwhile: the next call looks again
+
     def _delete_legs(self, key: str, entry: Entry, what: str) -> None:
+        if entry.replaced:
+            self._drop_replaced(key, entry)
+            if entry.replaced:
+                raise errors.unavailable(f"{what}: a replaced leg on {entry.replaced[0].get('node')} cannot be "
+                                         "deleted now (its node does not answer; retire it if it is gone)")
         for leg in legs_of(entry):
             if self.svc._gone_with_node(leg.node, f"leg {leg.index} of {what}"):
                 continue
@@ -333,6 +357,8 @@ class Replicas:
             if not vols:
                 raise errors.unavailable(f"no leg of volume {request.volume_id} can be reached: "
                                          + "; ".join(missing.values()))
+            if entry.replaced:
+                self._drop_replaced(key, entry)
             if len(vols) == len(entry.legs) and any(d.get("state") == OUTDATED for d in entry.legs):
                 self.sources.take_back_rebuilt(key, entry, self.sources.examine(key, entry, vols))
             legs = {leg.index: leg for leg in legs_of(entry)}
@@ -457,6 +483,8 @@ class Replicas:
         worker's array; INACCESSIBLE when no in-sync leg is usable."""
         entry = self._entry(key, volume_id)
         vols, missing = self._get_legs(key, entry, brief=False)
+        if entry.replaced:
+            self._drop_replaced(key, entry)
         examined = self.sources.examine(key, entry, vols)
         self.sources.take_back_rebuilt(key, entry, examined)
         behind = self.sources.behind(key, entry, examined)

@@ -359,3 +359,47 @@ def test_a_replicated_volume_is_snapshotted_restored_and_cloned_into_new_replica
         cluster.teardown(vol.volume_id)
     cluster.ctrl.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=120)
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
+
+
+@pytest.mark.campaign   # scripts/fault-campaign (CI's 60 minutes); unit-tested in tests/unit/test_legreplace.py
+def test_a_leg_lost_for_good_is_replaced_on_another_storage_node(cluster):
+    """storage-2 is lost while the volume is written: the writes go on on storage-1's leg. replace-replica-leg
+    (as an operator runs it) puts a new leg on storage-3; the volume's next stage copies storage-1's leg to it
+    in full and reads the newest data; storage-2's old LV is deleted once that node is back."""
+    s1, s2, s3, w = cluster.s1, cluster.s2, cluster.s3, cluster.w
+    v = cluster.create("replicated-replaced", size=64 * MiB, zone="zone-a", params=PARAMS)
+    key = ids.parse_replicated_id(v.volume_id)
+    target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
+    wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
+    replace = ["replace-replica-leg", [s1, s2, s3], v.volume_id, "storage-2", "--to", "storage-3"]
+    try:
+        s2.kill()
+        newest = cluster.write(target, mib=4)
+        wait_until("the array runs on storage-1's leg alone", lambda: "_" in array_line(w, key), timeout=60,
+                   every=0.5)
+        r = cluster.d.operator(*replace)
+        assert r.returncode == 0 and "dry run" in r.stdout, r.stdout + r.stderr
+        r = cluster.d.operator(*replace, "--yes")
+        assert r.returncode == 0 and "replaced" in r.stdout, r.stdout + r.stderr
+        assert cluster.read(target) == newest      # the pod goes on, on storage-1's leg
+        cluster.worker1.unstage(v.volume_id)
+        cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+            volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+        ctx = cluster.publish(v.volume_id)
+        assert sorted(leg.storage_node for leg in contract.parse_replicated(ctx, key)) == ["storage-1", "storage-3"]
+        target = cluster.stage_publish(v.volume_id, ctx)
+        assert cluster.read(target) == newest
+        wait_until("storage-1's leg is copied to storage-3's in full", lambda: synced(w, key), timeout=180)
+    finally:
+        _both_back(cluster)
+    cluster.worker1.unstage(v.volume_id)
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+        volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    cluster.publish(v.volume_id)                  # storage-2 answers again: its old leg goes
+    lvs = s2.run(["lvs", "--noheadings", "-o", "lv_name", "csi-vg"], timeout=60).stdout
+    assert key not in lvs, lvs
+    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+        volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
+    assert key not in s3.run(["lvs", "--noheadings", "-o", "lv_name", "csi-vg"], timeout=60).stdout
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}

@@ -1,0 +1,137 @@
+"""`lvm-iscsi-csi replace-replica-leg <volume_id> <lost node> --to <storage node>`: a replicated volume's leg on
+a storage node lost for good is replaced by a new, blank leg on another one; the volume_id stays (it names no
+node: the legs are in the controller's record of the volume, csi/controller/replicas.py).
+
+- Refused while the lost node answers (its leg comes back and resyncs by itself), when the other leg is recorded
+  outdated, and unless the other leg provably holds the newest writes: its md superblock shows the lost leg
+  failed, or the lost leg is recorded outdated (`mark-replica-leg ... outdated` first: that gives up whatever
+  only the lost leg holds, which is the operator's decision, not this command's).
+- The record names the new leg before its LV is made, and keeps the old one under `replaced`, so a crash
+  leaves a record naming every LV that may exist; running the command again finishes it. The controller
+  deletes the old leg once its node answers again (publish, health, delete), or with it when it is retired.
+- The new leg is blank: the node adds it to the array for a full copy of the other leg. A worker that has the
+  volume staged now keeps running on the other leg; the new leg joins at the volume's next stage (the pod
+  restarted or moved), since Kubernetes keeps the publish_context it has.
+
+A dry run unless --yes.
+"""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from csi import errors, ids
+from csi.config import ControllerConfig
+from csi.controller import fleet, replicas
+from csi.controller.journal import Conflict
+from csi.legmark import ANSWER_WAIT
+from csi.proto import agent_pb2 as apb
+
+
+def replace(config: ControllerConfig, volume_id: str, node: str, to: str, out: TextIO, yes: bool) -> int:
+    journal = fleet.open_journal(config)
+    return replace_with(journal, fleet.storage_nodes(config, journal, poll=False), volume_id, node, to, out, yes)
+
+
+def replace_with(journal, agents, volume_id: str, node: str, to: str, out: TextIO, yes: bool) -> int:
+    key = ids.parse_replicated_id(volume_id)
+    if key is None:
+        out.write(f"{volume_id!r} is not the ID of a replicated volume (r1:<name>)\n")
+        return 2
+    entry = journal.get(key)
+    if entry is None or not entry.legs:
+        out.write(f"volume {volume_id} has no record in the controller's journal\n")
+        return 1
+    legs = replicas.legs_of(entry)
+    if any(leg.node == to for leg in legs) and any(r.get("node") == node for r in entry.replaced):
+        out.write(f"the leg of {volume_id} on {node} was replaced by one on {to} already: making sure it exists\n")
+        return _make(agents, entry, [leg for leg in legs if leg.node == to][0], out, yes)
+    mine = [leg for leg in legs if leg.node == node]
+    others = [leg for leg in legs if leg.node != node]
+    if not mine:
+        out.write(f"volume {volume_id} has no leg on {node}; its legs: "
+                  + ", ".join(f"{leg.index} on {leg.node} ({leg.state})" for leg in legs) + "\n")
+        return 1
+    lost, other = mine[0], others[0]
+    if to in (lost.node, other.node):
+        out.write(f"{to} holds a leg of {volume_id} already: the new leg goes to a third storage node\n")
+        return 1
+    if _answers(agents, node):
+        out.write(f"storage node {node} answers: its leg comes back and resyncs by itself; replace a leg only "
+                  "when its node is lost\n")
+        return 1
+    if other.state == replicas.OUTDATED:
+        out.write(f"the other leg of {volume_id} (on {other.node}) is recorded outdated: it cannot be the source "
+                  "of the new leg's copy\n")
+        return 1
+    try:
+        sb = agents.get(other.node).call("ExamineLeg", apb.ExamineLegRequest(vg=other.vg, lv=key),
+                                         timeout=ANSWER_WAIT)
+        vol = agents.get(other.node).call("GetVolume", apb.GetVolumeRequest(vg=other.vg, lv=key, brief=True),
+                                          timeout=ANSWER_WAIT)
+        info = agents.get(to).info(timeout=ANSWER_WAIT)
+    except errors.CsiError as exc:
+        out.write(f"cannot go on: {exc.message}\n")
+        return 1
+    went_alone = sb.present and sb.name == ids.md_name(key) and "." in sb.array_state and not sb.recovering
+    if lost.state != replicas.OUTDATED and not went_alone:
+        out.write(f"nothing proves the leg on {other.node} holds the newest writes (its superblock shows "
+                  f"{sb.array_state or 'no array'}): the leg on {node} may hold writes it lacks. If {node} is lost "
+                  f"for good, give those up first: mark-replica-leg {volume_id} {node} outdated --yes\n")
+        return 1
+    pool = next((p for p in info.pools if p.name == lost.pool), None)
+    size = max(d.get("size", 0) for d in entry.legs) or vol.size_bytes
+    if pool is None or pool.available_bytes < size:
+        out.write(f"storage node {to} has no pool {lost.pool!r} with {size} bytes free\n")
+        return 1
+    out.write(f"leg {lost.index} of {volume_id}: {node} -> {to} (pool {lost.pool}, {size} bytes, blank). The node "
+              f"copies the leg on {other.node} to it in full when it next stages the volume; the LV on {node} is "
+              "deleted once that node answers again.\n")
+    if not yes:
+        out.write("dry run: nothing changed; run again with --yes\n")
+        return 0
+    new = {"node": to, "pool": lost.pool, "vg": pool.vg, "state": replicas.IN_SYNC, "size": size}
+    for _ in range(5):
+        entry.replaced = entry.replaced + [entry.legs[lost.index]]
+        entry.legs[lost.index] = new
+        try:
+            entry.version = journal.update(entry).version
+            break
+        except Conflict:
+            entry = journal.get(key)
+            if entry is None or not any(d["node"] == node for d in entry.legs):
+                out.write("the volume's record changed meanwhile; run the command again\n")
+                return 1
+    else:
+        out.write("the volume's record keeps changing; run the command again\n")
+        return 1
+    return _make(agents, entry, replicas.legs_of(entry)[lost.index], out, yes, dict(vol.attributes))
+
+
+def _make(agents, entry, leg: replicas.Leg, out: TextIO, yes: bool, attributes: dict | None = None) -> int:
+    if not yes:
+        out.write("dry run: nothing changed; run again with --yes\n")
+        return 0
+    try:
+        if attributes is None:
+            other = [d for i, d in enumerate(entry.legs) if i != leg.index][0]
+            attributes = dict(agents.get(other["node"]).call("GetVolume", apb.GetVolumeRequest(
+                vg=other["vg"], lv=entry.key, brief=True), timeout=ANSWER_WAIT).attributes)
+        agents.get(leg.node).call("CreateVolume", apb.CreateVolumeRequest(
+            name=entry.name, pool=leg.pool, size_bytes=entry.legs[leg.index]["size"],
+            attributes=replicas.leg_attributes(attributes, leg.index)))
+    except errors.CsiError as exc:
+        out.write(f"the record names the new leg on {leg.node}, but making it failed: {exc.message}. Run the "
+                  "command again to finish it.\n")
+        return 1
+    out.write(f"replaced: leg {leg.index} of {ids.replicated_volume_id(entry.key)} is on {leg.node}. It joins the "
+              "array at the volume's next stage (delete the pod using it, or let it move).\n")
+    return 0
+
+
+def _answers(agents, node: str) -> bool:
+    try:
+        agents.get(node).info(timeout=ANSWER_WAIT)
+    except errors.CsiError:
+        return False
+    return True
