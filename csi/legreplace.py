@@ -25,6 +25,7 @@ from csi.config import ControllerConfig
 from csi.controller import fleet, replicas
 from csi.controller.journal import Conflict
 from csi.legmark import ANSWER_WAIT
+from csi.node import raid
 from csi.proto import agent_pb2 as apb
 
 
@@ -73,7 +74,7 @@ def replace_with(journal, agents, volume_id: str, node: str, to: str, out: TextI
     except errors.CsiError as exc:
         out.write(f"cannot go on: {exc.message}\n")
         return 1
-    went_alone = sb.present and sb.name == ids.md_name(key) and "." in sb.array_state and not sb.recovering
+    went_alone = sb.present and sb.name == ids.md_name(key) and raid.went_on_alone(sb)
     if lost.state != replicas.OUTDATED and not went_alone:
         out.write(f"nothing proves the leg on {other.node} holds the newest writes (its superblock shows "
                   f"{sb.array_state or 'no array'}): the leg on {node} may hold writes it lacks. If {node} is lost "

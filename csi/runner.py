@@ -4,8 +4,9 @@ Every command is an argv list (never a shell string), runs with LC_ALL=C, keeps 
 gets a timeout from the deadline of the RPC being served (see `deadline`), so a command never outlives the
 call that started it; except a command run with `finish`, which must never be killed half-way (an LVM change:
 killed while it holds a device suspended, every later I/O to that device and every later LVM command waits):
-it runs to its end, bounded by FINISH_TIMEOUT, and the call answers late (its retry waits on the call's lock,
-then finds the work done). Failures raise `CommandError` carrying argv, exit code and stderr.
+it runs to its end, bounded by FINISH_TIMEOUT (but is not started once the deadline has passed), and the call
+answers late (its retry is ABORTED while the call holds its lock, then finds the work done). Failures raise
+`CommandError` carrying argv, exit code and stderr.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def run(argv: Sequence[str], *, timeout: float | None = None, input: str | None 
     secrets = tuple(secrets)
     shown = mask(argv, secrets)
     if finish:
+        end = _deadline.get()
+        if end is not None and end <= time.monotonic():
+            # Not started at all: past the call's deadline nobody waits for its answer.
+            raise CommandTimeout(shown, None, "", reason="not started: the call's deadline has passed")
         limit = timeout if timeout is not None else FINISH_TIMEOUT
     else:
         limit = min(timeout, time_left()) if timeout is not None else time_left()

@@ -15,6 +15,7 @@ from csi.config import ControllerConfig
 from csi.controller import fleet
 from csi.controller.agents import Agents
 from csi.controller.placement import pages
+from csi.node import raid
 from csi.proto import agent_pb2 as apb
 
 GiB = 1 << 30
@@ -159,9 +160,9 @@ def _leg_states(legs: list[tuple[int, str, int, apb.LegSuperblock | None]]) -> d
         peers = [p for _, k, i, p in legs if k == key and i != index and p is not None and p.present]
         if sb.recovering:
             out[row] = "resyncing: being rebuilt from the other leg"
-        elif "." in sb.array_state:
+        elif raid.went_on_alone(sb):
             out[row] = "ok, the other leg out of the array"
-        elif any("." in p.array_state and not p.recovering for p in peers):
+        elif any(raid.went_on_alone(p) for p in peers):
             out[row] = "OUT OF ARRAY: missed writes (the other leg's superblock shows it failed)"
     return out
 

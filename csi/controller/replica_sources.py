@@ -26,15 +26,17 @@ import logging
 from dataclasses import dataclass
 
 from csi import errors, faults, ids
-from csi.controller.journal import Entry
+from csi.controller import replicas
+from csi.controller.journal import Conflict, Entry
 from csi.controller.replicas import IN_SYNC, OUTDATED, Leg, legs_of
+from csi.node import raid
 from csi.proto import agent_pb2 as apb
 from csi.proto import csi_pb2 as csi
 
 log = logging.getLogger(__name__)
 
-_DOWN = (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED)
-# Agent answers after which its CreateSnapshot made nothing (as the plain CreateSnapshot's).
+DEFAULT_EXTENT = 4 << 20      # LVM's, for a node whose pools are not known now
+# Agent answers after which its CreateSnapshot made nothing (as the plain CreateSnapshot's in service.py).
 _NOTHING_MADE = (errors.Code.RESOURCE_EXHAUSTED, errors.Code.INVALID_ARGUMENT, errors.Code.FAILED_PRECONDITION,
                  errors.Code.NOT_FOUND)
 
@@ -48,6 +50,10 @@ def current_leg(key: str, legs: list[Leg], examined: dict[int, apb.LegSuperblock
     ours = {i: sb for i, sb in examined.items() if sb.present and sb.name == name}
     outdated = {leg.index for leg in legs if leg.state == OUTDATED}
     why_away = "; ".join(away.values())
+    foreign = sorted(i for i, sb in examined.items() if sb.present and sb.name != name and i != seed)
+    if foreign:
+        raise errors.precondition(f"replicated volume {key}: leg {foreign[0]} carries the superblock of another "
+                                  f"array ({examined[foreign[0]].name!r})")
     if not ours:
         if seed is not None and seed in examined and seed not in outdated:
             return seed      # the array was never created: the seed holds the volume's data, the others nothing
@@ -55,12 +61,8 @@ def current_leg(key: str, legs: list[Leg], examined: dict[int, apb.LegSuperblock
             return min(examined)    # a volume no pod has written: its array was never created, every leg blank
         raise errors.unavailable(f"replicated volume {key}: no leg that can be read holds its array ("
                                  + (why_away or "the legs carry no superblock of it") + ")")
-    foreign = sorted(i for i, sb in examined.items() if sb.present and sb.name != name and i != seed)
-    if foreign:
-        raise errors.precondition(f"replicated volume {key}: leg {foreign[0]} carries the superblock of another "
-                                  f"array ({examined[foreign[0]].name!r})")
     usable = {i: sb for i, sb in ours.items() if i not in outdated and not sb.recovering}
-    alone = sorted(i for i, sb in usable.items() if "." in sb.array_state)
+    alone = sorted(i for i, sb in usable.items() if raid.went_on_alone(sb))
     if len(alone) > 1:
         raise errors.precondition(f"replicated volume {key}: legs {alone} each went on without the other; "
                                   "which holds the newest data cannot be told (mark one outdated)")
@@ -83,7 +85,7 @@ def out_of_array(key: str, legs: list[Leg], examined: dict[int, apb.LegSuperbloc
     for i, sb in ours.items():
         if sb.recovering:
             out[i] = f"leg {i} on {legs[i].node} is being rebuilt from the other leg"
-        elif "." in sb.array_state:
+        elif raid.went_on_alone(sb):
             for leg in legs:
                 if leg.index != i and leg.index not in out:
                     out[leg.index] = (f"leg {leg.index} on {leg.node} missed writes: the superblock of leg {i} "
@@ -127,21 +129,15 @@ class ReplicaSources:
     # ------------------------------------------------------------------------------------ which leg
 
     def current(self, key: str, entry: Entry) -> Leg:
-        legs = legs_of(entry)
-        examined, away = {}, {}
-        for leg in legs:
-            if not self.svc._serves(leg.node):
-                away[leg.index] = f"leg {leg.index}: storage node {leg.node} is retired or not known"
-                continue
-            try:
-                examined[leg.index] = self.svc.agents.get(leg.node).call("ExamineLeg", apb.ExamineLegRequest(
-                    vg=leg.vg, lv=key))
-            except errors.CsiError as exc:
-                if exc.code not in _DOWN + (errors.Code.NOT_FOUND,):
-                    raise
-                away[leg.index] = f"leg {leg.index} on {leg.node}: {exc.message}"
-        seed = next((i for i, d in enumerate(entry.legs) if d.get("seed")), None)
-        return legs[current_leg(key, legs, examined, away, seed)]
+        try:
+            examined, away = self.replicas._ask(entry, lambda leg, a: a.call("ExamineLeg", apb.ExamineLegRequest(
+                vg=leg.vg, lv=key)))
+        except errors.CsiError as exc:
+            if exc.code != errors.Code.UNIMPLEMENTED:
+                raise
+            raise errors.precondition("a storage node's agent is older than this controller and cannot examine a "
+                                      "leg (ExamineLeg): finish upgrading the agents first") from None
+        return legs_of(entry)[current_leg(key, legs_of(entry), examined, away, replicas.seed_index(entry))]
 
     def examine(self, key: str, entry: Entry, reachable) -> dict[int, apb.LegSuperblock]:
         """The superblocks of the legs in `reachable` that can be examined now (best effort: for health and
@@ -164,10 +160,20 @@ class ReplicaSources:
         """Records in sync the outdated legs the worker has copied over in full (`rebuilt`): the mark an
         operator set (mark-replica-leg) is taken back without anyone acting."""
         done = rebuilt(key, legs_of(entry), examined)
-        if done:
-            log.info("volume %s: leg(s) %s, recorded outdated, are rebuilt and in sync: recorded so",
-                     ids.replicated_volume_id(key), done)
-            self.replicas._mark(entry, done, IN_SYNC)
+        if not done:
+            return
+        for i in done:
+            entry.legs[i]["state"] = IN_SYNC
+        try:
+            entry.version = self.svc.placement.journal.update(entry).version
+        except Conflict:
+            # Changed meanwhile (an operator's new mark, say): not applied over it; the next look tries again.
+            fresh = self.svc.placement.journal.get(key)
+            if fresh is not None:
+                entry.legs, entry.version, entry.replaced = fresh.legs, fresh.version, fresh.replaced
+            return
+        log.info("volume %s: leg(s) %s, recorded outdated, are rebuilt and in sync: recorded so",
+                 ids.replicated_volume_id(key), done)
 
     # ------------------------------------------------------------------------------------ snapshots
 
@@ -179,7 +185,10 @@ class ReplicaSources:
             if entry is not None and (entry.kind != "snapshot" or entry.name != name or entry.source != source):
                 raise errors.exists(f"snapshot {name!r} exists for another volume")
             if entry is not None and entry.state == "placing" and not self._snapshot_exists(entry):
-                # Placed on a leg, never made: that leg may not be the current one any more.
+                # Placed on a leg, never made: that leg may not be the current one any more. Deleted there first
+                # (ABORTED while the first call still runs on that agent), so a late lvcreate leaves no orphan.
+                svc.agents.get(entry.node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(vg=entry.vg,
+                                                                                         lv=entry.key))
                 svc.placement.forget("snapshot", entry.key)
                 entry = None
             if entry is None:
@@ -209,6 +218,26 @@ class ReplicaSources:
 
     # ------------------------------------------------------------------------------------ seeds
 
+    @staticmethod
+    def source_text(request) -> str:
+        """"snapshot:<id>" / "volume:<id>" of request.volume_content_source ("" without one): part of the
+        request's identity, compared with the record's on a retry before anything is looked up."""
+        if not request.HasField("volume_content_source"):
+            return ""
+        src = request.volume_content_source
+        if src.HasField("snapshot") and src.snapshot.snapshot_id:
+            return "snapshot:" + src.snapshot.snapshot_id
+        if src.HasField("volume") and src.volume.volume_id:
+            return "volume:" + src.volume.volume_id
+        raise errors.invalid("volume_content_source names no snapshot_id or volume_id")
+
+    @staticmethod
+    def recorded_seed(entry: Entry) -> Seed:
+        recorded = entry.legs[replicas.seed_index(entry) or 0].get("seed")
+        if not isinstance(recorded, dict):
+            raise errors.precondition(f"the record of volume {entry.name!r} names no seed for its source")
+        return Seed(**recorded)
+
     def seed(self, request) -> Seed:
         """The seed of a replicated volume made from request.volume_content_source: a snapshot of a replicated
         volume, or a replicated volume (its current leg)."""
@@ -237,6 +266,17 @@ class ReplicaSources:
             vol = svc.agents.get(leg.node).call("GetVolume", apb.GetVolumeRequest(vg=leg.vg, lv=key, brief=True))
             return Seed(leg.node, leg.vg, key, leg.pool, False, vol.size_bytes, "volume:" + vid)
         raise errors.invalid("volume_content_source names neither a snapshot nor a volume")
+
+    def restore_size(self, node: str, snap: apb.Snapshot) -> int:
+        """A replicated snapshot's size_bytes (Kubernetes' restoreSize): its array's size rounded down to the
+        pool's extent, which is the source claim's own size when that was a whole number of extents. Not the
+        array's exact size (a leg is its volume plus md's reserve, rounded up to an extent): external-provisioner
+        refuses a restore claim smaller than restoreSize, and a claim of the source's size must be accepted; the
+        restore is made at least as large as the source's array whatever it asks (Replicas.create)."""
+        h = self.svc.agents.health(node)
+        extent = next((p.extent_bytes for p in (h.info.pools if h is not None and h.info is not None else ())
+                       if p.vg == snap.vg and p.extent_bytes), DEFAULT_EXTENT)
+        return max(0, replicas.usable(snap.size_bytes)) // extent * extent
 
     def _thin_pool(self, node: str, vg: str) -> str:
         h = self.svc.agents.health(node)

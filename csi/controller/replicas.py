@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from csi import capabilities as caps
 from csi import contract, errors, faults, ids
-from csi.controller import health, scheduler
+from csi.controller import health
 from csi.controller.journal import Conflict, Entry
 from csi.proto import agent_pb2 as apb
 from csi.proto import csi_pb2 as csi
@@ -59,7 +59,7 @@ def mark_legs(journal, entry: Entry, indexes: list[int], state: str) -> None:
 
 
 COUNT = 2
-_DOWN = (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED)
+DOWN = (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED)     # an agent that does not answer
 # Agent answers after which nothing was made on that leg's node (as service._NOTHING_MADE).
 _NOTHING_MADE = (errors.Code.RESOURCE_EXHAUSTED, errors.Code.INVALID_ARGUMENT)
 
@@ -74,6 +74,11 @@ class Leg:
 
     def ref(self, key: str) -> ids.LvRef:
         return ids.LvRef(self.node, self.vg, key)
+
+
+def seed_index(entry: Entry) -> int | None:
+    """The seed leg of a volume made from a replicated source (csi/controller/replica_sources.py), else None."""
+    return next((i for i, d in enumerate(entry.legs) if d.get("seed")), None)
 
 
 def legs_of(entry: Entry) -> list[Leg]:
@@ -142,7 +147,7 @@ class Replicas:
             try:
                 answers[leg.index] = fn(leg, self.svc.agents.get(leg.node))
             except errors.CsiError as exc:
-                if exc.code not in _DOWN + (errors.Code.NOT_FOUND,):
+                if exc.code not in DOWN + (errors.Code.NOT_FOUND,):
                     raise
                 missing[leg.index] = f"leg {leg.index} on {leg.node}: {exc.message}"
         return answers, missing
@@ -157,16 +162,7 @@ class Replicas:
                requisite, preferred, attributes: dict[str, str]) -> csi.CreateVolumeResponse:
         caps.check_replicated(access)
         svc = self.svc
-        seed = self.sources.seed(request) if request.HasField("volume_content_source") else None
-        if seed is not None:
-            # The new legs are at least the seed's size, whatever was asked: its array must hold the source's
-            # (a leg is its volume plus md's reserve, rounded to the pool's extent, so a claim of the source's
-            # own size asks a little less than the source leg's array holds).
-            held = usable(seed.size)
-            if limit and held > limit:
-                raise errors.out_of_range(f"the source holds {held} bytes, above limit_bytes {limit}")
-            required = max(required, held)
-            attributes = dict(attributes, source=seed.text)
+        source = self.sources.source_text(request)
         key = ids.lv_name(svc.config.cluster_id, name)
         with svc.locks.hold("name:" + name):
             entry = svc.placement.find("volume", name)
@@ -175,15 +171,32 @@ class Replicas:
                 log.warning("volume %r was being placed on a retired storage node: placing it again", name)
                 self._undo(key, entry)
                 entry = None
+            seed = None
+            if source and entry is not None and entry.source == source:
+                seed = self.sources.recorded_seed(entry)     # a retry: the seed chosen then, whatever is current now
+            elif source and entry is None:
+                seed = self.sources.seed(request)
+            if seed is not None:
+                # The new legs are at least the seed's size, whatever was asked: its array must hold the source's
+                # (a leg is its volume plus md's reserve, rounded to the pool's extent, so a claim of the source's
+                # own size asks a little less than the source leg's array holds).
+                held = usable(seed.size)
+                if limit and held > limit:
+                    raise errors.out_of_range(f"the source holds {held} bytes, above limit_bytes {limit}")
+                required = max(required, held)
+                attributes = dict(attributes, source=seed.text)
             if entry is None:
+                from csi.controller import replica_placement    # it builds on this module's legs
                 # No limit on the legs: their extent rounding is above the reserve; the capacity reported is capped.
-                entry = svc.placement.claim(self._place(key, name, params, required + MD_RESERVE, 0, requisite,
-                                                        preferred, seed))
+                entry = svc.placement.claim(
+                    replica_placement.place_seeded(self, key, name, params, required + MD_RESERVE, requisite,
+                                                   preferred, seed) if seed is not None else
+                    replica_placement.place(self, key, name, params, required + MD_RESERVE, 0, requisite, preferred))
                 faults.step("replicas.placed")
             if entry.kind != "volume" or entry.name != name or not entry.legs:
                 raise errors.exists(f"volume {name!r} exists as another object or as a plain volume "
                                     f"({caps.PARAM_REPLICAS}: 1)")
-            if entry.source != (seed.text if seed else ""):
+            if entry.source != source:
                 raise errors.exists(f"volume {name!r} exists with another content source")
             size = max([required + MD_RESERVE] + [leg.get("size", 0) for leg in entry.legs])
             vols = []
@@ -191,7 +204,7 @@ class Replicas:
                 try:
                     vols.append(svc.agents.get(leg.node).call("CreateVolume", apb.CreateVolumeRequest(
                         name=name, pool=leg.pool, size_bytes=size, attributes=leg_attributes(attributes, leg.index),
-                        source=self.sources.volume_source(seed) if seed and entry.legs[leg.index].get("seed")
+                        source=self.sources.volume_source(seed) if seed and leg.index == seed_index(entry)
                         else None)))
                 except errors.CsiError as exc:
                     if entry.state == "placing" and exc.code in _NOTHING_MADE:
@@ -208,67 +221,6 @@ class Replicas:
                      ", ".join(f"{leg.node}/{leg.vg}" for leg in legs_of(entry)), capacity)
             volume = self._volume(ids.replicated_volume_id(key), entry, vols[0], capacity)
             return csi.CreateVolumeResponse(volume=volume)
-
-    def _place(self, key, name, params, required, limit, requisite, preferred, seed=None) -> Entry:
-        """Leg 0 where the scheduler puts a plain volume (a seed's: in its source's thin pool); leg 1 on another
-        node of leg 0's zone (or of the class's `replicaZones`, for workers that reach the storage nodes of both;
-        leg 0's zone first). A zone with one node that fits is left out and the choice made again, so a pair is
-        found wherever one exists."""
-        svc = self.svc
-        candidates, down = svc._candidates()
-        if seed is not None:
-            at_seed = [c for c in candidates if c.node == seed.node and c.pool == seed.pool]
-            if not at_seed:
-                raise errors.unavailable(f"storage node {seed.node}, which holds the source, does not answer now")
-            try:
-                first = scheduler.choose(at_seed, required=required, limit=limit, pool=seed.pool, thin=True,
-                                         requisite_zones=requisite, preferred_zones=preferred)
-            except errors.CsiError as exc:
-                raise errors.CsiError(exc.code, f"the first leg of a replicated volume made from {seed.text} "
-                                      f"goes into the source's own thin pool ({seed.pool} on {seed.node}), "
-                                      f"and: {exc.message}") from None
-        wanted_thin = params.thin if params.thin is not None else (None if params.pool else True)
-        alone: dict[str, str] = {}    # zone -> the one node in it that had room
-        while True:
-            pool = [c for c in candidates if c.zone not in alone]
-            try:
-                if seed is None:
-                    first = scheduler.choose(pool, required=required, limit=limit, pool=params.pool,
-                                             thin=wanted_thin, requisite_zones=requisite, preferred_zones=preferred,
-                                             down=down)
-            except errors.CsiError as exc:
-                if not alone or exc.code != errors.Code.RESOURCE_EXHAUSTED:
-                    raise
-                raise errors.exhausted("replicas 2 needs two storage nodes with room in one zone; " + "; ".join(
-                    f"in zone {z or '(none)'} only {n} has" for z, n in sorted(alone.items())) +
-                    ("; down and not considered: " + ", ".join(sorted(n for n, _ in down)) if down else "")) from None
-            zone = first.candidate.zone
-            zones = [zone, *(z for z in params.replica_zones if z != zone)]
-            try:
-                second = scheduler.choose([c for c in pool if c.node != first.candidate.node and c.zone in zones],
-                                          required=required, limit=limit, pool=params.pool, thin=wanted_thin,
-                                          requisite_zones=zones, preferred_zones=[zone], down=down)
-            except errors.CsiError as exc:
-                if exc.code != errors.Code.RESOURCE_EXHAUSTED:
-                    raise
-                if seed is not None:
-                    raise errors.exhausted(f"the second leg of a replicated volume made from {seed.text} needs "
-                                           f"another storage node with room in zone {zone or '(none)'} (or the "
-                                           f"class's replicaZones): {exc.message}") from None
-                alone[zone] = first.candidate.node
-                continue
-            break
-        # One size for both legs: the larger of the two pools' rounding, so neither leg is the smaller.
-        size = max(first.size, second.size)
-        legs = []
-        for p in (first, second):
-            svc.agents.consume(p.candidate.node, p.candidate.pool, size)
-            legs.append({"node": p.candidate.node, "pool": p.candidate.pool, "state": IN_SYNC, "size": size,
-                         "vg": self._vg_of(p.candidate.node, p.candidate.pool)})
-        if seed is not None:
-            legs[0]["seed"] = True
-        return Entry(key, "volume", name, first.candidate.node, pool=first.candidate.pool, vg=legs[0]["vg"],
-                     legs=legs, source=seed.text if seed else "")
 
     def _made(self, entry: Entry, vols: list[apb.Volume]) -> None:
         """Records that every leg exists (ready), with the VG each agent answered."""
@@ -386,7 +338,7 @@ class Replicas:
                         vg=legs[i].vg, lv=key, initiator_iqn=node_id, read_only=read_only, node_name=node_name,
                         mutual_chap=vols[i].attributes.get("mutualChap") == "true"))
                 except errors.CsiError as exc:
-                    if exc.code not in _DOWN:
+                    if exc.code not in DOWN:
                         raise
                     failed[i] = f"leg {i} on {legs[i].node}: {exc.message}"
             if not any(legs[i].state == IN_SYNC for i in grants):
@@ -402,7 +354,7 @@ class Replicas:
             (contract.publish_context(grants[i].target_iqn, grants[i].portals, grants[i].lun, legs[i].node,
                                       svc.agents.node(legs[i].node).address) if i in grants else None,
              legs[i].node, legs[i].vg, i in outdated)
-            for i in sorted(legs)], seed=next((i for i, d in enumerate(entry.legs) if d.get("seed")), None)))
+            for i in sorted(legs)], seed=seed_index(entry)))
 
     def _mark(self, entry: Entry, indexes: list[int], state: str) -> None:
         mark_legs(self.svc.placement.journal, entry, indexes, state)
@@ -446,7 +398,7 @@ class Replicas:
                 except errors.CsiError as exc:
                     if exc.code == errors.Code.NOT_FOUND:
                         continue
-                    if leg.state == OUTDATED and exc.code in _DOWN:
+                    if leg.state == OUTDATED and exc.code in DOWN:
                         # Nothing on an outdated leg is ever read again (it is cleared and copied over in full
                         # when it is back), so its revoke may wait: the volume can move on (mark-replica-leg).
                         log.warning("leg %d of %s on %s is outdated and does not answer: its grant to %s stays "

@@ -522,10 +522,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _to_snapshot(self, node: str, snap: apb.Snapshot) -> csi.Snapshot:
         source = (ids.replicated_volume_id(snap.source_lv) if snap.source_replicated else
                   ids.LvRef(node, snap.source_vg, snap.source_lv).encode())
-        # A leg's snapshot holds md's reserve too: its size is what the array held (a restore's minimum).
         out = csi.Snapshot(snapshot_id=ids.LvRef(node, snap.vg, snap.lv, "snapshot").encode(),
                            source_volume_id=source, ready_to_use=snap.ready,
-                           size_bytes=replicas.usable(snap.size_bytes) if snap.source_replicated else snap.size_bytes)
+                           size_bytes=self.replicas.sources.restore_size(node, snap) if snap.source_replicated
+                           else snap.size_bytes)
         out.creation_time.FromSeconds(snap.created_unix)
         return out
 

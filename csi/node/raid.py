@@ -96,6 +96,13 @@ class Superblock:
     recovering: bool = False   # this leg is being rebuilt (its "Recovery Offset"): not the array's data yet
 
 
+def went_on_alone(sb) -> bool:
+    """Whether a leg's superblock (a Superblock, or the agent's LegSuperblock) shows another member failed
+    while this one is not being rebuilt: md went on writing to this leg alone, so it holds every write the
+    other has (md writes that into the superblock before completing any write the failed leg missed)."""
+    return "." in sb.array_state and not sb.recovering
+
+
 def parse_examine(export: str, human: str) -> Superblock:
     """`mdadm --examine --export` (KEY=value) and `mdadm --examine` (its "Array State : AA ..." line)."""
     fields = dict(line.split("=", 1) for line in export.splitlines() if "=" in line)

@@ -215,7 +215,7 @@ class Replicated:
         if all(i in outdated or i in blank for i in others):
             return with_sb       # the other legs hold nothing newer: recorded outdated, or blank
         # One leg here, the other away and not known outdated: only a leg that went on alone is provably current.
-        alone = [i for i in with_sb if "." in sbs[i].array_state and not sbs[i].recovering]
+        alone = [i for i in with_sb if raid.went_on_alone(sbs[i])]
         if alone:
             return alone
         raise errors.unavailable(

@@ -20,8 +20,7 @@ from csi.fsutil import write_atomic
 from csi.runner import CommandError
 
 # The LVM commands that change metadata or devices: never killed at the RPC's deadline.
-CHANGES = frozenset({"lvcreate", "lvremove", "lvextend", "lvconvert", "lvchange", "lvrename", "vgcreate",
-                     "vgextend", "pvcreate"})
+CHANGES = frozenset({"lvcreate", "lvremove", "lvextend", "lvconvert", "lvchange", "lvrename"})
 
 LV_FIELDS = "lv_name,vg_name,lv_size,lv_tags,pool_lv,lv_attr,data_percent,metadata_percent,origin,lv_time"
 VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size,lv_count"

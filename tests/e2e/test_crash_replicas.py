@@ -5,6 +5,7 @@ exactly the objects that should exist do, on both storage nodes and on the worke
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from csi import faults, ids
@@ -109,6 +110,16 @@ def test_node_crash_in_a_replicated_stage_and_unstage(cluster, step):
     assert inventory(cluster) == empty()
 
 
+def _staged(cluster, stage) -> bool:
+    try:
+        cluster.node.NodeStageVolume(stage, timeout=120)
+        return True
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.ABORTED:
+            raise
+        return False
+
+
 @campaign
 def test_node_crash_right_after_making_a_restored_volumes_array_from_its_seed(cluster):
     """Killed once the restore's array exists on its seed leg alone: the retried stage finds it running, the
@@ -127,8 +138,15 @@ def test_node_crash_right_after_making_a_restored_volumes_array_from_its_seed(cl
     staging.mkdir(parents=True, exist_ok=True)
     stage = csi.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
                                        staging_target_path=str(staging), volume_capability=MOUNT)
-    crash_node_during(cluster, "stage.seed-array", lambda: cluster.node.NodeStageVolume(stage, timeout=120))
+    cluster.d.start_node_plugin(cluster.w, env={ENV: "stage.seed-array"})
+    with pytest.raises(grpc.RpcError):
+        cluster.node.NodeStageVolume(stage, timeout=120)
+    assert cluster.w.wait_exit("node-plugin", timeout=60) == -9, "the node plugin did not die at stage.seed-array"
+    TRIED.append("node:stage.seed-array")
+    cluster.d.start_node_plugin(cluster.w)
     cluster.node_ready()
+    # The restarted plugin's reconciler may be adding the new leg right now (ABORTED meanwhile, as the CO retries).
+    wait_until("the retried stage is done", lambda: _staged(cluster, stage), timeout=120, every=1.0)
     target = cluster.stage_publish(vol.volume_id, ctx)
     assert cluster.read(target) == digest
     wait_until("the new leg holds the seed's copy", lambda: synced(cluster.w, key), timeout=180)

@@ -316,8 +316,8 @@ def _md_uuid(node, key: str) -> str:
 
 
 def test_a_replicated_volume_is_snapshotted_restored_and_cloned_into_new_replicated_volumes(cluster):
-    """A snapshot of a replicated volume is taken of the leg its superblock proves current (leg 0, in the
-    volume's zone, with both in sync); a restore from it and a clone of the volume are new replicated volumes:
+    """A snapshot of a replicated volume is taken of a leg its superblock proves current (either, with both in
+    sync); its size is the claim's; a restore from it and a clone of the volume are new replicated volumes:
     each gets an array of its own (another UUID) made from its seed leg at its first stage, md copies the seed
     to the new leg, and each reads what its source held at that moment. A plain volume is not made from it."""
     w = cluster.w
@@ -328,8 +328,9 @@ def test_a_replicated_volume_is_snapshotted_restored_and_cloned_into_new_replica
     at_snapshot = cluster.write(target, mib=4)
     snap = cluster.ctrl.CreateSnapshot(csi.CreateSnapshotRequest(name="replicated-snap", source_volume_id=v.volume_id),
                                        timeout=120).snapshot
-    assert snap.source_volume_id == v.volume_id and snap.ready_to_use, snap
-    assert ids.parse_id(snap.snapshot_id, kind="snapshot").node == "storage-1", snap.snapshot_id
+    assert snap.source_volume_id == v.volume_id and snap.ready_to_use and snap.size_bytes == 64 * MiB, snap
+    # Both legs are in sync: either is current (the one whose superblock was written last is taken).
+    snap_node = ids.parse_id(snap.snapshot_id, kind="snapshot").node
     listed = cluster.ctrl.ListSnapshots(csi.ListSnapshotsRequest(source_volume_id=v.volume_id), timeout=60).entries
     assert [e.snapshot.snapshot_id for e in listed] == [snap.snapshot_id]
     at_clone = cluster.write(target, mib=4)
@@ -347,7 +348,8 @@ def test_a_replicated_volume_is_snapshotted_restored_and_cloned_into_new_replica
     for vol, expected in ((restored, at_snapshot), (clone, at_clone)):
         new_key = ids.parse_replicated_id(vol.volume_id)
         ctx = cluster.publish(vol.volume_id)
-        assert [leg.seed for leg in contract.parse_replicated(ctx, new_key)] == [True, False]
+        seeds = {leg.storage_node for leg in contract.parse_replicated(ctx, new_key) if leg.seed}
+        assert len(seeds) == 1 and (vol is clone or seeds == {snap_node}), (seeds, snap_node)
         new_target = cluster.stage_publish(vol.volume_id, ctx)
         assert cluster.read(new_target) == expected
         assert _md_uuid(w, new_key) != _md_uuid(w, key)

@@ -279,8 +279,9 @@ def test_a_restore_whose_seed_cannot_be_used_is_refused_and_nothing_is_written(m
 
 def test_a_lone_leg_being_rebuilt_is_never_current():
     rebuilding = raid.Superblock("u", ids.md_name(KEY), 1, "A.", recovering=True)
-    with pytest.raises(errors.CsiError):
+    with pytest.raises(errors.CsiError) as e:
         Replicated._current(KEY, _legs(), {1: rebuilding}, set(), ["leg 0 away"])
+    assert e.value.code == errors.Code.UNAVAILABLE
 
 
 def test_examine_sees_a_leg_being_rebuilt(fake_run):

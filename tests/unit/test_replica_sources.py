@@ -59,6 +59,7 @@ def test_the_current_leg(examined, away, states, seed, expected):
     ({0: BLANK}, {1: "leg 1 on s2: down"}, (), None, errors.Code.UNAVAILABLE),      # blank: cleared for a copy?
     ({0: sb("A."), 1: sb(".A")}, {}, (), None, errors.Code.FAILED_PRECONDITION),   # each went on alone
     ({0: sb(), 1: sb(name="lvmiscsi:ffffffffffffffff")}, {}, (), None, errors.Code.FAILED_PRECONDITION),
+    ({0: sb(name="lvmiscsi:ffffffffffffffff"), 1: BLANK}, {}, (), None, errors.Code.FAILED_PRECONDITION),
     ({1: BLANK}, {0: "leg 0 on s1: down"}, (), 0, errors.Code.UNAVAILABLE),         # the seed away
     ({0: sb(recovering=True)}, {1: "leg 1 on s2: down"}, (), None, errors.Code.UNAVAILABLE),
     ({}, {0: "down", 1: "down"}, (), None, errors.Code.UNAVAILABLE),
@@ -97,17 +98,20 @@ class LegAgent(Agent):
         return super().call(method, request, timeout, reconnect)
 
 
-@pytest.fixture
-def svc(tmp_path):
-    nodes = (StorageNode("s1", "10.0.0.11:7600", "a"), StorageNode("s2", "10.0.0.12:7600", "a"),
-             StorageNode("s3", "10.0.0.13:7600", "a"))
+def build(tmp_path, nodes, available=None) -> ControllerService:
     config = ControllerConfig("lvm-iscsi.csi.dev", "c1", nodes, Path("/nonexistent"))
     journal = FileJournal(tmp_path / "journal")
     journal.mark_adopted()
-    agents = fake_agents([LegAgent(n, 10 * GiB) for n in nodes], journal)
+    agents = fake_agents([LegAgent(n, (available or {}).get(n.name, 10 * GiB)) for n in nodes], journal)
     agents.update(nodes)
     (tmp_path / "nodes.yaml").write_text(f"nodes: [{{name: worker-1, iqn: {WORKER}}}]\n")
     return ControllerService(config, agents, Placement(journal, agents, "c1"), StaticNodes(tmp_path / "nodes.yaml"))
+
+
+@pytest.fixture
+def svc(tmp_path):
+    return build(tmp_path, (StorageNode("s1", "10.0.0.11:7600", "a"), StorageNode("s2", "10.0.0.12:7600", "a"),
+                            StorageNode("s3", "10.0.0.13:7600", "a")))
 
 
 def agent(svc, name) -> LegAgent:
@@ -221,7 +225,9 @@ def test_what_is_not_made_from_a_replicated_source_yet(svc):
                                      capacity_range=csi.CapacityRange(required_bytes=GiB // 2, limit_bytes=GiB // 2),
                                      volume_content_source=from_snapshot(s.snapshot_id))
     assert code_of(svc.CreateVolume, capped) == errors.Code.OUT_OF_RANGE
-    assert s.size_bytes == v.capacity_bytes      # what the array held, not the leg with md's reserve
+    # restoreSize: the source claim's size (the array, rounded down to the extent), so that a restore claim of
+    # that size is accepted; the restore still gets all the source's array held.
+    assert (s.size_bytes, v.capacity_bytes) == (GiB, GiB + 3 * (1 << 20))
     small = svc.CreateVolume(csi.CreateVolumeRequest(name="small", volume_capabilities=[cap()], parameters=R2,
                                                      capacity_range=csi.CapacityRange(required_bytes=GiB // 2),
                                                      volume_content_source=from_snapshot(s.snapshot_id)),
@@ -234,9 +240,10 @@ def test_an_outdated_leg_that_does_not_answer_does_not_hold_up_unpublish(svc):
     first, _ = leg_nodes(svc, v)
     publish(svc, v)
     agent(svc, first).down = True
-    with pytest.raises(errors.CsiError):
+    with pytest.raises(errors.CsiError) as e:
         svc.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id, node_id=WORKER),
                                       None)
+    assert e.value.code == errors.Code.UNAVAILABLE
     svc.replicas.set_leg_state(key_of(v), first, OUTDATED)
     svc.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id, node_id=WORKER), None)
 
@@ -283,3 +290,49 @@ def test_publish_and_health_take_back_the_mark_of_a_rebuilt_leg(svc):
     svc.replicas.set_leg_state(key_of(v), first, OUTDATED)
     ctx = publish(svc, v)
     assert not any(leg.outdated for leg in contract.parse_replicated(ctx, key_of(v)))
+
+
+def test_a_retried_clone_makes_its_seed_from_the_leg_chosen_first(svc):
+    v = create(svc, size=GiB)
+    first, second = leg_nodes(svc, v)
+    written(svc, v, ("A.", "AA"), (12, 10))          # the first leg is the current one
+    req = csi.CreateVolumeRequest(name="clone", volume_capabilities=[cap()], parameters=R2,
+                                  volume_content_source=csi.VolumeContentSource(
+                                      volume=csi.VolumeContentSource.VolumeSource(volume_id=v.volume_id)))
+    agent(svc, first).full = True                     # the seed's CreateVolume fails after the placement
+    assert code_of(svc.CreateVolume, req) == errors.Code.RESOURCE_EXHAUSTED
+    assert svc.placement.find("volume", "clone") is None        # nothing made: placed afresh next time
+    agent(svc, first).full = False
+    c = svc.CreateVolume(req, None).volume
+    written(svc, v, ("AA", "A."), (12, 14))          # now the other leg went on alone
+    for n in (first, second):
+        agent(svc, n).sources.clear()
+        agent(svc, n).calls.clear()
+    assert svc.CreateVolume(req, None).volume == c   # the retry keeps the recorded seed, asks nothing new
+    assert svc.placement.journal.get(key_of(c)).legs[0]["node"] == first
+    assert [s.node for s in agent(svc, first).sources] == [first] and not agent(svc, second).sources
+    assert "ExamineLeg" not in agent(svc, first).calls + agent(svc, second).calls
+
+
+def test_a_seed_outside_the_claims_zones_is_leg_1_where_replica_zones_allow(tmp_path):
+    svc = build(tmp_path, (StorageNode("s1", "10.0.0.11:7600", "a"), StorageNode("s2", "10.0.0.12:7600", "b")),
+                {"s1": 10 * GiB, "s2": 40 * GiB})
+    params = dict(R2, replicaZones="b")
+    v = create(svc, size=GiB, params=params, accessibility_requirements=csi.TopologyRequirement(
+        requisite=[csi.Topology(segments={"topology.lvm-iscsi.csi.dev/zone": "a"})]))
+    assert leg_nodes(svc, v) == ["s1", "s2"]
+    written(svc, v, ("AA", "A."), (10, 12))         # the leg in zone b went on alone: the snapshot is there
+    s = snapshot(svc, v)
+    assert ids.parse_id(s.snapshot_id, kind="snapshot").node == "s2"
+    in_a = csi.TopologyRequirement(requisite=[csi.Topology(segments={"topology.lvm-iscsi.csi.dev/zone": "a"})])
+    r = svc.CreateVolume(csi.CreateVolumeRequest(name="restored", volume_capabilities=[cap()], parameters=params,
+                                                 volume_content_source=from_snapshot(s.snapshot_id),
+                                                 accessibility_requirements=in_a), None).volume
+    entry = svc.placement.journal.get(key_of(r))
+    assert [d["node"] for d in entry.legs] == ["s1", "s2"] and entry.legs[1]["seed"] and "seed" not in entry.legs[0]
+    assert [t.segments["topology.lvm-iscsi.csi.dev/zone"] for t in r.accessible_topology] == ["a"]
+    ctx = publish(svc, r)
+    assert [leg.seed for leg in contract.parse_replicated(ctx, key_of(r))] == [False, True]
+    no_b = csi.CreateVolumeRequest(name="restored-2", volume_capabilities=[cap()], parameters=R2,
+                                   volume_content_source=from_snapshot(s.snapshot_id), accessibility_requirements=in_a)
+    assert code_of(svc.CreateVolume, no_b) == errors.Code.RESOURCE_EXHAUSTED

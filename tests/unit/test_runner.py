@@ -39,6 +39,11 @@ def test_a_command_that_must_finish_outlives_the_deadline():
         with pytest.raises(runner.CommandTimeout):
             runner.run(["sleep", "30"], finish=True, timeout=0.5)     # its own bound still holds
     assert 2.5 <= time.monotonic() - started < 10
+    with runner.deadline(0.1):
+        time.sleep(0.2)
+        with pytest.raises(runner.CommandTimeout) as e:
+            runner.run(["true"], finish=True)      # nobody waits for its answer any more: not started
+    assert "not started" in str(e.value)
 
 
 def test_lvm_changes_are_never_killed_at_the_deadline_and_reports_are(fake_run, tmp_path):
