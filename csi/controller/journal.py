@@ -57,6 +57,9 @@ class Entry:
     # Legs replaced by others (replace-replica-leg), as `legs` held them: their LVs may still exist on nodes
     # that were down; the controller deletes them once those answer (or are retired).
     replaced: list[dict] = field(default_factory=list)
+    # A replicated volume detached from every node with both legs in sync: md's event count then (both legs
+    # showed it). Spent (cleared) by the next publish, before it grants anything (csi/controller/replica_sources.py).
+    clean: int | None = None
     created: float = field(default_factory=time.time)
     version: str = ""           # the store's own version of the record (not part of its content)
     format: int = FORMAT

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from csi import errors, faults, ids
@@ -36,6 +37,7 @@ from csi.proto import csi_pb2 as csi
 log = logging.getLogger(__name__)
 
 DEFAULT_EXTENT = 4 << 20      # LVM's, for a node whose pools are not known now
+REREAD_DELAY = 0.5            # md's clean/dirty superblock updates are done well within it
 # Agent answers after which its CreateSnapshot made nothing (as the plain CreateSnapshot's in service.py).
 _NOTHING_MADE = (errors.Code.RESOURCE_EXHAUSTED, errors.Code.INVALID_ARGUMENT, errors.Code.FAILED_PRECONDITION,
                  errors.Code.NOT_FOUND)
@@ -75,6 +77,19 @@ def current_leg(key: str, legs: list[Leg], examined: dict[int, apb.LegSuperblock
         return max(sorted(usable), key=lambda i: usable[i].events)
     raise errors.unavailable(f"replicated volume {key}: nothing proves a reachable leg holds the newest writes ("
                              + (why_away or "every reachable leg is outdated or being rebuilt") + ")")
+
+
+def mid_update(key: str, count: int, examined: dict[int, apb.LegSuperblock]) -> bool:
+    """Every leg in sync by its superblock, but their event counts differ: md writes them together, so the
+    legs were most likely read during one of its superblock updates (a write after a pause marks the array
+    dirty, and clean again a moment later). Read again, the counts agree, and leg 0 (in the volume's zone) is
+    taken; a leg that really missed an update stays behind and is passed over."""
+    sbs = list(examined.values())
+    return len(sbs) == count and all(_in_sync(key, sb) for sb in sbs) and len({sb.events for sb in sbs}) > 1
+
+
+def _in_sync(key: str, sb: apb.LegSuperblock) -> bool:
+    return sb.present and sb.name == ids.md_name(key) and not sb.recovering and "." not in sb.array_state
 
 
 def out_of_array(key: str, legs: list[Leg], examined: dict[int, apb.LegSuperblock]) -> dict[int, str]:
@@ -129,14 +144,18 @@ class ReplicaSources:
     # ------------------------------------------------------------------------------------ which leg
 
     def current(self, key: str, entry: Entry) -> Leg:
-        try:
-            examined, away = self.replicas._ask(entry, lambda leg, a: a.call("ExamineLeg", apb.ExamineLegRequest(
-                vg=leg.vg, lv=key)))
-        except errors.CsiError as exc:
-            if exc.code != errors.Code.UNIMPLEMENTED:
-                raise
-            raise errors.precondition("a storage node's agent is older than this controller and cannot examine a "
-                                      "leg (ExamineLeg): finish upgrading the agents first") from None
+        for attempt in range(2):
+            try:
+                examined, away = self.replicas._ask(entry, lambda leg, a: a.call(
+                    "ExamineLeg", apb.ExamineLegRequest(vg=leg.vg, lv=key)))
+            except errors.CsiError as exc:
+                if exc.code != errors.Code.UNIMPLEMENTED:
+                    raise
+                raise errors.precondition("a storage node's agent is older than this controller and cannot "
+                                          "examine a leg (ExamineLeg): finish upgrading the agents first") from None
+            if attempt or not mid_update(key, len(entry.legs), examined):
+                break
+            time.sleep(REREAD_DELAY)
         return legs_of(entry)[current_leg(key, legs_of(entry), examined, away, replicas.seed_index(entry))]
 
     def examine(self, key: str, entry: Entry, reachable) -> dict[int, apb.LegSuperblock]:
@@ -174,6 +193,53 @@ class ReplicaSources:
             return
         log.info("volume %s: leg(s) %s, recorded outdated, are rebuilt and in sync: recorded so",
                  ids.replicated_volume_id(key), done)
+
+    # ------------------------------------------------------------------------------------ a clean detach
+
+    def stamp_clean(self, key: str, entry: Entry) -> None:
+        """After an unpublish: when no node holds a grant on any leg any more and every leg's superblock shows
+        the array in sync at one event count, records that count (Entry.clean). Best effort."""
+        try:
+            for leg in legs_of(entry):
+                vol = self.svc.agents.get(leg.node).call("GetVolume", apb.GetVolumeRequest(vg=leg.vg, lv=key,
+                                                                                           brief=True))
+                if vol.initiators or leg.state == OUTDATED:
+                    return
+            examined = self.examine(key, entry, {leg.index for leg in legs_of(entry)})
+        except errors.CsiError:
+            return
+        events = {sb.events for sb in examined.values() if _in_sync(key, sb)}
+        if len(examined) != len(entry.legs) or len(events) != 1 or \
+                not all(_in_sync(key, sb) for sb in examined.values()):
+            return
+        entry.clean = events.pop()
+        try:
+            entry.version = self.svc.placement.journal.update(entry).version
+        except Conflict:
+            entry.clean = None
+
+    def spend_clean_stamp(self, key: str, entry: Entry, reachable) -> None:
+        """Before a publish grants anything: the stamp of a clean detach is cleared (writes may follow), and
+        used first. A leg whose node does not answer now is recorded outdated when every leg that answers still
+        shows the stamped event count, in sync: nothing was written since the detach (no grant since, and md
+        counts every change), so those legs hold everything, and the volume stages from them without anyone
+        acting. The absent leg is copied over in full once it is back."""
+        stamp, entry.clean = entry.clean, None
+        away = [leg for leg in legs_of(entry) if leg.index not in reachable and leg.state != OUTDATED]
+        if away:
+            examined = self.examine(key, entry, reachable)
+            if len(examined) == len(reachable) and all(_in_sync(key, sb) and sb.events == stamp
+                                                       for sb in examined.values()):
+                for leg in away:
+                    entry.legs[leg.index]["state"] = OUTDATED
+                log.warning("volume %s: leg(s) on %s do not answer; nothing was written since the volume was "
+                            "detached with every leg in sync: recorded outdated, served from the others",
+                            ids.replicated_volume_id(key), ", ".join(leg.node for leg in away))
+        try:
+            entry.version = self.svc.placement.journal.update(entry).version
+        except Conflict:
+            raise errors.aborted(f"the record of volume {ids.replicated_volume_id(key)} changed meanwhile; "
+                                 "try again") from None
 
     # ------------------------------------------------------------------------------------ snapshots
 

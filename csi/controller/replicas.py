@@ -299,8 +299,9 @@ class Replicas:
         """Grants the node both legs. A leg whose agent does not answer is named in the context without a grant:
         the node decides whether the leg it can reach is provably current (csi/node/replicated.py). It is not
         marked outdated here: the record cannot tell whether the leg that answers went on alone or was itself
-        left behind by a worker that wrote alone to the one that does not answer. A publish that could reach
-        only legs recorded outdated is refused: it would serve old data."""
+        left behind by a worker that wrote alone to the one that does not answer; unless the volume was detached
+        cleanly since its last publish (Entry.clean: ReplicaSources.spend_clean_stamp). A publish that could
+        reach only legs recorded outdated is refused: it would serve old data."""
         caps.check_replicated(access)
         svc = self.svc
         with svc.locks.hold(request.volume_id):
@@ -326,6 +327,9 @@ class Replicas:
             if mine and any(i.read_only != read_only for i in mine):
                 raise errors.exists(f"volume {request.volume_id} is already published to {node_id} "
                                     f"{'read-only' if mine[0].read_only else 'read-write'}; unpublish it first")
+            if entry.clean is not None:
+                self.sources.spend_clean_stamp(key, entry, vols)
+                legs = {leg.index: leg for leg in legs_of(entry)}
             current = [i for i in vols if legs[i].state == IN_SYNC]
             if not current:
                 raise errors.unavailable(
@@ -408,6 +412,7 @@ class Replicas:
                     problems.append(exc)
             if problems:
                 raise problems[0]
+            self.sources.stamp_clean(key, entry)
         return csi.ControllerUnpublishVolumeResponse()
 
     # ------------------------------------------------------------------------------------ look at it

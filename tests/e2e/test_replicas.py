@@ -405,3 +405,40 @@ def test_a_leg_lost_for_good_is_replaced_on_another_storage_node(cluster):
     cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
     assert key not in s3.run(["lvs", "--noheadings", "-o", "lv_name", "csi-vg"], timeout=60).stdout
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
+
+
+def test_a_volume_detached_cleanly_stages_from_one_leg_once_the_other_is_lost(cluster):
+    """The common loss: the pod had stopped (the volume unstaged and detached with both legs in sync), then
+    storage-2 went down. Its leg's superblock cannot show that, but the controller stamped md's event count at
+    the detach and storage-1's leg still shows it (nothing written since): the next publish records storage-2's
+    leg outdated by itself and the stage serves storage-1's with the data. Once storage-2 is back, the next
+    stage copies its leg over in full and the mark is taken back."""
+    s2, w = cluster.s2, cluster.w
+    v = cluster.create("replicated-clean-detach", size=64 * MiB, zone="zone-a", params=PARAMS)
+    key = ids.parse_replicated_id(v.volume_id)
+    target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
+    wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
+    data = cluster.write(target, mib=4)
+    unpublish = csi.ControllerUnpublishVolumeRequest(volume_id=v.volume_id, node_id=cluster.node_id)
+    cluster.worker1.unstage(v.volume_id)
+    cluster.ctrl.ControllerUnpublishVolume(unpublish, timeout=60)
+    try:
+        s2.kill()
+        ctx = cluster.publish(v.volume_id)
+        assert [(leg.storage_node, leg.outdated) for leg in contract.parse_replicated(ctx, key)] == [
+            ("storage-1", False), ("storage-2", True)]
+        target = cluster.stage_publish(v.volume_id, ctx)
+        assert cluster.read(target) == data
+        more = cluster.write(target, mib=2)
+    finally:
+        _both_back(cluster)
+    cluster.worker1.unstage(v.volume_id)
+    cluster.ctrl.ControllerUnpublishVolume(unpublish, timeout=60)
+    target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
+    wait_until("storage-2's leg is copied over in full", lambda: synced(w, key), timeout=180)
+    assert cluster.read(target) == more
+    health = cluster.ctrl.ControllerGetVolumeHealth(csi.ControllerGetVolumeHealthRequest(volume_id=v.volume_id),
+                                                    timeout=60).volume_health
+    assert list(health.health_statuses) == [], health
+    cluster.teardown(v.volume_id)
+    assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}

@@ -336,3 +336,71 @@ def test_a_seed_outside_the_claims_zones_is_leg_1_where_replica_zones_allow(tmp_
     no_b = csi.CreateVolumeRequest(name="restored-2", volume_capabilities=[cap()], parameters=R2,
                                    volume_content_source=from_snapshot(s.snapshot_id), accessibility_requirements=in_a)
     assert code_of(svc.CreateVolume, no_b) == errors.Code.RESOURCE_EXHAUSTED
+
+
+def test_legs_read_during_an_md_superblock_update_are_read_again(svc, monkeypatch):
+    monkeypatch.setattr(replica_sources, "REREAD_DELAY", 0)
+    v = create(svc, size=GiB)
+    first, second = leg_nodes(svc, v)
+    written(svc, v, ("AA", "AA"), (10, 11))         # the second read just after md's update, the first before
+    reads = []
+    original = agent(svc, first).call
+
+    def call(method, request, timeout=None, reconnect=True):
+        if method == "ExamineLeg":
+            reads.append(method)
+            if len(reads) > 1:                     # read again: the update has reached it too
+                agent(svc, first).superblocks[key_of(v)] = sb("AA", 11, name=ids.md_name(key_of(v)))
+        return original(method, request, timeout, reconnect)
+    monkeypatch.setattr(agent(svc, first), "call", call)
+    assert ids.parse_id(snapshot(svc, v).snapshot_id, kind="snapshot").node == first and len(reads) == 2
+    written(svc, v, ("AA", "AA"), (10, 11))         # a leg that stays behind is passed over
+    monkeypatch.setattr(agent(svc, first), "call", original)
+    assert ids.parse_id(snapshot(svc, v, "snap-2").snapshot_id, kind="snapshot").node == second
+
+
+def unpublish(svc, volume):
+    svc.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id, node_id=WORKER),
+                                  None)
+
+
+def test_a_clean_detach_lets_the_next_publish_outdate_a_leg_that_is_gone(svc):
+    v = create(svc, size=GiB)
+    first, second = leg_nodes(svc, v)
+    publish(svc, v)
+    written(svc, v, ("AA", "AA"), (40, 40))          # the worker stopped the array: in sync, one count
+    unpublish(svc, v)
+    assert svc.placement.journal.get(key_of(v)).clean == 40
+    agent(svc, second).down = True                   # then the second leg's node is lost
+    ctx = publish(svc, v)
+    legs = contract.parse_replicated(ctx, key_of(v))
+    assert [(leg.storage_node, leg.outdated) for leg in legs] == [(first, False), (second, True)]
+    entry = svc.placement.journal.get(key_of(v))
+    assert entry.clean is None and entry.legs[1]["state"] == OUTDATED
+
+
+@pytest.mark.parametrize("case", ["written since", "still granted", "out of sync", "leg down at detach"])
+def test_no_clean_stamp_no_outdating(svc, case):
+    v = create(svc, size=GiB)
+    first, second = leg_nodes(svc, v)
+    publish(svc, v)
+    written(svc, v, ("AA", "AA") if case != "out of sync" else ("A.", "AA"), (40, 40))
+    if case == "still granted":
+        agent(svc, first).volumes[key_of(v)].initiators.add(iqn="iqn.2026-11.dev.other:w9")
+    if case == "leg down at detach":
+        agent(svc, second).down = True
+        with pytest.raises(errors.CsiError):
+            unpublish(svc, v)                        # fencing could not hold on it: no clean detach
+    else:
+        unpublish(svc, v)
+    if case == "written since":
+        assert svc.placement.journal.get(key_of(v)).clean == 40
+        written(svc, v, ("AA", "AA"), (41, 41))      # written after (md counted it): the stamp proves nothing
+    else:
+        assert svc.placement.journal.get(key_of(v)).clean is None
+    if case == "still granted":
+        return
+    agent(svc, second).down = True
+    ctx = publish(svc, v)
+    assert [leg.outdated for leg in contract.parse_replicated(ctx, key_of(v))] == [False, False]
+    assert svc.placement.journal.get(key_of(v)).clean is None
