@@ -175,6 +175,13 @@ class HostController:
         log.close()
         from csi.lab.deploy import wait_ready
         wait_ready(f"unix:{self.socket}", "host controller", proc=self.proc, log=self.dir / "controller.log")
+        # Ready is not the same as having reached storage-1's agent: on the loaded one-CPU storage node its first
+        # TLS handshake has failed (seen once), and the node then counts as down until the next poll.
+        deadline = time.monotonic() + 120
+        while self.stub().GetCapacity(csi.GetCapacityRequest(parameters={"type": "thin"}),
+                                      timeout=30).available_capacity == 0:
+            assert time.monotonic() < deadline, "the host controller never reached storage-1's agent"
+            time.sleep(1)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
