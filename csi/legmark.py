@@ -58,7 +58,7 @@ def mark(config: ControllerConfig, volume_id: str, node: str, state: str, out: T
             out.write(f"the other leg of {volume_id} is recorded outdated already: marking this one too would leave "
                       "no leg to serve it\n")
             return 1
-        if _answers(config, journal, node):
+        if answers(fleet.storage_nodes(config, journal, poll=False), node):
             out.write(f"storage node {node} answers: stage the volume as it is (md picks the newest leg); mark a "
                       "leg outdated only while its node is down or lost\n")
             return 1
@@ -66,7 +66,7 @@ def mark(config: ControllerConfig, volume_id: str, node: str, state: str, out: T
                   f"from the leg on {', '.join(leg.node for leg in others)} alone; writes that only the leg on "
                   f"{node} holds are given up, and that leg is copied over in full once {node} is back.\n")
     else:
-        if not _answers(config, journal, node):
+        if not answers(fleet.storage_nodes(config, journal, poll=False), node):
             out.write(f"storage node {node} does not answer: its leg cannot have been resynced\n")
             return 1
         out.write(f"leg {mine[0].index} of {volume_id} on {node}: outdated -> in-sync. Only after the worker's "
@@ -81,8 +81,8 @@ def mark(config: ControllerConfig, volume_id: str, node: str, state: str, out: T
     return 0
 
 
-def _answers(config: ControllerConfig, journal, node: str) -> bool:
-    agents = fleet.storage_nodes(config, journal, poll=False)
+def answers(agents, node: str) -> bool:
+    """Whether the storage node's agent answers within ANSWER_WAIT (one shared by the operator commands)."""
     try:
         agents.get(node).info(timeout=ANSWER_WAIT)
     except errors.CsiError:

@@ -24,7 +24,7 @@ from csi import errors, ids
 from csi.config import ControllerConfig
 from csi.controller import fleet, replicas
 from csi.controller.journal import Conflict
-from csi.legmark import ANSWER_WAIT
+from csi.legmark import ANSWER_WAIT, answers
 from csi.node import raid
 from csi.proto import agent_pb2 as apb
 
@@ -57,7 +57,7 @@ def replace_with(journal, agents, volume_id: str, node: str, to: str, out: TextI
     if to in (lost.node, other.node):
         out.write(f"{to} holds a leg of {volume_id} already: the new leg goes to a third storage node\n")
         return 1
-    if _answers(agents, node):
+    if answers(agents, node):
         out.write(f"storage node {node} answers: its leg comes back and resyncs by itself; replace a leg only "
                   "when its node is lost\n")
         return 1
@@ -129,10 +129,3 @@ def _make(agents, entry, leg: replicas.Leg, out: TextIO, yes: bool, attributes: 
               "array at the volume's next stage (delete the pod using it, or let it move).\n")
     return 0
 
-
-def _answers(agents, node: str) -> bool:
-    try:
-        agents.get(node).info(timeout=ANSWER_WAIT)
-    except errors.CsiError:
-        return False
-    return True
