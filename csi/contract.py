@@ -15,6 +15,10 @@ but knows it exists: a lone leg is trusted only when it is provably current, csi
 made from a snapshot or a clone of a replicated volume names its "seed" leg: the one that holds the source's
 data under the source array's superblock, from which the node creates the volume's own array at its first stage.
 
+Kubernetes never changes a VolumeAttachment's publish_context: when an operator replaces a leg on another storage
+node, a worker running the volume learns the new leg from the other leg's agent instead (GetPeerLeg), checked
+here by peer_leg() as a leg of publish_context is.
+
 A VolumeAttachment made by the driver before this contract holds the CHAP secrets themselves (chapUser,
 chapSecret, mutualChapUser, mutualChapSecret) and no agent address: parse() still reads those, so a volume
 attached across the upgrade still stages.
@@ -142,6 +146,22 @@ def parse_replicated(ctx, key: str) -> list[Leg]:
     if len({leg.storage_node for leg in legs}) != len(legs):
         raise errors.invalid("publish_context names one storage node for two legs")
     return legs
+
+
+def peer_leg(location, key: str) -> Leg:
+    """A leg of replicated volume `key` as an agent tells where it is now (agent.proto LegLocation, after an
+    operator replaced a leg: csi/legreplace.py), checked as a leg of publish_context is. A storage node lying
+    here can name nothing but an LV of this volume's name that the controller granted to the asking node."""
+    if not 0 <= location.index < MAX_LEGS:
+        raise errors.invalid(f"a leg's index must be from 0 to {MAX_LEGS - 1}")
+    ref = ids.LvRef(location.storage_node, location.vg, key)
+    if not location.storage_node or not location.vg or ids.parse_id(ref.encode()) is None:
+        raise errors.invalid("a leg's location names no valid storage node and VG")
+    ctx = publish_context(location.target_iqn, location.portals, location.lun, location.storage_node,
+                          location.agent)
+    if not location.agent:
+        raise errors.invalid("a leg's location names no agent")
+    return Leg(location.index, ref.node, ref.vg, key, False, parse(ctx, ref))
 
 
 def check_chap(chap: Chap) -> Chap:

@@ -36,7 +36,7 @@ REPLICA_STEPS = ("replicas.placed", "replicas.leg0-made", "replicas.leg1-made", 
                  "replicas.leg1-deleted")
 # The node plugin's own steps for replicated volumes (csi/node/replicated.py; it also passes stage.record,
 # stage.login, stage.mount, unstage.umount and unstage.logout of NODE_STEPS), walked there too.
-REPLICA_NODE_STEPS = ("stage.assemble", "stage.seed-array", "unstage.stop", "reconcile.readd")
+REPLICA_NODE_STEPS = ("stage.assemble", "stage.seed-array", "unstage.stop", "reconcile.readd", "reconcile.join")
 
 
 def warn_if_enabled() -> None:

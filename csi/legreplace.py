@@ -10,8 +10,14 @@ node: the legs are in the controller's record of the volume, csi/controller/repl
   leaves a record naming every LV that may exist; running the command again finishes it. The controller
   deletes the old leg once its node answers again (publish, health, delete), or with it when it is retired.
 - The new leg is blank: the node adds it to the array for a full copy of the other leg. A worker that has the
-  volume staged now keeps running on the other leg; the new leg joins at the volume's next stage (the pod
-  restarted or moved), since Kubernetes keeps the publish_context it has.
+  volume staged keeps running: Kubernetes keeps the publish_context it has, so the command grants the new leg to
+  every node the other leg is granted to and tells the other leg's agent where the new leg is (SetPeerLeg); the
+  node plugin asks it (csi/node/replica_join.py) and adds the new leg to the running array. A worker that
+  stages the volume later is told by its publish_context.
+- A window: an unpublish running at the very moment the command grants the new leg to that node may miss the
+  new grant. The command reads the grants again afterwards and revokes the new leg's grant of a node no longer
+  granted the other leg; an unpublish between that check and its own revoke of the other leg still leaves the
+  grant (on the new leg only) until that node's next unpublish.
 
 A dry run unless --yes.
 """
@@ -85,9 +91,9 @@ def replace_with(journal, agents, volume_id: str, node: str, to: str, out: TextI
     if pool is None or pool.available_bytes < size:
         out.write(f"storage node {to} has no pool {lost.pool!r} with {size} bytes free\n")
         return 1
-    out.write(f"leg {lost.index} of {volume_id}: {node} -> {to} (pool {lost.pool}, {size} bytes, blank). The node "
-              f"copies the leg on {other.node} to it in full when it next stages the volume; the LV on {node} is "
-              "deleted once that node answers again.\n")
+    out.write(f"leg {lost.index} of {volume_id}: {node} -> {to} (pool {lost.pool}, {size} bytes, blank). The "
+              f"worker running the volume (or the next to stage it) copies the leg on {other.node} to it in full; "
+              f"the LV on {node} is deleted once that node answers again.\n")
     if not yes:
         out.write("dry run: nothing changed; run again with --yes\n")
         return 0
@@ -121,11 +127,46 @@ def _make(agents, entry, leg: replicas.Leg, out: TextIO, yes: bool, attributes: 
         agents.get(leg.node).call("CreateVolume", apb.CreateVolumeRequest(
             name=entry.name, pool=leg.pool, size_bytes=entry.legs[leg.index]["size"],
             attributes=replicas.leg_attributes(attributes, leg.index)))
+        workers = _tell_workers(agents, entry, leg)
     except errors.CsiError as exc:
-        out.write(f"the record names the new leg on {leg.node}, but making it failed: {exc.message}. Run the "
-                  "command again to finish it.\n")
+        out.write(f"the record names the new leg on {leg.node}, but making it or granting it failed: "
+                  f"{exc.message}. Run the command again to finish it.\n")
         return 1
-    out.write(f"replaced: leg {leg.index} of {ids.replicated_volume_id(entry.key)} is on {leg.node}. It joins the "
-              "array at the volume's next stage (delete the pod using it, or let it move).\n")
+    volume_id = ids.replicated_volume_id(entry.key)
+    if workers:
+        out.write(f"replaced: leg {leg.index} of {volume_id} is on {leg.node}. {', '.join(workers)} add(s) it to "
+                  "the running array within seconds and copy the other leg to it in full (`status` shows the "
+                  "resync).\n")
+    else:
+        out.write(f"replaced: leg {leg.index} of {volume_id} is on {leg.node}. No node has the volume now: the "
+                  "next to stage it copies the other leg to it in full.\n")
     return 0
+
+
+def _tell_workers(agents, entry, leg: replicas.Leg) -> list[str]:
+    """Grants the new leg to every node the other leg is granted to (the workers running the volume) and tells
+    the other leg's agent where the new leg is, for their node plugins (GetPeerLeg). The nodes told."""
+    other = [x for x in replicas.legs_of(entry) if x.index != leg.index][0]
+    peer, key = agents.get(other.node), entry.key
+
+    def grants():
+        return peer.call("GetVolume", apb.GetVolumeRequest(vg=other.vg, lv=key, brief=True), timeout=ANSWER_WAIT)
+    vol, made, location = grants(), [], None
+    for init in vol.initiators:
+        g = agents.get(leg.node).call("GrantAccess", apb.GrantAccessRequest(
+            vg=leg.vg, lv=key, initiator_iqn=init.iqn, read_only=init.read_only, node_name=init.node,
+            mutual_chap=vol.attributes.get("mutualChap") == "true"), timeout=ANSWER_WAIT)
+        made.append(init)
+        location = apb.LegLocation(index=leg.index, storage_node=leg.node, vg=leg.vg,
+                                   agent=agents.node(leg.node).address, target_iqn=g.target_iqn,
+                                   portals=list(g.portals), lun=g.lun)
+    if location is None:
+        return []
+    peer.call("SetPeerLeg", apb.SetPeerLegRequest(vg=other.vg, lv=key, peer=location), timeout=ANSWER_WAIT)
+    still = {i.iqn for i in grants().initiators}
+    for init in made:
+        if init.iqn not in still:   # unpublished meanwhile: fenced from the new leg too
+            agents.get(leg.node).call("RevokeAccess", apb.RevokeAccessRequest(vg=leg.vg, lv=key,
+                                                                              initiator_iqn=init.iqn))
+    return sorted({init.node or init.iqn for init in made if init.iqn in still})
 

@@ -8,6 +8,7 @@ answer; the kernel's target alone would not do (the README's security section we
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -23,13 +24,31 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT = 20.0
 
 
-def fetch(tls_dir: Path, att: contract.Attachment, vg: str, lv: str, initiator: str) -> contract.Chap:
+@contextlib.contextmanager
+def _agent(tls_dir: Path, att: contract.Attachment):
+    """A stub of the agent of att's storage node, which must present that node's certificate."""
     name = peers.dns_name(peers.AGENT, att.storage_node)
     creds = TlsFiles(tls_dir).channel_credentials()
     options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)]
     with grpc.secure_channel(att.agent, creds, options=options) as channel:
+        yield agent_pb2_grpc.AgentStub(channel)
+
+
+def peer_leg(tls_dir: Path, att: contract.Attachment, vg: str, lv: str, timeout: float) -> apb.PeerLeg:
+    """Where the other leg of the replicated volume whose leg att is is now (csi/node/replica_join.py)."""
+    with _agent(tls_dir, att) as agent:
         try:
-            got = agent_pb2_grpc.AgentStub(channel).GetCredentials(
+            return agent.GetPeerLeg(apb.GetPeerLegRequest(vg=vg, lv=lv), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise errors.unavailable(f"cannot ask storage node {att.storage_node} ({att.agent}) where the other "
+                                     f"leg is: {exc.code().name if exc.code() else '?'} {exc.details() or ''}") \
+                from None
+
+
+def fetch(tls_dir: Path, att: contract.Attachment, vg: str, lv: str, initiator: str) -> contract.Chap:
+    with _agent(tls_dir, att) as agent:
+        try:
+            got = agent.GetCredentials(
                 apb.GetCredentialsRequest(vg=vg, lv=lv, initiator_iqn=initiator),
                 timeout=min(FETCH_TIMEOUT, runner.time_left()), wait_for_ready=True)
         except grpc.RpcError as exc:

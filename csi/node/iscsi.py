@@ -208,6 +208,13 @@ class Iscsiadm:
         _node_db(self._argv("-m", "node", "-T", iqn, "--logout"), ok=(0, RC_NO_OBJECTS))
         self._record_change(self._argv("-m", "node", "-T", iqn, "-o", "delete"), ok=(0, RC_NO_OBJECTS))
 
+    def logout_portals(self, iqn: str, portals) -> None:
+        """Logs out of the target at these portals only, deleting their node records: the legs of a replicated
+        volume on storage nodes with one VG name share a target IQN, and only one leg leaves."""
+        for portal in portals:
+            self._node(iqn, portal, "--logout", ok=(0, RC_NO_OBJECTS))
+            self._record_change(self._node_argv(iqn, portal, "-o", "delete"), ok=(0, RC_NO_OBJECTS))
+
     def rescan(self, iqn: str) -> None:
         _node_db(self._argv("-m", "node", "-T", iqn, "-R"), ok=(0, RC_NO_OBJECTS))
 

@@ -170,8 +170,7 @@ def readd(key: str, device: Path, outdated: bool = False) -> None:
     outdated a leg that holds writes the array never had (`mark-replica-leg`), and md must not take its event
     count for the newest."""
     md = md_device(key)
-    runner.run(["mdadm", "--manage", str(md), "--remove", "failed"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
-    runner.run(["mdadm", "--manage", str(md), "--remove", "detached"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
+    drop_failed(key)
     if outdated:
         log.warning("%s: adding %s, a leg recorded outdated, for a full recovery", md, device)
         runner.run(["mdadm", "--zero-superblock", str(device)], timeout=MDADM_TIMEOUT)
@@ -183,6 +182,13 @@ def readd(key: str, device: Path, outdated: bool = False) -> None:
         log.warning("%s: md refused to re-add %s (%s); adding it for a full recovery", md, device,
                     exc.stderr.strip()[-200:])
         add(key, device)
+
+
+def drop_failed(key: str) -> None:
+    """Members md failed, and members whose disk is gone, out of the array (their slot free for a leg)."""
+    md = md_device(key)
+    runner.run(["mdadm", "--manage", str(md), "--remove", "failed"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
+    runner.run(["mdadm", "--manage", str(md), "--remove", "detached"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
 
 
 def add(key: str, device: Path) -> None:

@@ -8,7 +8,8 @@ Failure and return:
 - open-iscsi keeps trying to log in again after the replacement timeout; once the storage node is back the
   session is LOGGED_IN again with the same disk. The reconciler (`reconcile`, every RECONCILE_S and at the node
   plugin's start) re-adds such a leg: the write-intent bitmap limits the resync to what changed. A leg not
-  logged in at all (a stage made while its storage node was down) is logged in and added.
+  logged in at all (a stage made while its storage node was down) is logged in and added. A leg an operator
+  replaced on another storage node (replace-replica-leg) is swapped for the new one and added (replica_join.py).
 
 Which leg is current:
 - Both legs here: md's event counts pick the newest at assembly and leave a stale leg out; it is then re-added.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from csi import contract, errors, faults, ids
 from csi.fsutil import remove, write_atomic
-from csi.node import health, mount, raid
+from csi.node import health, mount, raid, replica_join
 from csi.node.iscsi import Target
 from csi.proto import csi_pb2 as csi
 
@@ -86,6 +87,10 @@ class Replicated:
                     return
                 raise errors.precondition(f"{staging} already has {existing.source} mounted, which is not this "
                                           f"volume's array {md}; unmount it first")
+        if raid.status(key) is not None and (self.svc._record(volume_id) or {}).get("legs"):
+            # Assembled by an earlier attempt of this stage: its record names what is logged in, which may be
+            # newer than this publish_context (a leg that joined since: replica_join.py).
+            return self._stage_rest(volume_id, legs, staging, access, mkfs_opts)
         for leg in legs:
             if leg.attachment is not None:
                 self.svc.ledger.add(leg.attachment.iqn)
@@ -94,8 +99,11 @@ class Replicated:
              "read_only": access.read_only,
              "legs": [_leg_record(leg) for leg in legs]}), mode=0o600)
         faults.step("stage.record")
+        self._stage_rest(volume_id, legs, staging, access, mkfs_opts)
+
+    def _stage_rest(self, volume_id: str, legs: list[contract.Leg], staging: Path, access, mkfs_opts) -> None:
         try:
-            device = self._assemble(key, legs, access.read_only)
+            device = self._assemble(key_of(volume_id), legs, access.read_only)
             faults.step("stage.assemble")
             if access.block:
                 return
@@ -243,7 +251,8 @@ class Replicated:
             faults.step("unstage.stop")
         except Exception as exc:  # noqa: BLE001
             raise errors.internal(f"stopping the array of {volume_id}: {exc}") from None
-        iqns = [leg["iqn"] for leg in rec.get("legs", []) if leg.get("iqn")]
+        iqns = list(dict.fromkeys([leg["iqn"] for leg in rec.get("legs", []) if leg.get("iqn")] +
+                                  [r["iqn"] for r in rec.get(replica_join.RETIRED, [])]))
         for iqn in iqns:
             try:
                 self.svc.iscsi.logout(iqn)
@@ -295,7 +304,7 @@ class Replicated:
 
     def reconcile(self) -> None:
         """Puts back every leg md runs without, once its session carries I/O again."""
-        sessions = {s.iqn: s for s in self.svc.iscsi.sessions()}
+        sessions = {(s.iqn, s.portal): s for s in self.svc.iscsi.sessions()}
         for rec in self.records():
             if rec.get("read_only"):
                 continue   # assembled read-only: md writes nothing, so no leg is put back
@@ -314,11 +323,20 @@ class Replicated:
         if array is None:
             return
         in_array = {m.device for m in array.members if "faulty" not in m.state}
+        missing = {i for i, leg in enumerate(rec.get("legs", []))
+                   if not leg.get("iqn") or str(self.svc.iscsi.find_device(_leg_target(leg))) not in in_array}
+        if missing and self.svc.config.tls_dir is not None:
+            found = replica_join.ask(self.svc.config.tls_dir, key, rec["legs"], missing)
+            if found is not None:
+                rec = self._switch(volume_id, key, rec, *found)
+        if rec.get(replica_join.RETIRED):
+            rec = self._retire(volume_id, key, rec)
         for i, leg in enumerate(rec.get("legs", [])):
             if not leg.get("iqn"):
                 continue   # not granted to this node: put back by the next publish and stage
             target = _leg_target(leg)
-            session = sessions.get(leg["iqn"])
+            # By portal too: legs on storage nodes with one VG name share a target IQN.
+            session = next((sessions[(leg["iqn"], p)] for p in leg["portals"] if (leg["iqn"], p) in sessions), None)
             if session is None:
                 # Under the volume's lock: only when the agent answers at once, so a storage node that is down
                 # holds the lock (and the volume's own calls) no longer than a probe.
@@ -330,9 +348,57 @@ class Replicated:
             device = self.svc.iscsi.find_device(target)
             if device is None or str(device) in in_array:
                 continue
+            if leg.get(replica_join.JOINING):
+                self._join(volume_id, key, rec, i, device)
+                continue
             log.warning("replica leg %d of %s (%s on %s) is back: re-adding it", i, volume_id, device, leg["node"])
             raid.readd(key, device, outdated=bool(leg.get("outdated")))
             faults.step("reconcile.readd")
+
+    def _switch(self, volume_id: str, key: str, rec: dict, index: int, new: contract.Leg) -> dict:
+        """The stage record names the new leg that replaced leg `index` (replica_join.py), then the old leg
+        leaves the array."""
+        log.warning("replica leg %d of %s was replaced: %s -> %s; adding the new leg to the array", index,
+                    volume_id, rec["legs"][index]["node"], new.storage_node)
+        self.svc.ledger.add(new.attachment.iqn)
+        rec = replica_join.switched(rec, index, _leg_record(new))
+        write_atomic(self.svc._record_path(volume_id), json.dumps(rec), mode=0o600)
+        faults.step("reconcile.join")
+        raid.drop_failed(key)
+        return rec
+
+    def _retire(self, volume_id: str, key: str, rec: dict) -> dict:
+        """Logs out of the targets of legs replaced since the stage (best effort: the next round tries again,
+        unstage too)."""
+        left = []
+        for old in rec[replica_join.RETIRED]:
+            try:
+                self.svc.iscsi.logout_portals(old["iqn"], old["portals"])
+                if old["iqn"] not in {leg.get("iqn") for leg in rec["legs"]}:
+                    self.svc.ledger.remove(old["iqn"])
+            except Exception as exc:  # noqa: BLE001
+                log.info("logging out of %s at %s, a replaced leg of %s: %s", old["iqn"], ",".join(old["portals"]),
+                         volume_id, exc)
+                left.append(old)
+        if left != rec[replica_join.RETIRED]:
+            rec = dict(rec, **{replica_join.RETIRED: left})
+            write_atomic(self.svc._record_path(volume_id), json.dumps(rec), mode=0o600)
+        return rec
+
+    def _join(self, volume_id: str, key: str, rec: dict, index: int, device: Path) -> None:
+        leg = rec["legs"][index]
+        sb = replica_join.joinable(key, device)
+        log.warning("adding the new replica leg %d of %s (%s on %s) for a full copy", index, volume_id, device,
+                    leg["node"])
+        if sb is None:
+            raid.drop_failed(key)
+            raid.add(key, device)
+        else:
+            raid.readd(key, device)
+        faults.step("reconcile.readd")
+        legs = list(rec["legs"])
+        legs[index] = {k: v for k, v in leg.items() if k != replica_join.JOINING}
+        write_atomic(self.svc._record_path(volume_id), json.dumps(dict(rec, legs=legs)), mode=0o600)
 
     def _login_again(self, volume_id: str, rec: dict, index: int) -> None:
         leg = rec["legs"][index]

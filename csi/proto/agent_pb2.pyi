@@ -102,12 +102,14 @@ class CreateVolumeRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., size_bytes: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., source: _Optional[_Union[VolumeSource, _Mapping]] = ...) -> None: ...
 
 class Initiator(_message.Message):
-    __slots__ = ("iqn", "read_only")
+    __slots__ = ("iqn", "read_only", "node")
     IQN_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     iqn: str
     read_only: bool
-    def __init__(self, iqn: _Optional[str] = ..., read_only: _Optional[bool] = ...) -> None: ...
+    node: str
+    def __init__(self, iqn: _Optional[str] = ..., read_only: _Optional[bool] = ..., node: _Optional[str] = ...) -> None: ...
 
 class Volume(_message.Message):
     __slots__ = ("name", "pool", "vg", "lv", "size_bytes", "attributes", "target_iqn", "initiators", "exported", "created_unix", "healthy", "condition", "ready", "copy_running", "condition_reason")
@@ -351,6 +353,54 @@ class LegSuperblock(_message.Message):
     array_state: str
     recovering: bool
     def __init__(self, present: _Optional[bool] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., events: _Optional[int] = ..., array_state: _Optional[str] = ..., recovering: _Optional[bool] = ...) -> None: ...
+
+class LegLocation(_message.Message):
+    __slots__ = ("index", "storage_node", "vg", "agent", "target_iqn", "portals", "lun")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_NODE_FIELD_NUMBER: _ClassVar[int]
+    VG_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_IQN_FIELD_NUMBER: _ClassVar[int]
+    PORTALS_FIELD_NUMBER: _ClassVar[int]
+    LUN_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    storage_node: str
+    vg: str
+    agent: str
+    target_iqn: str
+    portals: _containers.RepeatedScalarFieldContainer[str]
+    lun: int
+    def __init__(self, index: _Optional[int] = ..., storage_node: _Optional[str] = ..., vg: _Optional[str] = ..., agent: _Optional[str] = ..., target_iqn: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., lun: _Optional[int] = ...) -> None: ...
+
+class SetPeerLegRequest(_message.Message):
+    __slots__ = ("vg", "lv", "peer")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    peer: LegLocation
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., peer: _Optional[_Union[LegLocation, _Mapping]] = ...) -> None: ...
+
+class SetPeerLegResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPeerLegRequest(_message.Message):
+    __slots__ = ("vg", "lv")
+    VG_FIELD_NUMBER: _ClassVar[int]
+    LV_FIELD_NUMBER: _ClassVar[int]
+    vg: str
+    lv: str
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ...) -> None: ...
+
+class PeerLeg(_message.Message):
+    __slots__ = ("present", "peer")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    peer: LegLocation
+    def __init__(self, present: _Optional[bool] = ..., peer: _Optional[_Union[LegLocation, _Mapping]] = ...) -> None: ...
 
 class GetSnapshotRequest(_message.Message):
     __slots__ = ("vg", "lv", "name")

@@ -104,6 +104,16 @@ class AgentStub:
                 request_serializer=agent__pb2.ExamineLegRequest.SerializeToString,
                 response_deserializer=agent__pb2.LegSuperblock.FromString,
                 _registered_method=True)
+        self.SetPeerLeg = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/SetPeerLeg',
+                request_serializer=agent__pb2.SetPeerLegRequest.SerializeToString,
+                response_deserializer=agent__pb2.SetPeerLegResponse.FromString,
+                _registered_method=True)
+        self.GetPeerLeg = channel.unary_unary(
+                '/lvmiscsi.agent.v1.Agent/GetPeerLeg',
+                request_serializer=agent__pb2.GetPeerLegRequest.SerializeToString,
+                response_deserializer=agent__pb2.PeerLeg.FromString,
+                _registered_method=True)
         self.ReadData = channel.unary_stream(
                 '/lvmiscsi.agent.v1.Agent/ReadData',
                 request_serializer=agent__pb2.ReadDataRequest.SerializeToString,
@@ -222,6 +232,22 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPeerLeg(self, request, context):
+        """Where the other leg of a replicated volume is now, after an operator replaced it on another storage node
+        (replace-replica-leg): the controller tells this leg's agent (SetPeerLeg, controller only), and a worker
+        that has the volume staged asks it (GetPeerLeg, the node plugin of a node this leg is granted to), so the
+        new leg joins the running array without a new publish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPeerLeg(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReadData(self, request, context):
         """Streams the content of a volume or snapshot to another agent (a restore or clone across storage
         nodes): only the chunks that are not all zeros, then one last message with the size and the SHA-256 of
@@ -319,6 +345,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ExamineLeg,
                     request_deserializer=agent__pb2.ExamineLegRequest.FromString,
                     response_serializer=agent__pb2.LegSuperblock.SerializeToString,
+            ),
+            'SetPeerLeg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPeerLeg,
+                    request_deserializer=agent__pb2.SetPeerLegRequest.FromString,
+                    response_serializer=agent__pb2.SetPeerLegResponse.SerializeToString,
+            ),
+            'GetPeerLeg': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPeerLeg,
+                    request_deserializer=agent__pb2.GetPeerLegRequest.FromString,
+                    response_serializer=agent__pb2.PeerLeg.SerializeToString,
             ),
             'ReadData': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadData,
@@ -714,6 +750,60 @@ class Agent:
             '/lvmiscsi.agent.v1.Agent/ExamineLeg',
             agent__pb2.ExamineLegRequest.SerializeToString,
             agent__pb2.LegSuperblock.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPeerLeg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/SetPeerLeg',
+            agent__pb2.SetPeerLegRequest.SerializeToString,
+            agent__pb2.SetPeerLegResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPeerLeg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lvmiscsi.agent.v1.Agent/GetPeerLeg',
+            agent__pb2.GetPeerLegRequest.SerializeToString,
+            agent__pb2.PeerLeg.FromString,
             options,
             channel_credentials,
             insecure,

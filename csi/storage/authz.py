@@ -1,7 +1,8 @@
 """Who may call what on an agent: decided by the identity in the caller's certificate (csi/peers.py).
 
   the controller            everything
-  a node plugin of node W   GetCredentials, and access.credentials() then gives only the grants made for W
+  a node plugin of node W   GetCredentials, and access.credentials() then gives only the grants made for W;
+                            GetPeerLeg, answered only for a leg granted to W (replica_legs.peer)
   the agent of node D       ReadData of a volume or snapshot the controller allowed D to copy (AllowCopy),
                             until that allowance expires
   anyone else               nothing
@@ -21,7 +22,7 @@ from csi import errors, peers
 
 log = logging.getLogger(__name__)
 
-NODE_METHODS = frozenset({"GetCredentials"})
+NODE_METHODS = frozenset({"GetCredentials", "GetPeerLeg"})
 COPY_TTL_MAX = 24 * 3600
 
 

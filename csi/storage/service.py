@@ -45,6 +45,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.lvm = lvm
         self.lio = lio
         self.records = records
+        self.peer_legs = replica_legs.PeerLegs(config.state_dir / "peer-legs")
         self.locks = KeyLocks()
         self.copies = copy.CopyJobs()
         self.totals = PoolTotals(self)
@@ -103,7 +104,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         """What the record alone says: no LVM report, no look at the kernel (health left unset)."""
         return pb.Volume(name=rec.name, pool=rec.pool, vg=rec.vg, lv=rec.lv, size_bytes=rec.size,
                          attributes=rec.attributes, target_iqn=rec.target_iqn,
-                         initiators=[pb.Initiator(iqn=g.initiator, read_only=g.read_only) for g in rec.grants.values()],
+                         initiators=[pb.Initiator(iqn=g.initiator, read_only=g.read_only, node=g.node)
+                                     for g in rec.grants.values()],
                          created_unix=int(rec.created), ready=rec.state == "ready")
 
     @staticmethod
@@ -277,6 +279,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             self.totals.add(pool, -lv.size, -1)
             log.info("deleted %s/%s (pool %s)", vg, lv_name, pool.name if pool else "?")
         self.records.delete(vg, lv_name)
+        self.peer_legs.delete(vg, lv_name)
 
     def _drop_copy_sources(self, vg: str, lv_name: str) -> None:
         """A thick volume being deleted may be the origin of point-in-time snapshots of clones (their copy
@@ -430,6 +433,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def ExamineLeg(self, request, context):
         return replica_legs.examine(self, request)
+
+    def SetPeerLeg(self, request, context):
+        return replica_legs.set_peer(self, request)
+
+    def GetPeerLeg(self, request, context):
+        return replica_legs.peer(self, request, peers.peer_of(context))
 
     def Orphans(self, request, context):
         if request.min_age_seconds < 0:

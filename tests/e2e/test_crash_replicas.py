@@ -1,6 +1,6 @@
 """Crash at every step of replicated volumes (issue 15): the controller killed between placing a volume's two
 legs and making them, and between deleting them; the node plugin killed after assembling the array, after
-stopping it, and after putting a leg that came back into it. Restarted without the fault, the call retried:
+stopping it, after putting a leg that came back into it, and after its record named a leg that replaced one. Restarted without the fault, the call retried:
 exactly the objects that should exist do, on both storage nodes and on the worker, and then nothing."""
 
 from __future__ import annotations
@@ -180,6 +180,43 @@ def test_node_crash_right_after_putting_a_leg_back(cluster):
     digest = cluster.write(target, mib=2)
     assert cluster.read(target) == digest
     cluster.teardown(vol.volume_id)
+    assert inventory(cluster) == empty()
+
+
+@campaign
+def test_node_crash_right_after_a_replaced_leg_is_recorded(cluster):
+    """storage-2 is lost for good while the volume is staged: replace-replica-leg puts its leg on storage-3, and
+    the node plugin is killed right after its stage record names the new leg (before the old one left the
+    array). The restarted plugin logs out of storage-2's leg, adds storage-3's and copies storage-1's to it;
+    torn down once storage-2 is back, nothing is left anywhere."""
+    w, s1, s2, s3 = cluster.w, cluster.s1, cluster.s2, cluster.s3
+    vol = cluster.ctrl.CreateVolume(create_req("crash-r-reconcile-join"), timeout=120).volume
+    key = ids.parse_replicated_id(vol.volume_id)
+    target = cluster.stage_publish(vol.volume_id, cluster.publish(vol.volume_id))
+    wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
+    try:
+        s2.kill()
+        cluster.write(target, mib=2)      # md fails the leg only on I/O
+        wait_until("md dropped storage-2's leg", lambda: "_" in array_line(w, key), timeout=60, every=0.5)
+        cluster.d.start_node_plugin(w, env={ENV: "reconcile.join"})
+        r = cluster.d.operator("replace-replica-leg", [s1, s2, s3], vol.volume_id, "storage-2", "--to", "storage-3",
+                               "--yes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert w.wait_exit("node-plugin", timeout=120) == -9, "the node plugin did not die at reconcile.join"
+        TRIED.append("node:reconcile.join")
+        cluster.d.start_node_plugin(w)
+        cluster.node_ready()
+        wait_until("storage-1's leg is copied to storage-3's", lambda: synced(w, key), timeout=180)
+        sessions = w.run(["iscsiadm", "-m", "session"], timeout=30).stdout
+        assert f"{s2.ip}:3260" not in sessions and f"{s3.ip}:3260" in sessions, sessions
+        digest = cluster.write(target, mib=2)
+        assert cluster.read(target) == digest
+    finally:
+        if not s2.running:
+            s2.boot(timeout=180)
+            cluster.d.start_agent(s2)
+    cluster.teardown(vol.volume_id)
+    assert key not in s3.run(["lvs", "--noheadings", "-o", "lv_name", "csi-vg"], timeout=60).stdout
     assert inventory(cluster) == empty()
 
 

@@ -366,32 +366,48 @@ def test_a_replicated_volume_is_snapshotted_restored_and_cloned_into_new_replica
 @pytest.mark.campaign   # scripts/fault-campaign (CI's 60 minutes); unit-tested in tests/unit/test_legreplace.py
 def test_a_leg_lost_for_good_is_replaced_on_another_storage_node(cluster):
     """storage-2 is lost while the volume is written: the writes go on on storage-1's leg. replace-replica-leg
-    (as an operator runs it) puts a new leg on storage-3; the volume's next stage copies storage-1's leg to it
-    in full and reads the newest data; storage-2's old LV is deleted once that node is back."""
+    (as an operator runs it) puts a new leg on storage-3, and the worker running the volume adds it to its array
+    by itself (Kubernetes keeps the old publish_context: the node plugin learns it from storage-1's agent) and
+    copies storage-1's leg to it in full while the pod keeps writing; storage-2's session is gone from the
+    worker. The next stage (a publish_context naming storage-3) reads the newest data; storage-2's old LV is
+    deleted once that node is back."""
     s1, s2, s3, w = cluster.s1, cluster.s2, cluster.s3, cluster.w
     v = cluster.create("replicated-replaced", size=64 * MiB, zone="zone-a", params=PARAMS)
     key = ids.parse_replicated_id(v.volume_id)
     target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
     wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
     replace = ["replace-replica-leg", [s1, s2, s3], v.volume_id, "storage-2", "--to", "storage-3"]
+
+    def portals():
+        return w.run(["iscsiadm", "-m", "session"], timeout=30).stdout
     try:
         s2.kill()
-        newest = cluster.write(target, mib=4)
+        cluster.write(target, mib=4)
         wait_until("the array runs on storage-1's leg alone", lambda: "_" in array_line(w, key), timeout=60,
                    every=0.5)
         r = cluster.d.operator(*replace)
         assert r.returncode == 0 and "dry run" in r.stdout, r.stdout + r.stderr
         r = cluster.d.operator(*replace, "--yes")
-        assert r.returncode == 0 and "replaced" in r.stdout, r.stdout + r.stderr
-        assert cluster.read(target) == newest      # the pod goes on, on storage-1's leg
+        assert r.returncode == 0 and "add(s) it to the running array" in r.stdout, r.stdout + r.stderr
+        started = time.monotonic()
+        wait_until("storage-3's leg joins the running array", lambda: f"{s3.ip}:3260" in portals(), timeout=60)
+        joined = time.monotonic() - started
+        newest = cluster.write(target, mib=4)      # the pod goes on while the new leg fills
+        wait_until("storage-1's leg is copied to storage-3's in full", lambda: synced(w, key), timeout=180)
+        print(f"storage-3's leg was logged in {joined:.1f} s after replace-replica-leg; in sync "
+              f"{time.monotonic() - started:.1f} s after it")
+        assert cluster.read(target) == newest
+        assert f"{s2.ip}:3260" not in portals(), portals()     # the lost leg's session is gone
         cluster.worker1.unstage(v.volume_id)
+        assert key.lower() not in portals().lower(), portals()
         cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
             volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
         ctx = cluster.publish(v.volume_id)
         assert sorted(leg.storage_node for leg in contract.parse_replicated(ctx, key)) == ["storage-1", "storage-3"]
         target = cluster.stage_publish(v.volume_id, ctx)
         assert cluster.read(target) == newest
-        wait_until("storage-1's leg is copied to storage-3's in full", lambda: synced(w, key), timeout=180)
+        # the new leg holds everything: nothing to copy again
+        wait_until("the array runs in sync at once", lambda: synced(w, key), timeout=10)
     finally:
         _both_back(cluster)
     cluster.worker1.unstage(v.volume_id)
@@ -404,6 +420,7 @@ def test_a_leg_lost_for_good_is_replaced_on_another_storage_node(cluster):
         volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
     cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
     assert key not in s3.run(["lvs", "--noheadings", "-o", "lv_name", "csi-vg"], timeout=60).stdout
+    assert not list((cluster.d.agent_state(s1) / "peer-legs").glob("*/*.json"))   # gone with the volume
     assert cluster.storage_state() == {"storage-1": ([], []), "storage-2": ([], [])}
 
 

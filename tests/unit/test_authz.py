@@ -10,7 +10,8 @@ import json
 import grpc
 import pytest
 
-from csi import peers, server
+from csi import capabilities as caps
+from csi import ids, peers, server
 from csi.config import AgentConfig
 from csi.proto import agent_pb2 as apb
 from csi.proto import agent_pb2_grpc
@@ -260,3 +261,45 @@ def test_a_record_of_a_newer_version_is_left_alone(world):
     path.write_text(json.dumps(data))
     assert list(agent.records.all()) == []            # not read, not rewritten, not deleted
     assert json.loads(path.read_text())["version"] == 99
+
+
+def test_where_a_replaced_leg_is_goes_only_to_a_node_the_leg_is_granted_to(world):
+    """SetPeerLeg is the controller's; GetPeerLeg answers the node plugin of a node the leg is granted to (the
+    worker running the volume) and nobody else; the answer is checked as publish_context is, and it goes with
+    the volume."""
+    agent, stubs, _ = world
+    ctl = stubs["controller"]
+    leg = dict(ATTRIBUTES, **{caps.ATTR_REPLICAS: "2", caps.ATTR_LEG: "0"})
+    vol = ctl.CreateVolume(apb.CreateVolumeRequest(name="pvc-r", pool="thin", size_bytes=64 * MiB, attributes=leg),
+                           timeout=10)
+    where = dict(vg=vol.vg, lv=vol.lv)
+    ctl.GrantAccess(apb.GrantAccessRequest(**where, initiator_iqn=WORKER, node_name="worker-1"), timeout=10)
+    assert stubs["worker-1"].GetPeerLeg(apb.GetPeerLegRequest(**where), timeout=10) == apb.PeerLeg(present=False)
+    peer = apb.LegLocation(index=1, storage_node="storage-3", vg="csi-vg", agent="10.0.0.3:7600",
+                           target_iqn=ids.target_iqn("csi-vg", vol.lv), portals=["10.0.0.3:3260"], lun=0)
+    assert denied(stubs["worker-1"].SetPeerLeg, apb.SetPeerLegRequest(**where, peer=peer))
+    ctl.SetPeerLeg(apb.SetPeerLegRequest(**where, peer=peer), timeout=10)
+    assert stubs["worker-1"].GetPeerLeg(apb.GetPeerLegRequest(**where), timeout=10) == apb.PeerLeg(present=True,
+                                                                                                    peer=peer)
+    for other in ("worker-2", "storage-2"):
+        assert denied(stubs[other].GetPeerLeg, apb.GetPeerLegRequest(**where)), other
+    for bad in (dict(target_iqn=ids.target_iqn("csi-vg", "c1-other")), dict(storage_node="storage-1"),
+                dict(index=2), dict(portals=["storage-3"]), dict(agent="")):
+        wrong = apb.LegLocation()
+        wrong.CopyFrom(peer)
+        for k, v in bad.items():
+            if k == "portals":
+                del wrong.portals[:]
+                wrong.portals.extend(v)
+            else:
+                setattr(wrong, k, v)
+        with pytest.raises(grpc.RpcError) as e:
+            ctl.SetPeerLeg(apb.SetPeerLegRequest(**where, peer=wrong), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    plain = ctl.CreateVolume(apb.CreateVolumeRequest(name="pvc-p", pool="thin", size_bytes=64 * MiB,
+                                                     attributes=ATTRIBUTES), timeout=10)
+    with pytest.raises(grpc.RpcError) as e:
+        ctl.SetPeerLeg(apb.SetPeerLegRequest(vg=plain.vg, lv=plain.lv, peer=peer), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    ctl.DeleteVolume(apb.DeleteVolumeRequest(**where), timeout=10)
+    assert agent.peer_legs.load(vol.vg, vol.lv) is None

@@ -67,7 +67,7 @@ class FakeAgent:
         if method == "GrantAccess":
             vol = self.volumes[request.lv]
             if request.initiator_iqn not in [i.iqn for i in vol.initiators]:
-                vol.initiators.add(iqn=request.initiator_iqn, read_only=request.read_only)
+                vol.initiators.add(iqn=request.initiator_iqn, read_only=request.read_only, node=request.node_name)
             self.granted_to = request.node_name
             return apb.GrantAccessResponse(target_iqn=ids.target_iqn("vg", request.lv), portals=["10.0.0.1:3260"],
                                            lun=0)

@@ -72,6 +72,16 @@ def test_logout_and_delete_accept_no_records(fake_run):
                               ["iscsiadm", "-m", "node", "-T", T.iqn, "-o", "delete"]]
 
 
+def test_one_portal_of_a_target_is_left_alone(fake_run):
+    """A replaced leg of a replicated volume shares its target IQN with the leg that stays: only its portal
+    is logged out of and forgotten."""
+    rc, _, err = recorded_failure("node_none")
+    fake_run.on("iscsiadm", "-m", "node", rc=rc, stderr=err)
+    Iscsiadm().logout_portals(T.iqn, ["10.0.0.2:3260"])
+    assert fake_run.calls == [["iscsiadm", "-m", "node", "-T", T.iqn, "-p", "10.0.0.2:3260", "--logout"],
+                              ["iscsiadm", "-m", "node", "-T", T.iqn, "-p", "10.0.0.2:3260", "-o", "delete"]]
+
+
 def test_initiator_name(tmp_path):
     f = tmp_path / "initiatorname.iscsi"
     f.write_text("## comment\nInitiatorName=iqn.1993-08.org.debian:01:abc\n")

@@ -13,6 +13,7 @@ from csi.controller.replicas import IN_SYNC, OUTDATED
 from csi.legreplace import replace_with
 from csi.proto import agent_pb2 as apb
 from csi.proto import csi_pb2 as csi
+from tests.unit.test_controller import WORKER
 from tests.unit.test_replicas import build, create, key_of, publish
 
 GiB = 1 << 30
@@ -97,3 +98,43 @@ def test_deleting_a_volume_waits_for_its_replaced_leg(svc):
     svc.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id), None)
     assert all(key_of(v) not in svc.agents.get(n).volumes for n in ("s1", "s2", "s3"))
     assert svc.placement.journal.get(key_of(v)) is None
+
+
+def test_the_worker_running_the_volume_is_granted_the_new_leg_and_told_where_it_is(svc):
+    """Kubernetes keeps the publish_context it has: the command grants the new leg to the node the other leg
+    is granted to and tells the other leg's agent where the new leg is, for that node's plugin (GetPeerLeg)."""
+    v = create(svc, size=GiB)
+    publish(svc, v)
+    lost(svc, v, "s1")
+    rc, out = run(svc, v, "s1", "s3")
+    assert rc == 0 and "worker-1 add(s) it to the running array" in out, out
+    s3 = svc.agents.get("s3").volumes[key_of(v)]
+    assert [(i.iqn, i.node, i.read_only) for i in s3.initiators] == [(WORKER, "worker-1", False)]
+    peer = svc.agents.get("s2").peer_legs[key_of(v)]
+    assert (peer.index, peer.storage_node, peer.vg, peer.agent, peer.target_iqn, list(peer.portals), peer.lun) == (
+        1, "s3", "vg", "10.0.0.13:7600", ids.target_iqn("vg", key_of(v)), ["10.0.0.1:3260"], 0)
+
+
+def test_a_node_unpublished_while_the_command_grants_the_new_leg_is_revoked_from_it(svc):
+    v = create(svc, size=GiB)
+    publish(svc, v)
+    lost(svc, v, "s1")
+    s2 = svc.agents.get("s2")
+    real = s2.call
+
+    def unpublished_meanwhile(method, request, timeout=None, reconnect=True):
+        if method == "SetPeerLeg":    # the unpublish revoked s2 (and s3, before the command's grant there)
+            real("RevokeAccess", apb.RevokeAccessRequest(vg="vg", lv=key_of(v), initiator_iqn=WORKER))
+        return real(method, request, timeout, reconnect)
+    s2.call = unpublished_meanwhile
+    rc, out = run(svc, v, "s1", "s3")
+    assert rc == 0 and "No node has the volume now" in out, out
+    assert list(svc.agents.get("s3").volumes[key_of(v)].initiators) == []
+
+
+def test_no_node_has_the_volume_no_grant_no_peer(svc):
+    v = create(svc, size=GiB)
+    lost(svc, v, "s1")
+    rc, out = run(svc, v, "s1", "s3")
+    assert rc == 0 and "the next to stage it" in out, out
+    assert svc.agents.get("s2").peer_legs == {} and list(svc.agents.get("s3").volumes[key_of(v)].initiators) == []

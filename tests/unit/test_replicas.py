@@ -33,6 +33,7 @@ class Agent(FakeAgent):
         super().__init__(node, available)
         self.full = False
         self.superblocks: dict[str, apb.LegSuperblock] = {}     # what the worker's md wrote on each leg
+        self.peer_legs: dict[str, apb.LegLocation] = {}         # SetPeerLeg
 
     def call(self, method, request, timeout=None, reconnect=True):
         if method == "ExamineLeg" and not self.down:
@@ -40,6 +41,10 @@ class Agent(FakeAgent):
             if request.lv not in self.volumes:
                 raise errors.not_found("no such volume")
             return self.superblocks.get(request.lv, apb.LegSuperblock(present=False))
+        if method == "SetPeerLeg" and not self.down:
+            self.calls.append(method)
+            self.peer_legs[request.lv] = request.peer
+            return apb.SetPeerLegResponse()
         if method == "CreateVolume" and self.full and not self.down:
             self.calls.append(method)
             raise errors.exhausted("pool full")

@@ -1,0 +1,170 @@
+"""A leg replaced on another storage node while the worker runs the array (csi/node/replica_join.py, through the
+reconciler of csi/node/replicated.py): the record names the new leg before anything changes, the old leg leaves
+the array and is logged out, the new one is logged in and added, and only a blank disk (or one of this array)
+is ever added."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from csi import ids
+from csi.node import credentials, health, mount, raid, replicated
+from csi.node.iscsi import Session
+from csi.node.ledger import LoginLedger
+from csi.proto import agent_pb2 as apb
+from csi.server import KeyLocks
+
+KEY = "c1-pvc-0123456789abcdef"
+VOLUME_ID = ids.replicated_volume_id(KEY)
+
+
+# Every storage node has a VG of one name, as a chart installs them: the legs share a target IQN and only their
+# portals tell them apart.
+VG = "csi-vg"
+IQN = ids.target_iqn(VG, KEY)
+
+
+def portal(n):
+    return f"10.0.0.{n}:3260"
+
+
+def leg(n):
+    return {"node": f"storage-{n}", "vg": VG, "outdated": False, "iqn": IQN, "portals": [portal(n)], "lun": 0,
+            "agent": f"10.0.0.{n}:7600"}
+
+
+NEW = apb.LegLocation(index=0, storage_node="storage-3", vg=VG, agent="10.0.0.3:7600", target_iqn=IQN,
+                      portals=[portal(3)], lun=0)
+
+
+class World:
+    """storage-1's leg (/dev/sdc) failed out of the array, storage-2's (/dev/sdb) running it; storage-2's
+    agent names `peer` for leg 0. iscsi, md and blkid are recorded, not run."""
+
+    def __init__(self, tmp_path, monkeypatch, peer=NEW, blank=True, superblock=None):
+        self.done, self.logged_in, self.peer = [], {portal(1): "FAILED", portal(2): "LOGGED_IN"}, peer
+        self.devices = {portal(1): "/dev/sdc", portal(2): "/dev/sdb"}
+        state = tmp_path / "state"
+        state.mkdir()
+        self.ledger = LoginLedger(state / "logins")
+        self.ledger.add(IQN)
+        iscsi = SimpleNamespace(
+            sessions=lambda: [Session(n, p, IQN) for n, p in enumerate(self.logged_in)],
+            session_state=lambda s: self.logged_in[s.portal],
+            find_device=lambda t: Path(self.devices[t.portals[0]]) if t.portals[0] in self.devices else None,
+            login=self._login, logout_portals=self._logout)
+        self.svc = SimpleNamespace(config=SimpleNamespace(state_dir=state, tls_dir=Path("/tls")), iscsi=iscsi,
+                                   ledger=self.ledger, locks=KeyLocks(), _with_credentials=lambda t, a, r: t)
+        self.svc._record_path = lambda v: state / (hashlib.sha256(v.encode()).hexdigest()[:32] + ".json")
+        self.svc._record = lambda v: json.loads(self.svc._record_path(v).read_text())
+        self.svc._record_path(VOLUME_ID).write_text(json.dumps(
+            {"volume_id": VOLUME_ID, "replicated": True, "key": KEY, "staging": "/s", "block": True,
+             "read_only": False, "legs": [leg(1), leg(2)]}))
+        members = (raid.Member("/dev/sdb", "in_sync"), raid.Member("/dev/sdc", "faulty"))
+        monkeypatch.setattr(raid, "status", lambda key: raid.Array(Path("/dev/md127"), members, 1, "idle", "none"))
+        monkeypatch.setattr(raid, "examine", lambda dev: superblock)
+        monkeypatch.setattr(mount, "probe", lambda dev: mount.Signatures() if blank
+                            else mount.Signatures("ext4", "filesystem"))
+        for name in ("add", "readd", "drop_failed"):
+            monkeypatch.setattr(raid, name, lambda *a, _n=name, **kw: self.done.append((_n,) + a[1:]))
+        monkeypatch.setattr(health, "connects", lambda address: address != "10.0.0.1:7600")
+        monkeypatch.setattr(credentials, "peer_leg", self._peer_leg)
+        self.rep = replicated.Replicated(self.svc)
+
+    def _peer_leg(self, tls_dir, att, vg, key, timeout):
+        self.done.append(("ask", att.storage_node))
+        return apb.PeerLeg(present=True, peer=self.peer) if self.peer else apb.PeerLeg(present=False)
+
+    def _login(self, target):
+        self.done.append(("login", target.portals[0]))
+        self.logged_in[target.portals[0]] = "LOGGED_IN"
+        self.devices[target.portals[0]] = "/dev/sdd"
+
+    def _logout(self, iqn, portals):
+        assert iqn == IQN
+        for p in portals:
+            self.done.append(("logout", p))
+            self.logged_in.pop(p, None)
+            self.devices.pop(p, None)
+
+    def record(self):
+        return self.svc._record(VOLUME_ID)
+
+
+def test_a_replaced_leg_is_swapped_in_and_added_for_a_full_copy(tmp_path, monkeypatch):
+    w = World(tmp_path, monkeypatch)
+    w.rep.reconcile()
+    rec = w.record()
+    assert [(x["node"], x.get("joining", False)) for x in rec["legs"]] == [("storage-3", True), ("storage-2", False)]
+    assert rec["legs"][0]["portals"] == [portal(3)] and rec["retired"] == []
+    assert w.done == [("ask", "storage-2"), ("drop_failed",), ("logout", portal(1)), ("login", portal(3))]
+    assert w.ledger.targets() == {IQN}          # storage-2's and storage-3's legs use it
+    w.done.clear()
+    w.rep.reconcile()                  # its session carries I/O now: the blank disk is added
+    assert w.done == [("ask", "storage-2"), ("drop_failed",), ("add", Path("/dev/sdd"))]
+    assert [x.get("joining", False) for x in w.record()["legs"]] == [False, False]
+
+
+def test_a_crash_after_the_record_named_the_new_leg_finishes_on_the_next_round(tmp_path, monkeypatch):
+    w = World(tmp_path, monkeypatch)
+    monkeypatch.setattr(raid, "drop_failed", lambda key: (_ for _ in ()).throw(OSError("killed")))
+    w.rep.reconcile()
+    assert w.record()["retired"] == [{"iqn": IQN, "portals": [portal(1)]}]
+    assert w.record()["legs"][0]["node"] == "storage-3"
+    monkeypatch.setattr(raid, "drop_failed", lambda key: w.done.append(("drop_failed",)))
+    w.done.clear()
+    w.rep.reconcile()                  # no answer needed again: the record knows
+    assert ("logout", portal(1)) in w.done and ("login", portal(3)) in w.done
+    assert w.record()["retired"] == []
+
+
+@pytest.mark.parametrize("blank, superblock, added", [
+    (False, None, None),                                                        # data on it: never added
+    (True, raid.Superblock("u", "lvmiscsi:ffffffffffffffff", 3, "AA"), None),   # another array's
+    (True, raid.Superblock("u", ids.md_name(KEY), 3, "AA"), "readd"),           # ours: a crash after the add
+])
+def test_only_a_blank_disk_or_one_of_this_array_joins(tmp_path, monkeypatch, blank, superblock, added):
+    w = World(tmp_path, monkeypatch, blank=blank, superblock=superblock)
+    w.rep.reconcile()
+    w.done.clear()
+    w.rep.reconcile()
+    assert [d[0] for d in w.done if d[0] in ("add", "readd")] == ([added] if added else [])
+    assert w.record()["legs"][0].get("joining", False) is (added is None)
+
+
+@pytest.mark.parametrize("peer", [
+    None,                                                                        # nothing replaced
+    apb.LegLocation(index=0, storage_node="storage-1", vg=VG, agent="10.0.0.1:7600", target_iqn=IQN,
+                    portals=[portal(1)]),                                        # where the record says already
+    apb.LegLocation(index=0, storage_node="storage-2", vg=VG, agent="10.0.0.2:7600", target_iqn=IQN,
+                    portals=[portal(2)]),                                        # the asking leg's own node
+    apb.LegLocation(index=0, storage_node="storage-3", vg=VG, agent="10.0.0.3:7600",
+                    target_iqn=ids.target_iqn(VG, "c1-another"), portals=[portal(3)]),    # another LV
+    apb.LegLocation(index=1, storage_node="storage-3", vg=VG, agent="10.0.0.3:7600", target_iqn=IQN,
+                    portals=[portal(3)]),                                        # the leg in the array
+])
+def test_an_answer_naming_nothing_new_or_not_this_volumes_leg_changes_nothing(tmp_path, monkeypatch, peer):
+    w = World(tmp_path, monkeypatch, peer=peer)
+    before = w.record()
+    w.rep.reconcile()
+    assert w.record() == before and not [d for d in w.done if d[0] in ("login", "logout", "add", "drop_failed")]
+
+
+def test_a_repeated_stage_with_the_old_publish_context_keeps_the_joined_leg(tmp_path, monkeypatch):
+    """Kubernetes repeats NodeStageVolume with the publish_context it has, which names the lost leg: the record
+    of the running array, which names what is logged in, stays."""
+    from csi import contract
+    w = World(tmp_path, monkeypatch)
+    w.rep.reconcile()
+    w.rep.reconcile()
+    joined = w.record()
+    ctx = contract.replicated_publish_context([
+        (contract.publish_context(IQN, [portal(n)], 0, f"storage-{n}", f"10.0.0.{n}:7600"), f"storage-{n}", VG, False)
+        for n in (1, 2)])
+    w.rep.stage(VOLUME_ID, ctx, Path("/s"), SimpleNamespace(block=True, read_only=False), None)
+    assert w.record() == joined
