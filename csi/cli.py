@@ -139,6 +139,7 @@ def run_controller(a: argparse.Namespace) -> int:
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, lambda: None), srv)
     service = ControllerService(config, agents, placement, nodes)
     csi_pb2_grpc.add_ControllerServicer_to_server(service, srv)
+    service.replicas.late.start()
     if not config.node_directory:   # in a cluster: attachments of the version before node-bound grants
         threading.Thread(target=_migrate_attachments, args=(service, config.driver_name), daemon=True).start()
     server.serve(srv, a.endpoint)

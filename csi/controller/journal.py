@@ -60,6 +60,9 @@ class Entry:
     # A replicated volume detached from every node with both legs in sync: md's event count then (both legs
     # showed it). Spent (cleared) by the next publish, before it grants anything (csi/controller/replica_sources.py).
     clean: int | None = None
+    # Legs a publish could not grant (their node did not answer): {"leg", "initiator", "node", "read_only"}, granted
+    # once the node answers (csi/controller/late_grants.py).
+    ungranted: list[dict] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     version: str = ""           # the store's own version of the record (not part of its content)
     format: int = FORMAT

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from csi import capabilities as caps
 from csi import contract, errors, faults, ids
-from csi.controller import health
+from csi.controller import health, late_grants
 from csi.controller.journal import Conflict, Entry
 from csi.proto import agent_pb2 as apb
 from csi.proto import csi_pb2 as csi
@@ -105,6 +105,7 @@ class Replicas:
         from csi.controller.replica_sources import ReplicaSources   # it builds on this module's legs
         self.svc = service
         self.sources = ReplicaSources(self)
+        self.late = late_grants.LateGrants(service, legs_of)
 
     # ------------------------------------------------------------------------------------ look-up
 
@@ -351,6 +352,11 @@ class Replicas:
             if failed:
                 log.warning("volume %s published to %s on %d leg(s) of %d: %s", request.volume_id, node_id,
                             len(grants), len(legs), "; ".join(failed.values()))
+            # The legs left out are granted once their nodes answer (late_grants.py): the pod may run long.
+            late_grants.record(svc.placement.journal, entry, node_id, node_name, read_only,
+                               [i for i in failed if i in legs])
+            if failed:
+                self.late.note(key)
             outdated = {leg.index for leg in legs_of(entry) if leg.state == OUTDATED}
         # No secret: publish_context ends up in the VolumeAttachment (csi/contract.py). Every leg, the ones not
         # granted without a target: the node must know they exist.
@@ -412,6 +418,7 @@ class Replicas:
                     problems.append(exc)
             if problems:
                 raise problems[0]
+            late_grants.forget(svc.placement.journal, entry, ids.normalize_iqn(request.node_id) or request.node_id)
             self.sources.stamp_clean(key, entry)
         return csi.ControllerUnpublishVolumeResponse()
 

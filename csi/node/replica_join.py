@@ -1,4 +1,5 @@
-"""A leg replaced on another storage node while this worker runs the volume's array (csi/legreplace.py).
+"""A leg replaced on another storage node while this worker runs the volume's array (csi/legreplace.py), or a leg
+its publish left out (its node did not answer then) granted since (csi/controller/late_grants.py).
 
 Kubernetes never changes the publish_context it has, so the stage record still names the lost leg. The
 reconciler (csi/node/replicated.py) asks the agent of a leg in the array where the other leg is now
@@ -41,8 +42,12 @@ def ask(tls_dir: Path, key: str, legs: list[dict], missing: set[int]) -> tuple[i
             log.debug("asking %s where the other leg of %s is: %s", leg["node"], key, exc.message)
             continue
         i = answer.peer.index
-        if not answer.present or i not in missing or i == j or answer.peer.storage_node == legs[i]["node"]:
+        if not answer.present or i not in missing or i == j:
             continue
+        if answer.peer.storage_node == legs[i]["node"] and legs[i].get("iqn"):
+            continue     # where the record says already
+        # Else a leg replaced on another node, or this leg granted after the publish left it out
+        # (csi/controller/late_grants.py).
         try:
             new = contract.peer_leg(answer.peer, key)
         except errors.CsiError as exc:
@@ -63,6 +68,8 @@ def switched(rec: dict, index: int, new_leg: dict) -> dict:
     old = rec["legs"][index]
     legs = list(rec["legs"])
     legs[index] = dict(new_leg, **{JOINING: True})
+    if old["node"] == new_leg["node"]:     # granted late: the same leg, recorded outdated or not as it was
+        legs[index]["outdated"] = bool(old.get("outdated"))
     retired = list(rec.get(RETIRED, [])) + ([{"iqn": old["iqn"], "portals": old["portals"]}]
                                             if old.get("iqn") else [])
     return dict(rec, legs=legs, **{RETIRED: retired})

@@ -333,7 +333,7 @@ class Replicated:
             rec = self._retire(volume_id, key, rec)
         for i, leg in enumerate(rec.get("legs", [])):
             if not leg.get("iqn"):
-                continue   # not granted to this node: put back by the next publish and stage
+                continue   # not granted to this node: joins once granted (replica_join.ask above)
             target = _leg_target(leg)
             # By portal too: legs on storage nodes with one VG name share a target IQN.
             session = next((sessions[(leg["iqn"], p)] for p in leg["portals"] if (leg["iqn"], p) in sessions), None)
@@ -356,10 +356,11 @@ class Replicated:
             faults.step("reconcile.readd")
 
     def _switch(self, volume_id: str, key: str, rec: dict, index: int, new: contract.Leg) -> dict:
-        """The stage record names the new leg that replaced leg `index` (replica_join.py), then the old leg
-        leaves the array."""
-        log.warning("replica leg %d of %s was replaced: %s -> %s; adding the new leg to the array", index,
-                    volume_id, rec["legs"][index]["node"], new.storage_node)
+        """The stage record names the new leg that replaced leg `index`, or the leg granted since the publish
+        (replica_join.py), then the old leg leaves the array."""
+        log.warning("replica leg %d of %s is now on %s (was %s%s): adding it to the array", index, volume_id,
+                    new.storage_node, rec["legs"][index]["node"], "" if rec["legs"][index].get("iqn") else
+                    ", not granted at publish")
         self.svc.ledger.add(new.attachment.iqn)
         rec = replica_join.switched(rec, index, _leg_record(new))
         write_atomic(self.svc._record_path(volume_id), json.dumps(rec), mode=0o600)
@@ -394,7 +395,7 @@ class Replicated:
             raid.drop_failed(key)
             raid.add(key, device)
         else:
-            raid.readd(key, device)
+            raid.readd(key, device, outdated=bool(leg.get("outdated")))
         faults.step("reconcile.readd")
         legs = list(rec["legs"])
         legs[index] = {k: v for k, v in leg.items() if k != replica_join.JOINING}

@@ -71,7 +71,8 @@ class World:
         monkeypatch.setattr(mount, "probe", lambda dev: mount.Signatures() if blank
                             else mount.Signatures("ext4", "filesystem"))
         for name in ("add", "readd", "drop_failed"):
-            monkeypatch.setattr(raid, name, lambda *a, _n=name, **kw: self.done.append((_n,) + a[1:]))
+            monkeypatch.setattr(raid, name, lambda *a, _n=name, **kw: self.done.append((_n,) + a[1:] +
+                                                                                        tuple(kw.values())))
         monkeypatch.setattr(health, "connects", lambda address: address != "10.0.0.1:7600")
         monkeypatch.setattr(credentials, "peer_leg", self._peer_leg)
         self.rep = replicated.Replicated(self.svc)
@@ -168,3 +169,24 @@ def test_a_repeated_stage_with_the_old_publish_context_keeps_the_joined_leg(tmp_
         for n in (1, 2)])
     w.rep.stage(VOLUME_ID, ctx, Path("/s"), SimpleNamespace(block=True, read_only=False), None)
     assert w.record() == joined
+
+
+def test_a_leg_granted_after_its_publish_is_logged_in_and_re_added_as_recorded(tmp_path, monkeypatch):
+    """The publish left storage-1's leg out (its node did not answer; the record has no target for it), and the
+    controller granted it since (csi/controller/late_grants.py): the same leg, so it keeps its outdated mark and
+    md re-adds it (the bitmap, or a full copy when outdated); there is nothing to log out of."""
+    mine = raid.Superblock("u", ids.md_name(KEY), 3, "AA")
+    w = World(tmp_path, monkeypatch, peer=apb.LegLocation(index=0, storage_node="storage-1", vg=VG,
+                                                          agent="10.0.0.1:7600", target_iqn=IQN,
+                                                          portals=[portal(1)]), superblock=mine)
+    rec = w.record()
+    rec["legs"][0] = {"node": "storage-1", "vg": VG, "outdated": True}
+    w.svc._record_path(VOLUME_ID).write_text(json.dumps(rec))
+    del w.logged_in[portal(1)], w.devices[portal(1)]
+    monkeypatch.setattr(health, "connects", lambda address: True)
+    w.rep.reconcile()
+    assert w.done == [("ask", "storage-2"), ("drop_failed",), ("login", portal(1))]
+    assert w.record()["legs"][0]["outdated"] is True and w.record()["retired"] == []
+    w.done.clear()
+    w.rep.reconcile()
+    assert w.done == [("ask", "storage-2"), ("readd", Path("/dev/sdd"), True)]    # outdated: a full copy
