@@ -16,8 +16,10 @@
   (instant); its leg 1 is new and empty, on another storage node. The node creates the new volume's own array
   (its own name and UUID) from the seed at its first stage and md copies it to leg 1 in full
   (csi/node/replicated.py); contract.SEED names the seed leg.
-- Not yet: a plain volume from a replicated snapshot or the reverse (the data starts 1 MiB into a leg), and a
-  seed anywhere but in the source's own thin pool: both are INVALID_ARGUMENT / RESOURCE_EXHAUSTED saying so.
+- A plain volume from a replicated snapshot or volume is the plain path's (csi/controller/service.py): a copy
+  from md's data offset in the leg (VolumeSource.offset_bytes), never a thin snapshot of the leg.
+- Not yet: a replicated volume from a plain source (its data would have to move 1 MiB in), and a seed anywhere
+  but in the source's own thin pool: INVALID_ARGUMENT / RESOURCE_EXHAUSTED saying so.
 """
 
 from __future__ import annotations

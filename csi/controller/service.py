@@ -60,6 +60,7 @@ class Source:
     size: int
     text: str          # "snapshot:<id>" / "volume:<id>": part of the request's identity
     pool: str = ""     # the source volume's pool
+    offset: int = 0    # where the content starts in ref's LV: md's data offset in a replicated volume's leg
 
 
 # Agent answers after which nothing was made for a new name: its placement record can go.
@@ -146,7 +147,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                         attributes)
         source = self._source(request) if request.HasField("volume_content_source") else None
         if source is not None:
-            if not request.HasField("capacity_range") or request.capacity_range.required_bytes == 0:
+            if not request.HasField("capacity_range") or request.capacity_range.required_bytes == 0 or \
+                    source.offset:
+                # From a replicated source: its array is a little larger than its claim (the restoreSize the
+                # snapshot reports, csi/controller/replica_sources.py), and the filesystem fills the array.
                 required = max(required, source.size)
             if required < source.size:
                 raise errors.out_of_range(f"the source holds {source.size} bytes; a volume of {required} "
@@ -249,16 +253,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise errors.not_found(f"snapshot {sid!r} does not exist")
             snap = self.agents.get(ref.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=ref.vg, lv=ref.lv))
             if snap.source_replicated:
-                raise errors.invalid(f"snapshot {sid} is of a replicated volume: it restores into a replicated "
-                                     "volume (replicas: 2) only, for now")
+                # A snapshot of one leg: the array's data, past md's superblock and bitmap.
+                return Source("snapshot", ref, snap.size_bytes - replicas.MD_RESERVE, "snapshot:" + sid,
+                              offset=replicas.MD_RESERVE)
             return Source("snapshot", ref, snap.size_bytes, "snapshot:" + sid)
         if src.HasField("volume"):
             vid = src.volume.volume_id
             if not vid:
                 raise errors.invalid("volume_content_source.volume.volume_id is required")
-            if self.replicas.key_of(vid) is not None:
-                raise errors.invalid(f"volume {vid} is replicated: it is cloned into a replicated volume "
-                                     "(replicas: 2) only, for now")
+            if (key := self.replicas.key_of(vid)) is not None:
+                # Its leg that holds every write the array acknowledged (as a snapshot of it is taken).
+                leg = self.replicas.sources.current(key, self.replicas._entry(key, vid))
+                vol = self.agents.get(leg.node).call("GetVolume", apb.GetVolumeRequest(vg=leg.vg, lv=key,
+                                                                                       brief=True))
+                return Source("volume", leg.ref(key), vol.size_bytes - replicas.MD_RESERVE, "volume:" + vid,
+                              leg.pool, offset=replicas.MD_RESERVE)
             ref = self._ref(vid)
             if ref is None or not self._serves(ref.node):
                 raise errors.not_found(f"volume {vid!r} does not exist")
@@ -272,7 +281,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _agent_source(self, source: "Source", node: str, pool: str, name: str,
                       thin: set[tuple[str, str]]) -> apb.VolumeSource:
         ref = source.ref
-        if source.kind == "volume" and not (ref.node == node and pool == source.pool and (node, pool) in thin):
+        if source.offset:
+            self._require_offsets({node, ref.node})
+        if source.kind == "volume" and (source.offset or
+                                        not (ref.node == node and pool == source.pool and (node, pool) in thin)):
             # A volume in use changes under a copy: copy a point-in-time snapshot of it instead (thin, or a
             # transient COW snapshot of a thick volume). In the source's own thin pool, the agent's thin
             # snapshot of the volume is that point in time already.
@@ -286,7 +298,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self.agents.get(ref.node).call("AllowCopy", apb.AllowCopyRequest(
                 vg=ref.vg, lv=ref.lv, destination_node=node, ttl_seconds=COPY_ALLOWANCE_SECONDS))
         return apb.VolumeSource(node=ref.node, address=self.agents.node(ref.node).address, vg=ref.vg, lv=ref.lv,
-                                snapshot=ref.kind == "snapshot", size_bytes=source.size)
+                                snapshot=ref.kind == "snapshot", size_bytes=source.size, offset_bytes=source.offset)
+
+    def _require_offsets(self, nodes: set[str]) -> None:
+        """An agent before VolumeSource.offset_bytes would copy from the LV's start: refuse rather than ask it."""
+        for node in sorted(nodes):
+            h = self.agents.health(node)
+            if h is None or h.info is None:
+                raise errors.unavailable(f"storage node {node} has not answered yet: whether its agent copies "
+                                         "from a replicated source is not known")
+            if "source-offset" not in h.info.features:
+                raise errors.precondition(f"storage node {node} runs an agent that cannot copy a plain volume from "
+                                          "a replicated source; upgrade it first")
 
     def _thin_pools(self) -> set[tuple[str, str]]:
         """(node, pool) of every thin pool of the storage nodes that answer."""

@@ -47,7 +47,7 @@ class Pool(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vg: _Optional[str] = ..., thin_pool: _Optional[str] = ..., extent_bytes: _Optional[int] = ..., physical_total_bytes: _Optional[int] = ..., physical_used_bytes: _Optional[int] = ..., overprovision_ratio: _Optional[float] = ..., available_bytes: _Optional[int] = ..., data_percent: _Optional[float] = ..., metadata_percent: _Optional[float] = ..., max_fill_percent: _Optional[float] = ..., warn_fill_percent: _Optional[float] = ..., volume_count: _Optional[int] = ..., wiping_volumes: _Optional[int] = ..., wiping_bytes: _Optional[int] = ..., wipe_error: _Optional[str] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("node_name", "api_version", "agent_version", "pools", "portals", "ready", "not_ready_reason")
+    __slots__ = ("node_name", "api_version", "agent_version", "pools", "portals", "ready", "not_ready_reason", "features")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class AgentInfo(_message.Message):
     PORTALS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     api_version: str
     agent_version: str
@@ -62,23 +63,26 @@ class AgentInfo(_message.Message):
     portals: _containers.RepeatedScalarFieldContainer[str]
     ready: bool
     not_ready_reason: str
-    def __init__(self, node_name: _Optional[str] = ..., api_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., portals: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_name: _Optional[str] = ..., api_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., portals: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VolumeSource(_message.Message):
-    __slots__ = ("node", "address", "vg", "lv", "snapshot", "size_bytes")
+    __slots__ = ("node", "address", "vg", "lv", "snapshot", "size_bytes", "offset_bytes")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VG_FIELD_NUMBER: _ClassVar[int]
     LV_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     vg: str
     lv: str
     snapshot: bool
     size_bytes: int
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., snapshot: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    offset_bytes: int
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., vg: _Optional[str] = ..., lv: _Optional[str] = ..., snapshot: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
     __slots__ = ("name", "pool", "size_bytes", "attributes", "source")
@@ -429,12 +433,16 @@ class ListSnapshotsResponse(_message.Message):
     def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., next_token: _Optional[str] = ...) -> None: ...
 
 class ReadDataRequest(_message.Message):
-    __slots__ = ("vg", "lv")
+    __slots__ = ("vg", "lv", "offset_bytes", "size_bytes")
     VG_FIELD_NUMBER: _ClassVar[int]
     LV_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     vg: str
     lv: str
-    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ...) -> None: ...
+    offset_bytes: int
+    size_bytes: int
+    def __init__(self, vg: _Optional[str] = ..., lv: _Optional[str] = ..., offset_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("offset", "data", "done", "size_bytes", "sha256")

@@ -115,22 +115,23 @@ def device_size(path: str) -> int:
         os.close(fd)
 
 
-def chunks(path: str, size: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, data) of every CHUNK-sized piece of the first `size` bytes of a block device, read with
-    O_DIRECT: what the device holds, not what a page cache remembers."""
+def chunks(path: str, size: int, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) of every CHUNK-sized piece of the `size` bytes of a block device from `start` on (a
+    multiple of ALIGN; offsets counted from it), read with O_DIRECT: what the device holds, not what a page
+    cache remembers."""
     dev = _Device(path, os.O_RDONLY)
     try:
         for offset in range(0, size, CHUNK):
-            yield offset, dev.read(offset, min(CHUNK, size - offset))
+            yield offset, dev.read(start + offset, min(CHUNK, size - offset))
     finally:
         dev.close()
 
 
-def sparse_stream(path: str, size: int) -> Iterator[tuple[int, bytes | None, str]]:
-    """What a sender sends: (offset, data or None for zeros, "") ... then (size, None, SHA-256 of every
-    byte it read)."""
+def sparse_stream(path: str, size: int, start: int = 0) -> Iterator[tuple[int, bytes | None, str]]:
+    """What a sender sends of the `size` bytes from `start` on: (offset, data or None for zeros, "") ... then
+    (size, None, SHA-256 of every byte it read)."""
     digest = hashlib.sha256()
-    for offset, data in chunks(path, size):
+    for offset, data in chunks(path, size, start):
         digest.update(data)
         yield offset, (None if data == ZERO[:len(data)] else data), ""
     yield size, None, digest.hexdigest()

@@ -135,7 +135,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                                  volume_count=u.volumes, wiping_volumes=backlog.volumes,
                                  wiping_bytes=backlog.bytes_left, wipe_error=backlog.error))
         return pb.AgentInfo(node_name=self.config.node_name, api_version=API_VERSION, agent_version=AGENT_VERSION,
-                            pools=pools, portals=[str(p) for p in self.config.portals], ready=True)
+                            pools=pools, portals=[str(p) for p in self.config.portals], ready=True,
+                            features=transfer.FEATURES)
 
     def CreateVolume(self, request, context):
         name = ids.check_request_name(request.name)
@@ -147,6 +148,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if source is not None:
             ids.check_lvm_name(source.vg, "source vg")
             ids.check_lvm_name(source.lv, "source lv")
+            transfer.check_offset(source.offset_bytes)
         lv_name = ids.lv_name(self.config.cluster_id, name)
         with self.locks.hold(f"{pool.vg}/{lv_name}"):
             # An LV's size is a whole number of extents, so comparing it with the unrounded size is the same
@@ -213,7 +215,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             if src_lv is None or not (self._ours(src_lv) or self._ours(src_lv, "snapshot") or
                                       self._ours(src_lv, "transfer")):
                 raise errors.not_found(f"source {source.vg}/{source.lv} is not on {self.config.node_name}")
-        if src_lv is not None and pool.thin and src_lv.pool == pool.thin_pool and source.vg == pool.vg:
+        if src_lv is not None and pool.thin and src_lv.pool == pool.thin_pool and source.vg == pool.vg and \
+                not source.offset_bytes:
             # Same thin pool: a thin snapshot of the source is the new volume, at once and independent of it.
             self.lvm.snapshot(pool.vg, source.lv, lv_name, lv_tags, activate=True)
             faults.step("create.lv")

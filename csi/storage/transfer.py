@@ -25,9 +25,18 @@ from csi.storage.records import VolumeRecord
 log = logging.getLogger(__name__)
 
 
+FEATURES = ("source-offset",)     # AgentInfo.features: what a controller may ask of this agent
+
+
 def source_dict(source) -> dict:
     return {"node": source.node, "address": source.address, "vg": source.vg, "lv": source.lv,
-            "snapshot": source.snapshot, "size": source.size_bytes}
+            "snapshot": source.snapshot, "size": source.size_bytes, "offset": source.offset_bytes}
+
+
+def check_offset(offset: int) -> int:
+    if offset < 0 or offset % copy.ALIGN:
+        raise errors.invalid(f"offset_bytes must be a non-negative multiple of {copy.ALIGN}")
+    return offset
 
 
 def finish(service, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig) -> VolumeRecord:
@@ -51,7 +60,7 @@ def finish(service, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig) -> V
 
 def _copy(service, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig, progress: copy.Progress) -> None:
     src = rec.source
-    size = int(src["size"])
+    size, offset = int(src["size"]), int(src.get("offset", 0))
     if src["node"] == service.config.node_name:
         src_lv = service.lvm.lv(src["vg"], src["lv"])
         if src_lv is None:
@@ -59,7 +68,9 @@ def _copy(service, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig, progr
         _refuse_split(src_lv)
         if not src_lv.active:
             service.lvm.activate(src["vg"], src["lv"])
-        stream = copy.sparse_stream(src_lv.path, size)
+        if offset + size > copy.device_size(src_lv.path):
+            raise errors.invalid(f"source {src['vg']}/{src['lv']} holds less than {offset} + {size} bytes")
+        stream = copy.sparse_stream(src_lv.path, size, offset)
         if snapshots.is_cow(src_lv):
             stream = _while_intact(service, src_lv, stream)
     else:
@@ -85,7 +96,11 @@ def _remote_stream(service, src: dict):
     options = [("grpc.ssl_target_name_override", name), ("grpc.max_receive_message_length", 8 << 20)]
     with grpc.secure_channel(src["address"], creds, options=options) as channel:
         stub = agent_pb2_grpc.AgentStub(channel)
-        for chunk in stub.ReadData(pb.ReadDataRequest(vg=src["vg"], lv=src["lv"])):
+        offset = int(src.get("offset", 0))
+        request = pb.ReadDataRequest(vg=src["vg"], lv=src["lv"])
+        if offset:      # else as the agents before offsets asked: the whole LV
+            request.offset_bytes, request.size_bytes = offset, int(src["size"])
+        for chunk in stub.ReadData(request):
             if chunk.done:
                 yield chunk.size_bytes, None, chunk.sha256
                 return
@@ -130,7 +145,12 @@ def read_data(service, request):
     if not lv.active:
         service.lvm.activate(request.vg, request.lv)
     size = copy.device_size(lv.path)   # a COW snapshot's LV size is its COW space, not its content's
-    stream = copy.sparse_stream(lv.path, size)
+    offset = check_offset(request.offset_bytes)
+    if request.size_bytes < 0 or offset + request.size_bytes > size or offset > size:
+        raise errors.invalid(f"{request.vg}/{request.lv} holds {size} bytes: {request.size_bytes} from "
+                             f"{offset} are not in it")
+    size = request.size_bytes or size - offset
+    stream = copy.sparse_stream(lv.path, size, offset)
     if snapshots.is_cow(lv):
         stream = _while_intact(service, lv, stream)
     for offset, data, final in stream:

@@ -319,7 +319,8 @@ def test_a_replicated_volume_is_snapshotted_restored_and_cloned_into_new_replica
     """A snapshot of a replicated volume is taken of a leg its superblock proves current (either, with both in
     sync); its size is the claim's; a restore from it and a clone of the volume are new replicated volumes:
     each gets an array of its own (another UUID) made from its seed leg at its first stage, md copies the seed
-    to the new leg, and each reads what its source held at that moment. A plain volume is not made from it."""
+    to the new leg, and each reads what its source held at that moment. Plain volumes are made from them too
+    (the leg's data copied past md's superblock and bitmap), on the snapshot's node and across nodes."""
     w = cluster.w
     v = cluster.create("replicated-source", size=64 * MiB, zone="zone-a", params=PARAMS)
     key = ids.parse_replicated_id(v.volume_id)
@@ -335,9 +336,19 @@ def test_a_replicated_volume_is_snapshotted_restored_and_cloned_into_new_replica
     assert [e.snapshot.snapshot_id for e in listed] == [snap.snapshot_id]
     at_clone = cluster.write(target, mib=4)
     from_snap = csi.VolumeContentSource(snapshot=csi.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id))
-    with pytest.raises(grpc.RpcError) as e:
-        cluster.create("plain-from-replicated", zone="zone-a", source=from_snap)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    # Plain volumes from them: the leg's data, past md's superblock and bitmap, copied; from the snapshot on its
+    # own node, and from the volume (its current leg, at this moment) onto the other storage node.
+    zone_of = {"storage-1": "zone-a", "storage-2": "zone-b"}
+    other_zone = zone_of["storage-2" if snap_node == "storage-1" else "storage-1"]
+    plain_restored = cluster.create("plain-from-replicated", size=64 * MiB, zone=zone_of[snap_node],
+                                    source=from_snap)
+    plain_clone = cluster.create("plain-clone-of-replicated", size=64 * MiB, zone=other_zone,
+                                 source=csi.VolumeContentSource(volume=csi.VolumeContentSource.VolumeSource(
+                                     volume_id=v.volume_id)))
+    for vol, expected in ((plain_restored, at_snapshot), (plain_clone, at_clone)):
+        assert vol.capacity_bytes >= 64 * MiB and vol.volume_id.startswith("v1:"), vol
+        assert cluster.read(cluster.stage_publish(vol.volume_id, cluster.publish(vol.volume_id))) == expected
+        cluster.teardown(vol.volume_id)
 
     restored = cluster.create("replicated-restored", size=64 * MiB, zone="zone-a", params=PARAMS, source=from_snap)
     assert restored.content_source.snapshot.snapshot_id == snap.snapshot_id

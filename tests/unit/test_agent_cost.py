@@ -25,6 +25,7 @@ from csi.storage.records import RecordStore
 from csi.storage.service import AgentService
 from tests.unit.test_hostile import ATTRIBUTES, BLOCK_ATTRIBUTES, CLUSTER, GiB, POOLS, WORKER, FakeLio, LvmSim, node_responses
 
+MiB = 1 << 20
 SIZE = 64 << 20   # 300 of them fit the simulated thin pool (20 GiB, overprovisioned 2x)
 LVM_COMMANDS = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "lvchange")
 
@@ -377,3 +378,33 @@ def test_a_late_read_started_before_a_change_or_long_ago_is_not_served_as_new(mo
     go.set()
     time.sleep(0.4)                                                  # finished, but started > max_age ago
     assert late.read("vg", lambda: "newer", "last", max_age=0.1) == "newer"
+
+
+def test_a_restore_from_an_offset_in_the_same_pool_is_a_copy_never_a_thin_snapshot(agent, monkeypatch):
+    """A plain volume from a replicated volume's leg: the leg's first MiB is md's, so a thin snapshot of it
+    would not be the volume's content: a new LV, and the copy reads from the offset."""
+    from csi.storage import transfer
+    a, run, sim = agent
+    vol = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-leg", pool="thin", size_bytes=GiB,
+                                                 attributes=ATTRIBUTES), None)
+    snap = a.CreateSnapshot(apb.CreateSnapshotRequest(name="snap-leg", source_vg=vol.vg, source_lv=vol.lv), None)
+    copied = []
+
+    def fake_copy(service, rec, lv, pool, progress):
+        copied.append(dict(rec.source))
+        rec.state = "ready"
+        service.records.save(rec)
+    monkeypatch.setattr(transfer, "_copy", fake_copy)
+    run.calls.clear()
+    source = apb.VolumeSource(node="s1", vg=snap.vg, lv=snap.lv, snapshot=True, size_bytes=GiB - MiB,
+                              offset_bytes=MiB)
+    restored = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-plain", pool="thin", size_bytes=GiB - MiB,
+                                                      attributes=ATTRIBUTES, source=source), None)
+    lvcreate = [c for c in lvm_calls(run.calls) if c[0] == "lvcreate"]
+    assert len(lvcreate) == 1 and "--snapshot" not in lvcreate[0] and "-s" not in lvcreate[0], lvcreate
+    assert [(c["lv"], c["offset"], c["size"]) for c in copied] == [(snap.lv, MiB, GiB - MiB)]
+    assert restored.exported and restored.ready
+    with pytest.raises(Exception, match="multiple of 4096"):
+        a.CreateVolume(apb.CreateVolumeRequest(name="pvc-odd", pool="thin", size_bytes=GiB, attributes=ATTRIBUTES,
+                                               source=apb.VolumeSource(node="s1", vg=snap.vg, lv=snap.lv,
+                                                                       size_bytes=GiB, offset_bytes=100)), None)

@@ -35,6 +35,7 @@ class FakeAgent:
         self.down = False
         self.pages_ignored = False
         self.copies_allowed: list[tuple[str, str]] = []
+        self.features = ["source-offset"]
 
     def info(self, timeout=None, reconnect=True):
         return self.call("GetInfo", apb.GetInfoRequest())
@@ -44,7 +45,7 @@ class FakeAgent:
         if self.down:
             raise errors.unavailable(f"storage node {self.node.name} is unreachable")
         if method == "GetInfo":
-            return apb.AgentInfo(node_name=self.node.name, pools=[
+            return apb.AgentInfo(node_name=self.node.name, features=self.features, pools=[
                 apb.Pool(name="thin", vg="vg", thin_pool="tp", extent_bytes=4 << 20, available_bytes=self.available),
                 apb.Pool(name="thick", vg="vg", extent_bytes=4 << 20, available_bytes=self.available // 2)])
         if method == "GetVolume":

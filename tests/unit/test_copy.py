@@ -87,3 +87,42 @@ def test_the_sender_hashes_what_it_reads(tmp_path, content):
     sent = list(copy.sparse_stream(str(src), len(content)))
     assert sent[-1] == (len(content), None, hashlib.sha256(content).hexdigest())
     assert [o for o, d, _ in sent[:-1] if d is None] == [MiB, 2 * MiB]     # zero chunks marked, not sent
+
+
+def test_a_sender_from_an_offset_sends_the_content_from_there_counted_from_0(tmp_path, content):
+    """A plain volume from a replicated volume's leg: the data starts 1 MiB in, past md's superblock and bitmap;
+    what is sent (and hashed) is the content from there, and lands at 0."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"\xa5" * MiB + content)
+    dst.write_bytes(bytes(len(content)))
+    sent = list(copy.sparse_stream(str(src), len(content), start=MiB))
+    assert sent[-1] == (len(content), None, hashlib.sha256(content).hexdigest())
+    copy.write_stream(str(dst), len(content), iter(sent), sparse=True, progress=copy.Progress(len(content)))
+    assert dst.read_bytes() == content
+
+
+@pytest.mark.parametrize("offset, size, ok", [(MiB, 0, True), (MiB, 2 * MiB, True), (MiB, 4 * MiB, False),
+                                              (100, 0, False), (5 * MiB, 0, False), (0, -1, False)])
+def test_read_data_sends_only_what_the_lv_holds_from_an_aligned_offset(monkeypatch, offset, size, ok):
+    from types import SimpleNamespace
+
+    from csi import errors
+    from csi.proto import agent_pb2 as apb
+    from csi.storage import transfer
+    lv = SimpleNamespace(path="/dev/vg/lv", attr="Vwi-a-tz--", active=True)
+    service = SimpleNamespace(lvm=SimpleNamespace(lv=lambda vg, name: lv), _ours=lambda lv, kind: True,
+                              config=SimpleNamespace(node_name="s1"))
+    monkeypatch.setattr(transfer.snapshots, "is_split", lambda lv: False)
+    monkeypatch.setattr(transfer.snapshots, "is_cow", lambda lv: False)
+    monkeypatch.setattr(copy, "device_size", lambda path: 4 * MiB)
+    asked = []
+    monkeypatch.setattr(copy, "sparse_stream", lambda path, n, start: asked.append((n, start)) or
+                        iter([(n, None, "digest")]))
+    request = apb.ReadDataRequest(vg="vg", lv="lv", offset_bytes=offset, size_bytes=size)
+    if not ok:
+        with pytest.raises(errors.CsiError) as e:
+            list(transfer.read_data(service, request))
+        assert e.value.code == errors.Code.INVALID_ARGUMENT and asked == []
+        return
+    [done] = list(transfer.read_data(service, request))
+    assert asked == [(size or 4 * MiB - offset, offset)] and done.done and done.size_bytes == asked[0][0]

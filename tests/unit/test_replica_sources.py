@@ -211,10 +211,8 @@ def test_what_is_not_made_from_a_replicated_source_yet(svc):
     plain_snap = svc.CreateSnapshot(csi.CreateSnapshotRequest(name="plain-snap", source_volume_id=plain.volume_id),
                                     None).snapshot
     cases = [
-        ({}, from_snapshot(s.snapshot_id), GiB),                             # a plain volume from a leg's data
         (R2, from_snapshot(plain_snap.snapshot_id), GiB),                    # a replicated one from a plain
         (R2, csi.VolumeContentSource(volume=csi.VolumeContentSource.VolumeSource(volume_id=plain.volume_id)), GiB),
-        ({}, csi.VolumeContentSource(volume=csi.VolumeContentSource.VolumeSource(volume_id=v.volume_id)), GiB),
     ]
     for params, source, size in cases:
         req = csi.CreateVolumeRequest(name="x", volume_capabilities=[cap()], parameters=params,
@@ -404,3 +402,44 @@ def test_no_clean_stamp_no_outdating(svc, case):
     ctx = publish(svc, v)
     assert [leg.outdated for leg in contract.parse_replicated(ctx, key_of(v))] == [False, False]
     assert svc.placement.journal.get(key_of(v)).clean is None
+
+
+def test_a_plain_volume_from_a_replicated_snapshot_or_volume_copies_the_leg_past_md_s_reserve(svc):
+    """The data of a leg starts 1 MiB in (md's superblock and bitmap before it): a plain volume made from a
+    replicated snapshot, or cloned from a replicated volume's current leg, copies from there, the array's whole
+    data area (a little more than the claim: the source's filesystem fills it), never as a thin snapshot."""
+    v = create(svc, size=GiB)
+    written(svc, v)
+    s = snapshot(svc, v)
+    leg = agent(svc, ids.parse_id(s.snapshot_id, kind="snapshot").node).snapshots
+    leg_size = next(iter(leg.values())).size_bytes
+    plain = svc.CreateVolume(csi.CreateVolumeRequest(
+        name="plain", volume_capabilities=[cap()], capacity_range=csi.CapacityRange(required_bytes=s.size_bytes),
+        volume_content_source=from_snapshot(s.snapshot_id)), None).volume
+    ref = ids.parse_id(plain.volume_id)
+    src = agent(svc, ref.node).sources[-1]
+    assert (src.lv, src.snapshot, src.offset_bytes, src.size_bytes) == (
+        next(iter(leg)), True, 1 << 20, leg_size - (1 << 20))
+    assert plain.capacity_bytes >= leg_size - (1 << 20) > s.size_bytes
+    assert plain.content_source.snapshot.snapshot_id == s.snapshot_id
+    clone = svc.CreateVolume(csi.CreateVolumeRequest(
+        name="plain-clone", volume_capabilities=[cap()], capacity_range=csi.CapacityRange(required_bytes=GiB),
+        volume_content_source=csi.VolumeContentSource(volume=csi.VolumeContentSource.VolumeSource(
+            volume_id=v.volume_id))), None).volume
+    src = agent(svc, ids.parse_id(clone.volume_id).node).sources[-1]
+    # a point-in-time snapshot of the current leg (leg 0: both in sync), dropped once copied
+    assert src.snapshot and "transfer" in src.lv and src.offset_bytes == 1 << 20, src
+
+
+def test_an_agent_that_cannot_copy_from_an_offset_is_not_asked_to(svc):
+    v = create(svc, size=GiB)
+    written(svc, v)
+    s = snapshot(svc, v)
+    for name in ("s1", "s2", "s3"):
+        agent(svc, name).features = []
+    svc.agents.recheck(["s1", "s2", "s3"])
+    req = csi.CreateVolumeRequest(name="plain", volume_capabilities=[cap()],
+                                  capacity_range=csi.CapacityRange(required_bytes=GiB),
+                                  volume_content_source=from_snapshot(s.snapshot_id))
+    assert code_of(svc.CreateVolume, req) == errors.Code.FAILED_PRECONDITION
+    assert not any(src.offset_bytes for n in ("s1", "s2", "s3") for src in agent(svc, n).sources)
