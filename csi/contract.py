@@ -161,7 +161,7 @@ def peer_leg(location, key: str) -> Leg:
                           location.agent)
     if not location.agent:
         raise errors.invalid("a leg's location names no agent")
-    return Leg(location.index, ref.node, ref.vg, key, False, parse(ctx, ref))
+    return Leg(location.index, ref.node, ref.vg, key, location.outdated, parse(ctx, ref))
 
 
 def check_chap(chap: Chap) -> Chap:

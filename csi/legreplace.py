@@ -28,7 +28,7 @@ from typing import TextIO
 
 from csi import errors, ids
 from csi.config import ControllerConfig
-from csi.controller import fleet, replicas
+from csi.controller import fleet, late_grants, replicas
 from csi.controller.journal import Conflict
 from csi.legmark import ANSWER_WAIT, answers
 from csi.node import raid
@@ -52,7 +52,7 @@ def replace_with(journal, agents, volume_id: str, node: str, to: str, out: TextI
     legs = replicas.legs_of(entry)
     if any(leg.node == to for leg in legs) and any(r.get("node") == node for r in entry.replaced):
         out.write(f"the leg of {volume_id} on {node} was replaced by one on {to} already: making sure it exists\n")
-        return _make(agents, entry, [leg for leg in legs if leg.node == to][0], out, yes)
+        return _make(agents, entry, [leg for leg in legs if leg.node == to][0], node, out, yes)
     mine = [leg for leg in legs if leg.node == node]
     others = [leg for leg in legs if leg.node != node]
     if not mine:
@@ -112,10 +112,11 @@ def replace_with(journal, agents, volume_id: str, node: str, to: str, out: TextI
     else:
         out.write("the volume's record keeps changing; run the command again\n")
         return 1
-    return _make(agents, entry, replicas.legs_of(entry)[lost.index], out, yes, dict(vol.attributes))
+    return _make(agents, entry, replicas.legs_of(entry)[lost.index], node, out, yes, dict(vol.attributes))
 
 
-def _make(agents, entry, leg: replicas.Leg, out: TextIO, yes: bool, attributes: dict | None = None) -> int:
+def _make(agents, entry, leg: replicas.Leg, lost: str, out: TextIO, yes: bool, attributes: dict | None = None
+          ) -> int:
     if not yes:
         out.write("dry run: nothing changed; run again with --yes\n")
         return 0
@@ -127,7 +128,7 @@ def _make(agents, entry, leg: replicas.Leg, out: TextIO, yes: bool, attributes: 
         agents.get(leg.node).call("CreateVolume", apb.CreateVolumeRequest(
             name=entry.name, pool=leg.pool, size_bytes=entry.legs[leg.index]["size"],
             attributes=replicas.leg_attributes(attributes, leg.index)))
-        workers = _tell_workers(agents, entry, leg)
+        workers = _tell_workers(agents, entry, leg, lost)
     except errors.CsiError as exc:
         out.write(f"the record names the new leg on {leg.node}, but making it or granting it failed: "
                   f"{exc.message}. Run the command again to finish it.\n")
@@ -143,30 +144,27 @@ def _make(agents, entry, leg: replicas.Leg, out: TextIO, yes: bool, attributes: 
     return 0
 
 
-def _tell_workers(agents, entry, leg: replicas.Leg) -> list[str]:
+def _tell_workers(agents, entry, leg: replicas.Leg, lost: str) -> list[str]:
     """Grants the new leg to every node the other leg is granted to (the workers running the volume) and tells
-    the other leg's agent where the new leg is, for their node plugins (GetPeerLeg). The nodes told."""
+    the other leg's agent where the new leg is, in place of `lost`'s, for their node plugins (GetPeerLeg). The
+    nodes told."""
     other = [x for x in replicas.legs_of(entry) if x.index != leg.index][0]
     peer, key = agents.get(other.node), entry.key
 
     def grants():
         return peer.call("GetVolume", apb.GetVolumeRequest(vg=other.vg, lv=key, brief=True), timeout=ANSWER_WAIT)
-    vol, made, location = grants(), [], None
+    vol, made, g = grants(), [], None
     for init in vol.initiators:
         g = agents.get(leg.node).call("GrantAccess", apb.GrantAccessRequest(
             vg=leg.vg, lv=key, initiator_iqn=init.iqn, read_only=init.read_only, node_name=init.node,
             mutual_chap=vol.attributes.get("mutualChap") == "true"), timeout=ANSWER_WAIT)
         made.append(init)
-        location = apb.LegLocation(index=leg.index, storage_node=leg.node, vg=leg.vg,
-                                   agent=agents.node(leg.node).address, target_iqn=g.target_iqn,
-                                   portals=list(g.portals), lun=g.lun)
-    if location is None:
+    if g is None:
         return []
-    peer.call("SetPeerLeg", apb.SetPeerLegRequest(vg=other.vg, lv=key, peer=location), timeout=ANSWER_WAIT)
+    late_grants.tell(agents, key, [other], leg, g, outdated=False, replaced=lost)
     still = {i.iqn for i in grants().initiators}
     for init in made:
         if init.iqn not in still:   # unpublished meanwhile: fenced from the new leg too
             agents.get(leg.node).call("RevokeAccess", apb.RevokeAccessRequest(vg=leg.vg, lv=key,
                                                                               initiator_iqn=init.iqn))
     return sorted({init.node or init.iqn for init in made if init.iqn in still})
-

@@ -8,8 +8,13 @@ controller that takes over (HA) finds them too. A loop in the controller grants 
 answers, and tells the other leg's agent where it is (SetPeerLeg, as replace-replica-leg does): the worker's node
 plugin asks it (csi/node/replica_join.py), logs in and re-adds the leg. An item goes once its grant is made, or
 once its node no longer holds the volume on the other leg (unpublished meanwhile: nothing to grant), or when the
-volume is unpublished from that node. The grant is made under the volume's lock, as an unpublish runs: an
-unpublish cannot slip between the check and the grant.
+volume is unpublished from that node. The grant is made under the volume's lock, as an unpublish runs, so an
+unpublish by this controller cannot slip between the check and the grant; the loop runs in every controller
+replica (the lock is per process), so the grants are read again after the grant and a grant whose node was
+unpublished meanwhile is revoked. What is left: an unpublish by another replica that revokes this leg before
+the grant and the other leg after that second look; the grant (on this leg only) then stays until the node's
+next unpublish of the volume. The leg's outdated mark goes with it (LegLocation.outdated): the node copies an
+outdated leg in full.
 """
 
 from __future__ import annotations
@@ -24,7 +29,25 @@ from csi.proto import agent_pb2 as apb
 log = logging.getLogger(__name__)
 
 RETRY_S = 10.0
+CALL_TIMEOUT = 10.0     # per agent call, under the volume's lock: publish and unpublish wait for none longer
 DOWN = (errors.Code.UNAVAILABLE, errors.Code.DEADLINE_EXCEEDED)
+
+
+def tell(agents, key: str, holders, leg, grant, outdated: bool, replaced: str = "") -> None:
+    """SetPeerLeg on the agent of each leg in `holders`: `leg` (index, node, vg) is where `grant` (its
+    GrantAccessResponse) says, in place of `replaced`'s leg ("": the same leg, granted late). The nodes an earlier
+    location of that index replaced stay named, so a worker whose publish_context names any of them (a pod that
+    ran through two replacements) still finds this leg; a worker naming another node ignores it."""
+    for x in holders:
+        client = agents.get(x.node)
+        before = client.call("GetPeerLeg", apb.GetPeerLegRequest(vg=x.vg, lv=key), timeout=CALL_TIMEOUT)
+        chain = list(before.peer.replaces) + [before.peer.storage_node] \
+            if before.present and before.peer.index == leg.index else []
+        replaces = [n for n in dict.fromkeys(chain + ([replaced] if replaced else [])) if n and n != leg.node]
+        client.call("SetPeerLeg", apb.SetPeerLegRequest(vg=x.vg, lv=key, peer=apb.LegLocation(
+            index=leg.index, storage_node=leg.node, vg=leg.vg, agent=agents.node(leg.node).address,
+            target_iqn=grant.target_iqn, portals=list(grant.portals), lun=grant.lun, replaces=replaces,
+            outdated=outdated)), timeout=CALL_TIMEOUT)
 
 
 def update(journal, entry: Entry, change) -> None:
@@ -105,6 +128,9 @@ class LateGrants:
             except errors.CsiError as exc:   # ABORTED: a call on the volume runs; next round
                 log.info("granting the legs of %s left out of a publish: %s", key, exc.message)
                 continue
+            except Exception:  # noqa: BLE001 - one volume's trouble must not keep the others waiting
+                log.exception("granting the legs of %s left out of a publish", key)
+                continue
             if done:
                 with self._mutex:
                     self._pending.discard(key)
@@ -136,20 +162,25 @@ class LateGrants:
         agents = self.svc.agents
         leg = legs[item["leg"]]
         granted = [x for x in legs if x.index != leg.index]
-        others = {x.index: agents.get(x.node).call("GetVolume", apb.GetVolumeRequest(vg=x.vg, lv=key, brief=True))
-                  for x in granted}
-        holders = [x for x in granted if item["initiator"] in {i.iqn for i in others[x.index].initiators}]
-        if not holders:
+
+        def holders():
+            vols = {x.index: agents.get(x.node).call("GetVolume", apb.GetVolumeRequest(vg=x.vg, lv=key, brief=True),
+                                                     timeout=CALL_TIMEOUT) for x in granted}
+            return [x for x in granted if item["initiator"] in {i.iqn for i in vols[x.index].initiators}], vols
+        have, vols = holders()
+        if not have:
             return False
-        vol = others[holders[0].index]
         g = agents.get(leg.node).call("GrantAccess", apb.GrantAccessRequest(
             vg=leg.vg, lv=key, initiator_iqn=item["initiator"], read_only=item["read_only"],
-            node_name=item["node"], mutual_chap=vol.attributes.get("mutualChap") == "true"))
-        location = apb.LegLocation(index=leg.index, storage_node=leg.node, vg=leg.vg,
-                                   agent=agents.node(leg.node).address, target_iqn=g.target_iqn,
-                                   portals=list(g.portals), lun=g.lun)
-        for x in holders:
-            agents.get(x.node).call("SetPeerLeg", apb.SetPeerLegRequest(vg=x.vg, lv=key, peer=location))
+            node_name=item["node"], mutual_chap=vols[have[0].index].attributes.get("mutualChap") == "true"),
+            timeout=CALL_TIMEOUT)
+        # Another controller (HA: the loop runs in every replica, the lock is per process) may have unpublished
+        # the node between the look and the grant: its revoke of this leg came first. Looked at again after.
+        if not holders()[0]:
+            agents.get(leg.node).call("RevokeAccess", apb.RevokeAccessRequest(
+                vg=leg.vg, lv=key, initiator_iqn=item["initiator"]), timeout=CALL_TIMEOUT)
+            return False
+        tell(agents, key, have, leg, g, outdated=leg.state == "outdated")
         log.info("granted leg %d of %s on %s to %s, left out of its publish (its node did not answer then)",
                  leg.index, ids.replicated_volume_id(key), leg.node, item["node"] or item["initiator"])
         return True

@@ -61,6 +61,9 @@ class Source:
     text: str          # "snapshot:<id>" / "volume:<id>": part of the request's identity
     pool: str = ""     # the source volume's pool
     offset: int = 0    # where the content starts in ref's LV: md's data offset in a replicated volume's leg
+    # (node, vg) of a replicated source's other legs: an earlier attempt may have taken its point-in-time snapshot
+    # of one of them (the current leg changed between attempts); dropped with this attempt's.
+    other_legs: tuple[tuple[str, str], ...] = ()
 
 
 # Agent answers after which nothing was made for a new name: its placement record can go.
@@ -210,7 +213,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 # any other failure ends this attempt, and the point-in-time source with it.
                 if transient and exc.code not in (errors.Code.DEADLINE_EXCEEDED, errors.Code.ABORTED,
                                                   errors.Code.UNAVAILABLE):
-                    self._drop_transient(source.ref.node, agent_source)
+                    self._drop_transient(source.ref.node, agent_source, source)
                 if entry.state == "placing" and exc.code in _NOTHING_MADE:
                     # The agent made nothing (the pool filled up since the scheduler looked, say): let the
                     # retry place the volume afresh instead of insisting on this node.
@@ -219,7 +222,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             faults.step("create.made")
             self.placement.made(entry)
             if transient:
-                self._drop_transient(source.ref.node, agent_source)   # it served its purpose
+                self._drop_transient(source.ref.node, agent_source, source)   # it served its purpose
             if vol.size_bytes < required or (limit and vol.size_bytes > limit):
                 raise errors.exists(f"volume {name!r} exists with size {vol.size_bytes}, outside the range asked")
             ref = ids.LvRef(node, vol.vg, vol.lv)
@@ -266,8 +269,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 leg = self.replicas.sources.current(key, self.replicas._entry(key, vid))
                 vol = self.agents.get(leg.node).call("GetVolume", apb.GetVolumeRequest(vg=leg.vg, lv=key,
                                                                                        brief=True))
+                others = tuple((x.node, x.vg) for x in replicas.legs_of(self.replicas._entry(key, vid))
+                               if x.node != leg.node)
                 return Source("volume", leg.ref(key), vol.size_bytes - replicas.MD_RESERVE, "volume:" + vid,
-                              leg.pool, offset=replicas.MD_RESERVE)
+                              leg.pool, offset=replicas.MD_RESERVE, other_legs=others)
             ref = self._ref(vid)
             if ref is None or not self._serves(ref.node):
                 raise errors.not_found(f"volume {vid!r} does not exist")
@@ -275,8 +280,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             return Source("volume", ref, vol.size_bytes, "volume:" + vid, vol.pool)
         raise errors.invalid("volume_content_source names neither a snapshot nor a volume")
 
-    def _drop_transient(self, node: str, src: apb.VolumeSource) -> None:
+    def _drop_transient(self, node: str, src: apb.VolumeSource, source: "Source | None" = None) -> None:
         self.agents.get(node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(vg=src.vg, lv=src.lv))
+        for other, vg in source.other_legs if source is not None else ():
+            try:     # the same name there (it derives from the new volume's): gone already is success
+                self.agents.get(other).call("DeleteSnapshot", apb.DeleteSnapshotRequest(vg=vg, lv=src.lv))
+            except errors.CsiError as exc:
+                log.warning("a point-in-time snapshot %s/%s on %s may be left from an earlier attempt (the "
+                            "orphan scan finds it): %s", vg, src.lv, other, exc.message)
 
     def _agent_source(self, source: "Source", node: str, pool: str, name: str,
                       thin: set[tuple[str, str]]) -> apb.VolumeSource:

@@ -24,6 +24,7 @@ Which leg is current:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -78,7 +79,7 @@ class Replicated:
 
     def stage(self, volume_id: str, ctx, staging: Path, access, mkfs_opts) -> None:
         key = key_of(volume_id)
-        legs = contract.parse_replicated(ctx, key)
+        legs = self._current_legs(key, contract.parse_replicated(ctx, key))
         md = raid.md_device(key)
         if not access.block:
             existing = mount.mount_at(staging)
@@ -100,6 +101,25 @@ class Replicated:
              "legs": [_leg_record(leg) for leg in legs]}), mode=0o600)
         faults.step("stage.record")
         self._stage_rest(volume_id, legs, staging, access, mkfs_opts)
+
+    def _current_legs(self, key: str, legs: list[contract.Leg]) -> list[contract.Leg]:
+        """publish_context's legs, one replaced by the leg that took its place since the publish, or granted
+        since (replica_join.py): Kubernetes keeps the publish_context it has across restarts of the pod."""
+        if self.svc.config.tls_dir is None:
+            return legs
+        found = replica_join.ask(self.svc.config.tls_dir, key, [_leg_record(leg) for leg in legs],
+                                 candidates={leg.index for leg in legs},
+                                 askers={leg.index for leg in legs if leg.attachment is not None})
+        if found is None:
+            return legs
+        i, new = found
+        old = legs[i]
+        same = new.storage_node == old.storage_node
+        log.warning("replica leg %d of %s: %s since its publish", i, key,
+                    "granted" if same else f"replaced, {old.storage_node} -> {new.storage_node}")
+        out = list(legs)
+        out[i] = dataclasses.replace(new, outdated=new.outdated or (same and old.outdated), seed=same and old.seed)
+        return out
 
     def _stage_rest(self, volume_id: str, legs: list[contract.Leg], staging: Path, access, mkfs_opts) -> None:
         try:
@@ -323,20 +343,33 @@ class Replicated:
         if array is None:
             return
         in_array = {m.device for m in array.members if "faulty" not in m.state}
-        missing = {i for i, leg in enumerate(rec.get("legs", []))
-                   if not leg.get("iqn") or str(self.svc.iscsi.find_device(_leg_target(leg))) not in in_array}
+
+        def session_of(leg: dict):
+            # By portal too: legs on storage nodes with one VG name share a target IQN.
+            return next((sessions[(leg["iqn"], p)] for p in leg["portals"] if (leg["iqn"], p) in sessions), None)
+
+        def away(leg: dict) -> bool:
+            """Out of the array with no session carrying I/O (not a leg whose disk link udev has yet to make)."""
+            if not leg.get("iqn"):
+                return True
+            if str(self.svc.iscsi.find_device(_leg_target(leg))) in in_array:
+                return False
+            session = session_of(leg)
+            return session is None or self.svc.iscsi.session_state(session) != "LOGGED_IN"
+        legs = rec.get("legs", [])
+        missing = {i for i, leg in enumerate(legs) if away(leg)}
         if missing and self.svc.config.tls_dir is not None:
-            found = replica_join.ask(self.svc.config.tls_dir, key, rec["legs"], missing)
+            found = replica_join.ask(self.svc.config.tls_dir, key, legs, missing,
+                                     askers=set(range(len(legs))) - missing)
             if found is not None:
                 rec = self._switch(volume_id, key, rec, *found)
-        if rec.get(replica_join.RETIRED):
-            rec = self._retire(volume_id, key, rec)
+        if rec.get(replica_join.RETIRED) and not any(leg.get(replica_join.JOINING) for leg in rec["legs"]):
+            rec = self._retire(volume_id, key, rec)      # once the leg that replaced it is in the array
         for i, leg in enumerate(rec.get("legs", [])):
             if not leg.get("iqn"):
                 continue   # not granted to this node: joins once granted (replica_join.ask above)
             target = _leg_target(leg)
-            # By portal too: legs on storage nodes with one VG name share a target IQN.
-            session = next((sessions[(leg["iqn"], p)] for p in leg["portals"] if (leg["iqn"], p) in sessions), None)
+            session = session_of(leg)
             if session is None:
                 # Under the volume's lock: only when the agent answers at once, so a storage node that is down
                 # holds the lock (and the volume's own calls) no longer than a probe.

@@ -359,7 +359,7 @@ class LegSuperblock(_message.Message):
     def __init__(self, present: _Optional[bool] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., events: _Optional[int] = ..., array_state: _Optional[str] = ..., recovering: _Optional[bool] = ...) -> None: ...
 
 class LegLocation(_message.Message):
-    __slots__ = ("index", "storage_node", "vg", "agent", "target_iqn", "portals", "lun")
+    __slots__ = ("index", "storage_node", "vg", "agent", "target_iqn", "portals", "lun", "replaces", "outdated")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STORAGE_NODE_FIELD_NUMBER: _ClassVar[int]
     VG_FIELD_NUMBER: _ClassVar[int]
@@ -367,6 +367,8 @@ class LegLocation(_message.Message):
     TARGET_IQN_FIELD_NUMBER: _ClassVar[int]
     PORTALS_FIELD_NUMBER: _ClassVar[int]
     LUN_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
+    OUTDATED_FIELD_NUMBER: _ClassVar[int]
     index: int
     storage_node: str
     vg: str
@@ -374,7 +376,9 @@ class LegLocation(_message.Message):
     target_iqn: str
     portals: _containers.RepeatedScalarFieldContainer[str]
     lun: int
-    def __init__(self, index: _Optional[int] = ..., storage_node: _Optional[str] = ..., vg: _Optional[str] = ..., agent: _Optional[str] = ..., target_iqn: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., lun: _Optional[int] = ...) -> None: ...
+    replaces: _containers.RepeatedScalarFieldContainer[str]
+    outdated: bool
+    def __init__(self, index: _Optional[int] = ..., storage_node: _Optional[str] = ..., vg: _Optional[str] = ..., agent: _Optional[str] = ..., target_iqn: _Optional[str] = ..., portals: _Optional[_Iterable[str]] = ..., lun: _Optional[int] = ..., replaces: _Optional[_Iterable[str]] = ..., outdated: _Optional[bool] = ...) -> None: ...
 
 class SetPeerLegRequest(_message.Message):
     __slots__ = ("vg", "lv", "peer")

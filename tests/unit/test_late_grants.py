@@ -73,3 +73,35 @@ def test_a_controller_that_takes_over_finds_the_items_in_the_journal(svc):
     agent(svc, "s2").down = False
     assert LateGrants(svc, legs_of).run_once() == 1                 # a new controller: no note, one scan
     assert ungranted(svc, v) == []
+
+
+def test_the_legs_outdated_mark_goes_with_its_late_grant(svc):
+    v = create(svc)
+    agent(svc, "s2").down = True
+    publish(svc, v)
+    svc.replicas.set_leg_state(key_of(v), "s2", "outdated")
+    agent(svc, "s2").down = False
+    assert svc.replicas.late.run_once() == 1
+    peer = agent(svc, "s1").peer_legs[key_of(v)]
+    assert (peer.storage_node, peer.outdated, list(peer.replaces)) == ("s2", True, [])
+
+
+def test_a_node_unpublished_by_another_controller_during_the_grant_is_revoked_again(svc):
+    """The loop runs in every controller replica and the volume's lock is per process: an unpublish by the
+    other replica may land between the look at the grants and the grant. The grants are read again after."""
+    v = create(svc)
+    agent(svc, "s2").down = True
+    publish(svc, v)
+    agent(svc, "s2").down = False
+    s2 = agent(svc, "s2")
+    real = s2.call
+
+    def unpublished_meanwhile(method, request, timeout=None, reconnect=True):
+        if method == "GrantAccess":
+            agent(svc, "s1").call("RevokeAccess", apb.RevokeAccessRequest(vg="vg", lv=key_of(v),
+                                                                          initiator_iqn=WORKER))
+        return real(method, request, timeout, reconnect)
+    s2.call = unpublished_meanwhile
+    assert svc.replicas.late.run_once() == 0
+    assert list(s2.volumes[key_of(v)].initiators) == [] and ungranted(svc, v) == []
+    assert key_of(v) not in agent(svc, "s1").peer_legs

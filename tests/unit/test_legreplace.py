@@ -111,8 +111,9 @@ def test_the_worker_running_the_volume_is_granted_the_new_leg_and_told_where_it_
     s3 = svc.agents.get("s3").volumes[key_of(v)]
     assert [(i.iqn, i.node, i.read_only) for i in s3.initiators] == [(WORKER, "worker-1", False)]
     peer = svc.agents.get("s2").peer_legs[key_of(v)]
-    assert (peer.index, peer.storage_node, peer.vg, peer.agent, peer.target_iqn, list(peer.portals), peer.lun) == (
-        1, "s3", "vg", "10.0.0.13:7600", ids.target_iqn("vg", key_of(v)), ["10.0.0.1:3260"], 0)
+    assert (peer.index, peer.storage_node, peer.vg, peer.agent, peer.target_iqn, list(peer.portals), peer.lun,
+            list(peer.replaces), peer.outdated) == (
+        1, "s3", "vg", "10.0.0.13:7600", ids.target_iqn("vg", key_of(v)), ["10.0.0.1:3260"], 0, ["s1"], False)
 
 
 def test_a_node_unpublished_while_the_command_grants_the_new_leg_is_revoked_from_it(svc):

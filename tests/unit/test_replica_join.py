@@ -39,7 +39,7 @@ def leg(n):
 
 
 NEW = apb.LegLocation(index=0, storage_node="storage-3", vg=VG, agent="10.0.0.3:7600", target_iqn=IQN,
-                      portals=[portal(3)], lun=0)
+                      portals=[portal(3)], lun=0, replaces=["storage-1"])
 
 
 class World:
@@ -65,17 +65,22 @@ class World:
         self.svc._record_path(VOLUME_ID).write_text(json.dumps(
             {"volume_id": VOLUME_ID, "replicated": True, "key": KEY, "staging": "/s", "block": True,
              "read_only": False, "legs": [leg(1), leg(2)]}))
-        members = (raid.Member("/dev/sdb", "in_sync"), raid.Member("/dev/sdc", "faulty"))
-        monkeypatch.setattr(raid, "status", lambda key: raid.Array(Path("/dev/md127"), members, 1, "idle", "none"))
+        self.members = {"/dev/sdb": "in_sync", "/dev/sdc": "faulty"}
+        monkeypatch.setattr(raid, "status", lambda key: raid.Array(
+            Path("/dev/md127"), tuple(raid.Member(d, st) for d, st in self.members.items()), 1, "idle", "none"))
         monkeypatch.setattr(raid, "examine", lambda dev: superblock)
         monkeypatch.setattr(mount, "probe", lambda dev: mount.Signatures() if blank
                             else mount.Signatures("ext4", "filesystem"))
         for name in ("add", "readd", "drop_failed"):
-            monkeypatch.setattr(raid, name, lambda *a, _n=name, **kw: self.done.append((_n,) + a[1:] +
-                                                                                        tuple(kw.values())))
+            monkeypatch.setattr(raid, name, lambda *a, _n=name, **kw: self._md(_n, *a, **kw))
         monkeypatch.setattr(health, "connects", lambda address: address != "10.0.0.1:7600")
         monkeypatch.setattr(credentials, "peer_leg", self._peer_leg)
         self.rep = replicated.Replicated(self.svc)
+
+    def _md(self, change, key, device=None, **kw):
+        self.done.append((change,) + ((device,) if device else ()) + tuple(kw.values()))
+        if device is not None:
+            self.members[str(device)] = "in_sync"
 
     def _peer_leg(self, tls_dir, att, vg, key, timeout):
         self.done.append(("ask", att.storage_node))
@@ -102,13 +107,16 @@ def test_a_replaced_leg_is_swapped_in_and_added_for_a_full_copy(tmp_path, monkey
     w.rep.reconcile()
     rec = w.record()
     assert [(x["node"], x.get("joining", False)) for x in rec["legs"]] == [("storage-3", True), ("storage-2", False)]
-    assert rec["legs"][0]["portals"] == [portal(3)] and rec["retired"] == []
-    assert w.done == [("ask", "storage-2"), ("drop_failed",), ("logout", portal(1)), ("login", portal(3))]
+    assert rec["legs"][0]["portals"] == [portal(3)] and rec["retired"] == [{"iqn": IQN, "portals": [portal(1)]}]
+    assert w.done == [("ask", "storage-2"), ("drop_failed",), ("login", portal(3))]
     assert w.ledger.targets() == {IQN}          # storage-2's and storage-3's legs use it
     w.done.clear()
     w.rep.reconcile()                  # its session carries I/O now: the blank disk is added
-    assert w.done == [("ask", "storage-2"), ("drop_failed",), ("add", Path("/dev/sdd"))]
+    assert w.done == [("drop_failed",), ("add", Path("/dev/sdd"))]
     assert [x.get("joining", False) for x in w.record()["legs"]] == [False, False]
+    w.done.clear()
+    w.rep.reconcile()                  # in the array: only now is storage-1's portal logged out of
+    assert w.done == [("logout", portal(1))] and w.record()["retired"] == []
 
 
 def test_a_crash_after_the_record_named_the_new_leg_finishes_on_the_next_round(tmp_path, monkeypatch):
@@ -118,9 +126,10 @@ def test_a_crash_after_the_record_named_the_new_leg_finishes_on_the_next_round(t
     assert w.record()["retired"] == [{"iqn": IQN, "portals": [portal(1)]}]
     assert w.record()["legs"][0]["node"] == "storage-3"
     monkeypatch.setattr(raid, "drop_failed", lambda key: w.done.append(("drop_failed",)))
-    w.done.clear()
-    w.rep.reconcile()                  # no answer needed again: the record knows
-    assert ("logout", portal(1)) in w.done and ("login", portal(3)) in w.done
+    for _ in range(3):                 # no answer needed again: the record knows
+        w.rep.reconcile()
+    assert [d for d in w.done if d[0] in ("login", "add", "logout")] == [
+        ("login", portal(3)), ("add", Path("/dev/sdd")), ("logout", portal(1))]
     assert w.record()["retired"] == []
 
 
@@ -143,11 +152,14 @@ def test_only_a_blank_disk_or_one_of_this_array_joins(tmp_path, monkeypatch, bla
     apb.LegLocation(index=0, storage_node="storage-1", vg=VG, agent="10.0.0.1:7600", target_iqn=IQN,
                     portals=[portal(1)]),                                        # where the record says already
     apb.LegLocation(index=0, storage_node="storage-2", vg=VG, agent="10.0.0.2:7600", target_iqn=IQN,
-                    portals=[portal(2)]),                                        # the asking leg's own node
+                    portals=[portal(2)], replaces=["storage-1"]),                # the asking leg's own node
     apb.LegLocation(index=0, storage_node="storage-3", vg=VG, agent="10.0.0.3:7600",
-                    target_iqn=ids.target_iqn(VG, "c1-another"), portals=[portal(3)]),    # another LV
+                    target_iqn=ids.target_iqn(VG, "c1-another"), portals=[portal(3)],
+                    replaces=["storage-1"]),                                     # another LV
     apb.LegLocation(index=1, storage_node="storage-3", vg=VG, agent="10.0.0.3:7600", target_iqn=IQN,
-                    portals=[portal(3)]),                                        # the leg in the array
+                    portals=[portal(3)], replaces=["storage-2"]),                # the leg in the array
+    apb.LegLocation(index=0, storage_node="storage-3", vg=VG, agent="10.0.0.3:7600", target_iqn=IQN,
+                    portals=[portal(3)], replaces=["storage-9"]),                # older: replaced again since
 ])
 def test_an_answer_naming_nothing_new_or_not_this_volumes_leg_changes_nothing(tmp_path, monkeypatch, peer):
     w = World(tmp_path, monkeypatch, peer=peer)
@@ -189,4 +201,32 @@ def test_a_leg_granted_after_its_publish_is_logged_in_and_re_added_as_recorded(t
     assert w.record()["legs"][0]["outdated"] is True and w.record()["retired"] == []
     w.done.clear()
     w.rep.reconcile()
-    assert w.done == [("ask", "storage-2"), ("readd", Path("/dev/sdd"), True)]    # outdated: a full copy
+    assert w.done == [("readd", Path("/dev/sdd"), True)]    # outdated: a full copy
+
+
+def test_a_leg_whose_session_is_logged_in_is_not_replaced(tmp_path, monkeypatch):
+    """Out of the array but logged in (udev has yet to make its disk's link, or md is about to take it back):
+    not a lost leg, whatever an agent says."""
+    w = World(tmp_path, monkeypatch)
+    w.logged_in[portal(1)] = "LOGGED_IN"
+    del w.devices[portal(1)]
+    before = w.record()
+    w.rep.reconcile()
+    assert w.record() == before and not [d for d in w.done if d[0] in ("ask", "logout", "drop_failed")]
+
+
+def test_a_stage_with_a_publish_context_from_before_a_replacement_takes_the_new_leg(tmp_path, monkeypatch):
+    """Kubernetes kept the publish_context of a publish before storage-1's leg was replaced (the pod restarted
+    on the same node, or the node rebooted): the stage asks storage-2's agent and assembles from storage-3's leg
+    instead of refusing over the lost one."""
+    from csi import contract
+    w = World(tmp_path, monkeypatch)
+    legs = contract.parse_replicated(contract.replicated_publish_context([
+        (contract.publish_context(IQN, [portal(n)], 0, f"storage-{n}", f"10.0.0.{n}:7600"), f"storage-{n}", VG, False)
+        for n in (1, 2)]), KEY)
+    now = w.rep._current_legs(KEY, legs)
+    assert [(x.storage_node, x.attachment.portals, x.outdated, x.seed) for x in now] == [
+        ("storage-3", (portal(3),), False, False), ("storage-2", (portal(2),), False, False)]
+    w.peer = apb.LegLocation(index=0, storage_node="storage-3", vg=VG, agent="10.0.0.3:7600", target_iqn=IQN,
+                             portals=[portal(3)], replaces=["storage-9"])
+    assert w.rep._current_legs(KEY, legs) == legs                      # an older location: nothing changes

@@ -77,6 +77,7 @@ class LegAgent(Agent):
         super().__init__(node, available)
         self.snapshots: dict[str, apb.Snapshot] = {}
         self.sources: list[apb.VolumeSource] = []
+        self.dropped: list[str] = []
 
     def call(self, method, request, timeout=None, reconnect=True):
         if self.down:
@@ -95,6 +96,9 @@ class LegAgent(Agent):
             return self.snapshots[request.lv]
         if method == "CreateVolume" and request.HasField("source"):
             self.sources.append(request.source)
+        if method == "DeleteSnapshot":
+            self.snapshots.pop(request.lv, None)
+            self.dropped.append(request.lv)
         return super().call(method, request, timeout, reconnect)
 
 
@@ -427,8 +431,11 @@ def test_a_plain_volume_from_a_replicated_snapshot_or_volume_copies_the_leg_past
         volume_content_source=csi.VolumeContentSource(volume=csi.VolumeContentSource.VolumeSource(
             volume_id=v.volume_id))), None).volume
     src = agent(svc, ids.parse_id(clone.volume_id).node).sources[-1]
-    # a point-in-time snapshot of the current leg (leg 0: both in sync), dropped once copied
+    # a point-in-time snapshot of the current leg (leg 0: both in sync), dropped once copied, and the one an
+    # earlier attempt may have taken of the other leg (the current leg changed between attempts) too
     assert src.snapshot and "transfer" in src.lv and src.offset_bytes == 1 << 20, src
+    assert all(src.lv not in agent(svc, n).snapshots for n in ("s1", "s2", "s3"))
+    assert sorted(n for n in leg_nodes(svc, v) if src.lv in agent(svc, n).dropped) == sorted(leg_nodes(svc, v))
 
 
 def test_an_agent_that_cannot_copy_from_an_offset_is_not_asked_to(svc):

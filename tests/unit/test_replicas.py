@@ -41,6 +41,10 @@ class Agent(FakeAgent):
             if request.lv not in self.volumes:
                 raise errors.not_found("no such volume")
             return self.superblocks.get(request.lv, apb.LegSuperblock(present=False))
+        if method == "GetPeerLeg" and not self.down:
+            self.calls.append(method)
+            found = self.peer_legs.get(request.lv)
+            return apb.PeerLeg(present=True, peer=found) if found is not None else apb.PeerLeg(present=False)
         if method == "SetPeerLeg" and not self.down:
             self.calls.append(method)
             self.peer_legs[request.lv] = request.peer
