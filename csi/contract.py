@@ -89,6 +89,7 @@ class Leg:
     outdated: bool
     attachment: Attachment | None
     seed: bool = False      # holds the data of the volume's source, under the source array's superblock
+    replaces: tuple[str, ...] = ()   # peer_leg(): the storage nodes whose leg at this index it superseded
 
     @property
     def ref(self) -> ids.LvRef:
@@ -161,7 +162,8 @@ def peer_leg(location, key: str) -> Leg:
                           location.agent)
     if not location.agent:
         raise errors.invalid("a leg's location names no agent")
-    return Leg(location.index, ref.node, ref.vg, key, location.outdated, parse(ctx, ref))
+    return Leg(location.index, ref.node, ref.vg, key, location.outdated, parse(ctx, ref),
+               replaces=tuple(location.replaces))
 
 
 def check_chap(chap: Chap) -> Chap:

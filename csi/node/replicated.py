@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from csi import contract, errors, faults, ids
 from csi.fsutil import remove, write_atomic
@@ -40,6 +41,7 @@ from csi.proto import csi_pb2 as csi
 log = logging.getLogger(__name__)
 
 RECONCILE_S = 5.0
+ASK_EVERY = 15.0     # a degraded volume's agents asked where its away leg is (replica_join.py), at most this often
 # A leg's I/O fails this soon after its storage node stops answering (defaults: 5 + 5 + 120 s).
 LEG_SETTINGS = (("node.conn[0].timeo.noop_out_interval", "2"),
                 ("node.conn[0].timeo.noop_out_timeout", "3"),
@@ -64,11 +66,23 @@ def _leg_target(leg: dict) -> Target:
     return Target(leg["iqn"], tuple(leg["portals"]), leg["lun"], settings=LEG_SETTINGS)
 
 
+def _session_of(leg: dict, sessions: dict):
+    """A leg's session among (iqn, portal) -> session: by portal too, as legs on storage nodes with one VG name
+    share a target IQN."""
+    return next((sessions[(leg["iqn"], p)] for p in leg["portals"] if (leg["iqn"], p) in sessions), None)
+
+
+def _location(leg: contract.Leg):
+    """What replica_join.supersedes reads of a leg an agent named."""
+    return SimpleNamespace(storage_node=leg.storage_node, replaces=leg.replaces)
+
+
 class Replicated:
     """Stage, unstage and reconcile of replicated volumes, for NodeService (which validates and locks)."""
 
     def __init__(self, service):
         self.svc = service
+        self._asked: dict[str, float] = {}    # key -> when its agents were last asked (replica_join.ask)
 
     # ---------------------------------------------------------------------------------- stage
 
@@ -118,7 +132,8 @@ class Replicated:
         log.warning("replica leg %d of %s: %s since its publish", i, key,
                     "granted" if same else f"replaced, {old.storage_node} -> {new.storage_node}")
         out = list(legs)
-        out[i] = dataclasses.replace(new, outdated=new.outdated or (same and old.outdated), seed=same and old.seed)
+        out[i] = dataclasses.replace(new, outdated=new.outdated or (same and old.outdated), seed=same and old.seed,
+                                     replaces=())
         return out
 
     def _stage_rest(self, volume_id: str, legs: list[contract.Leg], staging: Path, access, mkfs_opts) -> None:
@@ -330,46 +345,64 @@ class Replicated:
                 continue   # assembled read-only: md writes nothing, so no leg is put back
             volume_id, key = rec["volume_id"], rec["key"]
             try:
+                # Asked outside the volume's lock (agents over the network, a TLS handshake each): the volume's
+                # own calls (an unstage) must not meet ABORTED because of it.
+                moved = self._moved_leg(key, rec, sessions)
                 with self.svc.locks.hold(volume_id):
-                    self._reconcile_one(volume_id, key, rec, sessions)
+                    self._reconcile_one(volume_id, key, self.svc._record(volume_id) or rec, sessions, moved)
             except errors.CsiError as exc:
                 if exc.code != errors.Code.ABORTED:   # a stage or unstage of it runs: next round
                     log.warning("reconciling %s: %s", volume_id, exc.message)
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 log.warning("reconciling %s: %s", volume_id, exc)
 
-    def _reconcile_one(self, volume_id: str, key: str, rec: dict, sessions) -> None:
+    def _away(self, key: str, rec: dict, sessions) -> set[int]:
+        """The legs out of the array with no session carrying I/O (not a leg whose disk link udev has yet to
+        make), or not granted here; none when the array does not run."""
         array = raid.status(key)
         if array is None:
-            return
+            return set()
         in_array = {m.device for m in array.members if "faulty" not in m.state}
 
-        def session_of(leg: dict):
-            # By portal too: legs on storage nodes with one VG name share a target IQN.
-            return next((sessions[(leg["iqn"], p)] for p in leg["portals"] if (leg["iqn"], p) in sessions), None)
-
         def away(leg: dict) -> bool:
-            """Out of the array with no session carrying I/O (not a leg whose disk link udev has yet to make)."""
             if not leg.get("iqn"):
                 return True
             if str(self.svc.iscsi.find_device(_leg_target(leg))) in in_array:
                 return False
-            session = session_of(leg)
+            session = _session_of(leg, sessions)
             return session is None or self.svc.iscsi.session_state(session) != "LOGGED_IN"
+        return {i for i, leg in enumerate(rec.get("legs", [])) if away(leg)}
+
+    def _moved_leg(self, key: str, rec: dict, sessions) -> tuple[int, contract.Leg] | None:
+        """A leg away from the array that an agent of a leg in it says was replaced, or granted since
+        (replica_join.py); asked at most every ASK_EVERY seconds per volume."""
+        missing = self._away(key, rec, sessions)
+        now = time.monotonic()
+        if not missing or self.svc.config.tls_dir is None or now - self._asked.get(key, -ASK_EVERY) < ASK_EVERY:
+            return None
+        self._asked[key] = now
         legs = rec.get("legs", [])
-        missing = {i for i, leg in enumerate(legs) if away(leg)}
-        if missing and self.svc.config.tls_dir is not None:
-            found = replica_join.ask(self.svc.config.tls_dir, key, legs, missing,
-                                     askers=set(range(len(legs))) - missing)
-            if found is not None:
-                rec = self._switch(volume_id, key, rec, *found)
+        return replica_join.ask(self.svc.config.tls_dir, key, legs, missing, askers=set(range(len(legs))) - missing)
+
+    def _reconcile_one(self, volume_id: str, key: str, rec: dict, sessions, moved=None) -> None:
+        array = raid.status(key)
+        if array is None:
+            return
+        in_array = {m.device for m in array.members if "faulty" not in m.state}
+        if moved is not None:
+            i, new = moved
+            legs = rec.get("legs", [])
+            # The record as read under the lock: switched only if that leg is still the one asked about, away.
+            if i < len(legs) and i in self._away(key, rec, sessions) and \
+                    replica_join.supersedes(_location(new), legs[i]):
+                rec = self._switch(volume_id, key, rec, i, new)
         if rec.get(replica_join.RETIRED) and not any(leg.get(replica_join.JOINING) for leg in rec["legs"]):
             rec = self._retire(volume_id, key, rec)      # once the leg that replaced it is in the array
         for i, leg in enumerate(rec.get("legs", [])):
             if not leg.get("iqn"):
                 continue   # not granted to this node: joins once granted (replica_join.ask above)
             target = _leg_target(leg)
-            session = session_of(leg)
+            session = _session_of(leg, sessions)
             if session is None:
                 # Under the volume's lock: only when the agent answers at once, so a storage node that is down
                 # holds the lock (and the volume's own calls) no longer than a probe.
