@@ -180,6 +180,8 @@ class ReplicaSources:
     def take_back_rebuilt(self, key: str, entry: Entry, examined: dict[int, apb.LegSuperblock]) -> None:
         """Records in sync the outdated legs the worker has copied over in full (`rebuilt`): the mark an
         operator set (mark-replica-leg) is taken back without anyone acting."""
+        if mid_update(key, len(entry.legs), examined):
+            examined = self.examine(key, entry, set(examined))    # read during md's superblock update: again
         done = rebuilt(key, legs_of(entry), examined)
         if not done:
             return

@@ -207,8 +207,10 @@ def test_node_crash_right_after_a_replaced_leg_is_recorded(cluster):
         cluster.d.start_node_plugin(w)
         cluster.node_ready()
         wait_until("storage-1's leg is copied to storage-3's", lambda: synced(w, key), timeout=180)
-        sessions = w.run(["iscsiadm", "-m", "session"], timeout=30).stdout
-        assert f"{s2.ip}:3260" not in sessions and f"{s3.ip}:3260" in sessions, sessions
+        def sessions():
+            return w.run(["iscsiadm", "-m", "session"], timeout=30).stdout
+        wait_until("storage-2's session is logged out of", lambda: f"{s2.ip}:3260" not in sessions(), timeout=30)
+        assert f"{s3.ip}:3260" in sessions(), sessions()
         digest = cluster.write(target, mib=2)
         assert cluster.read(target) == digest
     finally:

@@ -294,6 +294,26 @@ def test_publish_and_health_take_back_the_mark_of_a_rebuilt_leg(svc):
     assert not any(leg.outdated for leg in contract.parse_replicated(ctx, key_of(v)))
 
 
+def test_a_mark_read_during_an_md_superblock_update_is_taken_back_on_a_second_read(svc):
+    """md writes both legs' superblocks in turn: read between the two writes, the legs show two event counts;
+    the controller reads them once more before it leaves the mark."""
+    v = create(svc, size=GiB)
+    first, second = leg_nodes(svc, v)
+    svc.replicas.set_leg_state(key_of(v), first, OUTDATED)
+    written(svc, v, ("AA", "AA"), (34, 35))
+    reads = []
+    real = svc.replicas.sources.examine
+
+    def examine(key, entry, reachable):
+        reads.append(1)
+        if len(reads) == 2:
+            written(svc, v, ("AA", "AA"), (35, 35))     # the update is over
+        return real(key, entry, reachable)
+    svc.replicas.sources.examine = examine
+    svc.ControllerGetVolumeHealth(csi.ControllerGetVolumeHealthRequest(volume_id=v.volume_id), None)
+    assert svc.placement.journal.get(key_of(v)).legs[0]["state"] == IN_SYNC and len(reads) == 2
+
+
 def test_a_retried_clone_makes_its_seed_from_the_leg_chosen_first(svc):
     v = create(svc, size=GiB)
     first, second = leg_nodes(svc, v)
