@@ -266,11 +266,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise errors.invalid("volume_content_source.volume.volume_id is required")
             if (key := self.replicas.key_of(vid)) is not None:
                 # Its leg that holds every write the array acknowledged (as a snapshot of it is taken).
-                leg = self.replicas.sources.current(key, self.replicas._entry(key, vid))
+                entry = self.replicas._entry(key, vid)
+                leg = self.replicas.sources.current(key, entry)
                 vol = self.agents.get(leg.node).call("GetVolume", apb.GetVolumeRequest(vg=leg.vg, lv=key,
                                                                                        brief=True))
-                others = tuple((x.node, x.vg) for x in replicas.legs_of(self.replicas._entry(key, vid))
-                               if x.node != leg.node)
+                others = tuple((x.node, x.vg) for x in replicas.legs_of(entry) if x.node != leg.node)
                 return Source("volume", leg.ref(key), vol.size_bytes - replicas.MD_RESERVE, "volume:" + vid,
                               leg.pool, offset=replicas.MD_RESERVE, other_legs=others)
             ref = self._ref(vid)

@@ -34,7 +34,8 @@ RETIRED = "retired"
 
 
 def supersedes(location, leg: dict) -> bool:
-    """Whether the leg an agent names (agent.proto LegLocation) takes the place of `leg`, the one at its index
+    """Whether the leg an agent names (agent.proto LegLocation, or the contract.Leg made of it) takes the place
+    of `leg`, the one at its index
     in a stage record or publish_context: the same leg, granted since the publish left it out (it has no
     target here), or a leg on a node the location says it replaced. A location naming any other node is an
     older one (the leg was replaced again since, with no worker to tell) and changes nothing."""

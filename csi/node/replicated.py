@@ -30,7 +30,6 @@ import logging
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from csi import contract, errors, faults, ids
 from csi.fsutil import remove, write_atomic
@@ -72,10 +71,6 @@ def _session_of(leg: dict, sessions: dict):
     return next((sessions[(leg["iqn"], p)] for p in leg["portals"] if (leg["iqn"], p) in sessions), None)
 
 
-def _location(leg: contract.Leg):
-    """What replica_join.supersedes reads of a leg an agent named."""
-    return SimpleNamespace(storage_node=leg.storage_node, replaces=leg.replaces)
-
 
 class Replicated:
     """Stage, unstage and reconcile of replicated volumes, for NodeService (which validates and locks)."""
@@ -93,7 +88,7 @@ class Replicated:
 
     def stage(self, volume_id: str, ctx, staging: Path, access, mkfs_opts) -> None:
         key = key_of(volume_id)
-        legs = self._current_legs(key, contract.parse_replicated(ctx, key))
+        legs = contract.parse_replicated(ctx, key)
         md = raid.md_device(key)
         if not access.block:
             existing = mount.mount_at(staging)
@@ -106,6 +101,7 @@ class Replicated:
             # Assembled by an earlier attempt of this stage: its record names what is logged in, which may be
             # newer than this publish_context (a leg that joined since: replica_join.py).
             return self._stage_rest(volume_id, legs, staging, access, mkfs_opts)
+        legs = self._current_legs(key, legs)     # asked only when something will be logged in from them
         for leg in legs:
             if leg.attachment is not None:
                 self.svc.ledger.add(leg.attachment.iqn)
@@ -394,7 +390,7 @@ class Replicated:
             legs = rec.get("legs", [])
             # The record as read under the lock: switched only if that leg is still the one asked about, away.
             if i < len(legs) and i in self._away(key, rec, sessions) and \
-                    replica_join.supersedes(_location(new), legs[i]):
+                    replica_join.supersedes(new, legs[i]):
                 rec = self._switch(volume_id, key, rec, i, new)
         if rec.get(replica_join.RETIRED) and not any(leg.get(replica_join.JOINING) for leg in rec["legs"]):
             rec = self._retire(volume_id, key, rec)      # once the leg that replaced it is in the array
