@@ -11,6 +11,8 @@ in the `default` namespace with the node's name as its UID, as kubelet posts its
 matches them that way), by a thread of their own: the poller, and the CSI calls that refresh a node's health,
 never wait on the API server. The controller's account creates, lists and patches them through the
 provisioner's events rule (the same service account). A failed post is logged, never raised.
+
+A node going down also raises events on the volumes it holds data of (volume_events.py), from the same thread.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ def event_name(node: str, reason: str, subject: str) -> str:
 
 
 class NodeEvents:
-    def __init__(self, api=None):
-        """`api`: a kubernetes CoreV1Api (in a cluster); None posts nothing and only logs."""
+    def __init__(self, api=None, volumes=None):
+        """`api`: a kubernetes CoreV1Api (in a cluster); None posts nothing and only logs. `volumes`: a
+        volume_events.VolumeEvents, told when a node goes down."""
         self.api = api
+        self.volumes = volumes
         self._mutex = threading.Lock()
         self._above: set[tuple[str, str]] = set()
         self._down: set[str] = set()
@@ -54,6 +58,8 @@ class NodeEvents:
                 todo = [("StorageNodeDown", "", f"the storage agent on {node} does not answer ({error}): its "
                                                 "volumes cannot be created, attached or detached until it is back, "
                                                 "and it gets no new volumes")]
+                if self.api is not None and self.volumes is not None:
+                    self._todo.put(lambda: self._volumes_down(node, error))
             else:
                 self._down.discard(node)
                 todo = [(reason, pool.name, message) for pool in (info.pools if info is not None else ())
@@ -61,7 +67,8 @@ class NodeEvents:
         for reason, subject, message in todo:
             log.warning("%s: %s", reason, message)
             if self.api is not None:
-                self._todo.put((node, reason, subject, message))
+                self._todo.put(lambda r=reason, m=message, n=event_name(node, reason, subject): self._try_post(
+                    NAMESPACE, n, _node_ref(node), r, m))
 
     def _pool(self, node: str, pool) -> list[tuple[str, str]]:
         key, warn = (node, pool.name), pool.warn_fill_percent
@@ -88,36 +95,49 @@ class NodeEvents:
 
     def _drain(self) -> None:
         while True:
-            node, reason, subject, message = self._todo.get()
+            job = self._todo.get()
             try:
-                self._post(node, reason, subject, message)
-            except Exception as exc:  # noqa: BLE001 - an event is not worth the thread
-                log.warning("could not post the %s event for %s: %s", reason, node, exc)
+                job()
+            except Exception:  # noqa: BLE001 - an event is not worth the thread
+                log.exception("could not post events")
             finally:
                 self._todo.task_done()
 
-    def _post(self, node: str, reason: str, subject: str, message: str) -> None:
+    def _volumes_down(self, node: str, error: str) -> None:
+        count = self.volumes.node_down(node, error, self._try_post)
+        log.warning("storage node %s is down: %d volume(s) of this driver have data on it", node, count)
+
+    def _try_post(self, namespace: str, name: str, involved, reason: str, message: str) -> None:
+        try:
+            self._post(namespace, name, involved, reason, message)
+        except Exception as exc:  # noqa: BLE001 - an event is not worth the thread, nor the other events
+            log.warning("could not post the %s event on %s %s: %s", reason, involved.kind, involved.name, exc)
+
+    def _post(self, namespace: str, name: str, involved, reason: str, message: str) -> None:
         from kubernetes import client
         from kubernetes.client.rest import ApiException
-        name = event_name(node, reason, subject)
         now = datetime.datetime.now(datetime.timezone.utc)
         body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(name=name, namespace=NAMESPACE),
-            involved_object=client.V1ObjectReference(api_version="v1", kind="Node", name=node, uid=node),
+            metadata=client.V1ObjectMeta(name=name, namespace=namespace), involved_object=involved,
             reason=reason, message=message, type="Warning", count=1, first_timestamp=now, last_timestamp=now,
             source=client.V1EventSource(component=COMPONENT), reporting_component=COMPONENT)
         try:
-            self.api.create_namespaced_event(NAMESPACE, body, _request_timeout=10)
+            self.api.create_namespaced_event(namespace, body, _request_timeout=10)
             return
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        found = self.api.list_namespaced_event(NAMESPACE, field_selector=f"metadata.name={name}",
+        found = self.api.list_namespaced_event(namespace, field_selector=f"metadata.name={name}",
                                                _request_timeout=10).items
         if not found:
             return                          # deleted meanwhile (events expire): the next crossing makes it anew
         old = found[0]
         if old.last_timestamp and (now - old.last_timestamp).total_seconds() < RECENT_S:
             return                          # the other controller replica raised this crossing already
-        self.api.patch_namespaced_event(name, NAMESPACE, {"count": (old.count or 1) + 1, "message": message,
+        self.api.patch_namespaced_event(name, namespace, {"count": (old.count or 1) + 1, "message": message,
                                                           "lastTimestamp": now.isoformat()}, _request_timeout=10)
+
+
+def _node_ref(node: str):
+    from kubernetes import client
+    return client.V1ObjectReference(api_version="v1", kind="Node", name=node, uid=node)

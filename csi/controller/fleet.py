@@ -13,6 +13,7 @@ from csi.config import ControllerConfig, StorageNode
 from csi.controller.agents import Agents
 from csi.controller.events import NodeEvents
 from csi.controller.journal import FileJournal, Journal
+from csi.controller.volume_events import VolumeEvents
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,10 @@ def storage_nodes(config: ControllerConfig, journal: Journal, poll: bool, watch:
     retired), then the source's current list (the static file, or the labelled Nodes, watched if asked)."""
     remembered = [StorageNode(n, a, z) for n, a, z in journal.known_nodes()]
     # The controller (the one that polls) posts Warning events on the storage nodes' Nodes in a cluster.
-    events = NodeEvents(_core_api() if config.journal_dir is None else None) if poll else None
+    events = None
+    if poll:
+        api = _core_api() if config.journal_dir is None else None
+        events = NodeEvents(api, VolumeEvents(api, journal, config.driver_name) if api is not None else None)
     agents = Agents(config.tls_dir, nodes=remembered, retired=journal.retired,
                     remember=lambda nodes: journal.remember_nodes([(n.name, n.address, n.zone) for n in nodes]),
                     poll=poll, observe=events.observe if events else None)

@@ -1,5 +1,6 @@
-"""The controller's Warning events on storage nodes (csi/controller/events.py): what is posted, where, once per
-crossing; and the poller tells them every probe (the Kubernetes tier checks a real one on the API server)."""
+"""The controller's Warning events on storage nodes (csi/controller/events.py) and on the volumes and claims a lost
+node holds (csi/controller/volume_events.py): what is posted, where, once per crossing; and the poller tells them
+every probe (the Kubernetes tier checks real ones on the API server)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
-from csi import errors
+from csi import errors, ids
 from csi.config import StorageNode
 from csi.controller.agents import Agents
 from csi.controller.events import NodeEvents
+from csi.controller.journal import Entry, FileJournal
+from csi.controller.volume_events import VolumeEvents
 from csi.proto import agent_pb2 as apb
 from tests.unit.test_controller import FakeAgent
 
@@ -126,7 +129,7 @@ def test_a_refused_post_is_logged_and_nothing_waits_for_it(caplog):
     events = NodeEvents(FakeApi(fail=True))
     events.observe("storage-1", False, None, "gone")
     events.flush()
-    assert "could not post the StorageNodeDown event for storage-1: forbidden" in caplog.text
+    assert "could not post the StorageNodeDown event on Node storage-1: forbidden" in caplog.text
     NodeEvents(None).observe("storage-1", False, None, "gone")   # outside a cluster: the log line only
 
 
@@ -149,3 +152,68 @@ def test_the_poller_tells_the_observer_every_probe():
                                                                              bool(error))))
     agents.poll_once()
     assert sorted(seen) == [("s1", True, True, False), ("s2", False, False, True)]
+
+
+class FakeVolumesApi(FakeApi):
+    """FakeApi with PersistentVolumes to list."""
+
+    def __init__(self, pvs):
+        super().__init__()
+        self.pvs = pvs
+
+    def list_persistent_volume(self, _request_timeout=None):
+        return SimpleNamespace(items=self.pvs)
+
+
+def pv(name: str, handle: str, driver: str = "lvm-iscsi.csi.dev", claim: tuple[str, str] | None = None):
+    ref = SimpleNamespace(name=claim[1], namespace=claim[0], uid=f"uid-{claim[1]}") if claim else None
+    return SimpleNamespace(metadata=SimpleNamespace(name=name, uid=f"uid-{name}"),
+                           spec=SimpleNamespace(csi=SimpleNamespace(driver=driver, volume_handle=handle),
+                                                claim_ref=ref))
+
+
+def test_a_storage_node_going_down_warns_on_the_volumes_and_claims_with_data_on_it(tmp_path):
+    journal = FileJournal(tmp_path / "journal")
+    for key, nodes in (("lv-rep", ("storage-1", "storage-2")), ("lv-far", ("storage-2", "storage-3"))):
+        journal.claim(Entry(key=key, kind="volume", name=key, node=nodes[0],
+                            legs=[{"node": n, "pool": "thin", "vg": "vg", "state": "in-sync"} for n in nodes]))
+    api = FakeVolumesApi([
+        pv("pv-plain", "v1:storage-1:vg:lv-plain", claim=("apps", "data")),
+        pv("pv-rep", ids.replicated_volume_id("lv-rep"), claim=("apps", "mirrored")),
+        pv("pv-other-node", "v1:storage-2:vg:lv-other"),
+        pv("pv-far", ids.replicated_volume_id("lv-far")),                    # no leg on storage-1
+        pv("pv-unknown", ids.replicated_volume_id("lv-gone")),               # no record: nothing to say
+        pv("pv-other-driver", "v1:storage-1:vg:lv-x", driver="other.csi.dev"),
+        SimpleNamespace(metadata=SimpleNamespace(name="pv-nfs", uid="u"), spec=SimpleNamespace(csi=None)),
+    ])
+    events = NodeEvents(api, VolumeEvents(api, journal, "lvm-iscsi.csi.dev"))
+    events.observe("storage-1", False, None, "connection refused")
+    events.observe("storage-1", False, None, "connection refused")          # still down: nothing more
+    events.flush()
+    about = {(ns, b.involved_object.kind, b.involved_object.name): b for ns, b in api.posted}
+    assert sorted(about) == [("apps", "PersistentVolumeClaim", "data"), ("apps", "PersistentVolumeClaim", "mirrored"),
+                             ("default", "Node", "storage-1"), ("default", "PersistentVolume", "pv-plain"),
+                             ("default", "PersistentVolume", "pv-rep")]
+    plain, claim = about[("default", "PersistentVolume", "pv-plain")], about[("apps", "PersistentVolumeClaim", "data")]
+    assert plain.reason == claim.reason == "VolumeInaccessible" and plain.type == "Warning"
+    assert "storage node storage-1, which holds this volume, does not answer (connection refused)" in plain.message
+    assert plain.involved_object.uid == "uid-pv-plain" and claim.involved_object.uid == "uid-data"
+    assert claim.involved_object.namespace == "apps" and claim.metadata.namespace == "apps"
+    rep = about[("default", "PersistentVolume", "pv-rep")]
+    assert rep.reason == "ReplicaLegUnreachable" and "runs degraded on its other leg" in rep.message
+    assert "replace-replica-leg" in rep.message
+    # The other controller replica sees the same transition: the fresh events are left alone.
+    other = NodeEvents(api, VolumeEvents(api, journal, "lvm-iscsi.csi.dev"))
+    other.observe("storage-1", False, None, "connection refused")
+    other.flush()
+    assert api.patches == 0 and len(api.posted) == 5
+
+
+def test_a_volume_event_refused_does_not_stop_the_others(tmp_path, caplog):
+    api = FakeVolumesApi([pv("pv-a", "v1:storage-1:vg:a"), pv("pv-b", "v1:storage-1:vg:b")])
+    api.fail = True
+    events = NodeEvents(api, VolumeEvents(api, FileJournal(tmp_path / "journal"), "lvm-iscsi.csi.dev"))
+    events.observe("storage-1", False, None, "gone")
+    events.flush()
+    assert "could not post the VolumeInaccessible event on PersistentVolume pv-a: forbidden" in caplog.text
+    assert "could not post the VolumeInaccessible event on PersistentVolume pv-b: forbidden" in caplog.text
