@@ -9,6 +9,7 @@ kubelet + containerd on every UML node. For the Kubernetes e2e tests (tests/e2e/
         cluster.join(s1, labels={...}); cluster.join(w1)   # containerd, CNI, kube-proxy, kubelet
         cluster.import_images([archive, ...])          # ctr images import on every node, in parallel
         cluster.wait_nodes_ready()
+        s1.kill(); s1.boot(); cluster.rejoin(s1, [archive, ...])   # a power cut, and the node back in the cluster
         cluster.kubectl(["get", "nodes"])              # runs inside the namespace with the admin kubeconfig
 
 Where things run and why:
@@ -22,6 +23,9 @@ Where things run and why:
     plugin, CNI bridge + host-local (Debian's containernetworking-plugins) with one /24 per node and static
     routes between the nodes, kube-proxy (iptables mode: the `kubernetes` Service's ClusterIP reaches the API
     server), kubelet with a client certificate for system:node:<name>.
+  - What a real node keeps on its disk across a reboot (PERSISTENT: the driver's state directory) is a
+    directory of the node's in the lab workdir, bind-mounted; everything else of containerd and kubelet is
+    tmpfs, so a node booted again after a power cut is rejoined with its images imported again (rejoin).
   - Pod and Service addresses (10.244.0.0/16, 10.96.0.0/16) exist only inside the guests; the lab
     namespace routes each node's pod /24 to that node and knows nothing else, so no packet leaves the lab.
 """
@@ -58,6 +62,9 @@ CNI_BIN = "/usr/lib/cni"
 NODE_MODULES = ["overlay", "veth", "bridge", "br_netfilter", "nf_conntrack", "ip_tables", "iptable_filter",
                 "iptable_nat", "iptable_mangle", "iptable_raw", "xt_conntrack", "xt_comment", "xt_mark",
                 "xt_MASQUERADE", "xt_addrtype", "xt_multiport", "xt_statistic", "xt_nat", "xt_tcpudp"]
+# Host paths of a node that outlive its reboot, as on a real machine's disk: the driver's state (the chart's
+# agent.stateDir: each volume's export record, with its CHAP secrets, which the agent rebuilds exports from).
+PERSISTENT = ("/var/lib/lvm-iscsi-csi",)
 
 
 # ------------------------------------------------------------------------------------------ PKI
@@ -304,6 +311,21 @@ class Cluster:
         self._start_kubelet(node, d, labels or {})
         self._route_pod_cidrs()
 
+    def rejoin(self, node: LabNode, archives: list[Path], timeout: float = 240) -> float:
+        """A node booted again (after a power cut): its runtime, images (imported before kubelet starts, so no pod
+        of the node meets a missing image and its back-off), kube-proxy and kubelet, under the same Node, pod
+        range and certificates; waits until the Node is Ready. Returns the seconds it took."""
+        t0 = time.monotonic()
+        d = self.dir / node.name
+        self._prepare_host(node)
+        self._start_containerd(node, d)
+        self.import_images(archives, nodes=[node])
+        self._start_kube_proxy(node, d)
+        self._start_kubelet(node, d, {})   # the Node object keeps the labels it had
+        self._route_pod_cidrs()
+        self.wait_nodes_ready(timeout)
+        return time.monotonic() - t0
+
     def _run(self, node: LabNode, argv: list[str], timeout: float = 60, input: str | None = None) -> str:
         return node.run(argv, timeout=timeout, input=input, check=True).stdout
 
@@ -343,6 +365,10 @@ class Cluster:
             run("mkdir", "-p", path)
             run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path)
         run("mount", "--make-rshared", "/var/lib/kubelet")
+        for path in PERSISTENT:
+            disk = node.workdir / "persistent" / path.strip("/").replace("/", "-")
+            run("mkdir", "-p", str(disk), path)
+            run("mount", "--bind", str(disk), path)
 
     def _start_containerd(self, node: LabNode, d: Path) -> None:
         config = d / "containerd.toml"

@@ -36,6 +36,15 @@ UDEV_RULE_NAME = "63-lvm-iscsi-csi-md.rules"
 UDEV_RULES_DIR = Path("/run/udev/rules.d")
 SYSFS_BLOCK = Path("/sys/block")
 DEV_MD = Path("/dev/md")
+# mdadm makes the /dev/md/<name> link itself (and removes it at --stop) rather than leave it to udev: the host's
+# udev names the link from mdadm's map (/run/mdadm/map), which in the node plugin's container is the container's
+# own unless the host's is mounted (the chart mounts it); without it udev made /dev/md/lvmiscsi:<hash> and mdadm
+# timed out waiting for its name (found by the Kubernetes tier). /dev is the host's: the link outlives the container.
+MDADM_ENV = {"MDADM_NO_UDEV": "1"}
+
+
+def _mdadm(args: list[str], ok_codes: tuple[int, ...] = (0,)) -> runner.Result:
+    return runner.run(["mdadm", *args], ok_codes=ok_codes, timeout=MDADM_TIMEOUT, env=MDADM_ENV)
 
 
 def udev_rule() -> str:
@@ -114,7 +123,7 @@ def parse_examine(export: str, human: str) -> Superblock:
 def examine(device: Path) -> Superblock | None:
     """The md superblock on a leg, None when it has none. mdadm exits 1 for that and for a device it cannot
     read: only its "No md superblock detected" means none."""
-    export = runner.run(["mdadm", "--examine", "--export", str(device)], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
+    export = _mdadm(["--examine", "--export", str(device)], ok_codes=(0, 1))
     if export.rc != 0:
         if "No md superblock detected" in export.stderr:
             return None
@@ -122,7 +131,7 @@ def examine(device: Path) -> Superblock | None:
     if "MD_UUID=" not in export.stdout:
         raise errors.precondition(f"{device} carries an md superblock mdadm does not describe: "
                                   f"{export.stdout.strip()[-200:]}")
-    human = runner.run(["mdadm", "--examine", str(device)], timeout=MDADM_TIMEOUT)
+    human = _mdadm(["--examine", str(device)])
     return parse_examine(export.stdout, human.stdout)
 
 
@@ -130,9 +139,9 @@ def create(key: str, devices: list[Path]) -> Path:
     """A new RAID1 of blank legs. --assume-clean: blank legs read the same (a thin LV reads zeros; a thick one
     what its pool's wipe left, zeros too unless the class turned wiping off): nothing to copy between them."""
     md = md_device(key)
-    runner.run(["mdadm", "--create", str(md), "--run", "--level=1", f"--raid-devices={len(devices)}",
-                "--metadata=1.2", f"--data-offset={DATA_OFFSET}", "--bitmap=internal", f"--name={ids.md_name(key)}",
-                "--assume-clean", "--failfast", *map(str, devices)], timeout=MDADM_TIMEOUT)
+    _mdadm(["--create", str(md), "--run", "--level=1", f"--raid-devices={len(devices)}", "--metadata=1.2",
+            f"--data-offset={DATA_OFFSET}", "--bitmap=internal", f"--name={ids.md_name(key)}", "--assume-clean",
+            "--failfast", *map(str, devices)])
     return md
 
 
@@ -141,17 +150,16 @@ def create_from_seed(key: str, seed: Path) -> Path:
     DATA_OFFSET on (the source array's superblock and bitmap before it, overwritten here: --run takes the
     leg without asking), the other leg is missing until `add` copies the seed to it in full."""
     md = md_device(key)
-    runner.run(["mdadm", "--create", str(md), "--run", "--level=1", "--raid-devices=2", "--metadata=1.2",
-                f"--data-offset={DATA_OFFSET}", "--bitmap=internal", f"--name={ids.md_name(key)}", "--failfast",
-                str(seed), "missing"], timeout=MDADM_TIMEOUT)
+    _mdadm(["--create", str(md), "--run", "--level=1", "--raid-devices=2", "--metadata=1.2",
+            f"--data-offset={DATA_OFFSET}", "--bitmap=internal", f"--name={ids.md_name(key)}", "--failfast",
+            str(seed), "missing"])
     return md
 
 
 def assemble(key: str, devices: list[Path], read_only: bool = False) -> Path:
     """--readonly for a read-only stage: md then writes nothing to the legs (no superblock update, no resync)."""
     md = md_device(key)
-    runner.run(["mdadm", "--assemble", str(md), "--run", *(["--readonly"] if read_only else []),
-                *map(str, devices)], timeout=MDADM_TIMEOUT)
+    _mdadm(["--assemble", str(md), "--run", *(["--readonly"] if read_only else []), *map(str, devices)])
     return md
 
 
@@ -160,7 +168,7 @@ def stop(key: str) -> None:
     md = md_device(key)
     if not md.exists():
         return
-    runner.run(["mdadm", "--stop", str(md)], timeout=MDADM_TIMEOUT)
+    _mdadm(["--stop", str(md)])
 
 
 def readd(key: str, device: Path, outdated: bool = False) -> None:
@@ -173,11 +181,11 @@ def readd(key: str, device: Path, outdated: bool = False) -> None:
     drop_failed(key)
     if outdated:
         log.warning("%s: adding %s, a leg recorded outdated, for a full recovery", md, device)
-        runner.run(["mdadm", "--zero-superblock", str(device)], timeout=MDADM_TIMEOUT)
+        _mdadm(["--zero-superblock", str(device)])
         add(key, device)
         return
     try:
-        runner.run(["mdadm", "--manage", str(md), "--re-add", str(device)], timeout=MDADM_TIMEOUT)
+        _mdadm(["--manage", str(md), "--re-add", str(device)])
     except CommandError as exc:
         log.warning("%s: md refused to re-add %s (%s); adding it for a full recovery", md, device,
                     exc.stderr.strip()[-200:])
@@ -187,18 +195,18 @@ def readd(key: str, device: Path, outdated: bool = False) -> None:
 def drop_failed(key: str) -> None:
     """Members md failed, and members whose disk is gone, out of the array (their slot free for a leg)."""
     md = md_device(key)
-    runner.run(["mdadm", "--manage", str(md), "--remove", "failed"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
-    runner.run(["mdadm", "--manage", str(md), "--remove", "detached"], ok_codes=(0, 1), timeout=MDADM_TIMEOUT)
+    _mdadm(["--manage", str(md), "--remove", "failed"], ok_codes=(0, 1))
+    _mdadm(["--manage", str(md), "--remove", "detached"], ok_codes=(0, 1))
 
 
 def add(key: str, device: Path) -> None:
     """A leg into the array for a full recovery (md copies every block to it)."""
-    runner.run(["mdadm", "--manage", str(md_device(key)), "--failfast", "--add", str(device)], timeout=MDADM_TIMEOUT)
+    _mdadm(["--manage", str(md_device(key)), "--failfast", "--add", str(device)])
 
 
 def grow(key: str) -> None:
     """The array to the size of its legs (after they grew; nothing changes when it has it already)."""
-    runner.run(["mdadm", "--grow", str(md_device(key)), "--size=max"], timeout=MDADM_TIMEOUT)
+    _mdadm(["--grow", str(md_device(key)), "--size=max"])
 
 
 @dataclass(frozen=True)

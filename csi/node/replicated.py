@@ -17,9 +17,11 @@ Which leg is current:
   the other leg outdated, or the leg's own superblock shows the other member missing (it went on alone after the
   other was cut off, so it holds every write the other has). Otherwise the stage refuses: the absent leg may
   hold writes this one missed (the worker that wrote alone to it died, then this leg's peer went down).
-- Not done yet (README, limits): the node does not record in the controller's record that a leg is outdated
-  before md goes on without it, so the controller's record marks legs outdated only by an operator's hand
-  (`lvm-iscsi-csi mark-replica-leg`, csi/legmark.py). A leg recorded outdated is put back with a full recovery.
+- By decision (README, limits): the node does not record in the controller's record that a leg is outdated
+  before md goes on without it (the surviving leg's superblock records it; the node has no channel to the
+  controller), so the controller's record marks legs outdated at a publish that spends a clean detach's stamp or
+  by an operator's hand (`lvm-iscsi-csi mark-replica-leg`, csi/legmark.py). A leg recorded outdated is put back
+  with a full recovery.
 """
 
 from __future__ import annotations

@@ -822,6 +822,11 @@ def test_every_rendered_storage_class_is_accepted_by_the_driver():
             capabilities.parse_params(sc["parameters"])
     fast = one(rendered("multi-zone"), "StorageClass", "fast")
     assert capabilities.parse_params(fast["parameters"]).mkfs_options == "-m bigtime=1,inobtcount=1 -i nrext64=1"
+    mirrored = capabilities.parse_params(one(rendered("multi-zone"), "StorageClass", "fast-mirrored")["parameters"])
+    assert (mirrored.replicas, mirrored.replica_zones) == (2, ("eu-1b",))
+    refused = template("--set", "storageClasses[0].name=x,storageClasses[0].pool=p,storageClasses[0].type=thin,"
+                       "storageClasses[0].replicas=3", check=False)
+    assert refused.returncode != 0 and "replicas" in refused.stderr, refused.stderr
 
 
 def test_extra_args_reach_every_container_after_the_charts_own():
@@ -890,7 +895,8 @@ def test_csidriver_storage_classes_and_snapshot_class():
                 if o["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true"]
     assert defaults == [], "a second default class on a cluster that has one: none unless the values ask"
     assert classes["lvm-iscsi-thin"]["parameters"] == {"pool": "thin", "type": "thin",
-                                                       "csi.storage.k8s.io/fstype": "ext4", "mutualChap": "false"}
+                                                       "csi.storage.k8s.io/fstype": "ext4", "mutualChap": "false",
+                                                       "replicas": "1"}
     assert classes["lvm-iscsi-thin-xfs"]["parameters"]["csi.storage.k8s.io/fstype"] == "xfs"
     assert "csi.storage.k8s.io/fstype" not in classes["lvm-iscsi-block"]["parameters"]
     assert classes["lvm-iscsi-thick"]["parameters"] == {"pool": "thick", "type": "thick",

@@ -68,6 +68,17 @@ def test_create_makes_a_failfast_raid1_with_a_bitmap_and_its_data_1_mib_in(fake_
     assert MD_RESERVE == 1 << 20
 
 
+
+def test_mdadm_makes_the_arrays_dev_md_link_itself(fake_run):
+    """In the node plugin's container the host's udev cannot read mdadm's map, and would name the link otherwise:
+    every mdadm call makes (and --stop removes) /dev/md/<name> itself."""
+    fake_run.on("mdadm")
+    raid.create(KEY, [Path("/dev/sdb"), Path("/dev/sdc")])
+    raid.assemble(KEY, [Path("/dev/sdb")])
+    raid.add(KEY, Path("/dev/sdc"))
+    assert len(fake_run.envs) == 3 and all(env.get("MDADM_NO_UDEV") == "1" for env in fake_run.envs)
+
+
 def test_a_read_only_stage_assembles_read_only(fake_run):
     fake_run.on("mdadm", "--assemble")
     raid.assemble(KEY, [Path("/dev/sdb")], read_only=True)

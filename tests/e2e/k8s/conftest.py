@@ -125,6 +125,7 @@ def installed(k8s, k8s_bin, k8s_images, driver_images):
     """The chart installed (helm install) with the driver's and sidecars' images, the snapshot CRDs and
     controller; every pod ready. Shared by the scenario modules, which run in file order."""
     drv.STATE["busybox"] = k8s_images["busybox"].ref
+    drv.STATE["driver_image"] = driver_images["driver"].ref
     t0 = time.monotonic()
     k8s.import_images([i.archive for i in driver_images.values()])
     drv.TIMINGS["driver + sidecar images imported (all nodes)"] = time.monotonic() - t0

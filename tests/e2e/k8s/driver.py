@@ -34,6 +34,7 @@ IMMEDIATE_CLASS = "lvm-iscsi-immediate"
 BLOCK_CLASS = "lvm-iscsi-block"
 EXTRA_CLASS = "lvm-iscsi-extra"        # pool "extra": VG csi-vg2, which only a node made storage later has
 EXTRA_VG = "csi-vg2"
+REPLICATED_CLASS = "lvm-iscsi-replicated"   # replicas: 2 in pool "extra" (test_scenario_replicas.py)
 CONTROLLER_REPLICAS = 2
 # csi-provisioner's leader election Lease: the driver name with "." and "/" as "-".
 DRIVER_LEASE = "lvm-iscsi-csi-dev"
@@ -75,6 +76,8 @@ def e2e_values(images: dict[str, Image], controller_selector: dict) -> dict:
             {"name": BLOCK_CLASS, "pool": "thin", "type": "thin", "fsType": "",
              "volumeBindingMode": "WaitForFirstConsumer"},
             {"name": EXTRA_CLASS, "pool": "extra", "type": "thin", "fsType": "ext4",
+             "volumeBindingMode": "Immediate"},
+            {"name": REPLICATED_CLASS, "pool": "extra", "type": "thin", "fsType": "ext4", "replicas": 2,
              "volumeBindingMode": "Immediate"},
         ],
     }
@@ -219,3 +222,29 @@ def current_logs(cluster, lines: int = 60) -> str:
                                         f"--tail={lines}"], check=False)
                 out.append(f"--- {p['metadata']['name']}/{c['name']} (now)\n{logs.stdout}{logs.stderr}")
     return "\n".join(out)
+
+
+def make_extra_vg(node) -> None:
+    """A second VG (csi-vg2, pool "extra") on a loop device over a file in the node's lab dir (its disk), as an
+    administrator prepares a storage node: the thin pool made, the VG left inactive (the agent activates)."""
+    img = node.workdir / "csi-vg2.img"
+    node.run(["truncate", "-s", str(2 << 30), str(img)], timeout=30, check=True)
+    loop = node.run(["losetup", "-f", "--show", str(img)], timeout=30, check=True).stdout.strip()
+    node.run(["vgcreate", "-q", EXTRA_VG, loop], timeout=120, check=True)
+    node.run(["lvcreate", "-q", "--type", "thin-pool", "-l", "60%VG", "-n", "thinpool2", EXTRA_VG],
+             timeout=120, check=True)
+    node.run(["vgchange", "--activate", "n", EXTRA_VG], timeout=60, check=True)
+
+
+def attach_extra_vg(node) -> None:
+    """After the node booted again: its csi-vg2 file on a loop device again (what the machine's own boot would
+    do for a disk), nothing activated."""
+    node.run(["losetup", "-f", str(node.workdir / "csi-vg2.img")], timeout=30, check=True)
+    node.run(["vgchange", "--activate", "n", EXTRA_VG], timeout=60, check=True)
+
+
+def drop_extra_vg(node) -> None:
+    node.run(["vgremove", "-q", "-f", EXTRA_VG], timeout=120)
+    for line in node.run(["losetup", "-j", str(node.workdir / "csi-vg2.img")], timeout=30).stdout.splitlines():
+        node.run(["losetup", "-d", line.split(":", 1)[0]], timeout=30)
+    (node.workdir / "csi-vg2.img").unlink(missing_ok=True)

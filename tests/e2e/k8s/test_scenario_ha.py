@@ -58,29 +58,11 @@ def test_status_lists_the_storage_nodes_discovered_from_labels(installed):
     assert not [r for r in rows if r and r[0] == STATE["worker"]], out
 
 
-def _make_vg(node) -> None:
-    """A second VG (csi-vg2) on a loop device of the worker, as an administrator prepares a new storage node."""
-    img = node.workdir / "csi-vg2.img"
-    node.run(["truncate", "-s", str(2 << 30), str(img)], timeout=30, check=True)
-    loop = node.run(["losetup", "-f", "--show", str(img)], timeout=30, check=True).stdout.strip()
-    node.run(["vgcreate", "-q", drv.EXTRA_VG, loop], timeout=120, check=True)
-    node.run(["lvcreate", "-q", "--type", "thin-pool", "-l", "60%VG", "-n", "thinpool2", drv.EXTRA_VG],
-             timeout=120, check=True)
-    node.run(["vgchange", "--activate", "n", drv.EXTRA_VG], timeout=60, check=True)   # the agent activates
-
-
-def _drop_vg(node) -> None:
-    node.run(["vgremove", "-q", "-f", drv.EXTRA_VG], timeout=120)
-    for line in node.run(["losetup", "-j", str(node.workdir / "csi-vg2.img")], timeout=30).stdout.splitlines():
-        node.run(["losetup", "-d", line.split(":", 1)[0]], timeout=30)
-    (node.workdir / "csi-vg2.img").unlink(missing_ok=True)
-
-
 @pytest.mark.campaign   # 4-5 minutes of CI's hour: scripts/fault-campaign (label discovery itself: the test above)
 def test_a_node_labelled_during_the_run_receives_volumes(installed):
     k8s = installed
     worker = k8s.lab.node(STATE["worker"])
-    _make_vg(worker)
+    drv.make_extra_vg(worker)
     try:
         k8s.apply(pvc("extra", size="64Mi", storage_class=drv.EXTRA_CLASS))
         time.sleep(8)
@@ -98,7 +80,7 @@ def test_a_node_labelled_during_the_run_receives_volumes(installed):
     finally:
         k8s.kubectl(["label", "node", worker.name, f"{STORAGE_LABEL}-"], check=False)
         k8s.wait_for(lambda: len(drv.driver_pods(k8s).get("agent", [])) == 1, 180, "the worker's agent pod gone")
-        _drop_vg(worker)
+        drv.drop_extra_vg(worker)
     # It held volumes once, so it stays known (down) until an administrator retires it.
     k8s.wait_for(lambda: any(line.split()[:3] == [worker.name, "zone-a", "down"]
                              for line in operator(k8s, "status").splitlines()), 60, "the worker listed down")
