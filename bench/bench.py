@@ -21,6 +21,8 @@ runs on the host and reaches the agent over mutual TLS (csi/lab/deploy.py, as th
 6. Replicated volumes: write IOPS and throughput with two legs next to one, resync after an outage per GiB
    changed and a full recovery per GiB: in its own lab of two storage nodes, see bench/replicas.py
    (`--parts replicas`).
+7. A storage node's reboot with N volumes in use: from the agent's start to every export back, next to one
+   `vgchange -ay` and the same exports made with rtslib: in its own lab, see bench/restart.py (`--parts restart`).
 
 Prints the tables as Markdown and writes them to bench/results.md (--out).
 """
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attach  # noqa: E402  (bench/ is not a package: bench/run runs this file)
 import randio  # noqa: E402
 import replicas  # noqa: E402
+import restart  # noqa: E402
 import snapshots  # noqa: E402
 from stats import percentile  # noqa: E402
 
@@ -400,9 +403,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--subnet", default="10.213.7", help="first three octets of the lab's private subnet")
     a.add_argument("--workdir", default=None, help="lab directory (default: a new one under /var/tmp)")
     a.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
-    a.add_argument("--parts", default="create,snapshots,randio,replicas",
+    a.add_argument("--parts", default="create,snapshots,randio,replicas,restart",
                    help="comma-separated: create (tables 1-3), snapshots (table 4), randio (fio), replicas (two legs "
-                        "next to one, resync); default all")
+                        "next to one, resync), restart (a storage node's reboot); default all")
+    a.add_argument("--restart-volumes", default="0,500", help="volumes in use at the reboots (default 0,500)")
+    a.add_argument("--restart-runs", type=int, default=2, help="reboots per count and side (default 2)")
     a.add_argument("--snap-mib", type=int, default=1024, help="MiB written to the snapshot bench's source volume")
     a.add_argument("--snap-samples", type=int, default=3, help="samples per snapshot / restore kind")
     a.add_argument("--fio-mib", type=int, default=512, help="MiB of the fio bench's volumes")
@@ -417,8 +422,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.volumes or args.volumes[0] < 0 or args.samples < 1 or args.io_runs < 1 or args.io_mib < 1:
         a.error("counts must be >= 0, samples, io runs and io size >= 1")
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not args.parts or args.parts - {"create", "snapshots", "randio", "replicas"}:
-        a.error(f"--parts: any of create, snapshots, randio, replicas, not {sorted(args.parts)}")
+    if not args.parts or args.parts - {"create", "snapshots", "randio", "replicas", "restart"}:
+        a.error(f"--parts: any of create, snapshots, randio, replicas, restart, not {sorted(args.parts)}")
+    try:
+        args.restart_volumes = sorted({int(v) for v in args.restart_volumes.split(",") if v.strip()})
+    except ValueError:
+        a.error(f"--restart-volumes {args.restart_volumes!r}: a comma-separated list of counts, like 0,500")
+    if not args.restart_volumes or args.restart_volumes[0] < 0 or args.restart_runs < 1:
+        a.error("--restart-volumes: counts >= 0; --restart-runs >= 1")
     if args.snap_mib < 1 or args.snap_samples < 1:
         a.error("--snap-mib and --snap-samples must be >= 1")
     if args.fio_mib < 64 or args.fio_runs < 1 or args.fio_seconds < 1:
@@ -450,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"replicated volumes of {args.fio_mib} MiB, {args.fio_runs} runs of {args.fio_seconds} s per job")
             report += "\n" + replicas.run(workdir / "replicas", args.subnet, args.fio_mib * MiB, args.fio_runs,
                                           args.fio_seconds, args.disk_gib, log)
+        if "restart" in args.parts:
+            log(f"a storage node's reboot at {args.restart_volumes} volumes, {args.restart_runs} runs each")
+            report += "\n" + restart.run(workdir / "restart", args.subnet, args.restart_volumes, args.restart_runs,
+                                          args.disk_gib, log)
     finally:
         if args.keep:
             log(f"logs kept in {workdir}")

@@ -5,6 +5,8 @@ and rtslib-fb only. Each sub-command prints one JSON line.
                                                        it makes (backstore, target, TPG, LUN 0, portal, ACL
                                                        with CHAP, mapped LUN), done directly; seconds per step
   raw-delete VG LV IQN                                 undo raw-create
+  raw-restore VG PORTAL_IP INITIATOR LISTING           a boot's floor: one `vgchange -ay`, then raw-create's
+                                                       export of each [lv, iqn] of the JSON file LISTING
   tcp-recv IP PORT                                     accept one connection, read to EOF: bytes, seconds
   tcp-send IP PORT BYTES                               connect (retrying until the receiver listens), send
   timed CMD ARG...                                     run one command (LVM's, say): its seconds
@@ -47,6 +49,13 @@ def raw_create(vg, pool, lv, size, iqn, ip, initiator):
         "--addtag", f"bench.raw/name={lv}", "--addtag", "bench.raw/request=0123456789abcdef",
         "--virtualsize", f"{size}b", "--thin", f"{vg}/{pool}")
     created = time.monotonic()
+    _export(rts, vg, lv, iqn, ip, initiator)
+    done = time.monotonic()
+    return {"lvcreate": created - started, "export": done - created, "total": done - started}
+
+
+def _export(rts, vg, lv, iqn, ip, initiator):
+    """The export the agent makes for a volume: backstore, target, TPG, LUN 0, portal, ACL with CHAP, mapped LUN."""
     so = rts.BlockStorageObject(lv, dev=f"/dev/{vg}/{lv}")
     so.set_attribute("emulate_tpu", "1")
     tpg = rts.TPG(rts.Target(rts.FabricModule("iscsi"), iqn, mode="create"), 1, mode="create")
@@ -62,8 +71,21 @@ def raw_create(vg, pool, lv, size, iqn, ip, initiator):
     acl.chap_userid = CHAP_USER
     acl.chap_password = CHAP_SECRET
     rts.MappedLUN(acl, 0, tpg_lun=lun, write_protect=False)
+
+
+def raw_restore(vg, ip, initiator, listing):
+    """What a storage node's boot needs without the driver: one activation of the VG (activation skip ignored, as
+    the agent's LVs have it set), then the exports of the LVs `listing` names (a JSON list of [lv, iqn])."""
+    import rtslib_fb as rts
+
+    volumes = json.loads(open(listing).read())
+    started = time.monotonic()
+    lvm("vgchange", "--activate", "y", "--ignoreactivationskip", vg)
+    activated = time.monotonic()
+    for lv, iqn in volumes:
+        _export(rts, vg, lv, iqn, ip, initiator)
     done = time.monotonic()
-    return {"lvcreate": created - started, "export": done - created, "total": done - started}
+    return {"activate": activated - started, "export": done - activated, "total": done - started}
 
 
 def raw_delete(vg, lv, iqn):
@@ -207,7 +229,7 @@ def tcp_ping(ip, port, count):
     return {"mean_us": sum(times) / len(times) * 1e6, "p99_us": times[int(len(times) * 0.99) - 1] * 1e6}
 
 
-COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "tcp-recv": tcp_recv, "tcp-send": tcp_send,
+COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "raw-restore": raw_restore, "tcp-recv": tcp_recv, "tcp-send": tcp_send,
             "timed": timed, "recv-file": recv_file, "send-file": send_file, "send-device": send_device,
             "tcp-echo": tcp_echo, "tcp-ping": tcp_ping}
 

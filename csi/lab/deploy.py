@@ -69,9 +69,10 @@ class Deployment:
 
     def start_agent(self, node: LabNode, pools=None, extra: list[str] | None = None,
                     env: dict[str, str] | None = None, name: str = "agent", cluster_id: str | None = None,
-                    port: int = AGENT_PORT, wipe_thick: bool = True) -> None:
-        """Starts (or restarts) an agent on a storage node. Another `name`, `cluster_id` and `port` start a
-        second agent beside the first: another cluster sharing the node's VG and LIO, with its own state."""
+                    port: int = AGENT_PORT, wipe_thick: bool = True, timeout: float = 60) -> None:
+        """Starts (or restarts) an agent on a storage node and waits `timeout` s for it to listen (it restores
+        every export first). Another `name`, `cluster_id` and `port` start a second agent beside the first: another
+        cluster sharing the node's VG and LIO, with its own state."""
         self._stop(node, name)
         config = node.workdir / f"{name}.yaml"
         config.write_text(yaml.safe_dump({"pools": pools or DEFAULT_POOLS, "devices": ["/dev/loop*"],
@@ -82,7 +83,7 @@ class Deployment:
                           "--cluster-id", cluster_id or self.cluster_id,
                           "--tls-dir", str(self.pki.ensure("agent", node.name)),
                           *(extra or [])], env=env)
-        self._wait_port(node, port, name)
+        self._wait_port(node, port, name, timeout)
 
     def stop_agent(self, node: LabNode, name: str = "agent") -> None:
         self._stop(node, name)

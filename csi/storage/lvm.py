@@ -326,6 +326,11 @@ class Lvm:
     def activate(self, vg: str, name: str) -> None:
         self._run(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{vg}/{name}"])
 
+    def activate_all(self, vg: str, names: list[str]) -> None:
+        """One lvchange for many LVs of a VG (the agent's start: LVM reads the VG's metadata once, not once per
+        LV). LVM activates every LV it can and fails the command if any one failed."""
+        self._run(["lvchange", "--activate", "y", "--ignoreactivationskip", *(f"{vg}/{n}" for n in names)])
+
     def set_zeroing(self, vg: str, pool: str) -> None:
         self._run(["lvchange", "--zero", "y", f"{vg}/{pool}"])
 

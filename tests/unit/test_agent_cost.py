@@ -408,3 +408,40 @@ def test_a_restore_from_an_offset_in_the_same_pool_is_a_copy_never_a_thin_snapsh
         a.CreateVolume(apb.CreateVolumeRequest(name="pvc-odd", pool="thin", size_bytes=GiB, attributes=ATTRIBUTES,
                                                source=apb.VolumeSource(node="s1", vg=snap.vg, lv=snap.lv,
                                                                        size_bytes=GiB, offset_bytes=100)), None)
+
+
+def test_start_activates_its_volumes_in_a_few_commands_whatever_their_number(agent):
+    """A storage node booted again: every LV inactive. LVM reads the VG's metadata once per command, so the agent
+    activates them with one lvchange per 100 (restore.ACTIVATE_BATCH), not one per volume; a batch LVM fails for
+    one broken LV is done again one by one, and only that one stays down."""
+    a, run, sim = agent
+    a.restore()
+    lvs = [a.CreateVolume(apb.CreateVolumeRequest(name=f"pvc-{i}", pool="thin", size_bytes=SIZE,
+                                                  attributes=ATTRIBUTES), None).lv for i in range(250)]
+    for lv in lvs:
+        _deactivate(sim, "vg", lv)
+    run.calls.clear()
+    counts = a.restore()
+    activations = [c for c in run.calls if c[:2] == ["lvchange", "--activate"]]
+    assert [len(c) - 4 for c in activations] == [100, 100, 50], [c[:6] for c in activations]
+    assert counts["exported"] == 250 and counts["failed"] == 0
+    assert all(sim.lvs[("vg", lv)]["lv_attr"][4] == "a" for lv in lvs)
+
+    for lv in lvs:
+        _deactivate(sim, "vg", lv)
+    broken = lvs[7]
+    activate = sim.lvchange
+
+    def refuse_one(argv):
+        if argv[-1] == f"vg/{broken}":
+            return 5, "", "  device-mapper: reload ioctl on (253:9) failed: No data available\n"
+        return activate(argv)
+    sim.lvchange = refuse_one
+    run.responses = node_responses(sim)
+    run.calls.clear()
+    counts = a.restore()
+    batch, = [c[4:] for c in run.calls if c[:2] == ["lvchange", "--activate"] and len(c) > 5 and f"vg/{broken}" in c]
+    singles = [c[4] for c in run.calls if c[:2] == ["lvchange", "--activate"] and len(c) == 5]
+    assert sorted(singles) == sorted(batch), "the failed batch, one by one"
+    assert counts["exported"] == 249 and counts["failed"] == 1
+    assert [lv for lv in lvs if sim.lvs[("vg", lv)]["lv_attr"][4] != "a"] == [broken]

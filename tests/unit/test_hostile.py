@@ -570,6 +570,12 @@ class LvmSim:
         return 0, "", ""
 
     def lvchange(self, argv: list[str]) -> tuple[int, str, str]:
+        takes = TAKES_ARGUMENT["lvchange"]
+        targets = [a for i, a in enumerate(argv) if i > 0 and not a.startswith("-") and argv[i - 1] not in takes]
+        if len(targets) > 1:    # as LVM: each LV in turn, the command failed if one did
+            options = argv[:len(argv) - len(targets)]
+            results = [self.lvchange(options + [t]) for t in targets]
+            return next((r for r in results if r[0] != 0), (0, "", ""))
         vg, name, failure = self._split(argv[-1])
         if failure:
             return failure

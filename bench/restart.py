@@ -1,0 +1,137 @@
+"""`bench/run --parts restart`: a storage node's reboot with N volumes in use, from the agent's start to every export
+back, next to the same work done without the driver.
+
+Its own lab: one storage node and one worker. N thin volumes made through the controller and published to the
+worker (each export with its ACL and CHAP secrets, as volumes in use have). Then, `--restart-runs` times, in turn:
+
+- driver: the storage node power-cut and booted, the agent started: seconds until it listens, which it does only
+  once it has restored every export (the LVs activated, LIO's backstores, targets, LUNs, portals and ACLs made
+  again from its records: csi/storage/restore.py); every target is then checked in LIO's configfs.
+- raw floor: the storage node power-cut and booted, no agent: one `vgchange -ay` of the VG, then the same exports
+  made with rtslib directly in one process (bench/guest.py raw-restore).
+
+The same with no volume first: what the agent's start costs by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from csi import ids
+from csi.lab import VG_NAME, Lab, LabNode
+from csi.lab.deploy import PYTHON, Deployment
+from csi.proto import csi_pb2 as csi
+
+import attach  # bench/ is on sys.path: bench.py puts it there
+
+GiB, MiB = 1 << 30, 1 << 20
+SIZE = 64 * MiB
+GUEST = Path(__file__).resolve().parent / "guest.py"
+IQN_PREFIX = "iqn.2026-11.dev.csi.lvm-iscsi:"
+
+
+def targets(s: LabNode) -> int:
+    """The driver's iSCSI targets in the storage node's LIO."""
+    out = s.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=60).stdout.split()
+    return sum(1 for name in out if name.startswith(IQN_PREFIX))
+
+
+class RestartBench(attach.Clients):
+    def __init__(self, d: Deployment, s: LabNode, w: LabNode, log):
+        super().__init__(d, w)
+        self.d, self.s, self.w, self.log = d, s, w, log
+        self.volumes: list[str] = []
+
+    def make(self, count: int, parallel: int = 8) -> None:
+        def one(i: int) -> str:
+            vid = self.ctrl.CreateVolume(csi.CreateVolumeRequest(
+                name=f"bench-restart-{i}", capacity_range=csi.CapacityRange(required_bytes=SIZE),
+                volume_capabilities=[attach.BLOCK]), timeout=600).volume.volume_id
+            self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+                volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=attach.BLOCK), timeout=600)
+            return vid
+        with ThreadPoolExecutor(parallel) as pool:
+            self.volumes = list(pool.map(one, range(count)))
+
+    def power_cycle(self) -> None:
+        self.s.kill()
+        self.s.boot(timeout=240)
+
+    def driver(self) -> float:
+        """Seconds from the agent's start to it listening with every export restored."""
+        self.power_cycle()
+        started = time.monotonic()
+        self.d.start_agent(self.s, timeout=3600)
+        took = time.monotonic() - started
+        found = targets(self.s)
+        if found != len(self.volumes):
+            raise RuntimeError(f"the agent listens with {found} of {len(self.volumes)} exports restored")
+        return took
+
+    def raw(self) -> dict[str, float]:
+        self.d.stop_agent(self.s)
+        self.power_cycle()
+        listing = self.s.workdir / "bench-restart-volumes.json"
+        lvs = [ids.parse_id(vid).lv for vid in self.volumes]
+        listing.write_text(json.dumps([[lv, ids.target_iqn(VG_NAME, lv)] for lv in lvs]))
+        env = {"LVM_SYSTEM_DIR": str(self.d.agent_state(self.s) / "lvm-system")}   # the agent's lvm.conf
+        r = self.s.run([PYTHON, str(GUEST), "raw-restore", VG_NAME, self.s.ip, self.w.initiator_iqn, str(listing)],
+                       env=env, timeout=3600, check=True)
+        found = targets(self.s)
+        if found != len(self.volumes):
+            raise RuntimeError(f"the raw floor made {found} of {len(self.volumes)} exports")
+        return json.loads(r.stdout.splitlines()[-1])
+
+
+def render(rows: list[tuple[int, list[float], list[dict[str, float]]]], runs: int) -> str:
+    lines = [f"### A storage node's reboot: agent start to every export back (median of {runs} runs)", "",
+             "| volumes | driver (s) | raw floor (s) | raw: one `vgchange -ay` / rtslib exports (s) | driver / raw | "
+             "target |", "|---:|---:|---:|---:|---:|---|"]
+    for count, driver, raw in rows:
+        total = statistics.median(r["total"] for r in raw)
+        act, exp = (statistics.median(r[k] for r in raw) for k in ("activate", "export"))
+        ratio = statistics.median(driver) / total if total else float("nan")
+        met = "" if not count else ("<= 1.5: **met**" if ratio <= 1.5 else "<= 1.5: **NOT met**")
+        lines.append(f"| {count} | {statistics.median(driver):.1f} ({', '.join(f'{t:.1f}' for t in driver)}) | "
+                     f"{total:.1f} | {act:.1f} / {exp:.1f} | {ratio:.2f} | {met} |")
+    lines += ["", "driver: the node power-cut and booted, from the agent's start to it listening (it restores every "
+              "export first), every target checked in configfs. raw floor: the node power-cut and booted, one "
+              "`vgchange -ay --ignoreactivationskip` of the VG and the same exports (backstore, target, TPG, LUN, "
+              "portal, ACL with CHAP, mapped LUN) made with rtslib in one process. With 0 volumes the driver's figure "
+              "is the agent's own start."]
+    return "\n".join(lines) + "\n"
+
+
+def run(workdir: Path, subnet: str, counts: list[int], runs: int, disk_gib: int, log) -> str:
+    started = time.monotonic()
+    rows = []
+    with Lab(workdir, name=f"brst{os.getpid() % 10000}", subnet=subnet) as lab:
+        s = lab.add_node("storage-1", role="storage", disk_bytes=disk_gib * GiB, mem="1G")
+        w = lab.add_node("worker-1", role="worker")
+        lab.boot_all(timeout=240)
+        d = Deployment(lab, cluster_id="bench")
+        d.start_all([s], [w])
+        bench = RestartBench(d, s, w, log)
+        try:
+            for count in sorted(set(counts)):
+                log(f"restart: {count} volumes in use")
+                bench.make(count)
+                driver, raw = [], []
+                for i in range(runs):
+                    driver.append(bench.driver())
+                    raw.append(bench.raw())
+                    log(f"  run {i + 1}/{runs}: driver {driver[-1]:.1f} s, raw {raw[-1]['total']:.1f} s "
+                        f"(activation {raw[-1]['activate']:.1f} s)")
+                rows.append((count, driver, raw))
+                bench.power_cycle()               # LIO as a boot leaves it: the agent's exports, not raw-restore's
+                d.start_agent(s, timeout=3600)    # the volumes stay for the next count
+        finally:
+            bench.close()
+            d.stop_controller()
+    log(f"restart part done in {(time.monotonic() - started) / 60:.1f} min")
+    return render(rows, runs)
