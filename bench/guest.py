@@ -78,7 +78,8 @@ def raw_restore(vg, ip, initiator, listing):
     the agent's LVs have it set), then the exports of the LVs `listing` names (a JSON list of [lv, iqn])."""
     import rtslib_fb as rts
 
-    volumes = json.loads(open(listing).read())
+    with open(listing) as f:
+        volumes = json.load(f)
     started = time.monotonic()
     lvm("vgchange", "--activate", "y", "--ignoreactivationskip", vg)
     activated = time.monotonic()
@@ -229,9 +230,9 @@ def tcp_ping(ip, port, count):
     return {"mean_us": sum(times) / len(times) * 1e6, "p99_us": times[int(len(times) * 0.99) - 1] * 1e6}
 
 
-COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "raw-restore": raw_restore, "tcp-recv": tcp_recv, "tcp-send": tcp_send,
-            "timed": timed, "recv-file": recv_file, "send-file": send_file, "send-device": send_device,
-            "tcp-echo": tcp_echo, "tcp-ping": tcp_ping}
+COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "raw-restore": raw_restore, "tcp-recv": tcp_recv,
+            "tcp-send": tcp_send, "timed": timed, "recv-file": recv_file, "send-file": send_file,
+            "send-device": send_device, "tcp-echo": tcp_echo, "tcp-ping": tcp_ping}
 
 if __name__ == "__main__":
     print(json.dumps(COMMANDS[sys.argv[1]](*sys.argv[2:])), flush=True)

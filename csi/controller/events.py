@@ -55,11 +55,10 @@ class NodeEvents:
                 if node in self._down:
                     return
                 self._down.add(node)
+                down = set(self._down)
                 todo = [("StorageNodeDown", "", f"the storage agent on {node} does not answer ({error}): its "
                                                 "volumes cannot be created, attached or detached until it is back, "
                                                 "and it gets no new volumes")]
-                if self.api is not None and self.volumes is not None:
-                    self._todo.put(lambda: self._volumes_down(node, error))
             else:
                 self._down.discard(node)
                 todo = [(reason, pool.name, message) for pool in (info.pools if info is not None else ())
@@ -69,6 +68,8 @@ class NodeEvents:
             if self.api is not None:
                 self._todo.put(lambda r=reason, m=message, n=event_name(node, reason, subject): self._try_post(
                     NAMESPACE, n, _node_ref(node), r, m))
+        if not up and self.api is not None and self.volumes is not None:   # after the node's own event
+            self._todo.put(lambda: self._volumes_down(node, error, down))
 
     def _pool(self, node: str, pool) -> list[tuple[str, str]]:
         key, warn = (node, pool.name), pool.warn_fill_percent
@@ -103,8 +104,8 @@ class NodeEvents:
             finally:
                 self._todo.task_done()
 
-    def _volumes_down(self, node: str, error: str) -> None:
-        count = self.volumes.node_down(node, error, self._try_post)
+    def _volumes_down(self, node: str, error: str, down: set[str]) -> None:
+        count = self.volumes.node_down(node, error, down, self._try_post)
         log.warning("storage node %s is down: %d volume(s) of this driver have data on it", node, count)
 
     def _try_post(self, namespace: str, name: str, involved, reason: str, message: str) -> None:

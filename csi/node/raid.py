@@ -36,11 +36,14 @@ UDEV_RULE_NAME = "63-lvm-iscsi-csi-md.rules"
 UDEV_RULES_DIR = Path("/run/udev/rules.d")
 SYSFS_BLOCK = Path("/sys/block")
 DEV_MD = Path("/dev/md")
-# mdadm makes the /dev/md/<name> link itself (and removes it at --stop) rather than leave it to udev: the host's
-# udev names the link from mdadm's map (/run/mdadm/map), which in the node plugin's container is the container's
-# own unless the host's is mounted (the chart mounts it); without it udev made /dev/md/lvmiscsi:<hash> and mdadm
-# timed out waiting for its name (found by the Kubernetes tier). /dev is the host's: the link outlives the container.
+# mdadm makes the /dev/md/<name> link itself rather than leave it to udev: the host's udev names the link from
+# mdadm's map (/run/mdadm/map), which in the node plugin's container is the container's own unless the host's is
+# mounted (the chart mounts it); without it udev made /dev/md/lvmiscsi:<hash> and mdadm timed out waiting for its
+# name (found by the Kubernetes tier). /dev is the host's: the link outlives the container. mdadm leaves removing
+# the link at --stop to udev, and a host without md's udev rules would keep it: `stop` removes it, and `status`
+# takes a link for this array only if md's map says that md device is this array (an md number is reused).
 MDADM_ENV = {"MDADM_NO_UDEV": "1"}
+MDADM_MAP = Path("/run/mdadm/map")
 
 
 def _mdadm(args: list[str], ok_codes: tuple[int, ...] = (0,)) -> runner.Result:
@@ -164,11 +167,26 @@ def assemble(key: str, devices: list[Path], read_only: bool = False) -> Path:
 
 
 def stop(key: str) -> None:
-    """Stops the array if it runs; not running is success."""
+    """Stops the array if it runs; not running is success. Its /dev/md link goes too."""
     md = md_device(key)
-    if not md.exists():
-        return
-    _mdadm(["--stop", str(md)])
+    if status(key) is not None:
+        _mdadm(["--stop", str(md)])
+    if md.is_symlink():
+        md.unlink(missing_ok=True)
+
+
+def _mapped(md_name: str, link: Path, map_file: Path) -> bool | None:
+    """Whether mdadm's map says md device `md_name` (md127) is the array of `link`; None when the map says
+    nothing of that device (no map, or an array mdadm did not start)."""
+    try:
+        lines = map_file.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 4 and fields[0] == md_name:
+            return fields[3] == str(link)
+    return None
 
 
 def readd(key: str, device: Path, outdated: bool = False) -> None:
@@ -232,8 +250,9 @@ class Array:
         return int(m.group(1)) / int(m.group(2)) if m and int(m.group(2)) else None
 
 
-def status(key: str, sysfs: Path = SYSFS_BLOCK) -> Array | None:
-    """The array as md's sysfs shows it, None when it is not running here."""
+def status(key: str, sysfs: Path = SYSFS_BLOCK, map_file: Path = MDADM_MAP) -> Array | None:
+    """The array as md's sysfs shows it, None when it is not running here (its link dangles, names an md device
+    with no array, or one md's map gives to another array)."""
     md = md_device(key)
     try:
         real = Path(md).resolve(strict=True)
@@ -246,6 +265,8 @@ def status(key: str, sysfs: Path = SYSFS_BLOCK) -> Array | None:
             return p.read_text().strip()
         except OSError:
             return ""
+    if read(base / "array_state") in ("", "clear") or _mapped(real.name, md, map_file) is False:
+        return None
     members = []
     for dev in sorted(base.glob("dev-*")):
         members.append(Member("/dev/" + dev.name[len("dev-"):], read(dev / "state")))

@@ -109,6 +109,20 @@ class Cluster:
         return dict(self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
             volume_id=vid, node_id=node_id or self.node_id, volume_capability=cap), timeout=60).publish_context)
 
+    def unpublish(self, vid: str, node_id: str | None = None, timeout: float = 60) -> None:
+        """ControllerUnpublishVolume as external-attacher calls it: again after ABORTED (another operation on the
+        volume holds its lock: the late grant of a leg whose node is back, say), until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+                    volume_id=vid, node_id=node_id or self.node_id), timeout=60)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
     def chap(self, vid: str, node_id: str | None = None) -> dict:
         """A grant's CHAP credentials as the agent's record holds them (publish_context has none any more):
         for tests that log in by hand or look for the secrets elsewhere."""

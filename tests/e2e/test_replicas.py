@@ -254,9 +254,9 @@ def test_a_leg_left_behind_is_never_served_as_current(cluster):
         _both_back(cluster)     # storage-1 comes back here
 
     # storage-1 back, and the volume moves to worker-2 (worker-1 fenced on both legs): both legs are there, md
-    # assembles from the newer and resyncs the other.
-    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
-        volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    # assembles from the newer and resyncs the other. (The controller may be granting storage-1's leg to worker-1
+    # right now, the leg its publish left out: ABORTED meanwhile, as the attacher retries.)
+    cluster.unpublish(v.volume_id)
     w2 = cluster.worker2
     target = w2.stage_publish(v.volume_id, cluster.publish(v.volume_id, node_id=w2.node_id))
     assert cluster.read(target, on=w2.w) == newest
@@ -295,8 +295,7 @@ def test_an_operator_outdates_the_lost_leg_and_the_volume_is_served_from_the_oth
         _both_back(cluster)
     # storage-1 back: the next publish grants its leg again, and the stage puts it back in full.
     cluster.worker1.unstage(v.volume_id)
-    cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
-        volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    cluster.unpublish(v.volume_id)
     target = cluster.stage_publish(v.volume_id, cluster.publish(v.volume_id))
     wait_until("storage-1's leg is copied over in full", lambda: synced(cluster.w, key), timeout=180)
     assert cluster.read(target) == older

@@ -894,9 +894,10 @@ def test_csidriver_storage_classes_and_snapshot_class():
     defaults = [n for n, o in classes.items()
                 if o["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true"]
     assert defaults == [], "a second default class on a cluster that has one: none unless the values ask"
+    # exactly the parameters of earlier releases: a StorageClass's parameters cannot change, so one more (replicas:
+    # "1", the driver's default) would fail every upgrade
     assert classes["lvm-iscsi-thin"]["parameters"] == {"pool": "thin", "type": "thin",
-                                                       "csi.storage.k8s.io/fstype": "ext4", "mutualChap": "false",
-                                                       "replicas": "1"}
+                                                       "csi.storage.k8s.io/fstype": "ext4", "mutualChap": "false"}
     assert classes["lvm-iscsi-thin-xfs"]["parameters"]["csi.storage.k8s.io/fstype"] == "xfs"
     assert "csi.storage.k8s.io/fstype" not in classes["lvm-iscsi-block"]["parameters"]
     assert classes["lvm-iscsi-thick"]["parameters"] == {"pool": "thick", "type": "thick",

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from csi import errors, ids
 from csi.config import StorageNode
 from csi.controller.agents import Agents
-from csi.controller.events import NodeEvents
+from csi.controller.events import NodeEvents, event_name
 from csi.controller.journal import Entry, FileJournal
 from csi.controller.volume_events import VolumeEvents
 from csi.proto import agent_pb2 as apb
@@ -165,11 +165,12 @@ class FakeVolumesApi(FakeApi):
         return SimpleNamespace(items=self.pvs)
 
 
-def pv(name: str, handle: str, driver: str = "lvm-iscsi.csi.dev", claim: tuple[str, str] | None = None):
+def pv(name: str, handle: str, driver: str = "lvm-iscsi.csi.dev", claim: tuple[str, str] | None = None,
+       phase: str = "Bound"):
     ref = SimpleNamespace(name=claim[1], namespace=claim[0], uid=f"uid-{claim[1]}") if claim else None
     return SimpleNamespace(metadata=SimpleNamespace(name=name, uid=f"uid-{name}"),
                            spec=SimpleNamespace(csi=SimpleNamespace(driver=driver, volume_handle=handle),
-                                                claim_ref=ref))
+                                                claim_ref=ref), status=SimpleNamespace(phase=phase))
 
 
 def test_a_storage_node_going_down_warns_on_the_volumes_and_claims_with_data_on_it(tmp_path):
@@ -184,6 +185,7 @@ def test_a_storage_node_going_down_warns_on_the_volumes_and_claims_with_data_on_
         pv("pv-far", ids.replicated_volume_id("lv-far")),                    # no leg on storage-1
         pv("pv-unknown", ids.replicated_volume_id("lv-gone")),               # no record: nothing to say
         pv("pv-other-driver", "v1:storage-1:vg:lv-x", driver="other.csi.dev"),
+        pv("pv-released", "v1:storage-1:vg:lv-old", claim=("gone", "deleted-claim"), phase="Released"),
         SimpleNamespace(metadata=SimpleNamespace(name="pv-nfs", uid="u"), spec=SimpleNamespace(csi=None)),
     ])
     events = NodeEvents(api, VolumeEvents(api, journal, "lvm-iscsi.csi.dev"))
@@ -193,7 +195,8 @@ def test_a_storage_node_going_down_warns_on_the_volumes_and_claims_with_data_on_
     about = {(ns, b.involved_object.kind, b.involved_object.name): b for ns, b in api.posted}
     assert sorted(about) == [("apps", "PersistentVolumeClaim", "data"), ("apps", "PersistentVolumeClaim", "mirrored"),
                              ("default", "Node", "storage-1"), ("default", "PersistentVolume", "pv-plain"),
-                             ("default", "PersistentVolume", "pv-rep")]
+                             ("default", "PersistentVolume", "pv-released"), ("default", "PersistentVolume", "pv-rep")]
+    # the node's own event first; a Released PV's claim (maybe gone with its namespace) gets none
     plain, claim = about[("default", "PersistentVolume", "pv-plain")], about[("apps", "PersistentVolumeClaim", "data")]
     assert plain.reason == claim.reason == "VolumeInaccessible" and plain.type == "Warning"
     assert "storage node storage-1, which holds this volume, does not answer (connection refused)" in plain.message
@@ -206,7 +209,35 @@ def test_a_storage_node_going_down_warns_on_the_volumes_and_claims_with_data_on_
     other = NodeEvents(api, VolumeEvents(api, journal, "lvm-iscsi.csi.dev"))
     other.observe("storage-1", False, None, "connection refused")
     other.flush()
-    assert api.patches == 0 and len(api.posted) == 5
+    assert api.patches == 0 and len(api.posted) == 6
+    assert list(api.events)[0] == ("default", event_name("storage-1", "StorageNodeDown", ""))
+    # storage-2 goes down too: lv-rep has no leg left (inaccessible), lv-far one (degraded)
+    events.observe("storage-2", False, None, "no route to host")
+    events.flush()
+    rep = [b for _, b in api.posted if b.involved_object.name == "pv-rep" and "storage-2" in b.message]
+    assert [b.reason for b in rep] == ["VolumeInaccessible"] and "other leg is down too" in rep[0].message
+    far = [b for _, b in api.posted if b.involved_object.name == "pv-far"]
+    assert [b.reason for b in far] == ["ReplicaLegUnreachable"]
+
+
+def test_volume_event_names_are_fixed_short_and_apart_per_kind():
+    from csi.controller.volume_events import _name
+    pv_name = _name("PersistentVolume", "data", "VolumeInaccessible", "storage-1")
+    assert pv_name != _name("PersistentVolumeClaim", "data", "VolumeInaccessible", "storage-1")
+    assert pv_name == _name("PersistentVolume", "data", "VolumeInaccessible", "storage-1")
+    long = _name("PersistentVolumeClaim", "a" * 199 + "-" + "b" * 53, "ReplicaLegUnreachable", "storage-1")
+    assert len(long) <= 253 and long.startswith("a" * 199 + ".replicalegunreachable.")
+
+
+def test_an_unreadable_journal_still_lets_the_plain_volumes_be_told(tmp_path):
+    class Broken:
+        def entries(self):
+            raise RuntimeError("the API server timed out")
+    api = FakeVolumesApi([pv("pv-plain", "v1:storage-1:vg:a"), pv("pv-rep", ids.replicated_volume_id("lv-rep"))])
+    events = NodeEvents(api, VolumeEvents(api, Broken(), "lvm-iscsi.csi.dev"))
+    events.observe("storage-1", False, None, "gone")
+    events.flush()
+    assert sorted(b.involved_object.name for _, b in api.posted) == ["pv-plain", "storage-1"]
 
 
 def test_a_volume_event_refused_does_not_stop_the_others(tmp_path, caplog):

@@ -68,7 +68,6 @@ def test_create_makes_a_failfast_raid1_with_a_bitmap_and_its_data_1_mib_in(fake_
     assert MD_RESERVE == 1 << 20
 
 
-
 def test_mdadm_makes_the_arrays_dev_md_link_itself(fake_run):
     """In the node plugin's container the host's udev cannot read mdadm's map, and would name the link otherwise:
     every mdadm call makes (and --stop removes) /dev/md/<name> itself."""
@@ -132,9 +131,37 @@ def test_status_reads_md_sysfs(tmp_path, monkeypatch):
     (md / "degraded").write_text("1\n")
     (md / "sync_action").write_text("recover\n")
     (md / "sync_completed").write_text("2048 / 8192\n")
-    array = raid.status(KEY, sysfs=tmp_path / "sys")
+    (md / "array_state").write_text("clean\n")
+    no_map = tmp_path / "no-map"
+    array = raid.status(KEY, sysfs=tmp_path / "sys", map_file=no_map)
     assert [(m.device, m.in_sync) for m in array.members] == [("/dev/sdb", True), ("/dev/sdc", False)]
     assert array.degraded == 1 and array.progress() == 0.25
+    # md's map names the array of each md device mdadm started: this one, or another array's
+    mdmap = tmp_path / "map"
+    mdmap.write_text(f"md126 1.2 aaaaaaaa:bbbbbbbb:cccccccc:dddddddd /dev/md/csi-y\n"
+                     f"md127 1.2 01234567:89abcdef:01234567:89abcdef {link}\n")
+    assert raid.status(KEY, sysfs=tmp_path / "sys", map_file=mdmap) == array
+    mdmap.write_text("md127 1.2 01234567:89abcdef:01234567:89abcdef /dev/md/csi-another-volume\n")
+    assert raid.status(KEY, sysfs=tmp_path / "sys", map_file=mdmap) is None, "a link left to a reused md number"
+    (md / "array_state").write_text("clear\n")      # the md device is there, its array stopped
+    assert raid.status(KEY, sysfs=tmp_path / "sys", map_file=no_map) is None
+
+
+def test_stop_removes_the_arrays_link(tmp_path, monkeypatch, fake_run):
+    """mdadm leaves the /dev/md link to udev at --stop, and a host without md's udev rules keeps it: a link left
+    would point at whatever array gets that md number next."""
+    fake_run.on("mdadm", "--stop")
+    link = tmp_path / "csi-x"
+    link.symlink_to(tmp_path / "md127")
+    monkeypatch.setattr(raid, "md_device", lambda key: link)
+    running = [raid.Array(tmp_path / "md127", (), 0, "idle", "none")]
+    monkeypatch.setattr(raid, "status", lambda key: running[0])
+    raid.stop(KEY)
+    assert fake_run.calls == [["mdadm", "--stop", str(link)]] and not link.is_symlink()
+    link.symlink_to(tmp_path / "md127")                 # a link left by another stop: no array behind it
+    running[0] = None
+    raid.stop(KEY)
+    assert len(fake_run.calls) == 1 and not link.is_symlink()
 
 
 # ------------------------------------------------------------------------ which legs a stage trusts
