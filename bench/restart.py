@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
+
 from csi import ids
 from csi.lab import VG_NAME, Lab, LabNode
 from csi.lab.deploy import PYTHON, Deployment
@@ -31,8 +33,22 @@ import attach  # bench/ is on sys.path: bench.py puts it there
 
 GiB, MiB = 1 << 30, 1 << 20
 SIZE = 64 * MiB
+RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+           grpc.StatusCode.DEADLINE_EXCEEDED)
 GUEST = Path(__file__).resolve().parent / "guest.py"
 IQN_PREFIX = "iqn.2026-11.dev.csi.lvm-iscsi:"
+
+
+def _retried(call, attempts: int = 30):
+    """As the sidecars do: again after a transient answer (the storage node's one CPU, busy making volumes, can
+    miss the controller's probe, which then takes it for down for a moment)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRIED or attempt == attempts - 1:
+                raise
+            time.sleep(2)
 
 
 def targets(s: LabNode) -> int:
@@ -47,16 +63,18 @@ class RestartBench(attach.Clients):
         self.d, self.s, self.w, self.log = d, s, w, log
         self.volumes: list[str] = []
 
-    def make(self, count: int, parallel: int = 8) -> None:
+    def make(self, count: int, parallel: int = 4) -> None:
         def one(i: int) -> str:
-            vid = self.ctrl.CreateVolume(csi.CreateVolumeRequest(
+            vid = _retried(lambda: self.ctrl.CreateVolume(csi.CreateVolumeRequest(
                 name=f"bench-restart-{i}", capacity_range=csi.CapacityRange(required_bytes=SIZE),
-                volume_capabilities=[attach.BLOCK]), timeout=600).volume.volume_id
-            self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
-                volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=attach.BLOCK), timeout=600)
+                volume_capabilities=[attach.BLOCK]), timeout=600).volume.volume_id)
+            _retried(lambda: self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+                volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=attach.BLOCK), timeout=600))
             return vid
+        started = time.monotonic()
         with ThreadPoolExecutor(parallel) as pool:
             self.volumes = list(pool.map(one, range(count)))
+        self.log(f"  {count} volumes made and published in {time.monotonic() - started:.0f} s")
 
     def power_cycle(self) -> None:
         self.s.kill()
