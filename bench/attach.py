@@ -3,20 +3,37 @@ benches (bench.py's throughput, snapshots.py's source volume)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
 
 import grpc
 
-from csi.lab import LabNode
+from csi.lab import Lab, LabNode
 from csi.lab.deploy import Deployment
 from csi.proto import csi_pb2 as csi
 from csi.proto import csi_pb2_grpc
 
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
 M = csi.VolumeCapability.AccessMode
 BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
+
+
+@contextlib.contextmanager
+def storage_and_worker(workdir: Path, name: str, subnet: str, disk_gib: int, boot_timeout: float):
+    """A lab of one storage node and one worker with the driver started on them: (deployment, storage, worker).
+    The controller is stopped on the way out, the lab closed."""
+    with Lab(workdir, name=name, subnet=subnet) as lab:
+        s = lab.add_node("storage-1", role="storage", disk_bytes=disk_gib * GiB, mem="1G")
+        w = lab.add_node("worker-1", role="worker")
+        lab.boot_all(timeout=boot_timeout)
+        d = Deployment(lab, cluster_id="bench")
+        d.start_all([s], [w])
+        try:
+            yield d, s, w
+        finally:
+            d.stop_controller()
 
 
 class Clients:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi import ids
-from csi.lab import Lab, LabNode
+from csi.lab import LabNode
 from csi.lab.deploy import PYTHON, Deployment
 from csi.proto import csi_pb2 as csi
 
@@ -207,12 +207,7 @@ def render(block: dict[str, tuple[Cell, Cell]], fs: dict[str, tuple[Cell, Cell]]
 
 def run(workdir: Path, subnet: str, size: int, runs: int, runtime: int, disk_gib: int, log) -> str:
     started = time.monotonic()
-    with Lab(workdir, name=f"brio{os.getpid() % 10000}", subnet=subnet) as lab:
-        s = lab.add_node("storage-1", role="storage", disk_bytes=disk_gib * GiB, mem="1G")
-        w = lab.add_node("worker-1", role="worker")
-        lab.boot_all(timeout=180)
-        d = Deployment(lab, cluster_id="bench")
-        d.start_all([s], [w])
+    with attach.storage_and_worker(workdir, f"brio{os.getpid() % 10000}", subnet, disk_gib, 180) as (d, s, w):
         bench = RandioBench(d, s, w, runtime, log)
         try:
             rtt = [bench.round_trip() for _ in range(runs)]
@@ -221,6 +216,5 @@ def run(workdir: Path, subnet: str, size: int, runs: int, runtime: int, disk_gib
             fs = bench.filesystem(size, runs)
         finally:
             bench.close()
-            d.stop_controller()
     log(f"fio part done in {(time.monotonic() - started) / 60:.1f} min")
     return render(block, fs, size, runs, runtime, rtt)

@@ -25,13 +25,13 @@ from pathlib import Path
 import grpc
 
 from csi import ids
-from csi.lab import VG_NAME, Lab, LabNode
+from csi.lab import VG_NAME, LabNode
 from csi.lab.deploy import PYTHON, Deployment
 from csi.proto import csi_pb2 as csi
 
 import attach  # bench/ is on sys.path: bench.py puts it there
 
-GiB, MiB = 1 << 30, 1 << 20
+MiB = 1 << 20
 SIZE = 64 * MiB
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
            grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -128,12 +128,7 @@ def render(rows: list[tuple[int, list[float], list[dict[str, float]]]], runs: in
 def run(workdir: Path, subnet: str, counts: list[int], runs: int, disk_gib: int, log) -> str:
     started = time.monotonic()
     rows = []
-    with Lab(workdir, name=f"brst{os.getpid() % 10000}", subnet=subnet) as lab:
-        s = lab.add_node("storage-1", role="storage", disk_bytes=disk_gib * GiB, mem="1G")
-        w = lab.add_node("worker-1", role="worker")
-        lab.boot_all(timeout=240)
-        d = Deployment(lab, cluster_id="bench")
-        d.start_all([s], [w])
+    with attach.storage_and_worker(workdir, f"brst{os.getpid() % 10000}", subnet, disk_gib, 240) as (d, s, w):
         bench = RestartBench(d, s, w, log)
         try:
             for count in sorted(set(counts)):
@@ -150,6 +145,5 @@ def run(workdir: Path, subnet: str, counts: list[int], runs: int, disk_gib: int,
                 d.start_agent(s, timeout=3600)    # the volumes stay for the next count
         finally:
             bench.close()
-            d.stop_controller()
     log(f"restart part done in {(time.monotonic() - started) / 60:.1f} min")
     return render(rows, runs)

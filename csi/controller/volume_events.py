@@ -76,7 +76,7 @@ class VolumeEvents:
             if reason is None:
                 continue
             count += 1
-            message = self._message(reason, node, error, replicated=csi.volume_handle.startswith("r1:"))
+            message = self._message(reason, node, error, replicated=ids.parse_replicated_id(csi.volume_handle) is not None)
             name = pv.metadata.name
             post("default", _name("PersistentVolume", name, reason, node),
                  _ref("PersistentVolume", name, pv.metadata.uid), reason, message)

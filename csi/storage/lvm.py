@@ -324,7 +324,7 @@ class Lvm:
         self._run(["lvchange", "--deltag", tag, f"{vg}/{name}"])
 
     def activate(self, vg: str, name: str) -> None:
-        self._run(["lvchange", "--activate", "y", "--ignoreactivationskip", f"{vg}/{name}"])
+        self.activate_all(vg, [name])
 
     def activate_all(self, vg: str, names: list[str]) -> None:
         """One lvchange for many LVs of a VG (the agent's start: LVM reads the VG's metadata once, not once per

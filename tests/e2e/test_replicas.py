@@ -41,10 +41,15 @@ with open(log, "w") as out:
 """
 
 
-def _log(w, path) -> tuple[list[tuple[int, float]], list[str]]:
-    lines = w.run(["cat", str(path)], timeout=30).stdout.splitlines()
+def writer_log(text: str) -> tuple[list[tuple[int, float]], list[str]]:
+    """WRITER's log: its (record, time) pairs and its error lines."""
+    lines = text.splitlines()
     records = [(int(a), float(b)) for a, b in (line.split() for line in lines if not line.startswith("ERROR"))]
     return records, [line for line in lines if line.startswith("ERROR")]
+
+
+def _log(w, path) -> tuple[list[tuple[int, float]], list[str]]:
+    return writer_log(w.run(["cat", str(path)], timeout=30).stdout)
 
 
 def _leg_digest(node, vg: str, lv: str, mib: int) -> str:

@@ -19,7 +19,7 @@ from tests.e2e.cluster import PREFIX
 from tests.e2e.k8s import driver as drv
 from tests.e2e.k8s.driver import NAMESPACE, STATE, STORAGE_LABEL, TIMINGS
 from tests.e2e.k8s.test_scenario import iscsiadm_list, pvc, wait_phase
-from tests.e2e.test_replicas import WRITER
+from tests.e2e.test_replicas import WRITER, writer_log
 
 pytestmark = pytest.mark.e2e
 CLAIM, POD, PLAIN = "replicated", "replicated-writer", "plain-on-storage-1"
@@ -41,9 +41,7 @@ def writer_pod(node: str) -> dict:
 
 
 def records(k8s) -> tuple[list[tuple[int, float]], list[str]]:
-    lines = k8s.kubectl(["exec", POD, "--", "cat", LOG], timeout=60).stdout.splitlines()
-    ok = [(int(a), float(b)) for a, b in (line.split() for line in lines if not line.startswith("ERROR"))]
-    return ok, [line for line in lines if line.startswith("ERROR")]
+    return writer_log(k8s.kubectl(["exec", POD, "--", "cat", LOG], timeout=60).stdout)
 
 
 def ready_agents(k8s) -> list[str]:
