@@ -5,13 +5,15 @@ k8s_bin      scripts/build-k8s cluster (Kubernetes, etcd) once per session (idem
 k8s_sidecars scripts/build-k8s, the rest (the sidecars, the snapshot controller and CRDs): waited for only by
              what installs the driver, so the cluster boots while they build
 k8s_images   the OCI archives of tests/e2e/k8s/images.py that the cluster needs (pause, busybox), cached;
-             driver_images: the driver's and the sidecars' (imported by the scenario, which installs them).
+             driver_images: the driver's and the sidecars' (imported by the scenario, which installs them);
+             release_images: the last tagged release's driver image (release.py), which `installed` starts from.
              scripts/test builds them all in the background after build-k8s: these find their stamps fresh, or
              wait on the archive's lock while the background builds it
 k8s          a lab of two UML nodes (storage-1: VG csi-vg, runs the agent and the controller; worker-1) with
              the control plane on the host in the lab's namespace, pause and busybox imported on every node,
-             both nodes Ready. One per session (test_cluster.py, then test_scenario.py, which installs the
-             chart); logs stay in the pytest tmp dir (k8s*/k8s/*.log, k8s*/<node>/*.log).
+             both nodes Ready. One per session (test_cluster.py, then test_release_upgrade.py, whose
+             `installed` installs the last release and upgrades it to the working tree); logs stay in the
+             pytest tmp dir (k8s*/k8s/*.log, k8s*/<node>/*.log).
 CSI_K8S_BUILD=0 skips scripts/build-k8s (iterating on the tests); CSI_K8S_NODE_MEM sets the nodes' memory.
              With CSI_E2E_CLUSTER=kind, a kind cluster instead (tests/e2e/k8s/kind.py; untested here).
 """
@@ -28,6 +30,7 @@ import pytest
 from csi.lab import VG_NAME, Lab, preflight
 from tests.e2e.k8s import images as e2e_images
 from tests.e2e.k8s import driver as drv
+from tests.e2e.k8s import release, upgrade
 from tests.e2e.k8s.driver import CACHE, PROJECT, STORAGE_LABEL, ZONE, ZONE_LABEL
 
 NODE_MEM = os.environ.get("CSI_K8S_NODE_MEM", "2560M")
@@ -121,25 +124,36 @@ def _kind(k8s_images, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def installed(k8s, k8s_bin, k8s_images, driver_images):
-    """The chart installed (helm install) with the driver's and sidecars' images, the snapshot CRDs and
-    controller; every pod ready. Shared by the scenario modules, which run in file order."""
+def release_images(driver_images) -> dict[str, e2e_images.Image]:
+    """The last tagged release's driver image (deploy/releases.txt), on the same lower layers as the working
+    tree's."""
+    return {"driver-release": release.release_image()}
+
+
+@pytest.fixture(scope="session")
+def installed(k8s, k8s_bin, k8s_images, driver_images, release_images):
+    """The working tree's chart installed the way a cluster gets it: the last release installed (helm install of
+    its own chart and image), then `helm upgrade` to the working tree with a volume attached (upgrade.py; the
+    facts go to STATE["upgrade"] for test_release_upgrade.py); every pod ready. The snapshot CRDs and controller
+    first. Shared by the scenario modules, which run in file order."""
     drv.STATE["busybox"] = k8s_images["busybox"].ref
     drv.STATE["driver_image"] = driver_images["driver"].ref
     t0 = time.monotonic()
-    k8s.import_images([i.archive for i in driver_images.values()])
+    k8s.import_images([i.archive for i in {**driver_images, **release_images}.values()])
     drv.TIMINGS["driver + sidecar images imported (all nodes)"] = time.monotonic() - t0
     images = {**k8s_images, **driver_images}
     drv.STATE["storage"] = next(n.name for n in k8s.nodes.values() if n.role == "storage")
     drv.STATE["worker"] = next(n.name for n in k8s.nodes.values() if n.role == "worker")
     drv.install_snapshot_support(k8s, CACHE, images["snapshot-controller"])
-    storage_count = sum(1 for n in k8s.nodes.values() if n.role == "storage")
     # The controller replicas on different nodes (the chart's preferred anti-affinity), as HA wants them:
     # both on storage-1, a one-CPU UML node that also runs the agent and a node plugin, start so slowly that
     # their sidecars give up on the CSI socket and restart.
     values = drv.e2e_values(images, controller_selector={})
-    drv.TIMINGS["helm install"] = drv.helm_install(k8s, k8s_bin / "helm", values)
-    drv.TIMINGS["helm install -> driver pods ready"] = drv.wait_driver_ready(k8s, len(k8s.nodes), storage_count)
+    t1 = time.monotonic()
+    drv.STATE["upgrade"] = upgrade.install_release_then_upgrade(
+        k8s, k8s_bin / "helm", values, release_images["driver-release"], release.release_chart(),
+        release.last_release().tag)
+    drv.TIMINGS["install of the last release + upgrade -> driver pods ready"] = time.monotonic() - t1
     yield k8s
     rows = [("step", "seconds")] + [(k, f"{v:.1f}") for k, v in drv.TIMINGS.items()]
     width = max(len(r[0]) for r in rows)

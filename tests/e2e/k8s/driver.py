@@ -105,13 +105,14 @@ def install_snapshot_support(cluster: Cluster, cache: Path, image: Image) -> Non
                        for c in crds]])
 
 
-def helm_install(cluster: Cluster, helm: Path, values: dict) -> float:
-    """helm install of the chart; wait_driver_ready() then waits for the pods, container by container, and
-    says which one is not ready. Seconds taken."""
+def helm_install(cluster: Cluster, helm: Path, values: dict, chart: Path = CHART, upgrade: bool = False) -> float:
+    """helm install (or upgrade) of the chart; wait_driver_ready() then waits for the pods, container by
+    container, and says which one is not ready. Seconds taken."""
     path = cluster.dir / "e2e-values.yaml"
     path.write_text(yaml.safe_dump(values, sort_keys=False))
+    verb = ["upgrade", RELEASE, str(chart)] if upgrade else ["install", RELEASE, str(chart), "--create-namespace"]
     t0 = time.monotonic()
-    cluster.host_tool([str(helm), "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--create-namespace",
+    cluster.host_tool([str(helm), *verb, "--namespace", NAMESPACE,
                        "--values", str(path), "--kubeconfig", str(cluster.admin_kubeconfig)], timeout=300,
                       env={"HELM_CACHE_HOME": str(cluster.dir / "helm/cache"),
                            "HELM_CONFIG_HOME": str(cluster.dir / "helm/config"),
@@ -136,12 +137,18 @@ def driver_pods(cluster) -> dict[str, list[dict]]:
     return out
 
 
-def wait_driver_ready(cluster, node_count: int, storage_count: int, timeout: float = 600) -> float:
-    """Until every container of every node, agent and controller pod is ready. Seconds taken."""
+def wait_driver_ready(cluster, node_count: int, storage_count: int, timeout: float = 600,
+                      images: dict[str, str] | None = None) -> float:
+    """Until every container of every node, agent and controller pod is ready, and (with `images`, component ->
+    image) every pod of those components runs that image and no other pod of theirs is left. Seconds taken."""
     t0 = time.monotonic()
 
     def ready():
         pods = driver_pods(cluster)
+        for component, image in (images or {}).items():
+            if any(c["image"] != image for p in pods.get(component, []) for c in p["spec"]["containers"]
+                   if c["name"] in ("driver", "agent")):
+                return False
         nodes = [p for p in pods.get("node", []) if all(container_ready(p).values() or [False])]
         agents = [p for p in pods.get("agent", []) if all(container_ready(p).values() or [False])]
         ctrl = [p for p in pods.get("controller", [])

@@ -9,8 +9,9 @@ every pod pulls nothing (imagePullPolicy Never / IfNotPresent with the image pre
               with python3, python3-venv and the packages of deploy/packages.txt (the Dockerfile's list), and the
               driver in /opt/lvm-iscsi-csi, a venv made inside that rootfs from wheels: the dependencies at the
               versions requirements.lock pins, hash-checked (the Dockerfile's `pip install --require-hashes`).
-              Two layers: the Debian rootfs (rebuilt when packages.txt changes), the venv (when the code or the
-              lock does).
+              Three layers: the Debian rootfs (rebuilt when packages.txt changes), the dependencies' venv (when the
+              lock does), the package itself (when the code does). The last release's image (tests/e2e/k8s/
+              release.py) is built the same way from that release's tree, on the same two lower layers.
   sidecars    one static Go binary each, at /<name> (scripts/build-k8s builds them), on an empty rootfs.
   pause       Kubernetes' own build/pause/linux/pause.c from the k8s.io/kubernetes module, linked static.
   busybox     Debian's busybox-static (apt-get download, unpacked, never installed on the host), for test pods.
@@ -114,10 +115,12 @@ def layer_from_tar(tar: Path, out: Path) -> Layer:
 
 
 def layer_from_dir(root: Path, out: Path, members: list[str] | None = None,
-                   exclude: tuple[str, ...] = ()) -> Layer:
-    """A layer of the files under root (or only of `members`, paths relative to root), owners numeric."""
+                   exclude: tuple[str, ...] = (), recursive: bool = True) -> Layer:
+    """A layer of the files under root (or only of `members`, paths relative to root, each directory with
+    everything under it unless not `recursive`), owners numeric."""
     raw = out.with_suffix(".tar.tmp")
     argv = ["tar", "--numeric-owner", "--xattrs", "--sort=name", "-C", str(root), "-cf", str(raw)]
+    argv += [] if recursive else ["--no-recursion"]
     argv += [f"--exclude={e}" for e in exclude]
     argv += members or ["."]
     run(argv)
@@ -190,13 +193,13 @@ def _set_stamp(archive: Path, stamp: str) -> None:
     archive.with_suffix(".stamp").write_text(stamp)
 
 
-def _hash_paths(paths: list[Path], extra: str = "") -> str:
+def _hash_paths(paths: list[Path], extra: str = "", root: Path = PROJECT) -> str:
     h = hashlib.sha256(extra.encode())
     for p in paths:
         files = sorted(f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts) \
             if p.is_dir() else [p]
         for f in files:
-            h.update(str(f.relative_to(PROJECT) if f.is_relative_to(PROJECT) else f).encode())
+            h.update(str(f.relative_to(root) if f.is_relative_to(root) else f).encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -253,46 +256,84 @@ def _host_apt_sources() -> list[str]:
     return found
 
 
-def driver_image(log=print) -> Image:
+VENV = "/opt/lvm-iscsi-csi"
+
+
+def driver_deps(base: Layer, lock: Path, log=print) -> Layer:
+    """The venv layer of the driver image: /opt/lvm-iscsi-csi with the dependencies exactly as `lock` pins them,
+    hash-checked, wheels only (the Dockerfile's `pip install --require-hashes`). Shared by every build of the
+    driver's code on the same lock, the last release's included."""
+    stamp = hashlib.sha256(base.digest.encode() + lock.read_bytes()).hexdigest()[:16]
+    out = IMAGES / f"driver-deps-{stamp}.tar.gz"
+    meta = out.with_suffix(".json")
+    with _building(out):
+        if out.exists() and meta.exists():
+            return Layer(out, **json.loads(meta.read_text()))
+        log("images: driver dependencies layer")
+        with tempfile.TemporaryDirectory(dir=IMAGES) as tmp:
+            tmp = Path(tmp)
+            wheels = tmp / "rootfs/tmp/wheels"
+            run([sys.executable, "-m", "pip", "wheel", "-q", "--require-hashes", "--only-binary=:all:",
+                 "--wheel-dir", str(wheels), "-r", str(lock)], timeout=900)
+            root = tmp / "rootfs"
+            run(["tar", "--numeric-owner", "-xzf", str(base.path), "-C", str(root)])
+            run([CHROOT, str(root), "python3", "-m", "venv", VENV])
+            run([CHROOT, str(root), f"{VENV}/bin/pip", "install", "-q", "--no-index", "--no-compile",
+                 "--find-links", "/tmp/wheels", *[f"/tmp/wheels/{w.name}" for w in sorted(wheels.glob("*.whl"))]],
+                env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"}, timeout=900)
+            layer = layer_from_dir(root, out, members=[f".{VENV}"])
+        meta.write_text(json.dumps({"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size}))
+        return layer
+
+
+def driver_image(source: Path = PROJECT, tag: str = "", log=print) -> Image:
+    """The driver's image built from a source tree (pyproject.toml, requirements.lock, csi/): the working tree,
+    or the last release's (tests/e2e/k8s/release.py). Three layers: Debian, the dependencies, the package.
+    Tagged with `tag`, or a hash of the code and the layers under it."""
     base = driver_base(log)
-    code = _hash_paths([PROJECT / "pyproject.toml", PROJECT / "requirements.lock", PROJECT / "csi"], extra=base.digest)
-    ref = f"{REGISTRY}/lvm-iscsi-csi:{code}"
-    archive = IMAGES / "lvm-iscsi-csi.oci.tar"
+    deps = driver_deps(base, source / "requirements.lock", log)
+    code = _hash_paths([source / "pyproject.toml", source / "csi"], extra=deps.digest, root=source)
+    ref = f"{REGISTRY}/lvm-iscsi-csi:{tag or code}"
+    archive = IMAGES / f"lvm-iscsi-csi-{tag}.oci.tar" if tag else IMAGES / "lvm-iscsi-csi.oci.tar"
     with _building(archive):
-        if _stamp_ok(archive, ref):
+        if _stamp_ok(archive, f"{ref} {code}"):
             return Image(ref, archive)
-        log("images: driver venv layer")
+        log(f"images: driver package layer ({ref})")
         with tempfile.TemporaryDirectory(dir=IMAGES) as tmp:
             tmp = Path(tmp)
             src = tmp / "src"
             src.mkdir()
-            shutil.copy2(PROJECT / "pyproject.toml", src)
-            shutil.copytree(PROJECT / "csi", src / "csi", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            wheels = tmp / "wheels"
-            # As the Dockerfile: the dependencies exactly as requirements.lock pins them, hash-checked, wheels only;
-            # then the package's own wheel, without its dependencies.
-            run([sys.executable, "-m", "pip", "wheel", "-q", "--require-hashes", "--only-binary=:all:",
-                 "--wheel-dir", str(wheels), "-r", str(PROJECT / "requirements.lock")], timeout=900)
+            shutil.copy2(source / "pyproject.toml", src)
+            shutil.copytree(source / "csi", src / "csi", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            root = tmp / "rootfs"
+            wheels = root / "tmp/wheels"
             run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(src)],
                 timeout=900)
-            root = tmp / "rootfs"
-            root.mkdir()
-            run(["tar", "--numeric-owner", "-xzf", str(base.path), "-C", str(root)])
-            shutil.copytree(wheels, root / "tmp/wheels")
-            venv = "/opt/lvm-iscsi-csi"
-            run([CHROOT, str(root), "python3", "-m", "venv", venv])
-            run([CHROOT, str(root), f"{venv}/bin/pip", "install", "-q", "--no-index", "--no-compile",
-                 "--find-links", "/tmp/wheels", "lvm-iscsi-csi"], env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"},
-                timeout=900)
-            run([CHROOT, str(root), f"{venv}/bin/lvm-iscsi-csi", "--help"])
-            app = layer_from_dir(root, tmp / "app.tar.gz", members=[f".{venv}"])
+            for layer in (base, deps):
+                run(["tar", "--numeric-owner", "-xzf", str(layer.path), "-C", str(root)])
+            before = _tree(root / VENV.lstrip("/"))
+            run([CHROOT, str(root), f"{VENV}/bin/pip", "install", "-q", "--no-index", "--no-compile", "--no-deps",
+                 *[f"/tmp/wheels/{w.name}" for w in wheels.glob("*.whl")]],
+                env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"}, timeout=900)
+            run([CHROOT, str(root), f"{VENV}/bin/lvm-iscsi-csi", "--help"],
+                env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
+            after = _tree(root / VENV.lstrip("/"))
+            added = sorted(f".{VENV}/{p}" for p, stat in after.items() if before.get(p) != stat)
+            app = layer_from_dir(root, tmp / "app.tar.gz", members=added, recursive=False)
             image = write_oci_archive(
-                archive, ref, [base, app], entrypoint=[f"{venv}/bin/lvm-iscsi-csi"], cmd=["--help"],
-                env=[f"PATH={venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                archive, ref, [base, deps, app], entrypoint=[f"{VENV}/bin/lvm-iscsi-csi"], cmd=["--help"],
+                env=[f"PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                      "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"],
                 user="65532:65532")
-        _set_stamp(archive, ref)
+        _set_stamp(archive, f"{ref} {code}")
         return image
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root -> (size, mtime in ns) for files and links, (0, 0) for directories: what a pip
+    install into it added or changed (a directory counts only when new)."""
+    return {str(p.relative_to(root)): (0, 0) if p.is_dir() and not p.is_symlink() else
+            (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
 
 
 def binary_image(name: str, binary: Path, tag: str) -> Image:
@@ -386,7 +427,9 @@ def busybox_image() -> Image:
 def all_images(log=print) -> dict[str, Image]:
     """Every image the e2e cluster needs, by role name: driver, pause, busybox and each sidecar."""
     images = {"pause": pause_image(), "busybox": busybox_image(), **sidecar_images()}
-    images["driver"] = driver_image(log)
+    images["driver"] = driver_image(log=log)
+    from tests.e2e.k8s.release import release_image
+    images["driver-release"] = release_image(log=log)
     return images
 
 
