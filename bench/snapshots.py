@@ -165,7 +165,8 @@ def run(workdir: Path, subnet: str, size: int, samples: int, disk_gib: int, log)
         w = lab.add_node("worker-1", role="worker")
         lab.boot_all(timeout=180)
         d = Deployment(lab, cluster_id="bench", zones=dict(ZONES))
-        d.start_all([s1, s2], [w])
+        # bench/hook: the runner's debug lines ("ran [argv] ... in Xs"), for the profile of each operation
+        d.start_all([s1, s2], [w], agent_env={"PYTHONPATH": str(Path(__file__).resolve().parent / "hook")})
         bench = SnapshotBench(lab, d, s1, s2, w, log)
         try:
             rows = bench.run(size, samples)

@@ -15,6 +15,7 @@ from google.protobuf.wrappers_pb2 import Int64Value
 
 from csi import capabilities as caps
 from csi import contract, errors, faults, ids, mkfs_options
+from csi.bounded import BoundedMap
 from csi.config import ControllerConfig
 from csi.controller import health, listing, replica_capacity, replicas, scheduler
 from csi.controller.agents import Agents
@@ -81,6 +82,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self.locks = KeyLocks()
         self.topology_key = ids.topology_key(config.driver_name)
         self.replicas = replicas.Replicas(self)   # "r1:" volume ids and replicas=2 CreateVolume go there
+        # snapshot_id -> its agent's Snapshot: its size and whether it is of a replica leg never change, so a
+        # restore asks once (CreateSnapshot fills it); the agent's own restore still finds a deleted one gone.
+        self.known_snapshots: BoundedMap[str, apb.Snapshot] = BoundedMap()
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -254,7 +258,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             ref = ids.parse_id(sid, kind="snapshot")
             if ref is None or not self._serves(ref.node):
                 raise errors.not_found(f"snapshot {sid!r} does not exist")
-            snap = self.agents.get(ref.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=ref.vg, lv=ref.lv))
+            snap = self.known_snapshots.get(sid)
+            if snap is None:
+                snap = self.agents.get(ref.node).call("GetSnapshot", apb.GetSnapshotRequest(vg=ref.vg, lv=ref.lv))
+                self.known_snapshots.remember(sid, snap)
             if snap.source_replicated:
                 # A snapshot of one leg: the array's data, past md's superblock and bitmap.
                 return Source("snapshot", ref, snap.size_bytes - replicas.MD_RESERVE, "snapshot:" + sid,
@@ -592,7 +599,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     self.placement.forget("snapshot", entry.key)
                 raise
             self.placement.made(entry)
-            return csi.CreateSnapshotResponse(snapshot=self._to_snapshot(ref.node, snap))
+            made = self._to_snapshot(ref.node, snap)
+            self.known_snapshots.remember(made.snapshot_id, snap)
+            return csi.CreateSnapshotResponse(snapshot=made)
 
     def DeleteSnapshot(self, request, context):
         if not request.snapshot_id:
@@ -601,6 +610,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if ref is None or not ref.lv.startswith(self.config.cluster_id + "-"):
             return csi.DeleteSnapshotResponse()
         with self.locks.hold(request.snapshot_id):
+            self.known_snapshots.forget(request.snapshot_id)
             if not self._gone_with_node(ref.node, f"snapshot {request.snapshot_id}"):
                 self.agents.get(ref.node).call("DeleteSnapshot", apb.DeleteSnapshotRequest(vg=ref.vg, lv=ref.lv))
             self.placement.forget("snapshot", ref.lv)

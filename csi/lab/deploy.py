@@ -58,11 +58,12 @@ class Deployment:
         # on the host's disk: survives the node's reboot
         return node.workdir / ("agent-state" if name == "agent" else f"{name}-state")
 
-    def start_all(self, storage: list[LabNode], workers: list[LabNode]) -> None:
+    def start_all(self, storage: list[LabNode], workers: list[LabNode],
+                  agent_env: dict[str, str] | None = None) -> None:
         """The whole driver: an agent on every storage node, the node plugin on every worker, the controller
         on the host knowing every storage node."""
         for node in storage:
-            self.start_agent(node)
+            self.start_agent(node, env=agent_env)
         for node in workers:
             self.start_node_plugin(node)
         self.start_controller(storage)

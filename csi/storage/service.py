@@ -48,6 +48,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.peer_legs = replica_legs.PeerLegs(config.state_dir / "peer-legs")
         self.locks = KeyLocks()
         self.copies = copy.CopyJobs()
+        self.known_snapshots = snapshots.known()
         self.totals = PoolTotals(self)
         self.pool_reports = PoolReports(lvm)
         self.wiper = wipe.Wiper(self, config.state_dir)
@@ -211,14 +212,23 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             lv_tags.append(attrs)   # rebuilds the record if the state directory is lost (rebuild.py)
         src_lv = None
         if source is not None and source.node == self.config.node_name:
-            src_lv = self.lvm.lv(source.vg, source.lv)
+            src_lv = (self.known_snapshots.get((source.vg, source.lv)) if source.snapshot else None) or \
+                self.lvm.lv(source.vg, source.lv)
             if src_lv is None or not (self._ours(src_lv) or self._ours(src_lv, "snapshot") or
                                       self._ours(src_lv, "transfer")):
                 raise errors.not_found(f"source {source.vg}/{source.lv} is not on {self.config.node_name}")
+            if source.snapshot and src_lv.pool and self._ours(src_lv, "snapshot"):
+                self.known_snapshots.remember((source.vg, source.lv), src_lv)
         if src_lv is not None and pool.thin and src_lv.pool == pool.thin_pool and source.vg == pool.vg and \
                 not source.offset_bytes:
             # Same thin pool: a thin snapshot of the source is the new volume, at once and independent of it.
-            self.lvm.snapshot(pool.vg, source.lv, lv_name, lv_tags, activate=True)
+            try:
+                self.lvm.snapshot(pool.vg, source.lv, lv_name, lv_tags, activate=True)
+            except CommandError as exc:
+                if not lvm.is_missing(exc):
+                    raise
+                self.known_snapshots.forget((source.vg, source.lv))
+                raise errors.not_found(f"source {source.vg}/{source.lv} is not on {self.config.node_name}") from None
             faults.step("create.lv")
             # A thin snapshot is its origin's size; grown when more was asked. lvcreate and lvextend exited 0,
             # so the LV is what their arguments said, as for a new LV below.

@@ -7,9 +7,11 @@ A snapshot has no record: its LV tags (cluster, kind, request name, source LV) a
 from __future__ import annotations
 
 import logging
+import time
 
 from csi import capabilities as caps
 from csi import errors, faults, ids
+from csi.bounded import BoundedMap
 from csi.proto import agent_pb2 as pb
 from csi.runner import CommandError
 from csi.storage import listing, lvm, tags
@@ -24,10 +26,18 @@ COW_FRACTION = 0.25
 COW_MIN = 64 << 20
 
 
+def known() -> BoundedMap[tuple[str, str], LogicalVolume]:
+    """The snapshots this agent made or read since it started, by (vg, lv). A thin snapshot's LV never changes
+    (nothing writes, grows or retags it), so what a restore needs of it (whose it is, its pool, its size) is
+    known without an LVM report, which costs about what the restore's own lvcreate does. DeleteSnapshot forgets
+    one; one removed behind the agent's back makes the restore's lvcreate fail, and is forgotten then."""
+    return BoundedMap()
+
+
 def message(lv: LogicalVolume, size: int = 0) -> pb.Snapshot:
     return pb.Snapshot(name=tags.decode_name(lv.tag(tags.NAME) or ""), vg=lv.vg, lv=lv.name,
                        source_vg=lv.vg, source_lv=lv.tag(tags.SOURCE) or "",
-                       size_bytes=size or lv.size, created_unix=int(lv.created), ready=True,
+                       size_bytes=size or lv.size, created_unix=tags.created(lv), ready=True,
                        source_replicated=lv.tag(tags.LEG) is not None)
 
 
@@ -71,9 +81,12 @@ def create(service, request) -> pb.Snapshot:
             return _existing(service, vg, snap, kind, request, exhausted=(
                 f"thin pool of {pool.name} on {cfg.node_name} is above {pool.max_fill_percent:.0f}% "
                 "full: no new snapshots"))
+        now = int(time.time())
         lv_tags = [tags.tag("cluster", cfg.cluster_id), tags.tag("kind", kind),
-                   tags.tag("name", tags.encode_name(name)), tags.tag("source", request.source_lv)]
-        if caps.is_replica_leg(rec.attributes):
+                   tags.tag("name", tags.encode_name(name)), tags.tag("source", request.source_lv),
+                   tags.tag("created", str(now))]
+        leg = caps.is_replica_leg(rec.attributes)
+        if leg:
             lv_tags.append(tags.tag("leg", str(caps.replica_leg(rec.attributes))))
         try:
             service.lvm.snapshot(vg, request.source_lv, snap, lv_tags, activate=False)
@@ -85,11 +98,12 @@ def create(service, request) -> pb.Snapshot:
             raise
         faults.step("snapshot.lv")
         service.totals.add(pool, rec.size)
-        # Read back once: its creation time is LVM's, the one ListSnapshots and retries will report.
-        created = service.lvm.lv(vg, snap)
-        if created is None:
-            raise errors.internal(f"lvcreate --snapshot {vg}/{snap} succeeded but the LV is not there")
-        return message(created)
+        # No read-back (an LVM report of the VG costs about what the lvcreate did): the answer is all known here,
+        # its creation time the tag that retries and ListSnapshots report too. A thin snapshot is its origin's size.
+        service.known_snapshots.remember((vg, snap), LogicalVolume(vg, snap, rec.size, tuple(lv_tags),
+                                                                   pool.thin_pool, "Vwi---tz-k", created=now))
+        return pb.Snapshot(name=name, vg=vg, lv=snap, source_vg=vg, source_lv=request.source_lv,
+                           size_bytes=rec.size, created_unix=now, ready=True, source_replicated=leg)
 
 
 def cow_size(volume: int, extent: int) -> int:
@@ -163,6 +177,7 @@ def _existing(service, vg: str, snap: str, kind: str, request, not_found: str = 
 
 def delete(service, vg: str, lv_name: str) -> None:
     with service.locks.hold(f"{vg}/{lv_name}"):
+        service.known_snapshots.forget((vg, lv_name))
         lv = service.lvm.lv(vg, lv_name)
         if not is_snapshot(service, lv):
             return
@@ -193,6 +208,8 @@ def get(service, request) -> pb.Snapshot:
     for vg, lv_name in places:
         lv = service.lvm.lv(vg, lv_name)
         if is_snapshot(service, lv):
+            if lv.pool:
+                service.known_snapshots.remember((vg, lv_name), lv)
             return message(lv)
     raise errors.not_found(f"no such snapshot on {cfg.node_name}")
 

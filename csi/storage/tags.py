@@ -23,6 +23,7 @@ SOURCE = f"{ids.TAG_PREFIX}/source"
 CONTENT = f"{ids.TAG_PREFIX}/content"
 ATTRS = f"{ids.TAG_PREFIX}/attrs"
 LEG = f"{ids.TAG_PREFIX}/leg"        # on a snapshot of a replicated volume's leg: that leg's index
+CREATED = f"{ids.TAG_PREFIX}/created"   # on a snapshot: seconds since the epoch when the agent made it
 MAX_TAG = 1024
 
 
@@ -64,6 +65,12 @@ def attributes_of(lv: LogicalVolume) -> dict[str, str] | None:
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         return None
     return data
+
+
+def created(lv: LogicalVolume) -> int:
+    """When the agent made the LV (its created tag), else LVM's lv_time (snapshots made before the tag)."""
+    value = lv.tag(CREATED) or ""
+    return int(value) if value.isdigit() else int(lv.created)
 
 
 def is_ours(lv: LogicalVolume, cluster_id: str, kind: str = "volume") -> bool:

@@ -15,10 +15,11 @@ from collections import Counter
 
 import pytest
 
-from csi import ids
+from csi import errors, ids
 from csi.config import AgentConfig
 from csi.proto import agent_pb2 as apb
 from csi.storage import capacity as agent_capacity
+from csi.storage import snapshots
 from csi.storage.lio import Portal
 from csi.storage.lvm import Lvm
 from csi.storage.records import RecordStore
@@ -212,24 +213,49 @@ def test_create_finishes_an_lv_it_could_not_see(agent):
 
 
 def test_snapshot_and_restore_cost_no_lvm_report_before_their_lvcreate(agent):
-    # CreateSnapshot: the source's record says where and how big; lvcreate checks the name. One read-back
-    # remains (the snapshot's creation time is LVM's). A restore in the same pool: one lvcreate.
+    # CreateSnapshot: the source's record says where and how big; lvcreate checks the name; no read-back (the
+    # creation time is the agent's, in a tag). A restore in the same pool from a snapshot this agent made or read:
+    # one lvcreate (and the lvextend asked for), no report of the source.
     a, run, sim = agent
     vol = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-src", pool="thin", size_bytes=GiB,
                                                  attributes=ATTRIBUTES), None)
     a.GetInfo(apb.GetInfoRequest(), None)   # the pool report, fresh for a few seconds
     run.calls.clear()
     snap = a.CreateSnapshot(apb.CreateSnapshotRequest(name="snap-1", source_vg=vol.vg, source_lv=vol.lv), None)
-    assert [c[0] for c in lvm_calls(run.calls)] == ["lvcreate", "lvs"], run.calls
+    assert [c[0] for c in lvm_calls(run.calls)] == ["lvcreate"], run.calls
     assert (snap.size_bytes, snap.source_lv, snap.ready) == (GiB, vol.lv, True)
+    assert a.GetSnapshot(apb.GetSnapshotRequest(vg=snap.vg, lv=snap.lv), None) == snap   # tagged time, LVM's size
     run.calls.clear()
     source = apb.VolumeSource(node="s1", vg=snap.vg, lv=snap.lv, snapshot=True, size_bytes=snap.size_bytes)
     restored = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-restored", pool="thin", size_bytes=2 * GiB,
                                                       attributes=ATTRIBUTES, source=source), None)
-    assert [c[0] for c in lvm_calls(run.calls)] == ["lvs", "lvcreate", "lvextend"], run.calls  # the source
+    assert [c[0] for c in lvm_calls(run.calls)] == ["lvcreate", "lvextend"], run.calls
     assert restored.size_bytes == 2 * GiB and restored.exported
     row = sim.lvs[("vg", restored.lv)]
     assert int(row["lv_size"]) == 2 * GiB and row["lv_attr"][4] == "a"
+    # An agent that did not make it (restarted since) reads the source once, then knows it.
+    a.known_snapshots = snapshots.known()
+    for name, reads in (("pvc-restored-2", ["lvs", "lvcreate"]), ("pvc-restored-3", ["lvcreate"])):
+        run.calls.clear()
+        a.CreateVolume(apb.CreateVolumeRequest(name=name, pool="thin", size_bytes=GiB, attributes=ATTRIBUTES,
+                                               source=source), None)
+        assert [c[0] for c in lvm_calls(run.calls)] == reads, run.calls
+
+
+def test_a_restore_from_a_snapshot_removed_behind_the_agents_back_is_not_found(agent):
+    a, run, sim = agent
+    vol = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-src2", pool="thin", size_bytes=GiB,
+                                                 attributes=ATTRIBUTES), None)
+    snap = a.CreateSnapshot(apb.CreateSnapshotRequest(name="snap-gone", source_vg=vol.vg, source_lv=vol.lv), None)
+    del sim.lvs[("vg", snap.lv)]      # an administrator's lvremove: the agent still remembers the snapshot
+    source = apb.VolumeSource(node="s1", vg=snap.vg, lv=snap.lv, snapshot=True, size_bytes=snap.size_bytes)
+    request = apb.CreateVolumeRequest(name="pvc-from-gone", pool="thin", size_bytes=GiB, attributes=ATTRIBUTES,
+                                      source=source)
+    for _ in range(2):     # the second time from an LVM report: forgotten after the first
+        with pytest.raises(errors.CsiError) as failed:
+            a.CreateVolume(request, None)
+        assert failed.value.code == errors.Code.NOT_FOUND, failed.value
+    assert not [k for k in sim.lvs if "from-gone" in k[1]]
 
 
 def test_a_retried_snapshot_is_found_even_after_its_source_went(agent):

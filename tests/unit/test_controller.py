@@ -32,6 +32,7 @@ class FakeAgent:
         self.available = available
         self.volumes: dict[str, apb.Volume] = {}
         self.calls: list[str] = []
+        self.snapshots: dict[str, apb.Snapshot] = {}
         self.down = False
         self.pages_ignored = False
         self.copies_allowed: list[tuple[str, str]] = []
@@ -89,10 +90,16 @@ class FakeAgent:
             return apb.ListSnapshotsResponse()
         if method == "CreateSnapshot":
             lv = ids.lv_name("c1", request.name, kind="snapshot")
-            return apb.Snapshot(name=request.name, vg="vg", lv=lv, source_vg=request.source_vg,
-                                source_lv=request.source_lv, size_bytes=self.volumes[request.source_lv].size_bytes,
-                                ready=True)
+            self.snapshots[lv] = apb.Snapshot(name=request.name, vg="vg", lv=lv, source_vg=request.source_vg,
+                                              source_lv=request.source_lv, ready=True,
+                                              size_bytes=self.volumes[request.source_lv].size_bytes)
+            return self.snapshots[lv]
+        if method == "GetSnapshot":
+            if request.lv not in self.snapshots:
+                raise errors.not_found("no such snapshot")
+            return self.snapshots[request.lv]
         if method == "DeleteSnapshot":
+            self.snapshots.pop(request.lv, None)
             return apb.DeleteSnapshotResponse()
         if method == "AllowCopy":
             self.copies_allowed.append((request.lv, request.destination_node))
@@ -392,6 +399,21 @@ def test_snapshot_needs_only_the_source_agent(svc):
     other = create(svc, "other")
     assert code_of(svc.CreateSnapshot, csi.CreateSnapshotRequest(name="snap-1", source_volume_id=other.volume_id)) \
         == errors.Code.ALREADY_EXISTS
+
+
+def test_a_restore_asks_no_agent_about_a_snapshot_it_made_and_forgets_a_deleted_one(svc):
+    v = create(svc, "snapsrc")
+    s = svc.CreateSnapshot(csi.CreateSnapshotRequest(name="snap-r", source_volume_id=v.volume_id), None).snapshot
+    agent = svc.agents.get(v.volume_id.split(":")[1])
+    agent.calls.clear()
+    req = csi.CreateVolumeRequest(name="restored", volume_capabilities=[cap()],
+                                  capacity_range=csi.CapacityRange(required_bytes=GiB))
+    req.volume_content_source.snapshot.snapshot_id = s.snapshot_id
+    svc.CreateVolume(req, None)
+    assert "GetSnapshot" not in agent.calls, agent.calls   # its size is known from CreateSnapshot
+    svc.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=s.snapshot_id), None)
+    req.name = "restored-after"
+    assert code_of(svc.CreateVolume, req) == errors.Code.NOT_FOUND and "GetSnapshot" in agent.calls
 
 
 def test_list_volumes_with_an_agent_down_is_an_error_never_a_partial_page(svc):
