@@ -70,11 +70,11 @@ def _copy(service, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig, progr
             service.lvm.activate(src["vg"], src["lv"])
         if offset + size > copy.device_size(src_lv.path):
             raise errors.invalid(f"source {src['vg']}/{src['lv']} holds less than {offset} + {size} bytes")
-        stream = copy.sparse_stream(src_lv.path, size, offset)
+        stream = copy.prefetch(copy.sparse_stream(src_lv.path, size, offset))
         if snapshots.is_cow(src_lv):
             stream = _while_intact(service, src_lv, stream)
     else:
-        stream = _remote_stream(service, src)
+        stream = copy.prefetch(_remote_stream(service, src))
     try:
         copy.write_stream(lv.path, size, stream, sparse=pool.thin, progress=progress)
     except copy.NotVerified as exc:
@@ -150,7 +150,7 @@ def read_data(service, request):
         raise errors.invalid(f"{request.vg}/{request.lv} holds {size} bytes: {request.size_bytes} from "
                              f"{offset} are not in it")
     size = request.size_bytes or size - offset
-    stream = copy.sparse_stream(lv.path, size, offset)
+    stream = copy.prefetch(copy.sparse_stream(lv.path, size, offset))
     if snapshots.is_cow(lv):
         stream = _while_intact(service, lv, stream)
     for offset, data, final in stream:

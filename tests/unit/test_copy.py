@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 
 import pytest
 
@@ -126,3 +128,49 @@ def test_read_data_sends_only_what_the_lv_holds_from_an_aligned_offset(monkeypat
         return
     [done] = list(transfer.read_data(service, request))
     assert asked == [(size or 4 * MiB - offset, offset)] and done.done and done.size_bytes == asked[0][0]
+
+
+def test_prefetch_keeps_order_and_reads_ahead_while_the_consumer_works():
+    pulled = []
+
+    def source():
+        for i in range(10):
+            pulled.append(i)
+            yield i
+
+    stream = copy.prefetch(source(), depth=3)
+    assert next(stream) == 0
+    deadline = time.monotonic() + 5
+    while len(pulled) < 5 and time.monotonic() < deadline:   # the consumer holds item 0; 3 wait, 1 in hand
+        time.sleep(0.01)
+    assert len(pulled) == 5, pulled
+    assert list(stream) == list(range(1, 10))
+
+
+def test_prefetch_raises_the_producers_error_at_its_place_in_the_stream():
+    def source():
+        yield 1
+        yield 2
+        raise OSError("read error at 2 MiB")
+
+    got = []
+    with pytest.raises(OSError, match="read error at 2 MiB"):
+        for item in copy.prefetch(source()):
+            got.append(item)
+    assert got == [1, 2]
+
+
+def test_a_consumer_that_stops_early_stops_and_closes_the_producer():
+    closed = threading.Event()
+
+    def source():
+        try:
+            for i in range(1000):
+                yield i
+        finally:
+            closed.set()
+
+    stream = copy.prefetch(source(), depth=2)
+    assert next(stream) == 0
+    stream.close()
+    assert closed.wait(5), "the source was not closed after its consumer stopped"
