@@ -83,7 +83,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self.topology_key = ids.topology_key(config.driver_name)
         self.replicas = replicas.Replicas(self)   # "r1:" volume ids and replicas=2 CreateVolume go there
         # snapshot_id -> its agent's Snapshot: its size and whether it is of a replica leg never change, so a
-        # restore asks once (CreateSnapshot fills it); the agent's own restore still finds a deleted one gone.
+        # restore asks once (CreateSnapshot fills it, DeleteSnapshot empties it). Another controller replica may
+        # have deleted it (each sidecar elects its own leader): the agent's restore then finds it gone (NOT_FOUND).
         self.known_snapshots: BoundedMap[str, apb.Snapshot] = BoundedMap()
 
     # ------------------------------------------------------------------------------------ helpers

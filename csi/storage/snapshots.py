@@ -14,7 +14,7 @@ from csi import errors, faults, ids
 from csi.bounded import BoundedMap
 from csi.proto import agent_pb2 as pb
 from csi.runner import CommandError
-from csi.storage import listing, lvm, tags
+from csi.storage import copy, listing, lvm, tags
 from csi.storage.lvm import LogicalVolume
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def create(service, request) -> pb.Snapshot:
     kind = "transfer" if request.transient else "snapshot"
     snap = ids.lv_name(cfg.cluster_id, name, kind="snapshot")
     vg = request.source_vg
-    with service.locks.hold(f"{vg}/{snap}"):
+    # The source's lock too: no expansion of it between its snapshot and the size this answer gives.
+    with service.locks.hold(f"{vg}/{snap}", f"{vg}/{request.source_lv}"):
         # The source's record says where it is and how big; the snapshot's name is checked by lvcreate
         # itself ("already exists"), so a new snapshot costs no LVM report before its lvcreate.
         rec = service.records.load(vg, request.source_lv)
@@ -97,13 +98,24 @@ def create(service, request) -> pb.Snapshot:
                 raise errors.not_found(f"no volume {vg}/{request.source_lv} on {cfg.node_name}") from None
             raise
         faults.step("snapshot.lv")
-        service.totals.add(pool, rec.size)
+        size = _origin_size(vg, request.source_lv, rec.size)
+        service.totals.add(pool, size)
         # No read-back (an LVM report of the VG costs about what the lvcreate did): the answer is all known here,
-        # its creation time the tag that retries and ListSnapshots report too. A thin snapshot is its origin's size.
-        service.known_snapshots.remember((vg, snap), LogicalVolume(vg, snap, rec.size, tuple(lv_tags),
+        # its creation time the tag that retries and ListSnapshots report too.
+        service.known_snapshots.remember((vg, snap), LogicalVolume(vg, snap, size, tuple(lv_tags),
                                                                    pool.thin_pool, "Vwi---tz-k", created=now))
         return pb.Snapshot(name=name, vg=vg, lv=snap, source_vg=vg, source_lv=request.source_lv,
-                           size_bytes=rec.size, created_unix=now, ready=True, source_replicated=leg)
+                           size_bytes=size, created_unix=now, ready=True, source_replicated=leg)
+
+
+def _origin_size(vg: str, lv: str, recorded: int) -> int:
+    """A thin snapshot is its origin's size: the origin's device says it exactly (its record may lag behind an
+    expansion cut short between lvextend and the record), without an LVM report; the record's size when the
+    origin's device is not there (not active on this node)."""
+    try:
+        return copy.device_size(f"/dev/{vg}/{lv}")
+    except OSError:
+        return recorded
 
 
 def cow_size(volume: int, extent: int) -> int:

@@ -79,6 +79,8 @@ def _copy(service, rec: VolumeRecord, lv: LogicalVolume, pool: PoolConfig, progr
         copy.write_stream(lv.path, size, stream, sparse=pool.thin, progress=progress)
     except copy.NotVerified as exc:
         raise errors.internal(f"copy into {rec.name!r} does not verify: {exc}") from None
+    finally:
+        stream.close()   # a copy that failed stops its reader now (its device, its channel), not at collection
     # Before the record says ready: an LV still tagged as a copy in progress is never rebuilt as a volume
     # from its tags (rebuild.py), and a retry after a crash here only copies again.
     if lv.tag(tags.CONTENT) == "copy":
@@ -153,8 +155,11 @@ def read_data(service, request):
     stream = copy.prefetch(copy.sparse_stream(lv.path, size, offset))
     if snapshots.is_cow(lv):
         stream = _while_intact(service, lv, stream)
-    for offset, data, final in stream:
-        if final:
-            yield pb.DataChunk(done=True, size_bytes=size, sha256=final)
-        elif data is not None:
-            yield pb.DataChunk(offset=offset, data=data)
+    try:
+        for offset, data, final in stream:
+            if final:
+                yield pb.DataChunk(done=True, size_bytes=size, sha256=final)
+            elif data is not None:
+                yield pb.DataChunk(offset=offset, data=data)
+    finally:
+        stream.close()

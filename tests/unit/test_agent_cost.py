@@ -471,3 +471,19 @@ def test_start_activates_its_volumes_in_a_few_commands_whatever_their_number(age
     assert sorted(singles) == sorted(batch), "the failed batch, one by one"
     assert counts["exported"] == 249 and counts["failed"] == 1
     assert [lv for lv in lvs if sim.lvs[("vg", lv)]["lv_attr"][4] != "a"] == [broken]
+
+
+def test_a_snapshot_is_its_origins_size_as_the_device_says_and_waits_for_no_expansion(agent, monkeypatch):
+    a, _, _ = agent
+    vol = a.CreateVolume(apb.CreateVolumeRequest(name="pvc-grown", pool="thin", size_bytes=GiB,
+                                                 attributes=ATTRIBUTES), None)
+    req = apb.CreateSnapshotRequest(name="snap-grown", source_vg=vol.vg, source_lv=vol.lv)
+    with a.locks.hold(f"{vol.vg}/{vol.lv}"):       # an expansion of the source in progress
+        with pytest.raises(errors.CsiError) as busy:
+            a.CreateSnapshot(req, None)
+        assert busy.value.code == errors.Code.ABORTED
+    # An expansion cut short after its lvextend: the record says 1 GiB, the origin's device 2 GiB.
+    seen = []
+    monkeypatch.setattr(snapshots.copy, "device_size", lambda path: seen.append(path) or 2 * GiB)
+    snap = a.CreateSnapshot(req, None)
+    assert snap.size_bytes == 2 * GiB and seen == [f"/dev/{vol.vg}/{vol.lv}"]

@@ -11,7 +11,8 @@ every pod pulls nothing (imagePullPolicy Never / IfNotPresent with the image pre
               versions requirements.lock pins, hash-checked (the Dockerfile's `pip install --require-hashes`).
               Three layers: the Debian rootfs (rebuilt when packages.txt changes), the dependencies' venv (when the
               lock does), the package itself (when the code does). The last release's image (tests/e2e/k8s/
-              release.py) is built the same way from that release's tree, on the same two lower layers.
+              release.py) is built the same way from that release's tree: its code and its lock's pins, on
+              today's Debian layer (not byte for byte the image that release shipped).
   sidecars    one static Go binary each, at /<name> (scripts/build-k8s builds them), on an empty rootfs.
   pause       Kubernetes' own build/pause/linux/pause.c from the k8s.io/kubernetes module, linked static.
   busybox     Debian's busybox-static (apt-get download, unpacked, never installed on the host), for test pods.
@@ -176,7 +177,7 @@ def write_oci_archive(out: Path, ref: str, layers: list[Layer], entrypoint: list
 # ------------------------------------------------------------------------------------------ cache
 
 @contextlib.contextmanager
-def _building(archive: Path):
+def building(archive: Path):
     """Holds the lock of one archive (see the module's docstring) while its stamp is checked and it is built."""
     IMAGES.mkdir(parents=True, exist_ok=True)
     with open(IMAGES / f"{archive.name}.lock", "w") as lock:
@@ -217,7 +218,7 @@ def driver_base(log=print) -> Layer:
     stamp = hashlib.sha256(" ".join(packages).encode()).hexdigest()[:16]
     out = IMAGES / f"driver-base-{stamp}.tar.gz"
     meta = out.with_suffix(".json")
-    with _building(out):
+    with building(out):
         if out.exists() and meta.exists():
             return Layer(out, **json.loads(meta.read_text()))
         log(f"images: Debian rootfs for the driver image ({' '.join(packages)})")
@@ -266,7 +267,7 @@ def driver_deps(base: Layer, lock: Path, log=print) -> Layer:
     stamp = hashlib.sha256(base.digest.encode() + lock.read_bytes()).hexdigest()[:16]
     out = IMAGES / f"driver-deps-{stamp}.tar.gz"
     meta = out.with_suffix(".json")
-    with _building(out):
+    with building(out):
         if out.exists() and meta.exists():
             return Layer(out, **json.loads(meta.read_text()))
         log("images: driver dependencies layer")
@@ -295,7 +296,7 @@ def driver_image(source: Path = PROJECT, tag: str = "", log=print) -> Image:
     code = _hash_paths([source / "pyproject.toml", source / "csi"], extra=deps.digest, root=source)
     ref = f"{REGISTRY}/lvm-iscsi-csi:{tag or code}"
     archive = IMAGES / f"lvm-iscsi-csi-{tag}.oci.tar" if tag else IMAGES / "lvm-iscsi-csi.oci.tar"
-    with _building(archive):
+    with building(archive):
         if _stamp_ok(archive, f"{ref} {code}"):
             return Image(ref, archive)
         log(f"images: driver package layer ({ref})")
@@ -341,7 +342,7 @@ def binary_image(name: str, binary: Path, tag: str) -> Image:
     ref = f"{REGISTRY}/sig-storage/{name}:{tag}"
     archive = IMAGES / f"{name}.oci.tar"
     stamp = f"{ref} {_sha256_file(binary)}"
-    with _building(archive):
+    with building(archive):
         if _stamp_ok(archive, stamp):
             return Image(ref, archive)
         with tempfile.TemporaryDirectory(dir=IMAGES) as tmp:
@@ -372,7 +373,7 @@ def pause_image() -> Image:
     ref = f"{REGISTRY}/pause:{PAUSE_TAG}"
     archive = IMAGES / "pause.oci.tar"
     stamp = f"{ref} {_sha256_file(source)}"
-    with _building(archive):
+    with building(archive):
         if _stamp_ok(archive, stamp):
             return Image(ref, archive)
         with tempfile.TemporaryDirectory(dir=IMAGES) as tmp:
@@ -389,7 +390,7 @@ def pause_image() -> Image:
 
 def busybox_image() -> Image:
     archive = IMAGES / "busybox.oci.tar"
-    with _building(archive):
+    with building(archive):
         debs = IMAGES / "debs"
         debs.mkdir(exist_ok=True)
         found = sorted(debs.glob(f"{BUSYBOX_PACKAGE}_*.deb"))

@@ -4,7 +4,6 @@ git (chart, code, lock), and its driver image built from that tree as the workin
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -86,16 +85,16 @@ def checkout(release: Release) -> Path:
             f"commit {release.commit} of release {release.tag} is not in this clone (a shallow one?): "
             f"`git fetch --unshallow` or clone with the whole history")
     dest = images.CACHE / "releases" / f"{release.tag}-{release.commit[:12]}"
-    if (dest / ".complete").exists():
-        return dest
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        archive = Path(tmp) / "tree.tar"
-        git("archive", "--format=tar", "-o", str(archive), release.commit, "--", *TREE)
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
-    (dest / ".complete").write_text(release.commit + "\n")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Under the lock images.py takes per archive: the background image build and the fixture may both get here.
+    with images.building(dest):
+        if not dest.exists():
+            with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+                archive, tree = Path(tmp) / "tree.tar", Path(tmp) / "tree"
+                git("archive", "--format=tar", "-o", str(archive), release.commit, "--", *TREE)
+                with tarfile.open(archive) as tar:
+                    tar.extractall(tree, filter="data")
+                tree.rename(dest)      # whole or not at all
     return dest
 
 

@@ -14,6 +14,7 @@ before the scenario starts, so that its counts of LVs, targets and sessions hold
 from __future__ import annotations
 
 import copy
+import sys
 import time
 
 from tests.e2e.k8s import driver as drv
@@ -46,7 +47,7 @@ def install_release_then_upgrade(k8s, helm, values: dict, release_image, release
 
     window = copy.deepcopy(values)
     window["agent"]["updateStrategy"] = {"type": "OnDelete", "rollingUpdate": None}
-    first = last_tick(k8s)
+    first = k8s.wait_for(lambda: last_tick(k8s), 60, "the pod's ticks before the upgrade")
     TIMINGS["helm upgrade (agents left on the release)"] = drv.helm_install(k8s, helm, window, upgrade=True)
     drv.wait_driver_ready(k8s, nodes, storage, images={"controller": new_ref, "node": new_ref, "agent": old_ref})
     facts["images in the window"] = images_by_component(k8s)
@@ -64,13 +65,16 @@ def install_release_then_upgrade(k8s, helm, values: dict, release_image, release
     TIMINGS["agents replaced -> ready"] = time.monotonic() - t1
     TIMINGS["helm upgrade (plain values)"] = drv.helm_install(k8s, helm, values, upgrade=True)
     drv.wait_driver_ready(k8s, nodes, storage, images=dict.fromkeys(("controller", "node", "agent"), new_ref))
-    upgraded = last_tick(k8s)
+    upgraded = k8s.wait_for(lambda: last_tick(k8s), 60, "the pod's ticks after the upgrade")
     facts["chart after"] = helm_chart(k8s)
     facts["images after"] = images_by_component(k8s)
     k8s.wait_for(lambda: last_tick(k8s) >= upgraded + 3, 60, "ticks written after the upgrade")
     facts["ticks"] = [t for t in ticks(k8s) if t[0] >= first]
     facts["upgrade span"] = (first, upgraded)
     facts["container after"] = container(k8s, BEFORE)
+    # Read from the volumes, not from what the worker's page cache kept of the writes.
+    k8s.nodes[STATE["worker"]].run([sys.executable, "-c", "open('/proc/sys/vm/drop_caches', 'w').write('3')"],
+                                   timeout=60, check=True)
     facts["markers after"] = {name: marker(k8s, name) for name in (BEFORE, WINDOW)}
 
     for name in (BEFORE, WINDOW):
@@ -88,6 +92,7 @@ def ticks(k8s) -> list[tuple[int, int]]:
 
 
 def last_tick(k8s) -> int:
+    """The last count the BEFORE pod wrote; 0 when it cannot be read (callers wait for more than 0)."""
     written = ticks(k8s)
     return written[-1][0] if written else 0
 
