@@ -151,16 +151,20 @@ def prefetch(items: Iterable, depth: int = PREFETCH) -> Iterator:
     stop = threading.Event()
     end = object()
 
+    def put(slot: tuple) -> bool:
+        """Waits for room, or until the consumer stopped (False)."""
+        while not stop.is_set():
+            try:
+                slots.put(slot, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put((item, None), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
             outcome = (end, None)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
@@ -168,12 +172,7 @@ def prefetch(items: Iterable, depth: int = PREFETCH) -> Iterator:
         finally:
             if stop.is_set():
                 getattr(items, "close", lambda: None)()
-        while not stop.is_set():
-            try:
-                slots.put(outcome, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        put(outcome)
 
     worker = threading.Thread(target=produce, name="copy-prefetch", daemon=True)
     worker.start()

@@ -217,8 +217,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             if src_lv is None or not (self._ours(src_lv) or self._ours(src_lv, "snapshot") or
                                       self._ours(src_lv, "transfer")):
                 raise errors.not_found(f"source {source.vg}/{source.lv} is not on {self.config.node_name}")
-            if source.snapshot and src_lv.pool and self._ours(src_lv, "snapshot"):
-                self.known_snapshots.remember((source.vg, source.lv), src_lv)
+            if source.snapshot:
+                snapshots.remember(self, src_lv)
         if src_lv is not None and pool.thin and src_lv.pool == pool.thin_pool and source.vg == pool.vg and \
                 not source.offset_bytes:
             # Same thin pool: a thin snapshot of the source is the new volume, at once and independent of it.

@@ -34,6 +34,12 @@ def known() -> BoundedMap[tuple[str, str], LogicalVolume]:
     return BoundedMap()
 
 
+def remember(service, lv: LogicalVolume) -> None:
+    """Keeps a thin snapshot of this cluster in service.known_snapshots (see known())."""
+    if lv.pool and service._ours(lv, "snapshot"):
+        service.known_snapshots.remember((lv.vg, lv.name), lv)
+
+
 def message(lv: LogicalVolume, size: int = 0) -> pb.Snapshot:
     return pb.Snapshot(name=tags.decode_name(lv.tag(tags.NAME) or ""), vg=lv.vg, lv=lv.name,
                        source_vg=lv.vg, source_lv=lv.tag(tags.SOURCE) or "",
@@ -102,8 +108,7 @@ def create(service, request) -> pb.Snapshot:
         service.totals.add(pool, size)
         # No read-back (an LVM report of the VG costs about what the lvcreate did): the answer is all known here,
         # its creation time the tag that retries and ListSnapshots report too.
-        service.known_snapshots.remember((vg, snap), LogicalVolume(vg, snap, size, tuple(lv_tags),
-                                                                   pool.thin_pool, "Vwi---tz-k", created=now))
+        remember(service, LogicalVolume(vg, snap, size, tuple(lv_tags), pool.thin_pool, "Vwi---tz-k", created=now))
         return pb.Snapshot(name=name, vg=vg, lv=snap, source_vg=vg, source_lv=request.source_lv,
                            size_bytes=size, created_unix=now, ready=True, source_replicated=leg)
 
@@ -220,8 +225,7 @@ def get(service, request) -> pb.Snapshot:
     for vg, lv_name in places:
         lv = service.lvm.lv(vg, lv_name)
         if is_snapshot(service, lv):
-            if lv.pool:
-                service.known_snapshots.remember((vg, lv_name), lv)
+            remember(service, lv)
             return message(lv)
     raise errors.not_found(f"no such snapshot on {cfg.node_name}")
 
