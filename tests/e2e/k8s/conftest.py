@@ -125,8 +125,8 @@ def _kind(k8s_images, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def release_images(driver_images) -> dict[str, e2e_images.Image]:
-    """The last tagged release's driver image (deploy/releases.txt), on the same lower layers as the working
-    tree's."""
+    """The last tagged release's driver image (deploy/releases.txt), built like the working tree's from that
+    release's code and lock (images.py)."""
     return {"driver-release": release.release_image()}
 
 

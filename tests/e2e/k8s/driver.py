@@ -120,6 +120,8 @@ def helm_install(cluster: Cluster, helm: Path, values: dict, chart: Path = CHART
     return round(time.monotonic() - t0, 1)
 
 
+# The container of each pod that runs the driver's own image (the agent's is named after its role).
+DRIVER_CONTAINERS = ("driver", "agent")
 CONTROLLER_CONTAINERS = ("driver", "csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer",
                          "liveness-probe")
 
@@ -147,7 +149,7 @@ def wait_driver_ready(cluster, node_count: int, storage_count: int, timeout: flo
         pods = driver_pods(cluster)
         for component, image in (images or {}).items():
             if any(c["image"] != image for p in pods.get(component, []) for c in p["spec"]["containers"]
-                   if c["name"] in ("driver", "agent")):
+                   if c["name"] in DRIVER_CONTAINERS):
                 return False
         nodes = [p for p in pods.get("node", []) if all(container_ready(p).values() or [False])]
         agents = [p for p in pods.get("agent", []) if all(container_ready(p).values() or [False])]
@@ -223,7 +225,7 @@ def current_logs(cluster, lines: int = 60) -> str:
     for ps in driver_pods(cluster).values():
         for p in ps:
             for c in p["spec"]["containers"]:
-                if c["name"] not in ("driver", "agent"):
+                if c["name"] not in DRIVER_CONTAINERS:
                     continue
                 logs = cluster.kubectl(["logs", "-n", NAMESPACE, p["metadata"]["name"], "-c", c["name"],
                                         f"--tail={lines}"], check=False)

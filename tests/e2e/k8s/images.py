@@ -40,6 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote
 
 PROJECT = Path(__file__).resolve().parents[3]
@@ -194,6 +195,18 @@ def _set_stamp(archive: Path, stamp: str) -> None:
     archive.with_suffix(".stamp").write_text(stamp)
 
 
+def _cached_layer(out: Path, build: Callable[[Path], Layer]) -> Layer:
+    """A layer kept at `out` with its description beside it (.json): built by build(out) once, under out's lock,
+    and read back from the cache after."""
+    meta = out.with_suffix(".json")
+    with building(out):
+        if out.exists() and meta.exists():
+            return Layer(out, **json.loads(meta.read_text()))
+        layer = build(out)
+        meta.write_text(json.dumps({"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size}))
+        return layer
+
+
 def _hash_paths(paths: list[Path], extra: str = "", root: Path = PROJECT) -> str:
     h = hashlib.sha256(extra.encode())
     for p in paths:
@@ -216,11 +229,8 @@ def driver_base(log=print) -> Layer:
     """The Debian layer of the driver image: mmdebstrap's minbase + python3 + deploy/packages.txt."""
     packages = ["python3", "python3-venv", *runtime_packages()]
     stamp = hashlib.sha256(" ".join(packages).encode()).hexdigest()[:16]
-    out = IMAGES / f"driver-base-{stamp}.tar.gz"
-    meta = out.with_suffix(".json")
-    with building(out):
-        if out.exists() and meta.exists():
-            return Layer(out, **json.loads(meta.read_text()))
+
+    def build(out: Path) -> Layer:
         log(f"images: Debian rootfs for the driver image ({' '.join(packages)})")
         with tempfile.TemporaryDirectory(dir=IMAGES) as tmp:
             root = Path(tmp) / "rootfs"
@@ -240,9 +250,9 @@ def driver_base(log=print) -> Layer:
             for d in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 shutil.rmtree(root / d, ignore_errors=True)
                 (root / d).mkdir(parents=True)
-            layer = layer_from_dir(root, out, exclude=("./dev/*", "./proc/*", "./sys/*", "./run/*", "./tmp/*"))
-        meta.write_text(json.dumps({"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size}))
-        return layer
+            return layer_from_dir(root, out, exclude=("./dev/*", "./proc/*", "./sys/*", "./run/*", "./tmp/*"))
+
+    return _cached_layer(IMAGES / f"driver-base-{stamp}.tar.gz", build)
 
 
 def _host_apt_sources() -> list[str]:
@@ -265,11 +275,8 @@ def driver_deps(base: Layer, lock: Path, log=print) -> Layer:
     hash-checked, wheels only (the Dockerfile's `pip install --require-hashes`). Shared by every build of the
     driver's code on the same lock, the last release's included."""
     stamp = hashlib.sha256(base.digest.encode() + lock.read_bytes()).hexdigest()[:16]
-    out = IMAGES / f"driver-deps-{stamp}.tar.gz"
-    meta = out.with_suffix(".json")
-    with building(out):
-        if out.exists() and meta.exists():
-            return Layer(out, **json.loads(meta.read_text()))
+
+    def build(out: Path) -> Layer:
         log("images: driver dependencies layer")
         with tempfile.TemporaryDirectory(dir=IMAGES) as tmp:
             tmp = Path(tmp)
@@ -282,9 +289,9 @@ def driver_deps(base: Layer, lock: Path, log=print) -> Layer:
             run([CHROOT, str(root), f"{VENV}/bin/pip", "install", "-q", "--no-index", "--no-compile",
                  "--find-links", "/tmp/wheels", *[f"/tmp/wheels/{w.name}" for w in sorted(wheels.glob("*.whl"))]],
                 env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"}, timeout=900)
-            layer = layer_from_dir(root, out, members=[f".{VENV}"])
-        meta.write_text(json.dumps({"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size}))
-        return layer
+            return layer_from_dir(root, out, members=[f".{VENV}"])
+
+    return _cached_layer(IMAGES / f"driver-deps-{stamp}.tar.gz", build)
 
 
 def driver_image(source: Path = PROJECT, tag: str = "", log=print) -> Image:

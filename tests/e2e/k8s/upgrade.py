@@ -30,6 +30,12 @@ def install_release_then_upgrade(k8s, helm, values: dict, release_image, release
     """Returns the facts test_release_upgrade.py asserts; every step waits for what it did to be true."""
     from tests.e2e.k8s.test_scenario import pod, pvc, wait_phase
     nodes, storage = len(k8s.nodes), sum(1 for n in k8s.nodes.values() if n.role == "storage")
+
+    def ready(controller_and_node: str, agent: str) -> None:
+        """Every pod ready, and on these images only."""
+        drv.wait_driver_ready(k8s, nodes, storage, images={"controller": controller_and_node,
+                                                           "node": controller_and_node, "agent": agent})
+
     new = values["image"]
     old_values = copy.deepcopy(values)
     old_values["image"] = {**new, "repository": release_image.repository, "tag": release_image.tag}
@@ -37,7 +43,7 @@ def install_release_then_upgrade(k8s, helm, values: dict, release_image, release
     facts: dict = {"release": release_tag, "old image": old_ref, "new image": new_ref}
 
     TIMINGS["helm install (last release)"] = drv.helm_install(k8s, helm, old_values, chart=release_chart)
-    drv.wait_driver_ready(k8s, nodes, storage, images=dict.fromkeys(("controller", "node", "agent"), old_ref))
+    ready(old_ref, old_ref)
     facts["release chart"] = helm_chart(k8s)
     k8s.apply(pvc(BEFORE))
     k8s.apply(pod(BEFORE, BEFORE, STATE["worker"], f"echo {BEFORE} > /data/marker && sync && {TICKER}"))
@@ -49,7 +55,7 @@ def install_release_then_upgrade(k8s, helm, values: dict, release_image, release
     window["agent"]["updateStrategy"] = {"type": "OnDelete", "rollingUpdate": None}
     first = k8s.wait_for(lambda: last_tick(k8s), 60, "the pod's ticks before the upgrade")
     TIMINGS["helm upgrade (agents left on the release)"] = drv.helm_install(k8s, helm, window, upgrade=True)
-    drv.wait_driver_ready(k8s, nodes, storage, images={"controller": new_ref, "node": new_ref, "agent": old_ref})
+    ready(new_ref, old_ref)
     facts["images in the window"] = images_by_component(k8s)
     k8s.apply(pvc(WINDOW, storage_class=drv.IMMEDIATE_CLASS))
     wait_phase(k8s, "pvc", WINDOW, "Bound")
@@ -61,10 +67,10 @@ def install_release_then_upgrade(k8s, helm, values: dict, release_image, release
     t1 = time.monotonic()
     k8s.kubectl(["delete", "pod", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=agent", "--wait=true",
                  "--timeout=120s"])
-    drv.wait_driver_ready(k8s, nodes, storage, images=dict.fromkeys(("controller", "node", "agent"), new_ref))
+    ready(new_ref, new_ref)
     TIMINGS["agents replaced -> ready"] = time.monotonic() - t1
     TIMINGS["helm upgrade (plain values)"] = drv.helm_install(k8s, helm, values, upgrade=True)
-    drv.wait_driver_ready(k8s, nodes, storage, images=dict.fromkeys(("controller", "node", "agent"), new_ref))
+    ready(new_ref, new_ref)
     upgraded = k8s.wait_for(lambda: last_tick(k8s), 60, "the pod's ticks after the upgrade")
     facts["chart after"] = helm_chart(k8s)
     facts["images after"] = images_by_component(k8s)
@@ -110,7 +116,7 @@ def container(k8s, name: str) -> tuple[str, int]:
 def images_by_component(k8s) -> dict[str, list[str]]:
     """The driver container's image of every pod of the release, by component."""
     return {component: sorted(c["image"] for p in pods for c in p["spec"]["containers"]
-                              if c["name"] in ("driver", "agent"))
+                              if c["name"] in drv.DRIVER_CONTAINERS)
             for component, pods in drv.driver_pods(k8s).items()}
 
 
