@@ -962,6 +962,15 @@ def test_zones_and_storage_nodes_reach_the_classes_and_the_controller():
     # Two controller replicas by default (HA), so a PodDisruptionBudget; no static list, so no ConfigMap.
     default = rendered()
     assert one(default, "Deployment")["spec"]["replicas"] == 2 and one(default, "PodDisruptionBudget")
+    # The two replicas of a revision on two nodes, counted apart from the old revision's (a rollout's surge pod);
+    # a node the pod cannot go to (its taints) is no domain. A constraint given replaces the default one.
+    spread = one(default, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    selector = one(default, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert spread == [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+                       "nodeTaintsPolicy": "Honor", "matchLabelKeys": ["pod-template-hash"],
+                       "labelSelector": {"matchLabels": selector}}]
+    custom = one(rendered("custom-selectors"), "Deployment")["spec"]["template"]["spec"]
+    assert custom["topologySpreadConstraints"] == values("custom-selectors")["controller"]["topologySpreadConstraints"]
     assert not [o for o in default if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-controller")]
 
 

@@ -139,6 +139,12 @@ def driver_pods(cluster) -> dict[str, list[dict]]:
     return out
 
 
+def controller_nodes(cluster) -> list[str]:
+    """The nodes of the controller pods that are not being deleted, sorted (a node twice: two replicas there)."""
+    return sorted(p["spec"].get("nodeName", "") for p in driver_pods(cluster).get("controller", [])
+                  if not p["metadata"].get("deletionTimestamp"))
+
+
 def wait_driver_ready(cluster, node_count: int, storage_count: int, timeout: float = 600,
                       images: dict[str, str] | None = None) -> float:
     """Until every container of every node, agent and controller pod is ready, and (with `images`, component ->

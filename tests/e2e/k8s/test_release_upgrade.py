@@ -57,3 +57,10 @@ def test_a_volume_attached_before_the_upgrade_stays_attached_and_written(install
     assert facts["markers after"] == {upgrade.BEFORE: upgrade.BEFORE, upgrade.WINDOW: upgrade.WINDOW}
     new = facts["new image"]
     assert facts["images after"] == {"controller": [new] * CONTROLLER_REPLICAS, "node": [new] * 2, "agent": [new]}
+
+
+def test_the_rollout_leaves_one_controller_replica_on_each_node(installed):
+    """Each rolled revision's replicas spread over the nodes (the chart's topology spread constraint): with both on
+    one node, that node's loss would take the whole control plane (the replicated scenario cuts one's power)."""
+    nodes = STATE["upgrade"]["controller nodes after"]
+    assert len(nodes) == CONTROLLER_REPLICAS and len(set(nodes)) == CONTROLLER_REPLICAS, nodes

@@ -14,6 +14,8 @@ import time
 import pytest
 
 from csi import ids
+from csi.controller import events
+from csi.lab.common import LabError
 from tests.e2e.arrays import array_line, mdstat, synced
 from tests.e2e.cluster import PREFIX
 from tests.e2e.k8s import driver as drv
@@ -50,10 +52,20 @@ def ready_agents(k8s) -> list[str]:
 
 
 def warnings_about(k8s, kind: str, name: str) -> list[str]:
-    """Reasons of the Warning events on the object (in namespace default: the claims' and the cluster's)."""
+    """Reasons of the controller's Warning events on the object (in namespace default: the claims' and the
+    cluster's). Not the sidecars': a provisioner's ProvisioningFailed from a first attempt (a storage node the
+    controller had not polled yet) is about the claim's creation, not about storage-1."""
     return sorted(e["reason"] for e in k8s.get("events", "-n", "default")["items"]
                   if e["type"] == "Warning" and e["involvedObject"]["kind"] == kind
-                  and e["involvedObject"]["name"] == name)
+                  and e["involvedObject"]["name"] == name
+                  and (e.get("source") or {}).get("component") == events.COMPONENT)
+
+
+def all_warnings(k8s) -> list[tuple[str, str, str, str]]:
+    """(kind, name, reason, source) of every Warning event in namespace default: what a failed wait shows."""
+    return sorted((e["involvedObject"]["kind"], e["involvedObject"]["name"], e["reason"],
+                   (e.get("source") or {}).get("component", "")) for e in k8s.get("events", "-n", "default")["items"]
+                  if e["type"] == "Warning")
 
 
 def extra_lvs(node) -> list[str]:
@@ -75,6 +87,9 @@ def test_a_pod_writing_to_a_replicated_claim_goes_on_through_a_storage_node_powe
         k8s.kubectl(["label", "node", worker.name, f"{STORAGE_LABEL}=true"])
         k8s.wait_for(lambda: ready_agents(k8s) == sorted([storage.name, worker.name]), 300,
                      "an agent ready on each storage node")
+        # What the power cut leaves: a controller replica on worker-1 (the chart spreads them over the nodes).
+        k8s.wait_for(lambda: drv.controller_nodes(k8s) == sorted([storage.name, worker.name]), 120,
+                     "a controller replica on each node")
         k8s.apply([pvc(CLAIM, size="128Mi", storage_class=drv.REPLICATED_CLASS), writer_pod(worker.name),
                    pvc(PLAIN, size="32Mi", storage_class=drv.IMMEDIATE_CLASS)])   # pool thin: storage-1 only
         wait_phase(k8s, "pod", POD, "Running", timeout=300)
@@ -99,8 +114,12 @@ def test_a_pod_writing_to_a_replicated_claim_goes_on_through_a_storage_node_powe
                   ("PersistentVolume", replicated_pv): "ReplicaLegUnreachable",
                   ("PersistentVolumeClaim", PLAIN): "VolumeInaccessible",
                   ("PersistentVolume", plain_pv): "VolumeInaccessible"}
-        k8s.wait_for(lambda: all(warnings_about(k8s, *obj) == [reason] for obj, reason in expect.items()), 120,
-                     "Warning events on the claims and volumes with data on storage-1")
+        try:
+            k8s.wait_for(lambda: all(warnings_about(k8s, *obj) == [reason] for obj, reason in expect.items()), 120,
+                         "Warning events on the claims and volumes with data on storage-1")
+        except LabError as exc:
+            raise AssertionError(f"{exc}: expected {expect}; the Warning events: {all_warnings(k8s)}; the controller "
+                                 f"pods' nodes: {drv.controller_nodes(k8s)}") from None
 
         storage.boot(timeout=180)
         drv.attach_extra_vg(storage)

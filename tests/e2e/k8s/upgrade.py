@@ -74,6 +74,7 @@ def install_release_then_upgrade(k8s, helm, values: dict, release_image, release
     upgraded = k8s.wait_for(lambda: last_tick(k8s), 60, "the pod's ticks after the upgrade")
     facts["chart after"] = helm_chart(k8s)
     facts["images after"] = images_by_component(k8s)
+    facts["controller nodes after"] = drv.controller_nodes(k8s)
     k8s.wait_for(lambda: last_tick(k8s) >= upgraded + 3, 60, "ticks written after the upgrade")
     facts["ticks"] = [t for t in ticks(k8s) if t[0] >= first]
     facts["upgrade span"] = (first, upgraded)
