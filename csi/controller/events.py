@@ -55,7 +55,6 @@ class NodeEvents:
                 if node in self._down:
                     return
                 self._down.add(node)
-                down = set(self._down)
                 todo = [("StorageNodeDown", "", f"the storage agent on {node} does not answer ({error}): its "
                                                 "volumes cannot be created, attached or detached until it is back, "
                                                 "and it gets no new volumes")]
@@ -69,7 +68,7 @@ class NodeEvents:
                 self._todo.put(lambda r=reason, m=message, n=event_name(node, reason, subject): self._try_post(
                     NAMESPACE, n, _node_ref(node), r, m))
         if not up and self.api is not None and self.volumes is not None:   # after the node's own event
-            self._todo.put(lambda: self._volumes_down(node, error, down))
+            self._todo.put(lambda: self._volumes_down(node, error))
 
     def _pool(self, node: str, pool) -> list[tuple[str, str]]:
         key, warn = (node, pool.name), pool.warn_fill_percent
@@ -104,7 +103,16 @@ class NodeEvents:
             finally:
                 self._todo.task_done()
 
-    def _volumes_down(self, node: str, error: str, down: set[str]) -> None:
+    def _volumes_down(self, node: str, error: str) -> None:
+        """The volumes' events as things stand when the posting thread gets to it (it may run well after the
+        probe, behind slow posts): nothing when the node is back by then, and every node down now counted. A
+        replicated volume made after a probe saw its other leg's node down, while that node was back, once got
+        VolumeInaccessible from the probe's stale view of which nodes were down."""
+        with self._mutex:
+            if node not in self._down:
+                log.info("storage node %s is back: no events on its volumes", node)
+                return
+            down = set(self._down)
         count = self.volumes.node_down(node, error, down, self._try_post)
         log.warning("storage node %s is down: %d volume(s) of this driver have data on it", node, count)
 

@@ -5,6 +5,7 @@ every probe (the Kubernetes tier checks real ones on the API server)."""
 from __future__ import annotations
 
 import datetime
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -218,6 +219,32 @@ def test_a_storage_node_going_down_warns_on_the_volumes_and_claims_with_data_on_
     assert [b.reason for b in rep] == ["VolumeInaccessible"] and "other leg is down too" in rep[0].message
     far = [b for _, b in api.posted if b.involved_object.name == "pv-far"]
     assert [b.reason for b in far] == ["ReplicaLegUnreachable"]
+
+
+def test_volume_events_follow_the_nodes_as_they_are_when_posted_not_when_probed(tmp_path):
+    """The posting thread may get to a node's volumes well after the probe (behind slow posts): a node back by
+    then gets no volume events, and a replicated volume made meanwhile, whose other leg's node is back too, is
+    degraded at worst, never inaccessible from the probe's stale view."""
+    journal = FileJournal(tmp_path / "journal")
+    api = FakeVolumesApi([])
+    events = NodeEvents(api, VolumeEvents(api, journal, "lvm-iscsi.csi.dev"))
+    held = threading.Event()
+    events._todo.put(held.wait)              # a slow post ahead of everything observed below
+    events.observe("storage-1", False, None, "connection refused")     # both agents restart at once
+    events.observe("storage-2", False, None, "connection refused")
+    events.observe("storage-2", True, info(10.0), "")                  # storage-2 back
+    journal.claim(Entry(key="lv-rep", kind="volume", name="lv-rep", node="storage-1",
+                        legs=[{"node": n, "pool": "thin", "vg": "vg", "state": "in-sync"}
+                              for n in ("storage-1", "storage-2")]))
+    api.pvs.append(pv("pv-rep", ids.replicated_volume_id("lv-rep"), claim=("apps", "mirrored")))   # made meanwhile
+    held.set()
+    events.flush()
+    about = sorted((b.involved_object.kind, b.involved_object.name, b.reason, "storage-2" in b.message)
+                   for _, b in api.posted)
+    assert about == [("Node", "storage-1", "StorageNodeDown", False), ("Node", "storage-2", "StorageNodeDown", True),
+                     ("PersistentVolume", "pv-rep", "ReplicaLegUnreachable", False),
+                     ("PersistentVolumeClaim", "mirrored", "ReplicaLegUnreachable", False)], about
+    assert all("storage node storage-1" in b.message for _, b in api.posted if b.reason == "ReplicaLegUnreachable")
 
 
 def test_volume_event_names_are_fixed_short_and_apart_per_kind():
