@@ -81,14 +81,14 @@ class RestartBench(attach.Clients):
         self.s.boot(timeout=240)
 
     def driver(self) -> float:
-        """Seconds from the agent's start to it listening with every export restored."""
+        """Seconds from the agent's start to every export restored (GetInfo ready; it serves meanwhile)."""
         self.power_cycle()
         started = time.monotonic()
         self.d.start_agent(self.s, timeout=3600)
         took = time.monotonic() - started
         found = targets(self.s)
         if found != len(self.volumes):
-            raise RuntimeError(f"the agent listens with {found} of {len(self.volumes)} exports restored")
+            raise RuntimeError(f"the agent says ready with {found} of {len(self.volumes)} exports restored")
         return took
 
     def raw(self) -> dict[str, float]:
@@ -117,8 +117,8 @@ def render(rows: list[tuple[int, list[float], list[dict[str, float]]]], runs: in
         met = "" if not count else ("<= 1.5: **met**" if ratio <= 1.5 else "<= 1.5: **NOT met**")
         lines.append(f"| {count} | {statistics.median(driver):.1f} ({', '.join(f'{t:.1f}' for t in driver)}) | "
                      f"{total:.1f} | {act:.1f} / {exp:.1f} | {ratio:.2f} | {met} |")
-    lines += ["", "driver: the node power-cut and booted, from the agent's start to it listening (it restores every "
-              "export first), every target checked in configfs. raw floor: the node power-cut and booted, one "
+    lines += ["", "driver: the node power-cut and booted, from the agent's start to its GetInfo saying ready (every "
+              "export back; it serves the volumes already back meanwhile), every target checked in configfs. raw floor: the node power-cut and booted, one "
               "`vgchange -ay --ignoreactivationskip` of the VG and the same exports (backstore, target, TPG, LUN, "
               "portal, ACL with CHAP, mapped LUN) made with rtslib in one process. With 0 volumes the driver's figure "
               "is the agent's own start."]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -214,9 +215,12 @@ def run_agent(a: argparse.Namespace) -> int:
     service = AgentService(config, lvm, lio.Lio(config.portals), RecordStore(config.state_dir / "volumes"))
     from csi.node import raid
     raid.install_udev_rule()   # before any export: a replica leg is never assembled on its own storage node
-    service.restore()       # the exports first: workers' I/O needs no certificate
+    # The exports come back in the background (workers' I/O needs no certificate), while the agent serves: a
+    # volume's calls get ABORTED only until it is back. Then CHAP secrets that left the storage node (older
+    # versions) are replaced, and wipes cut short resume: both take volumes' locks.
+    service.start_restore(then=(lambda: access.start_rotation(service), service.wiper.start),
+                          fatal=lambda: os._exit(1))
     service.lio.lock_discovery()
-    access.start_rotation(service)   # CHAP secrets that left the storage node (older versions): replaced
     if keeper is not None:
         from csi.certkeeper import Refused
         try:
@@ -226,7 +230,6 @@ def run_agent(a: argparse.Namespace) -> int:
             return 1
         keeper.start()
     creds = server.TlsFiles(config.tls_dir).server_credentials()
-    service.wiper.start()   # wipes cut short resume in the background: the agent listens at once
     from csi import metrics
     # who may call what: storage/authz.py
     srv = server.make_server(authorize=service.authorizer, metrics=_metrics(a, metrics.AgentCollector(service)))

@@ -177,7 +177,10 @@ class AgentCollector(Collector):
         running.add_metric([], len(jobs))
         total.add_metric([], sum(p.total for p in jobs.values()))
         done.add_metric([], sum(p.done for p in jobs.values()))
-        yield from (running, total, done)
+        left = _gauge("restore_volumes_left", "Volumes the agent's start has not brought back yet (exported again, "
+                      "their ACLs made): their calls get ABORTED until then")
+        left.add_metric([], self._service.restoring.left)
+        yield from (running, total, done, left)
 
 
 # ---------------------------------------------------------------------------------------------- node plugin

@@ -335,10 +335,13 @@ def serve(server: grpc.Server, endpoint: str, credentials: grpc.ServerCredential
 
 class KeyLocks:
     """One lock per ID. A second call on an ID that is busy gets ABORTED at once, as the CSI spec asks,
-    instead of queueing behind the first (the sidecars retry with backoff)."""
+    instead of queueing behind the first (the sidecars retry with backoff). An ID can also be reserved with a
+    reason (the agent's volumes while its start restores them): a call on it gets ABORTED with that reason until
+    the holder releases it."""
 
     def __init__(self) -> None:
         self._busy: set[str] = set()
+        self._reserved: dict[str, str] = {}
         self._mutex = threading.Lock()
 
     @contextlib.contextmanager
@@ -347,13 +350,34 @@ class KeyLocks:
         with self._mutex:
             taken = [k for k in keys if k in self._busy]
             if taken:
-                raise errors.aborted(f"an operation on {taken[0]} is already in progress")
+                why = self._reserved.get(taken[0])
+                raise errors.aborted(f"{taken[0]} is {why}: retry" if why else
+                                     f"an operation on {taken[0]} is already in progress")
             self._busy.update(keys)
         try:
             yield
         finally:
             with self._mutex:
                 self._busy.difference_update(keys)
+
+    def reserve(self, keys, why: str) -> None:
+        """Holds these IDs until release(): none may be busy (called before anything else can take them)."""
+        keys = {k for k in keys if k}
+        with self._mutex:
+            taken = sorted(keys & self._busy)
+            if taken:
+                raise RuntimeError(f"cannot reserve {taken[0]}: it is busy")
+            self._busy.update(keys)
+            self._reserved.update(dict.fromkeys(keys, why))
+
+    def release(self, key: str) -> None:
+        with self._mutex:
+            if self._reserved.pop(key, None) is not None:
+                self._busy.discard(key)
+
+    def reserved(self, key: str) -> bool:
+        with self._mutex:
+            return key in self._reserved
 
 
 def wait_forever(server: grpc.Server, on_stop: Callable[[], None] | None = None) -> None:

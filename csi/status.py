@@ -78,8 +78,9 @@ def report(agents, out: TextIO, min_age: int = ORPHAN_MIN_AGE) -> int:
             continue
         if unlisted:
             trouble += 1
+        starting = info.not_ready_reason if not info.ready else ""   # serving; its start brings volumes back
         for p in info.pools:
-            note = unlisted
+            note = _join(unlisted, starting) if starting else unlisted
             if p.thin_pool and max(p.data_percent, p.metadata_percent) >= p.max_fill_percent:
                 note, trouble = "FULL: refuses new volumes", trouble + 1
             elif p.thin_pool and max(p.data_percent, p.metadata_percent) >= p.warn_fill_percent:
@@ -89,7 +90,7 @@ def report(agents, out: TextIO, min_age: int = ORPHAN_MIN_AGE) -> int:
             elif p.wiping_volumes:
                 note = _join(note, f"wiping {p.wiping_volumes} volume(s), {_gib(p.wiping_bytes)} left")
             kind = f"thin x{p.overprovision_ratio:g}" if p.thin_pool else "thick"
-            rows.append([node.name, node.zone or "-", "up", p.name, kind, _gib(p.physical_total_bytes),
+            rows.append([node.name, node.zone or "-", "starting" if starting else "up", p.name, kind, _gib(p.physical_total_bytes),
                          f"{p.data_percent:.1f}", _gib(p.available_bytes), str(p.volume_count), note])
     table(rows, out)
     out.write("\n")

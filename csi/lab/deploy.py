@@ -22,7 +22,10 @@ from pathlib import Path
 import grpc
 import yaml
 
+from csi import peers
 from csi.lab import Lab, LabError, LabNode
+from csi.proto import agent_pb2 as apb
+from csi.proto import agent_pb2_grpc
 from csi.proto import csi_pb2 as csi
 from csi.proto import csi_pb2_grpc
 from csi.tls import TestPki
@@ -47,6 +50,7 @@ class Deployment:
     log_level: str = "info"
     controller: subprocess.Popen | None = None
     node_ports: dict[tuple[str, str], int] = field(default_factory=dict)   # (node, process name) -> host port
+    agent_ports: dict[tuple[str, int], int] = field(default_factory=dict)  # (node, agent port) -> host port
 
     def __post_init__(self) -> None:
         # One certificate per process, each naming its role and node (csi/peers.py), from one throw-away CA.
@@ -70,9 +74,10 @@ class Deployment:
 
     def start_agent(self, node: LabNode, pools=None, extra: list[str] | None = None,
                     env: dict[str, str] | None = None, name: str = "agent", cluster_id: str | None = None,
-                    port: int = AGENT_PORT, wipe_thick: bool = True, timeout: float = 60) -> None:
-        """Starts (or restarts) an agent on a storage node and waits `timeout` s for it to listen (it restores
-        every export first). Another `name`, `cluster_id` and `port` start a second agent beside the first: another
+                    port: int = AGENT_PORT, wipe_thick: bool = True, timeout: float = 60, restored: bool = True) -> None:
+        """Starts (or restarts) an agent on a storage node and waits `timeout` s for it to listen and to have
+        brought back every volume of its records (it serves meanwhile: wait_restored; `restored=False` waits for it
+        to listen only). Another `name`, `cluster_id` and `port` start a second agent beside the first: another
         cluster sharing the node's VG and LIO, with its own state."""
         self._stop(node, name)
         config = node.workdir / f"{name}.yaml"
@@ -84,7 +89,41 @@ class Deployment:
                           "--cluster-id", cluster_id or self.cluster_id,
                           "--tls-dir", str(self.pki.ensure("agent", node.name)),
                           *(extra or [])], env=env)
+        deadline = time.monotonic() + timeout
         self._wait_port(node, port, name, timeout)
+        if restored:
+            self.wait_restored(node, port, name, max(1.0, deadline - time.monotonic()))
+
+    def agent_channel(self, node: LabNode, port: int = AGENT_PORT) -> grpc.Channel:
+        """A channel to the node's agent from the host, with the controller's certificate."""
+        if (node.name, port) not in self.agent_ports:
+            self.agent_ports[node.name, port] = self.lab.expose(node.ip, port)
+        files = [(self.pki.ensure("controller") / n).read_bytes() for n in ("ca.crt", "tls.key", "tls.crt")]
+        return grpc.secure_channel(f"127.0.0.1:{self.agent_ports[node.name, port]}",
+                                   grpc.ssl_channel_credentials(*files),
+                                   options=[("grpc.ssl_target_name_override", peers.dns_name(peers.AGENT, node.name))])
+
+    def wait_restored(self, node: LabNode, port: int = AGENT_PORT, name: str = "agent", timeout: float = 60) -> float:
+        """Until the agent's GetInfo says ready: every volume of its records back after its start. Seconds."""
+        t0 = time.monotonic()
+        last = ""
+        with self.agent_channel(node, port) as channel:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            while True:
+                st = node.status(name)
+                if not st["running"]:
+                    raise LabError(f"{node.name}: {name} exited with {st['rc']}:\n{_tail(node.log_path(name))}")
+                try:
+                    info = stub.GetInfo(apb.GetInfoRequest(), timeout=10)
+                    if info.ready:
+                        return time.monotonic() - t0
+                    last = info.not_ready_reason
+                except grpc.RpcError as exc:
+                    last = exc.code().name
+                if time.monotonic() - t0 > timeout:
+                    raise LabError(f"{node.name}: {name} not ready after {timeout:.0f}s ({last}):\n"
+                                   f"{_tail(node.log_path(name))}")
+                time.sleep(0.3)
 
     def stop_agent(self, node: LabNode, name: str = "agent") -> None:
         self._stop(node, name)

@@ -2,15 +2,21 @@
 
 LIO's configuration does not survive a reboot, and /etc/target is not used: every export, ACL and CHAP
 secret is re-created from the per-volume records and the LVs. Deletions that were cut short are finished;
-ACLs that no record holds are removed. Nothing here may take long per volume: the agent listens only after
-it (a startup probe waits).
+ACLs that no record holds are removed. In two parts: plan() reads the LVM report and the records (quick, before
+the agent serves); finish() brings the volumes back a batch at a time while the agent already serves, each
+volume's ID held (AgentService.start_restore) until it is back, so a call on it gets ABORTED meanwhile (and is
+retried) while every other call is served, health probes included.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from csi import faults
 from csi.runner import CommandError
 from csi.storage import rebuild, tags
 from csi.storage.lio import Access
@@ -59,10 +65,24 @@ def _tag_older_volumes(service, records, lvs) -> None:
             log.exception("could not bring the tags of %s/%s up to date", rec.vg, rec.lv)
 
 
-def restore(service) -> dict[str, int]:
-    counts = {"exported": 0, "finished_deletes": 0, "stale_acls_removed": 0, "activated_unrecorded": 0,
-              "failed": 0}
-    cfg, lvm, lio = service.config, service.lvm, service.lio
+@dataclass
+class Plan:
+    """What a start must bring back, read before the agent serves (the LVM report, the records; quick): the
+    records, the LVs by (vg, name), the LVs cut short in CreateVolume before their record, and which LVs need
+    activating; and what rebuilding records from the LVs' tags did (rebuild.py's counts)."""
+    records: list
+    lvs: dict
+    unrecorded: list[tuple[str, str]]
+    inactive: set[tuple[str, str]]
+    rebuilt: dict[str, int]
+
+    def keys(self) -> list[str]:
+        """The agent's lock IDs of every volume it touches: held from before it serves until each is back."""
+        return [f"{vg}/{name}" for vg, name in self.unrecorded] + [f"{rec.vg}/{rec.lv}" for rec in self.records]
+
+
+def plan(service) -> Plan:
+    cfg, lvm = service.config, service.lvm
     for pool in cfg.pools:
         state = lvm.thin_pool(pool.vg, pool.thin_pool) if pool.thin else None
         if state is not None and not state.zeroing:
@@ -79,7 +99,7 @@ def restore(service) -> dict[str, int]:
     lvs = {}
     for vg in sorted({p.vg for p in cfg.pools}):
         lvs.update({(vg, lv.name): lv for lv in lvm.lvs(vg)})
-    counts.update(rebuild.ensure(service, lvs))
+    rebuilt = rebuild.ensure(service, lvs)
     records = list(service.records.all())
     recorded = {(rec.vg, rec.lv) for rec in records}
     _tag_older_volumes(service, records, lvs)
@@ -88,38 +108,131 @@ def restore(service) -> dict[str, int]:
     unrecorded = [key for key, lv in sorted(lvs.items()) if key not in recorded and service._ours(lv) and not lv.active]
     exported = [(rec.vg, rec.lv) for rec in records if not rec.deleting and rec.state == "ready"
                 and (rec.vg, rec.lv) in lvs and not lvs[(rec.vg, rec.lv)].active]
-    active = _activate(lvm, unrecorded + exported)
-    for vg, name in unrecorded:
-        try:
-            if (vg, name) not in active:
-                lvm.activate(vg, name)
-            counts["activated_unrecorded"] += 1
-        except CommandError:
-            log.exception("could not activate %s/%s, whose creation was cut short", vg, name)
-            counts["failed"] += 1
-    for rec in records:
-        try:
-            lv = lvs.get((rec.vg, rec.lv))
-            if rec.deleting or lv is None:
-                service._delete(rec.vg, rec.lv)
-                counts["finished_deletes"] += 1
-                continue
-            if rec.state != "ready":
-                continue   # an unfinished copy is never exported; CreateVolume's retry restarts it
-            if not lv.active and (rec.vg, rec.lv) not in active:
-                lvm.activate(rec.vg, rec.lv)
-            pool = service._pool_of(rec.vg, lv)
-            lio.export(rec.target_iqn, rec.lv, lv.path, bool(pool and pool.thin))
-            for g in rec.grants.values():
-                lio.grant(rec.target_iqn, Access(g.initiator, g.read_only, g.chap_user, g.chap_secret,
-                                                 g.mutual_user, g.mutual_secret))
-            for acl in lio.acls(rec.target_iqn):
-                if acl.initiator not in rec.grants:
-                    lio.revoke(rec.target_iqn, acl.initiator)
-                    counts["stale_acls_removed"] += 1
-            counts["exported"] += 1
-        except Exception:  # noqa: BLE001 - one broken volume must not keep the others down
-            log.exception("could not restore the export of %s/%s", rec.vg, rec.lv)
-            counts["failed"] += 1
+    return Plan(records, lvs, unrecorded, set(unrecorded) | set(exported), rebuilt)
+
+
+def finish(service, p: Plan, done: Callable[[str], None] = lambda key: None) -> dict[str, int]:
+    """Brings every volume of the plan back, a batch of ACTIVATE_BATCH at a time (one lvchange, then each
+    export): `done(key)` as each volume is back (or failed), so that the agent serves it while the next batch
+    comes back."""
+    counts = {"exported": 0, "finished_deletes": 0, "stale_acls_removed": 0, "activated_unrecorded": 0,
+              "failed": 0, **p.rebuilt}
+    work = [(key, None) for key in p.unrecorded] + [((rec.vg, rec.lv), rec) for rec in p.records]
+    for i in range(0, len(work), ACTIVATE_BATCH):
+        batch = work[i:i + ACTIVATE_BATCH]
+        active = _activate(service.lvm, [key for key, _ in batch if key in p.inactive])
+        for (vg, name), rec in batch:
+            try:
+                faults.pause("restore.volume")   # tests: a call made while this volume is still to come back
+                if rec is None:
+                    _activate_unrecorded(service, vg, name, active, counts)
+                else:
+                    _restore_record(service, p, rec, active, counts)
+            finally:
+                done(f"{vg}/{name}")
     log.info("restored exports: %s", counts)
     return counts
+
+
+def restore(service) -> dict[str, int]:
+    """The whole start in the caller's thread (the tests', and what start() does with the agent serving)."""
+    return finish(service, plan(service))
+
+
+RESTORING = "being brought back after the agent's start"
+
+
+class Progress:
+    """How many volumes a start still has to bring back: GetInfo reports it (ready, not_ready_reason)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self.total = self.left = 0
+
+    def begin(self, total: int) -> None:
+        with self._mutex:
+            self.total = self.left = total
+
+    def one_done(self) -> None:
+        with self._mutex:
+            self.left = max(0, self.left - 1)
+
+    def end(self) -> None:
+        with self._mutex:
+            self.left = 0
+
+    def reason(self) -> str:
+        """Why the agent is not ready yet; "" once every volume is back."""
+        with self._mutex:
+            left, total = self.left, self.total
+        return f"restoring exports after the agent's start: {left} of {total} volumes left" if left else ""
+
+
+def start(service, then: tuple[Callable[[], None], ...] = (), fatal: Callable[[], None] | None = None
+          ) -> threading.Thread:
+    """plan() now, every volume of it held in the agent's key locks; then, in a thread, finish() releasing each
+    as it is back, and `then` (work that takes volumes' locks itself: the CHAP rotation, the wiper) once all
+    are. An unexpected failure releases every volume and calls `fatal` (the agent exits: kubelet restarts it and
+    the start is tried again, as when the whole restore ran before serving)."""
+    p = plan(service)
+    keys = p.keys()
+    service.restoring.begin(len(keys))
+    service.locks.reserve(keys, RESTORING)
+
+    def done(key: str) -> None:
+        service.locks.release(key)
+        service.restoring.one_done()
+
+    def run() -> None:
+        try:
+            finish(service, p, done)
+            for task in then:
+                task()
+        except Exception:  # noqa: BLE001 - reported, then the agent's own policy (fatal)
+            log.exception("the agent's start failed while it brought its volumes back")
+            for key in keys:
+                service.locks.release(key)
+            service.restoring.end()
+            if fatal is not None:
+                fatal()
+
+    thread = threading.Thread(target=run, name="restore", daemon=True)
+    thread.start()
+    return thread
+
+
+def _activate_unrecorded(service, vg: str, name: str, active: set, counts: dict[str, int]) -> None:
+    try:
+        if (vg, name) not in active:
+            service.lvm.activate(vg, name)
+        counts["activated_unrecorded"] += 1
+    except CommandError:
+        log.exception("could not activate %s/%s, whose creation was cut short", vg, name)
+        counts["failed"] += 1
+
+
+def _restore_record(service, p: Plan, rec, active: set, counts: dict[str, int]) -> None:
+    lvm, lio = service.lvm, service.lio
+    try:
+        lv = p.lvs.get((rec.vg, rec.lv))
+        if rec.deleting or lv is None:
+            service._delete(rec.vg, rec.lv)
+            counts["finished_deletes"] += 1
+            return
+        if rec.state != "ready":
+            return   # an unfinished copy is never exported; CreateVolume's retry restarts it
+        if not lv.active and (rec.vg, rec.lv) not in active:
+            lvm.activate(rec.vg, rec.lv)
+        pool = service._pool_of(rec.vg, lv)
+        lio.export(rec.target_iqn, rec.lv, lv.path, bool(pool and pool.thin))
+        for g in rec.grants.values():
+            lio.grant(rec.target_iqn, Access(g.initiator, g.read_only, g.chap_user, g.chap_secret,
+                                             g.mutual_user, g.mutual_secret))
+        for acl in lio.acls(rec.target_iqn):
+            if acl.initiator not in rec.grants:
+                lio.revoke(rec.target_iqn, acl.initiator)
+                counts["stale_acls_removed"] += 1
+        counts["exported"] += 1
+    except Exception:  # noqa: BLE001 - one broken volume must not keep the others down
+        log.exception("could not restore the export of %s/%s", rec.vg, rec.lv)
+        counts["failed"] += 1

@@ -6,7 +6,7 @@ Order of side effects, chosen so that a process killed at any point leaves what 
            renamed out of the volume namespace and queued for zeroing (wipe.py) -> record removed
   grant:   record (with the new secret) -> ACL in the kernel
   revoke:  record without the grant -> ACL removed (the kernel ends the sessions)
-At start, `restore` brings the kernel back to what the records say.
+At start, `restore` brings the kernel back to what the records say, each volume's calls held off until it is.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.pool_reports = PoolReports(lvm)
         self.wiper = wipe.Wiper(self, config.state_dir)
         self.listed = listing.RecentListing(lvm.lvs)
+        self.restoring = restore.Progress()    # volumes the agent's start has not brought back yet
         # Who may call what (authz.py): the server asks it before every call; AllowCopy adds to it.
         self.authorizer = authz.Authorizer(config.node_name)
 
@@ -88,6 +89,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             condition = f"content being copied: {p.percent:.0f}%" if p else "copy not finished"
         elif lv is None:
             healthy, reason, condition = False, "LogicalVolumeMissing", f"logical volume {rec.vg}/{rec.lv} is missing"
+        elif not (lv.active and exported) and self.locks.reserved(f"{rec.vg}/{rec.lv}"):
+            healthy, reason, condition = (False, "ExportBeingRestored",
+                                          f"iSCSI target {rec.target_iqn} is {restore.RESTORING}")
         elif not lv.active:
             healthy, reason, condition = (False, "LogicalVolumeInactive",
                                           f"logical volume {rec.vg}/{rec.lv} is not active")
@@ -135,9 +139,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                                  max_fill_percent=p.max_fill_percent, warn_fill_percent=p.warn_fill_percent,
                                  volume_count=u.volumes, wiping_volumes=backlog.volumes,
                                  wiping_bytes=backlog.bytes_left, wipe_error=backlog.error))
+        not_ready = self.restoring.reason()
         return pb.AgentInfo(node_name=self.config.node_name, api_version=API_VERSION, agent_version=AGENT_VERSION,
-                            pools=pools, portals=[str(p) for p in self.config.portals], ready=True,
-                            features=transfer.FEATURES)
+                            pools=pools, portals=[str(p) for p in self.config.portals], ready=not not_ready,
+                            not_ready_reason=not_ready, features=transfer.FEATURES)
 
     def CreateVolume(self, request, context):
         name = ids.check_request_name(request.name)
@@ -461,5 +466,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     # ------------------------------------------------------------------------------------ start-up
 
     def restore(self) -> dict[str, int]:
-        """Brings the kernel back to what the records say (see restore.py)."""
+        """Brings the kernel back to what the records say (see restore.py), before returning."""
         return restore.restore(self)
+
+    def start_restore(self, then=(), fatal=None):
+        """The same while the agent serves: each volume's calls wait (ABORTED) only until it is back."""
+        return restore.start(self, then, fatal)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 
 import grpc
 import pytest
 
-from csi import ids, peers
+from csi import faults, ids, peers
 from csi.proto import agent_pb2 as apb
 from csi.proto import agent_pb2_grpc
 from csi.proto import csi_pb2 as csi
@@ -128,26 +129,90 @@ def test_unpublish_fences_a_live_session(cluster):
     cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id))
 
 
+def kill_agent_and_clear_lio(node) -> None:
+    """The agent killed and LIO's configuration taken away, as after a reboot: the next start must rebuild it
+    from the agent's records."""
+    node.signal("agent", 9)
+    node.wait_exit("agent")
+    r = node.run([sys.executable, "-c", "from rtslib_fb import RTSRoot\nRTSRoot().clear_existing(confirm=True)"],
+                 timeout=60)
+    assert r.rc == 0, r.stderr
+    assert not [t for t in node.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split()
+                if t.startswith("iqn.")]
+
+
 def test_agent_restart_and_lost_lio_config_keep_exports_and_data(cluster):
     v = cluster.create("restart", zone="zone-a")
     ctx = cluster.publish(v.volume_id)
     target = cluster.stage_publish(v.volume_id, ctx)
     digest = cluster.write(target)
     s1 = cluster.s1
-    s1.signal("agent", 9)
-    s1.wait_exit("agent")
-    # LIO's configuration is gone after a reboot: take it away, the agent must rebuild it from its records.
-    r = s1.run([sys.executable, "-c", "from rtslib_fb import RTSRoot\nRTSRoot().clear_existing(confirm=True)"],
-               timeout=60)
-    assert r.rc == 0, r.stderr
-    assert not [t for t in s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split()
-                if t.startswith("iqn.")]
+    kill_agent_and_clear_lio(s1)
     cluster.d.start_agent(s1)
     assert ids.parse_id(v.volume_id).iqn in s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout
     # the worker's session recovers by itself (same ACL and CHAP) and the data is intact
     assert cluster.read(target) == digest
     assert cluster.publish(v.volume_id) == ctx
     cluster.teardown(v.volume_id)
+
+
+def test_an_agent_serves_while_its_start_brings_the_volumes_back(cluster):
+    """LIO cleared (a reboot's state), the agent started with a pause before each volume it brings back: it
+    answers meanwhile; a publish of a volume not back yet gets ABORTED with the reason (the attacher retries),
+    a volume already back is published, and a new volume is made and exported. Let go, all come back."""
+    vols = [cluster.create(f"serve-{i}", zone="zone-a") for i in range(2)]
+    iqns = {v.volume_id: ids.parse_id(v.volume_id).iqn for v in vols}
+    s1 = cluster.s1
+    kill_agent_and_clear_lio(s1)
+    pauses = s1.workdir / "restore-pauses"
+    paused, go = pauses / "restore.volume.paused", pauses / "restore.volume.go"
+    cluster.d.start_agent(s1, env={faults.PAUSE_ENV: "restore.volume", faults.PAUSE_DIR_ENV: str(pauses)},
+                          restored=False)
+    refused, both_ways, made, reasons = set(), False, None, []
+    try:
+        with cluster.d.agent_channel(s1) as channel:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            deadline = time.monotonic() + 180
+            while not (info := stub.GetInfo(apb.GetInfoRequest(), timeout=30)).ready:
+                assert time.monotonic() < deadline, info.not_ready_reason
+                if not paused.exists():
+                    time.sleep(0.1)
+                    continue
+                reasons.append(info.not_ready_reason)
+                exported = set(s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split())
+                back = [v for v in vols if iqns[v.volume_id] in exported]
+                for v in back:
+                    cluster.publish(v.volume_id)
+                for v in vols:
+                    if v in back:
+                        continue
+                    with pytest.raises(grpc.RpcError) as e:
+                        cluster.publish(v.volume_id)
+                    assert e.value.code() == grpc.StatusCode.ABORTED, e.value.details()
+                    assert "is being brought back after the agent's start: retry" in e.value.details()
+                    refused.add(v.volume_id)
+                both_ways = both_ways or 0 < len(back) < len(vols)
+                if made is None:
+                    made = cluster.create("serve-new", zone="zone-a")
+                    assert iqns.setdefault(made.volume_id, ids.parse_id(made.volume_id).iqn) in set(
+                        s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split())
+                go.touch()
+                while go.exists():
+                    time.sleep(0.1)
+    finally:
+        cluster.d.start_agent(s1)    # without the pause; it brings back whatever the test left
+    # every volume refused while it was still to come back; once, one served while the other was not
+    assert refused == {v.volume_id for v in vols} and both_ways, (refused, both_ways)
+    assert reasons[0].startswith("restoring exports after the agent's start: ") and reasons[0].endswith(
+        " volumes left"), reasons
+    exported = set(s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split())
+    assert set(iqns.values()) <= exported
+    for v in vols:
+        cluster.publish(v.volume_id)
+        cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+            volume_id=v.volume_id, node_id=cluster.node_id), timeout=60)
+    for vid in iqns:
+        cluster.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid), timeout=120)
 
 
 def test_bad_input_gets_the_right_code_and_changes_nothing(cluster):

@@ -29,6 +29,7 @@ class Agent:
                                    healthy=True, exported=True, ready=True, created_unix=1_790_000_000)]
         self.orphans: list[apb.Orphan] = []
         self.failing: set[str] = set()
+        self.not_ready_reason = ""
 
     def info(self, timeout=None, reconnect=True):
         return self.call("GetInfo", apb.GetInfoRequest(), timeout)
@@ -37,7 +38,8 @@ class Agent:
         if method in self.failing:
             raise errors.unavailable(f"storage node {self.node.name} is unreachable")
         if method == "GetInfo":
-            return apb.AgentInfo(node_name=self.node.name, pools=self.pools)
+            return apb.AgentInfo(node_name=self.node.name, pools=self.pools, ready=not self.not_ready_reason,
+                                 not_ready_reason=self.not_ready_reason)
         if method == "ListVolumes":
             return apb.ListVolumesResponse(volumes=self.volumes)
         if method == "Orphans":
@@ -90,6 +92,17 @@ def test_a_wipe_backlog_is_shown_and_is_no_trouble():
     s2.pools[1].wiping_volumes, s2.pools[1].wiping_bytes = 2, 3 * GiB
     code, text = run(Agent("s1"), s2)
     assert "wiping 2 volume(s), 3.0G left" in text
+    assert code == 0, text
+
+
+def test_an_agent_still_bringing_its_volumes_back_is_starting_and_no_trouble():
+    s2 = Agent("s2")
+    s2.not_ready_reason = "restoring exports after the agent's start: 120 of 500 volumes left"
+    code, text = run(Agent("s1"), s2)
+    rows = [line.split() for line in text.splitlines() if line.startswith("s2 ")]
+    assert [r[2] for r in rows] == ["starting", "starting"], text
+    assert text.count("restoring exports after the agent's start: 120 of 500 volumes left") == 2
+    assert [line.split()[2] for line in text.splitlines() if line.startswith("s1 ")] == ["up", "up"]
     assert code == 0, text
 
 
