@@ -90,7 +90,8 @@ def report(agents, out: TextIO, min_age: int = ORPHAN_MIN_AGE) -> int:
             elif p.wiping_volumes:
                 note = _join(note, f"wiping {p.wiping_volumes} volume(s), {_gib(p.wiping_bytes)} left")
             kind = f"thin x{p.overprovision_ratio:g}" if p.thin_pool else "thick"
-            rows.append([node.name, node.zone or "-", "starting" if starting else "up", p.name, kind, _gib(p.physical_total_bytes),
+            rows.append([node.name, node.zone or "-", "starting" if starting else "up", p.name, kind,
+                         _gib(p.physical_total_bytes),
                          f"{p.data_percent:.1f}", _gib(p.available_bytes), str(p.volume_count), note])
     table(rows, out)
     out.write("\n")

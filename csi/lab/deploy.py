@@ -74,7 +74,8 @@ class Deployment:
 
     def start_agent(self, node: LabNode, pools=None, extra: list[str] | None = None,
                     env: dict[str, str] | None = None, name: str = "agent", cluster_id: str | None = None,
-                    port: int = AGENT_PORT, wipe_thick: bool = True, timeout: float = 60, restored: bool = True) -> None:
+                    port: int = AGENT_PORT, wipe_thick: bool = True, timeout: float = 60,
+                    restored: bool = True) -> None:
         """Starts (or restarts) an agent on a storage node and waits `timeout` s for it to listen and to have
         brought back every volume of its records (it serves meanwhile: wait_restored; `restored=False` waits for it
         to listen only). Another `name`, `cluster_id` and `port` start a second agent beside the first: another

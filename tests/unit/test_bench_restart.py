@@ -16,16 +16,17 @@ def raw(total: float, activate: float) -> dict[str, float]:
 
 
 def test_render_gives_medians_the_ratio_and_whether_the_target_is_met():
-    table = restart.render([(0, [4.0, 5.0, 6.0], [raw(0.5, 0.5)] * 3),
-                            (500, [60.0, 70.0, 80.0], [raw(40.0, 10.0), raw(50.0, 12.0), raw(45.0, 11.0)]),
-                            (900, [200.0], [raw(100.0, 30.0)])], runs=3)
+    table = restart.render([(0, [4.0, 5.0, 6.0], [raw(0.5, 0.5)] * 3, [4.0, 5.0, 6.0]),
+                            (500, [60.0, 70.0, 80.0], [raw(40.0, 10.0), raw(50.0, 12.0), raw(45.0, 11.0)],
+                             [7.0, 9.0, 8.0]),
+                            (900, [200.0], [raw(100.0, 30.0)], [12.0])], runs=3)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
             if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
-    assert rows["0"][0].startswith("5.0 (4.0, 5.0, 6.0)") and rows["0"][-1] == ""   # no target without volumes
-    assert rows["500"][1:] == ["45.0", "11.0 / 34.0", "1.56", "<= 1.5: **NOT met**"]
-    assert rows["900"][3:] == ["2.00", "<= 1.5: **NOT met**"]
-    ok = restart.render([(500, [60.0], [raw(45.0, 11.0)])], runs=1)
-    assert "| 1.33 | <= 1.5: **met** |" in ok
+    assert rows["0"][0].startswith("5.0 (4.0, 5.0, 6.0)") and rows["0"][-2] == ""   # no target without volumes
+    assert rows["500"][1:] == ["45.0", "11.0 / 34.0", "1.56", "<= 1.5: **NOT met**", "8.0"]
+    assert rows["900"][3:] == ["2.00", "<= 1.5: **NOT met**", "12.0"]
+    ok = restart.render([(500, [60.0], [raw(45.0, 11.0)], [3.0])], runs=1)
+    assert "| 1.33 | <= 1.5: **met** | 3.0 |" in ok
 
 
 def test_targets_counts_only_the_drivers_iqns():
