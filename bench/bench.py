@@ -17,7 +17,9 @@ runs on the host and reaches the agent over mutual TLS (csi/lab/deploy.py, as th
 4. Snapshot and restore latency, same storage node and across two, next to their raw floors: in its own lab,
    see bench/snapshots.py.
 5. Random and sequential I/O with fio over iSCSI, next to the same LV on its storage node: in its own lab,
-   see bench/randio.py (`--parts randio`).
+   see bench/randio.py (`--parts randio`); and the iSCSI path's knobs (session queue depth, the keys the
+   login negotiates, the worker's disk queue), each measured against the driver's defaults in one run:
+   bench/iscsi_tuning.py (`--parts tuning`).
 6. Replicated volumes: write IOPS and throughput with two legs next to one, resync after an outage per GiB
    changed and a full recovery per GiB: in its own lab of two storage nodes, see bench/replicas.py
    (`--parts replicas`).
@@ -54,6 +56,7 @@ from csi.proto import csi_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attach  # noqa: E402  (bench/ is not a package: bench/run runs this file)
+import iscsi_tuning  # noqa: E402
 import randio  # noqa: E402
 import replicas  # noqa: E402
 import restart  # noqa: E402
@@ -63,6 +66,7 @@ from stats import percentile  # noqa: E402
 HERE = Path(__file__).resolve().parent
 GUEST = HERE / "guest.py"
 MiB, GiB = 1 << 20, 1 << 30
+PARTS = {"create", "snapshots", "randio", "tuning", "replicas", "restart"}
 VOLUME_BYTES = 4 * MiB
 THIN_POOL = "thinpool"
 TCP_PORT = 7801
@@ -403,9 +407,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--subnet", default="10.213.7", help="first three octets of the lab's private subnet")
     a.add_argument("--workdir", default=None, help="lab directory (default: a new one under /var/tmp)")
     a.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
-    a.add_argument("--parts", default="create,snapshots,randio,replicas,restart",
-                   help="comma-separated: create (tables 1-3), snapshots (table 4), randio (fio), replicas (two legs "
-                        "next to one, resync), restart (a storage node's reboot); default all")
+    a.add_argument("--parts", default="create,snapshots,randio,tuning,replicas,restart",
+                   help="comma-separated: create (tables 1-3), snapshots (table 4), randio (fio), tuning (the iSCSI "
+                        "path's knobs under fio), replicas (two legs next to one, resync), restart (a storage node's "
+                        "reboot); default all")
     a.add_argument("--restart-volumes", default="0,500", help="volumes in use at the reboots (default 0,500)")
     a.add_argument("--restart-runs", type=int, default=2, help="reboots per count and side (default 2)")
     a.add_argument("--snap-mib", type=int, default=1024, help="MiB written to the snapshot bench's source volume")
@@ -413,6 +418,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--fio-mib", type=int, default=512, help="MiB of the fio bench's volumes")
     a.add_argument("--fio-runs", type=int, default=3, help="runs of each fio job on each side (median reported)")
     a.add_argument("--fio-seconds", type=int, default=10, help="seconds of each fio run (after a 2 s ramp)")
+    a.add_argument("--tuning-variants", default="",
+                   help="comma-separated indexes into bench/iscsi_tuning.py VARIANTS (the defaults always run); "
+                        "default all")
     a.add_argument("--out", default=str(HERE / "results.md"))
     args = a.parse_args(argv)
     try:
@@ -422,8 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.volumes or args.volumes[0] < 0 or args.samples < 1 or args.io_runs < 1 or args.io_mib < 1:
         a.error("counts must be >= 0, samples, io runs and io size >= 1")
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not args.parts or args.parts - {"create", "snapshots", "randio", "replicas", "restart"}:
-        a.error(f"--parts: any of create, snapshots, randio, replicas, restart, not {sorted(args.parts)}")
+    if not args.parts or args.parts - PARTS:
+        a.error(f"--parts: any of {', '.join(sorted(PARTS))}, not {sorted(args.parts)}")
     try:
         args.restart_volumes = sorted({int(v) for v in args.restart_volumes.split(",") if v.strip()})
     except ValueError:
@@ -432,6 +440,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.error("--restart-volumes: counts >= 0; --restart-runs >= 1")
     if args.snap_mib < 1 or args.snap_samples < 1:
         a.error("--snap-mib and --snap-samples must be >= 1")
+    try:
+        args.tuning_variants = [int(v) for v in args.tuning_variants.split(",") if v.strip()] or None
+    except ValueError:
+        a.error(f"--tuning-variants {args.tuning_variants!r}: comma-separated indexes, like 2,3")
+    if args.tuning_variants and not all(0 <= i < len(iscsi_tuning.VARIANTS) for i in args.tuning_variants):
+        a.error(f"--tuning-variants: indexes from 0 to {len(iscsi_tuning.VARIANTS) - 1}")
     if args.fio_mib < 64 or args.fio_runs < 1 or args.fio_seconds < 1:
         a.error("--fio-mib must be >= 64, --fio-runs and --fio-seconds >= 1")
     return args
@@ -457,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"fio on {args.fio_mib} MiB volumes, {args.fio_runs} runs of {args.fio_seconds} s per job and side")
             report += "\n" + randio.run(workdir / "randio", args.subnet, args.fio_mib * MiB, args.fio_runs,
                                         args.fio_seconds, args.disk_gib, log)
+        if "tuning" in args.parts:
+            log(f"the iSCSI path's knobs on a {args.fio_mib} MiB volume, {args.fio_runs} rounds of "
+                f"{args.fio_seconds} s per job and variant")
+            report += "\n" + iscsi_tuning.run(workdir / "tuning", args.subnet, args.fio_mib * MiB, args.fio_runs,
+                                              args.fio_seconds, args.disk_gib, log, args.tuning_variants)
         if "replicas" in args.parts:
             log(f"replicated volumes of {args.fio_mib} MiB, {args.fio_runs} runs of {args.fio_seconds} s per job")
             report += "\n" + replicas.run(workdir / "replicas", args.subnet, args.fio_mib * MiB, args.fio_runs,
