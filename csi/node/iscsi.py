@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi import errors, runner
-from csi.node import noderecord
+from csi.node import disk_queue, noderecord
 from csi.runner import CommandError
 
 log = logging.getLogger(__name__)
@@ -239,12 +239,14 @@ class Iscsiadm:
         return None
 
     def wait_for_device(self, target: Target, timeout: float = 20.0) -> Path:
-        """The disk of LUN `lun` through any portal, once udev made it; rescans on a bounded schedule."""
+        """The disk of LUN `lun` through any portal, once udev made it (with no I/O scheduler: disk_queue.py);
+        rescans on a bounded schedule."""
         deadline = time.monotonic() + min(timeout, runner.time_left())
         delay, rescans = 0.1, 0
         while True:
             device = self.find_device(target)
             if device is not None:
+                disk_queue.use_no_scheduler(device)
                 return device
             if time.monotonic() >= deadline:
                 raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED,

@@ -55,6 +55,12 @@ def test_lifecycle_across_the_network_with_checksums(cluster):
     target = cluster.stage_publish(v.volume_id, ctx)
     digest = cluster.write(target)
     assert cluster.read(target) == digest
+    # the worker's iSCSI disk has no I/O scheduler (csi/node/disk_queue.py); the UML worker's only SCSI disks
+    # are the driver's
+    schedulers = cluster.w.run([sys.executable, "-c", "import glob\nfor f in sorted(glob.glob("
+                                "'/sys/block/sd*/queue/scheduler')): print(open(f).read().strip())"],
+                               timeout=30, check=True).stdout.split("\n")
+    assert [s for s in schedulers if s] and all("[none]" in s for s in schedulers if s), schedulers
     # unstage and stage again: the data came from the storage node, not from a cache
     staging, _ = cluster.paths(v.volume_id)
     cluster.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=v.volume_id, target_path=str(target)))

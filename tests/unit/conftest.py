@@ -76,6 +76,16 @@ def node_db(tmp_path, monkeypatch) -> Path:
     return db
 
 
+@pytest.fixture(autouse=True)
+def sys_block(tmp_path, monkeypatch) -> Path:
+    """Where the node plugin sets its disks' schedulers: a temporary directory, never the host's /sys/block."""
+    from csi.node import disk_queue
+    path = tmp_path / "sys-block"
+    path.mkdir()
+    monkeypatch.setattr(disk_queue, "SYS_BLOCK", path)
+    return path
+
+
 @pytest.fixture
 def fake_run(monkeypatch) -> FakeRunner:
     fake = FakeRunner()
