@@ -379,6 +379,10 @@ class KeyLocks:
         with self._mutex:
             return key in self._reserved
 
+    def reserved_count(self) -> int:
+        with self._mutex:
+            return len(self._reserved)
+
 
 def wait_forever(server: grpc.Server, on_stop: Callable[[], None] | None = None) -> None:
     import signal

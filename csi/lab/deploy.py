@@ -111,9 +111,7 @@ class Deployment:
         with self.agent_channel(node, port) as channel:
             stub = agent_pb2_grpc.AgentStub(channel)
             while True:
-                st = node.status(name)
-                if not st["running"]:
-                    raise LabError(f"{node.name}: {name} exited with {st['rc']}:\n{_tail(node.log_path(name))}")
+                self._check_running(node, name)
                 try:
                     info = stub.GetInfo(apb.GetInfoRequest(), timeout=10)
                     if info.ready:
@@ -144,12 +142,16 @@ class Deployment:
                 node.signal(name, 9)
                 node.wait_exit(name, timeout=10)
 
+    @staticmethod
+    def _check_running(node: LabNode, name: str) -> None:
+        st = node.status(name)
+        if not st["running"]:
+            raise LabError(f"{node.name}: {name} exited with {st['rc']}:\n{_tail(node.log_path(name))}")
+
     def _wait_port(self, node: LabNode, port: int, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            st = node.status(name)
-            if not st["running"]:
-                raise LabError(f"{node.name}: {name} exited with {st['rc']}:\n{_tail(node.log_path(name))}")
+            self._check_running(node, name)
             r = node.run(["ss", "-Hltn", f"sport = :{port}"], timeout=10)
             if r.stdout.strip():
                 return

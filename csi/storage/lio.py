@@ -264,7 +264,6 @@ class Lio:
         return sorted(p.name for p in base.iterdir() if p.name.startswith(prefix))
 
     @_serialised
-    @_serialised    # the agent's start brings exports back in another thread meanwhile
     def lock_discovery(self) -> None:
         """SendTargets discovery needs CHAP with a secret made here and never kept or handed out: anyone on
         the storage network would otherwise list every target, whose names carry the VG, the cluster id and

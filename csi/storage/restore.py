@@ -20,6 +20,7 @@ from csi import faults
 from csi.runner import CommandError
 from csi.storage import rebuild, tags
 from csi.storage.lio import Access
+from csi.storage.records import VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +71,19 @@ class Plan:
     """What a start must bring back, read before the agent serves (the LVM report, the records; quick): the
     records, the LVs by (vg, name), the LVs cut short in CreateVolume before their record, and which LVs need
     activating; and what rebuilding records from the LVs' tags did (rebuild.py's counts)."""
-    records: list
+    records: list[VolumeRecord]
     lvs: dict
     unrecorded: list[tuple[str, str]]
     inactive: set[tuple[str, str]]
     rebuilt: dict[str, int]
 
+    def work(self) -> list[tuple[tuple[str, str], VolumeRecord | None]]:
+        """((vg, name), its record or None when it has none) of every volume the start touches, in order."""
+        return [(key, None) for key in self.unrecorded] + [((rec.vg, rec.lv), rec) for rec in self.records]
+
     def keys(self) -> list[str]:
         """The agent's lock IDs of every volume it touches: held from before it serves until each is back."""
-        return [f"{vg}/{name}" for vg, name in self.unrecorded] + [f"{rec.vg}/{rec.lv}" for rec in self.records]
+        return [f"{vg}/{name}" for (vg, name), _ in self.work()]
 
 
 def plan(service) -> Plan:
@@ -117,7 +122,7 @@ def finish(service, p: Plan, done: Callable[[str], None] = lambda key: None) -> 
     comes back."""
     counts = {"exported": 0, "finished_deletes": 0, "stale_acls_removed": 0, "activated_unrecorded": 0,
               "failed": 0, **p.rebuilt}
-    work = [(key, None) for key in p.unrecorded] + [((rec.vg, rec.lv), rec) for rec in p.records]
+    work = p.work()
     for i in range(0, len(work), ACTIVATE_BATCH):
         batch = work[i:i + ACTIVATE_BATCH]
         active = _activate(service.lvm, [key for key, _ in batch if key in p.inactive])
@@ -143,29 +148,21 @@ RESTORING = "being brought back after the agent's start"
 
 
 class Progress:
-    """How many volumes a start still has to bring back: GetInfo reports it (ready, not_ready_reason)."""
+    """How many volumes a start still has to bring back: the IDs it still holds in the agent's key locks (the
+    start is their only holder by reservation). GetInfo reports it (ready, not_ready_reason)."""
 
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self.total = self.left = 0
+    def __init__(self, locks) -> None:
+        self._locks = locks
+        self.total = 0
 
-    def begin(self, total: int) -> None:
-        with self._mutex:
-            self.total = self.left = total
-
-    def one_done(self) -> None:
-        with self._mutex:
-            self.left = max(0, self.left - 1)
-
-    def end(self) -> None:
-        with self._mutex:
-            self.left = 0
+    @property
+    def left(self) -> int:
+        return self._locks.reserved_count()
 
     def reason(self) -> str:
         """Why the agent is not ready yet; "" once every volume is back."""
-        with self._mutex:
-            left, total = self.left, self.total
-        return f"restoring exports after the agent's start: {left} of {total} volumes left" if left else ""
+        left = self.left
+        return f"restoring exports after the agent's start: {left} of {self.total} volumes left" if left else ""
 
 
 def start(service, then: tuple[Callable[[], None], ...] = (), fatal: Callable[[], None] | None = None
@@ -176,23 +173,18 @@ def start(service, then: tuple[Callable[[], None], ...] = (), fatal: Callable[[]
     the start is tried again, as when the whole restore ran before serving)."""
     p = plan(service)
     keys = p.keys()
-    service.restoring.begin(len(keys))
+    service.restoring.total = len(keys)
     service.locks.reserve(keys, RESTORING)
-
-    def done(key: str) -> None:
-        service.locks.release(key)
-        service.restoring.one_done()
 
     def run() -> None:
         try:
-            finish(service, p, done)
+            finish(service, p, service.locks.release)
             for task in then:
                 task()
         except Exception:  # noqa: BLE001 - reported, then the agent's own policy (fatal)
             log.exception("the agent's start failed while it brought its volumes back")
             for key in keys:
                 service.locks.release(key)
-            service.restoring.end()
             if fatal is not None:
                 fatal()
 

@@ -53,7 +53,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.pool_reports = PoolReports(lvm)
         self.wiper = wipe.Wiper(self, config.state_dir)
         self.listed = listing.RecentListing(lvm.lvs)
-        self.restoring = restore.Progress()    # volumes the agent's start has not brought back yet
+        self.restoring = restore.Progress(self.locks)    # volumes the agent's start has not brought back yet
         # Who may call what (authz.py): the server asks it before every call; AllowCopy adds to it.
         self.authorizer = authz.Authorizer(config.node_name)
 

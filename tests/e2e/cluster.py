@@ -150,8 +150,7 @@ class Cluster:
         out = {}
         for n in (self.s1, self.s2):
             lvs = wait_for_wipes(n)
-            tg = n.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split()
-            out[n.name] = (sorted(x for x in lvs if x != "thinpool"), sorted(t for t in tg if t.startswith("iqn")))
+            out[n.name] = (sorted(x for x in lvs if x != "thinpool"), sorted(lio_targets(n)))
         return out
 
     def write(self, target: Path, mib: int = 8, on=None) -> str:
@@ -225,6 +224,12 @@ print(len(data) // 4096)
 """
 
 WIPE_MARK = "+wipe+"   # in the name of a deleted thick LV being zeroed (csi/ids.py)
+
+
+def lio_targets(node) -> set[str]:
+    """The IQNs of the iSCSI targets in the node's LIO (configfs)."""
+    names = node.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split()
+    return {t for t in names if t.startswith("iqn")}
 
 
 def wait_for_wipes(node, timeout: float = 300) -> list[str]:

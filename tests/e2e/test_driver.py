@@ -19,7 +19,7 @@ from csi import faults, ids, peers
 from csi.proto import agent_pb2 as apb
 from csi.proto import agent_pb2_grpc
 from csi.proto import csi_pb2 as csi
-from tests.e2e.cluster import BLOCK, MOUNT, ZONE_KEY, GiB, M, MiB
+from tests.e2e.cluster import BLOCK, MOUNT, ZONE_KEY, GiB, M, MiB, lio_targets
 
 pytestmark = pytest.mark.e2e
 
@@ -143,8 +143,7 @@ def kill_agent_and_clear_lio(node) -> None:
     r = node.run([sys.executable, "-c", "from rtslib_fb import RTSRoot\nRTSRoot().clear_existing(confirm=True)"],
                  timeout=60)
     assert r.rc == 0, r.stderr
-    assert not [t for t in node.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split()
-                if t.startswith("iqn.")]
+    assert not lio_targets(node)
 
 
 def test_agent_restart_and_lost_lio_config_keep_exports_and_data(cluster):
@@ -155,7 +154,7 @@ def test_agent_restart_and_lost_lio_config_keep_exports_and_data(cluster):
     s1 = cluster.s1
     kill_agent_and_clear_lio(s1)
     cluster.d.start_agent(s1)
-    assert ids.parse_id(v.volume_id).iqn in s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout
+    assert ids.parse_id(v.volume_id).iqn in lio_targets(s1)
     # the worker's session recovers by itself (same ACL and CHAP) and the data is intact
     assert cluster.read(target) == digest
     assert cluster.publish(v.volume_id) == ctx
@@ -185,7 +184,7 @@ def test_an_agent_serves_while_its_start_brings_the_volumes_back(cluster):
                     time.sleep(0.1)
                     continue
                 reasons.append(info.not_ready_reason)
-                exported = set(s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split())
+                exported = lio_targets(s1)
                 back = [v for v in vols if iqns[v.volume_id] in exported]
                 for v in back:
                     cluster.publish(v.volume_id)
@@ -200,8 +199,7 @@ def test_an_agent_serves_while_its_start_brings_the_volumes_back(cluster):
                 both_ways = both_ways or 0 < len(back) < len(vols)
                 if made is None:
                     made = cluster.create("serve-new", zone="zone-a")
-                    assert iqns.setdefault(made.volume_id, ids.parse_id(made.volume_id).iqn) in set(
-                        s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split())
+                    assert iqns.setdefault(made.volume_id, ids.parse_id(made.volume_id).iqn) in lio_targets(s1)
                 go.touch()
                 while go.exists():
                     time.sleep(0.1)
@@ -211,8 +209,7 @@ def test_an_agent_serves_while_its_start_brings_the_volumes_back(cluster):
     assert refused == {v.volume_id for v in vols} and both_ways, (refused, both_ways)
     assert reasons[0].startswith("restoring exports after the agent's start: ") and reasons[0].endswith(
         " volumes left"), reasons
-    exported = set(s1.run(["ls", "/sys/kernel/config/target/iscsi"], timeout=30).stdout.split())
-    assert set(iqns.values()) <= exported
+    assert set(iqns.values()) <= lio_targets(s1)
     for v in vols:
         cluster.publish(v.volume_id)
         cluster.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(

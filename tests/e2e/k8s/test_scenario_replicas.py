@@ -51,21 +51,18 @@ def ready_agents(k8s) -> list[str]:
                   if all(drv.container_ready(p).values() or [False]))
 
 
-def warnings_about(k8s, kind: str, name: str) -> list[str]:
-    """Reasons of the controller's Warning events on the object (in namespace default: the claims' and the
-    cluster's). Not the sidecars': a provisioner's ProvisioningFailed from a first attempt (a storage node the
-    controller had not polled yet) is about the claim's creation, not about storage-1."""
-    return sorted(e["reason"] for e in k8s.get("events", "-n", "default")["items"]
-                  if e["type"] == "Warning" and e["involvedObject"]["kind"] == kind
-                  and e["involvedObject"]["name"] == name
-                  and (e.get("source") or {}).get("component") == events.COMPONENT)
-
-
 def all_warnings(k8s) -> list[tuple[str, str, str, str]]:
-    """(kind, name, reason, source) of every Warning event in namespace default: what a failed wait shows."""
+    """(kind, name, reason, source) of every Warning event in namespace default: the claims' and the cluster's."""
     return sorted((e["involvedObject"]["kind"], e["involvedObject"]["name"], e["reason"],
                    (e.get("source") or {}).get("component", "")) for e in k8s.get("events", "-n", "default")["items"]
                   if e["type"] == "Warning")
+
+
+def warnings_about(k8s, kind: str, name: str) -> list[str]:
+    """Reasons of the controller's Warning events on the object. Not the sidecars': a provisioner's
+    ProvisioningFailed from a first attempt (a storage node the controller had not polled yet) is about the
+    claim's creation, not about storage-1."""
+    return [r for k, n, r, source in all_warnings(k8s) if (k, n, source) == (kind, name, events.COMPONENT)]
 
 
 def extra_lvs(node) -> list[str]:
