@@ -25,6 +25,7 @@ from pathlib import Path
 from csi import ids
 from csi.lab import LabNode
 from csi.lab.deploy import PYTHON
+from csi.proto import csi_pb2 as csi
 
 import attach  # bench/ is on sys.path: bench.py puts it there
 import randio
@@ -176,7 +177,7 @@ def run(workdir: Path, subnet: str, size: int, runs: int, runtime: int, disk_gib
                     iops.setdefault(("local", job.name), []).append(bench.fio(s, job, local).iops)
                 session.set(*defaults)
             attach.detach(bench.ctrl, bench.node, d, w, vid, "tuning")
-            bench.ctrl.DeleteVolume(randio.csi.DeleteVolumeRequest(volume_id=vid), timeout=600)
+            bench.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid), timeout=600)
         finally:
             bench.close()
     log(f"tuning part done in {(time.monotonic() - started) / 60:.1f} min")
