@@ -149,8 +149,8 @@ def test_helm_install_runs_controller_node_and_agent_pods(installed):
     for controller in pods["controller"]:
         ready = drv.container_ready(controller)
         assert sorted(ready) == sorted(drv.CONTROLLER_CONTAINERS) and all(ready.values()), ready
-    # a fresh install comes up without any container being restarted on the way (but for csi-attacher's exit on
-    # its hard-coded one-second start-up deadline, up to drv.ATTACHER_EXCUSED times: printed)
+    # a fresh install comes up without any container being restarted on the way (but for a sidecar's exits on a
+    # one-second deadline hard-coded upstream, up to drv.EXCUSED times: printed)
     restarted, excused = drv.unexplained_restarts(installed)
     assert not restarted, drv.restart_report(installed)
     for line in excused:
