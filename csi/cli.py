@@ -36,9 +36,10 @@ def _controller_config(a: argparse.Namespace):
                                   node_directory=getattr(a, "node_directory", ""))
 
 
-def _metrics(a: argparse.Namespace, *collectors):
+def _metrics(a: argparse.Namespace, *collectors, not_ready=None):
     """With --metrics-address: a registry of this process's own (RPCs, the role's collectors, the process's CPU,
-    memory and file descriptors) served over HTTP; returns the RpcMetrics for the gRPC server, or None (off)."""
+    memory and file descriptors) served over HTTP, with csi/metrics.py's readiness path (`not_ready`: why the
+    process is not ready, "" when it is); returns the RpcMetrics for the gRPC server, or None (off)."""
     if not a.metrics_address:
         return None
     from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -55,7 +56,7 @@ def _metrics(a: argparse.Namespace, *collectors):
     except ValueError as exc:
         from csi.config import ConfigError
         raise ConfigError(str(exc)) from None
-    metrics.serve(a.metrics_address, registry)
+    metrics.serve(a.metrics_address, registry, not_ready)
     return rpc
 
 
@@ -232,7 +233,8 @@ def run_agent(a: argparse.Namespace) -> int:
     creds = server.TlsFiles(config.tls_dir).server_credentials()
     from csi import metrics
     # who may call what: storage/authz.py
-    srv = server.make_server(authorize=service.authorizer, metrics=_metrics(a, metrics.AgentCollector(service)))
+    srv = server.make_server(authorize=service.authorizer,
+                             metrics=_metrics(a, metrics.AgentCollector(service), not_ready=service.restoring.reason))
     agent_pb2_grpc.add_AgentServicer_to_server(service, srv)
     server.serve(srv, config.listen, creds)
     log.info("agent %s: pools %s, portals %s", config.node_name, ", ".join(p.name for p in config.pools),

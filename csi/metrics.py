@@ -7,16 +7,22 @@ its wipe queue; the node plugin's stage records), never by a thread of their own
 one GetInfo costs, and nothing runs between scrapes.
 
 Every name starts with lvm_iscsi_csi_; sizes are in bytes and fill levels are ratios (0 to 1), as Prometheus
-wants base units. The HTTP endpoint is prometheus_client's own, off unless --metrics-address is given.
+wants base units. The HTTP endpoint serves prometheus_client's exposition, off unless --metrics-address is given,
+and /readyz beside it: kubelet's readiness probe of the agent, which says not ready while the agent's start brings
+its volumes back (a rolling update of the agents then waits for it before it takes the next storage node).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator
+import socket
+import socketserver
+import threading
+from typing import Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -56,11 +62,42 @@ def parse_address(address: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def serve(address: str, registry: CollectorRegistry):
-    """Starts prometheus_client's HTTP server (a daemon thread) on `address`; returns (server, thread)."""
+READY_PATH = "/readyz"
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True    # a scrape that hangs never holds the process's exit
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):   # noqa: A002 - the base class's signature
+        pass                                 # a line per scrape or probe would drown the log
+
+
+def app(registry: CollectorRegistry, not_ready: Callable[[], str] | None = None):
+    """The WSGI application: READY_PATH answers 200 "ok", or 503 with the reason `not_ready` gives (a process
+    without one is always ready); every other path the registry's exposition."""
+    exposition = make_wsgi_app(registry)
+
+    def serve_one(environ, start_response):
+        if environ.get("PATH_INFO") != READY_PATH:
+            return exposition(environ, start_response)
+        reason = not_ready() if not_ready is not None else ""
+        start_response("503 Service Unavailable" if reason else "200 OK", [("Content-Type", "text/plain")])
+        return [(reason or "ok").encode() + b"\n"]
+    return serve_one
+
+
+def serve(address: str, registry: CollectorRegistry, not_ready: Callable[[], str] | None = None):
+    """Serves app() on `address` from a daemon thread; returns (server, thread)."""
     host, port = parse_address(address)
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server_class = type("Server", (_Server,), {"address_family": family})   # IPv6 too
+    server = make_server(sockaddr[0], port, app(registry, not_ready), server_class=server_class,
+                         handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    log.info("metrics on http://%s:%d/metrics, readiness on %s", host, server.server_port, READY_PATH)
     return server, thread
 
 

@@ -15,7 +15,7 @@ import time
 import grpc
 import pytest
 
-from csi import faults, ids, peers
+from csi import faults, ids, metrics, peers
 from csi.proto import agent_pb2 as apb
 from csi.proto import agent_pb2_grpc
 from csi.proto import csi_pb2 as csi
@@ -161,10 +161,24 @@ def test_agent_restart_and_lost_lio_config_keep_exports_and_data(cluster):
     cluster.teardown(v.volume_id)
 
 
+METRICS_PORT = 9822
+READY_PROBE = ("import sys, urllib.error, urllib.request\n"
+               "try:\n    r = urllib.request.urlopen(sys.argv[1], timeout=10)\n"
+               "except urllib.error.HTTPError as e:\n    r = e\n"
+               "print(r.status, r.read().decode().strip())")
+
+
+def readiness(node, port: int) -> str:
+    """What the agent's /readyz (kubelet's readiness probe in the chart) answers, asked on its node."""
+    url = f"http://127.0.0.1:{port}{metrics.READY_PATH}"
+    return node.run([sys.executable, "-c", READY_PROBE, url], timeout=30, check=True).stdout.strip()
+
+
 def test_an_agent_serves_while_its_start_brings_the_volumes_back(cluster):
     """LIO cleared (a reboot's state), the agent started with a pause before each volume it brings back: it
     answers meanwhile; a publish of a volume not back yet gets ABORTED with the reason (the attacher retries),
-    a volume already back is published, and a new volume is made and exported. Let go, all come back."""
+    a volume already back is published, and a new volume is made and exported; its readiness probe says not
+    ready, with the reason. Let go, all come back and it is ready."""
     vols = [cluster.create(f"serve-{i}", zone="zone-a") for i in range(2)]
     iqns = {v.volume_id: ids.parse_id(v.volume_id).iqn for v in vols}
     s1 = cluster.s1
@@ -172,8 +186,8 @@ def test_an_agent_serves_while_its_start_brings_the_volumes_back(cluster):
     pauses = s1.workdir / "restore-pauses"
     paused, go = pauses / "restore.volume.paused", pauses / "restore.volume.go"
     cluster.d.start_agent(s1, env={faults.PAUSE_ENV: "restore.volume", faults.PAUSE_DIR_ENV: str(pauses)},
-                          restored=False)
-    refused, both_ways, made, reasons = set(), False, None, []
+                          restored=False, extra=["--metrics-address", f"127.0.0.1:{METRICS_PORT}"])
+    refused, both_ways, made, reasons, probes = set(), False, None, [], []
     try:
         with cluster.d.agent_channel(s1) as channel:
             stub = agent_pb2_grpc.AgentStub(channel)
@@ -184,6 +198,7 @@ def test_an_agent_serves_while_its_start_brings_the_volumes_back(cluster):
                     time.sleep(0.1)
                     continue
                 reasons.append(info.not_ready_reason)
+                probes.append(readiness(s1, METRICS_PORT))
                 exported = lio_targets(s1)
                 back = [v for v in vols if iqns[v.volume_id] in exported]
                 for v in back:
@@ -203,12 +218,14 @@ def test_an_agent_serves_while_its_start_brings_the_volumes_back(cluster):
                 go.touch()
                 while go.exists():
                     time.sleep(0.1)
+        ready = readiness(s1, METRICS_PORT)
     finally:
         cluster.d.start_agent(s1)    # without the pause; it brings back whatever the test left
     # every volume refused while it was still to come back; once, one served while the other was not
     assert refused == {v.volume_id for v in vols} and both_ways, (refused, both_ways)
     assert reasons[0].startswith("restoring exports after the agent's start: ") and reasons[0].endswith(
         " volumes left"), reasons
+    assert probes[0] == f"503 {reasons[0]}" and ready == "200 ok", (probes, ready)
     assert set(iqns.values()) <= lio_targets(s1)
     for v in vols:
         cluster.publish(v.volume_id)

@@ -34,6 +34,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from csi import metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "lvm-iscsi-csi"
 MANIFESTS = ROOT / "deploy" / "manifests"
@@ -707,9 +709,22 @@ def test_agent_runs_on_the_selected_storage_nodes_with_what_lvm_and_lio_need():
             assert [a for a in agent["args"] if a.startswith("--portal")] == [
                 f"--portal=$(HOST_IP):{vals['portalPort']}"], value_set
         assert f"--listen={vals['listenAddress']}:{vals['port']}" in agent["args"]
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        for probe in ("startupProbe", "livenessProbe"):
             assert agent[probe]["tcpSocket"]["port"] == "grpc"
+        # ready once its start brought every volume back (csi/metrics.py READY_PATH), or once it listens
+        ready = agent["readinessProbe"]
+        if any(a.startswith("--metrics-address=") for a in agent["args"]):
+            assert ready["httpGet"] == {"path": metrics.READY_PATH, "port": "metrics"} and "tcpSocket" not in ready
+        else:
+            assert ready["tcpSocket"]["port"] == "grpc" and "httpGet" not in ready
         assert agent["ports"][0]["containerPort"] == vals["port"]
+
+
+def test_without_the_metrics_port_the_agent_is_ready_once_it_listens():
+    objs = objects(template("--set", "metrics.enabled=false").stdout)
+    agent = containers(one(objs, "DaemonSet", "-agent"))["agent"]
+    assert not any(a.startswith("--metrics-address") for a in agent["args"])
+    assert agent["readinessProbe"]["tcpSocket"]["port"] == "grpc" and "httpGet" not in agent["readinessProbe"]
 
 
 def test_agent_holds_rtslibs_backstore_lock_on_the_hosts_run_directory():

@@ -5,6 +5,7 @@ agent's and node plugin's gauges say what their state holds."""
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import grpc
@@ -277,3 +278,47 @@ def test_metrics_are_off_unless_asked():
                  ["agent", "--node-name", "s1", "--config", "x", "--tls-dir", "t"]):
         a = cli.parser().parse_args(role)
         assert a.metrics_address == "" and cli._metrics(a) is None
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+def test_the_agent_is_ready_once_its_start_has_brought_every_volume_back(host):
+    """/readyz, kubelet's readiness probe of the agent (the chart's), says 503 with the reason while the start
+    still holds volumes, and 200 once it released the last; the metrics stay served on the same port."""
+    from csi.storage import restore
+    locks = server.KeyLocks()
+    progress = restore.Progress(locks)
+    progress.total = 2
+    locks.reserve(["vg1/a", "vg1/b"], restore.RESTORING)
+    registry = CollectorRegistry()
+    metrics.RpcMetrics(registry)
+    srv, _ = metrics.serve(f"{host}:0", registry, progress.reason)
+    base = f"http://{host}:{srv.server_port}"
+    try:
+        assert get(base + metrics.READY_PATH) == (
+            503, "restoring exports after the agent's start: 2 of 2 volumes left\n")
+        locks.release("vg1/a")
+        assert get(base + metrics.READY_PATH)[1].startswith("restoring exports after the agent's start: 1 of 2")
+        locks.release("vg1/b")
+        assert get(base + metrics.READY_PATH) == (200, "ok\n")
+        status, text = get(base + "/metrics")
+        assert status == 200 and "lvm_iscsi_csi_grpc_server_handled_total" in text
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_process_without_a_readiness_condition_is_ready():
+    srv, _ = metrics.serve("127.0.0.1:0", CollectorRegistry())
+    try:
+        assert get(f"http://127.0.0.1:{srv.server_port}{metrics.READY_PATH}") == (200, "ok\n")
+    finally:
+        srv.shutdown()
+        srv.server_close()
