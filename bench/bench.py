@@ -25,6 +25,9 @@ runs on the host and reaches the agent over mutual TLS (csi/lab/deploy.py, as th
    (`--parts replicas`).
 7. A storage node's reboot with N volumes in use: from the agent's start to every export back, next to one
    `vgchange -ay` and the same exports made with rtslib: in its own lab, see bench/restart.py (`--parts restart`).
+8. Under load: a hundred volumes made and deleted at once through the controller, publishes and unpublishes
+   timed meanwhile, and the rate next to LVM's own serial lvcreate: in its own lab, see bench/load.py
+   (`--parts load`).
 
 Prints the tables as Markdown and writes them to bench/results.md (--out).
 """
@@ -57,6 +60,7 @@ from csi.proto import csi_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attach  # noqa: E402  (bench/ is not a package: bench/run runs this file)
 import iscsi_tuning  # noqa: E402
+import load  # noqa: E402
 import randio  # noqa: E402
 import replicas  # noqa: E402
 import restart  # noqa: E402
@@ -66,7 +70,7 @@ from stats import percentile  # noqa: E402
 HERE = Path(__file__).resolve().parent
 GUEST = HERE / "guest.py"
 MiB, GiB = 1 << 20, 1 << 30
-PARTS = {"create", "snapshots", "randio", "tuning", "replicas", "restart"}
+PARTS = {"create", "snapshots", "randio", "tuning", "replicas", "restart", "load"}
 VOLUME_BYTES = 4 * MiB
 THIN_POOL = "thinpool"
 TCP_PORT = 7801
@@ -407,10 +411,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--subnet", default="10.213.7", help="first three octets of the lab's private subnet")
     a.add_argument("--workdir", default=None, help="lab directory (default: a new one under /var/tmp)")
     a.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
-    a.add_argument("--parts", default="create,snapshots,randio,tuning,replicas,restart",
+    a.add_argument("--parts", default="create,snapshots,randio,tuning,replicas,restart,load",
                    help="comma-separated: create (tables 1-3), snapshots (table 4), randio (fio), tuning (the iSCSI "
                         "path's knobs under fio), replicas (two legs next to one, resync), restart (a storage node's "
-                        "reboot); default all")
+                        "reboot), load (quick calls while many volumes are made at once); default all")
+    a.add_argument("--load-volumes", type=int, default=100, help="volumes made at once by the load part (default 100)")
+    a.add_argument("--load-runs", type=int, default=2, help="runs of the load part (default 2)")
     a.add_argument("--restart-volumes", default="0,500", help="volumes in use at the reboots (default 0,500)")
     a.add_argument("--restart-runs", type=int, default=2, help="reboots per count and side (default 2)")
     a.add_argument("--snap-mib", type=int, default=1024, help="MiB written to the snapshot bench's source volume")
@@ -446,6 +452,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.error(f"--tuning-variants {args.tuning_variants!r}: comma-separated indexes, like 2,3")
     if args.tuning_variants and not all(0 <= i < len(iscsi_tuning.VARIANTS) for i in args.tuning_variants):
         a.error(f"--tuning-variants: indexes from 0 to {len(iscsi_tuning.VARIANTS) - 1}")
+    if args.load_volumes < 1 or args.load_runs < 1:
+        a.error("--load-volumes and --load-runs must be >= 1")
     if args.fio_mib < 64 or args.fio_runs < 1 or args.fio_seconds < 1:
         a.error("--fio-mib must be >= 64, --fio-runs and --fio-seconds >= 1")
     return args
@@ -458,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench cannot run: {problem}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="csi-bench-", dir="/var/tmp"))
-    started, load = time.monotonic(), os.getloadavg()[0]
+    started, host_load = time.monotonic(), os.getloadavg()[0]
     report = ""
     try:
         if "create" in args.parts:
@@ -484,13 +492,17 @@ def main(argv: list[str] | None = None) -> int:
             log(f"a storage node's reboot at {args.restart_volumes} volumes, {args.restart_runs} runs each")
             report += "\n" + restart.run(workdir / "restart", args.subnet, args.restart_volumes, args.restart_runs,
                                           args.disk_gib, log)
+        if "load" in args.parts:
+            log(f"{args.load_volumes} volumes made and deleted at once, {args.load_runs} runs")
+            report += "\n" + load.run(workdir / "load", args.subnet, args.load_volumes, args.load_runs,
+                                       args.disk_gib, log)
     finally:
         if args.keep:
             log(f"logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     report = (f"## lvm-iscsi-csi benchmark, {time.strftime('%Y-%m-%d')}: UML lab on {os.cpu_count()} host CPUs, "
-              f"{(time.monotonic() - started) / 60:.0f} min, host load average {load:.1f} at start and "
+              f"{(time.monotonic() - started) / 60:.0f} min, host load average {host_load:.1f} at start and "
               f"{os.getloadavg()[0]:.1f} at the end\n\n") + report
     print(report)
     Path(args.out).write_text(report)

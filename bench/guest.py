@@ -89,6 +89,23 @@ def raw_restore(vg, ip, initiator, listing):
     return {"activate": activated - started, "export": done - activated, "total": done - started}
 
 
+def raw_create_serial(vg, pool, prefix, count, size):
+    """LVM's own serial rate: `count` thin LVs made one after another, with the agent's argv shape."""
+    started = time.monotonic()
+    for i in range(int(count)):
+        lv = f"{prefix}-{i}"
+        lvm("lvcreate", "--yes", "--name", lv, "--activate", "y", "--setactivationskip", "n",
+            "--addtag", "bench.raw/cluster=raw", "--addtag", "bench.raw/kind=volume",
+            "--addtag", f"bench.raw/name={lv}", "--addtag", "bench.raw/request=0123456789abcdef",
+            "--virtualsize", f"{size}b", "--thin", f"{vg}/{pool}")
+    return {"total": time.monotonic() - started}
+
+
+def raw_remove_serial(vg, prefix, count):
+    lvm("lvremove", "--yes", *(f"{vg}/{prefix}-{i}" for i in range(int(count))))
+    return {}
+
+
 def raw_delete(vg, lv, iqn):
     import rtslib_fb as rts
 
@@ -231,6 +248,7 @@ def tcp_ping(ip, port, count):
 
 
 COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "raw-restore": raw_restore, "tcp-recv": tcp_recv,
+            "raw-create-serial": raw_create_serial, "raw-remove-serial": raw_remove_serial,
             "tcp-send": tcp_send, "timed": timed, "recv-file": recv_file, "send-file": send_file,
             "send-device": send_device, "tcp-echo": tcp_echo, "tcp-ping": tcp_ping}
 

@@ -137,7 +137,7 @@ def run_controller(a: argparse.Namespace) -> int:
     placement.start_adoption()
     nodes = StaticNodes(config.node_directory) if config.node_directory else \
         CsiNodes(config.driver_name, fleet.storage_api())
-    srv = server.make_server(metrics=_metrics(a))
+    srv = server.make_server(server.CONTROLLER_WORKERS, metrics=_metrics(a))
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name, lambda: None), srv)
     service = ControllerService(config, agents, placement, nodes)
     csi_pb2_grpc.add_ControllerServicer_to_server(service, srv)
@@ -233,7 +233,7 @@ def run_agent(a: argparse.Namespace) -> int:
     creds = server.TlsFiles(config.tls_dir).server_credentials()
     from csi import metrics
     # who may call what: storage/authz.py
-    srv = server.make_server(authorize=service.authorizer,
+    srv = server.make_server(server.AGENT_WORKERS, authorize=service.authorizer,
                              metrics=_metrics(a, metrics.AgentCollector(service), not_ready=service.restoring.reason))
     agent_pb2_grpc.add_AgentServicer_to_server(service, srv)
     server.serve(srv, config.listen, creds)

@@ -45,6 +45,12 @@ def deadline(seconds_left: float | None) -> Iterator[None]:
         _deadline.reset(token)
 
 
+def seconds_left() -> float | None:
+    """What is left of the call's deadline (negative once passed), or None outside a call with one."""
+    end = _deadline.get()
+    return None if end is None else end - time.monotonic()
+
+
 def time_left(default: float = DEFAULT_TIMEOUT) -> float:
     end = _deadline.get()
     if end is None:

@@ -311,7 +311,16 @@ KEEPALIVE_OPTIONS = [("grpc.keepalive_permit_without_calls", 1),
                      ("grpc.http2.max_ping_strikes", 0)]
 
 
-def make_server(max_workers: int = 16, authorize: Callable[[str, object, object], None] | None = None,
+# Calls a server runs at once. The controller's and the agent's take as many as their clients make (the
+# provisioner runs 100 workers, the attacher 10 more), so that a quick call (a publish, a grant) never waits in the
+# queue behind a hundred CreateVolume calls; what must take turns does so where it must (LVM's changes:
+# csi/storage/lvm.py CHANGES_AT_ONCE). The node plugin keeps a small pool: its stages run mkfs and logins.
+CONTROLLER_WORKERS = 128
+AGENT_WORKERS = 128
+NODE_WORKERS = 16
+
+
+def make_server(max_workers: int = NODE_WORKERS, authorize: Callable[[str, object, object], None] | None = None,
                 metrics=None) -> grpc.Server:
     """`metrics`: a csi/metrics.py RpcMetrics that counts and times every call of every servicer added."""
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),

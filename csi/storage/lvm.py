@@ -11,16 +11,21 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from csi import runner
+from csi import errors, runner
 from csi.fsutil import write_atomic
-from csi.runner import CommandError
+from csi.runner import CommandError, described
 
 # The LVM commands that change metadata or devices: never killed at the RPC's deadline.
 CHANGES = frozenset({"lvcreate", "lvremove", "lvextend", "lvconvert", "lvchange", "lvrename"})
+# LVM runs the changes of a VG one at a time (its VG lock): more of them at once only adds processes waiting for
+# that lock (their memory on the storage node). The agent serves many calls at once (csi/cli.py), so that a grant
+# never waits behind a hundred volumes being made; the changes among them take turns here.
+CHANGES_AT_ONCE = 4
 
 LV_FIELDS = "lv_name,vg_name,lv_size,lv_tags,pool_lv,lv_attr,data_percent,metadata_percent,origin,lv_time"
 VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size,lv_count"
@@ -179,8 +184,9 @@ def _pct(value: str) -> float | None:
 class Lvm:
     """The agent's LVM. `system_dir` holds the lvm.conf written by `configure`."""
 
-    def __init__(self, system_dir: Path):
+    def __init__(self, system_dir: Path, changes_at_once: int = CHANGES_AT_ONCE):
         self.system_dir = system_dir
+        self._turns = threading.BoundedSemaphore(changes_at_once)
 
     def configure(self, devices: Sequence[str], state_dir: Path) -> None:
         self.system_dir.mkdir(parents=True, exist_ok=True)
@@ -189,11 +195,21 @@ class Lvm:
         write_atomic(self.system_dir / "lvm.conf", lvm_config(devices, state_dir), mode=0o644)
 
     def _run(self, argv: list[str], ok_codes: Iterable[int] = (0,)) -> runner.Result:
-        # A change runs to its end past the RPC's deadline (runner.py): lvextend or a snapshot's lvcreate killed
-        # while it holds the LV suspended would leave every I/O to it, and every later LVM command, waiting.
-        return runner.run(argv, ok_codes=ok_codes, env={"LVM_SYSTEM_DIR": str(self.system_dir),
-                                                        "LVM_SUPPRESS_FD_WARNINGS": "1"},
-                          finish=argv[0] in CHANGES)
+        env = {"LVM_SYSTEM_DIR": str(self.system_dir), "LVM_SUPPRESS_FD_WARNINGS": "1"}
+        if argv[0] not in CHANGES:
+            return runner.run(argv, ok_codes=ok_codes, env=env)
+        left = runner.seconds_left()
+        if not self._turns.acquire(timeout=None if left is None else max(0.0, left)):
+            # the caller has given up: a change started now would run to its end for nobody
+            raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED, f"{described(argv)} not started: the call's deadline "
+                                  "passed while other LVM changes ran; nothing was done")
+        try:
+            # A change runs to its end past the RPC's deadline (runner.py): lvextend or a snapshot's lvcreate
+            # killed while it holds the LV suspended would leave every I/O to it, and every later LVM command,
+            # waiting.
+            return runner.run(argv, ok_codes=ok_codes, env=env, finish=True)
+        finally:
+            self._turns.release()
 
     @staticmethod
     def _report(stdout: str, kind: str) -> list[dict[str, str]]:

@@ -116,3 +116,44 @@ def test_config_accepts_only_configured_devices_and_never_scans_lvs(tmp_path):
     assert f'backup_dir = "{tmp_path}/lvm/backup"' in text
     with pytest.raises(ValueError):
         lvm_config(['/dev/x|"'], tmp_path)
+
+
+def test_lvm_changes_take_turns_and_reports_do_not_wait_for_them(fake_run, tmp_path):
+    """The agent serves many calls at once (csi/server.py AGENT_WORKERS); its LVM changes run at most
+    `changes_at_once` at a time, and a report or a change whose caller's deadline passes in the wait is never
+    started (nothing to finish for a caller that has gone)."""
+    import threading
+    import time
+
+    from csi import errors, runner
+    lvm = Lvm(tmp_path / "sys", changes_at_once=2)
+    running, most, go = [0], [0], threading.Event()
+    mutex = threading.Lock()
+
+    def lvcreate(argv):
+        with mutex:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        go.wait(10)
+        with mutex:
+            running[0] -= 1
+        return 0, "", ""
+    fake_run.on("lvcreate", fn=lvcreate)
+    fake_run.on("lvs", stdout=LVS_ONE)
+    makers = [threading.Thread(target=lvm.create, args=("csi-vg", f"v{i}", 1 << 30, [], "thinpool"))
+              for i in range(6)]
+    for t in makers:
+        t.start()
+    deadline = time.monotonic() + 10
+    while running[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert running[0] == 2
+    assert lvm.lv("csi-vg", "c1-pvc-1-abc") is not None      # a report while both turns are taken
+    with runner.deadline(0.2), pytest.raises(errors.CsiError) as late:
+        lvm.create("csi-vg", "late", 1 << 30, [], "thinpool")
+    assert late.value.code == errors.Code.DEADLINE_EXCEEDED and "nothing was done" in late.value.message
+    assert not any("csi-vg/late" in " ".join(c) or "late" in c for c in fake_run.calls)
+    go.set()
+    for t in makers:
+        t.join(10)
+    assert most[0] == 2 and sum(c[0] == "lvcreate" for c in fake_run.calls) == 6
