@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import grpc
@@ -93,3 +94,19 @@ def fill_random(worker: LabNode, target: Path, size: int) -> None:
                    timeout=3600, check=True)
     finally:
         src.unlink()
+
+
+def daemon_memory(d: Deployment, storage: LabNode, worker: LabNode) -> list[tuple[str, str, int, int]]:
+    """(daemon, where, VmRSS KiB, VmHWM KiB) of the agent, the node plugin and the controller, now."""
+    out = []
+    for node, name in ((storage, "agent"), (worker, "node-plugin")):
+        pid = node.status(name)["pid"]
+        text = node.run(["cat", f"/proc/{pid}/status"], timeout=30, check=True).stdout
+        out.append((name, f"guest {node.name}", *_rss(text)))
+    out.append(("controller", "host", *_rss(Path(f"/proc/{d.controller.pid}/status").read_text())))
+    return out
+
+
+def _rss(status: str) -> tuple[int, int]:
+    values = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
+    return int(values["VmRSS"]), int(values["VmHWM"])

@@ -288,17 +288,6 @@ class Bench:
 
     # ------------------------------------------------------------------------------------ memory
 
-    def memory(self) -> list[tuple[str, str, int, int]]:
-        """(daemon, where, VmRSS KiB, VmHWM KiB) of each daemon, now."""
-        out = []
-        for node, name in ((self.s, "agent"), (self.w, "node-plugin")):
-            pid = node.status(name)["pid"]
-            text = node.run(["cat", f"/proc/{pid}/status"], timeout=30, check=True).stdout
-            out.append((name, f"guest {node.name}", *_rss(text)))
-        out.append(("controller", "host", *_rss(Path(f"/proc/{self.d.controller.pid}/status").read_text())))
-        return out
-
-
 def _tally(events) -> dict[str, tuple[int, float]]:
     """(label, seconds) events -> label: (calls, seconds)."""
     out: dict[str, tuple[int, float]] = defaultdict(lambda: (0, 0.0))
@@ -319,11 +308,6 @@ def _session_cpu(sid: int) -> float:
         if int(fields[3]) == sid:  # fields from 3 (state) on: session is 6, utime..cstime 14..17
             ticks += sum(int(f) for f in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _rss(status: str) -> tuple[int, int]:
-    values = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
-    return int(values["VmRSS"]), int(values["VmHWM"])
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -525,7 +509,7 @@ def create_part(args: argparse.Namespace, workdir: Path) -> str:
             points = [bench.point(n) for n in args.volumes]
             log(f"read throughput, {args.io_runs} runs of {args.io_mib} MiB")
             reads = bench.throughput(args.io_mib * MiB, args.io_runs)
-            memory = bench.memory()
+            memory = attach.daemon_memory(d, s, w)
         finally:
             bench.close()
             d.stop_controller()

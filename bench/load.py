@@ -154,7 +154,7 @@ def _fmt(values: list[float]) -> str:
             if values else "-")
 
 
-def render(count: int, runs: list[Run]) -> str:
+def render(count: int, runs: list[Run], memory: list[tuple[str, str, int, int]] = ()) -> str:
     created = statistics.median(r.created for r in runs)
     deleted = statistics.median(r.deleted for r in runs)
     raw = statistics.median(r.raw for r in runs)
@@ -181,6 +181,9 @@ def render(count: int, runs: list[Run]) -> str:
               f"lvm.conf). Quick calls: the probe volumes published to the worker and unpublished, one call after "
               f"another, while the {count} calls ran (p95 of the two phases while made: "
               f"{', '.join(f'{p:.2f}' for p in p95s)} s)."]
+    if memory:
+        lines.append("Peak resident memory after the runs: " + ", ".join(
+            f"{name} {hwm / 1024:.1f} MiB" for name, _, _, hwm in memory) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -202,7 +205,8 @@ def run(workdir: Path, subnet: str, count: int, runs: int, disk_gib: int, log) -
                     f"{p95(r.latency[KINDS[2]]):.2f} s")
             for vid in probes:
                 bench.delete(setup, vid)
+            memory = attach.daemon_memory(d, s, w)
         finally:
             bench.close()
     log(f"load part done in {(time.monotonic() - started) / 60:.1f} min")
-    return render(count, results)
+    return render(count, results, memory)

@@ -40,7 +40,10 @@ def test_render_gives_medians_p95s_the_ratio_and_whether_the_targets_are_met():
     assert r["ControllerUnpublishVolume while made"][2] == "p95 <= 2: **met**"
     assert r["ControllerPublishVolume while deleted"] == ["0", "-", ""]
     assert "Retries: CreateVolume: ABORTED 4." in table
-    slow = load.render(10, [a_run(200.0, 100.0, [3.0] * 10)])
+    assert "Peak resident memory" not in table
+    slow = load.render(10, [a_run(200.0, 100.0, [3.0] * 10)], [("agent", "guest s", 50 * 1024, 60 * 1024),
+                                                              ("controller", "host", 40 * 1024, 45 * 1024)])
+    assert "Peak resident memory after the runs: agent 60.0 MiB, controller 45.0 MiB." in slow
     assert "| 2.00 | <= 1.5: **NOT met** |" in slow and "p95 <= 2: **NOT met**" in slow
 
 
