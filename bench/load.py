@@ -43,6 +43,8 @@ THIN_POOL = "thinpool"
 PROBES = 4
 RETRIED = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
            grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Retried too, as the provisioner and the attacher retry every failure, but reported as errors with their message.
+FAILED = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 GUEST = Path(__file__).resolve().parent / "guest.py"
 
 
@@ -54,6 +56,7 @@ class Run:
     raw: float = 0.0
     latency: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
     retries: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
 
 
 KINDS = ("CreateVolume", "DeleteVolume", "ControllerPublishVolume while made", "ControllerUnpublishVolume while made",
@@ -74,10 +77,12 @@ class LoadBench(attach.Clients):
                 call()
                 return time.monotonic() - started
             except grpc.RpcError as exc:
-                if exc.code() not in RETRIED or time.monotonic() - started > deadline:
+                if exc.code() not in RETRIED + FAILED or time.monotonic() - started > deadline:
                     raise
                 with self._mutex:
                     run.retries[f"{name}: {exc.code().name}"] += 1
+                    if exc.code() in FAILED:
+                        run.errors[f"{name}: {exc.code().name}: {exc.details()}"] += 1
                 time.sleep(wait)
                 wait = min(wait * 2, 8.0)
 
@@ -176,7 +181,10 @@ def render(count: int, runs: list[Run], memory: list[tuple[str, str, int, int]] 
             target = f"p95 <= 2: **{'met' if high <= 2 else 'NOT met'}**"
         lines.append(f"| {k} | {len(pooled[k])} | {_fmt(pooled[k])} | {target} |")
     retries = sum((r.retries for r in runs), Counter())
+    errors = sum((r.errors for r in runs), Counter())
     lines += ["", "Retries: " + (", ".join(f"{k} {v}" for k, v in sorted(retries.items())) or "none") + ".",
+              "Errors (retried as the sidecars retry them): " + (
+                  "; ".join(f"{k} ({v}x)" for k, v in sorted(errors.items())) or "none") + ".",
               f"Raw floor: {count} thin `lvcreate` one after another on the storage node (the agent's argv shape and "
               f"lvm.conf). Quick calls: the probe volumes published to the worker and unpublished, one call after "
               f"another, while the {count} calls ran (p95 of the two phases while made: "

@@ -24,6 +24,7 @@ import time
 from csi import capabilities as caps
 from csi import errors, faults, ids, peers
 from csi.proto import agent_pb2 as pb
+from csi.storage import lio
 from csi.storage.lio import Access
 from csi.storage.records import Grant, VolumeRecord
 
@@ -62,7 +63,7 @@ def grant(service, request) -> pb.GrantAccessResponse:
     initiator = _checked(request)
     if request.node_name and not _valid_node(request.node_name):
         raise errors.invalid(f"node_name {request.node_name[:100]!r} is not a node name")
-    with service.locks.hold(f"{request.vg}/{request.lv}"):
+    with service.locks.hold(f"{request.vg}/{request.lv}"), lio.CHANGES.quick():   # a pod waits for it
         rec = service.records.load(request.vg, request.lv)
         if rec is None or rec.deleting:
             raise errors.not_found(f"no volume {request.vg}/{request.lv} on {service.config.node_name}")
@@ -111,7 +112,7 @@ def _valid_node(name: str) -> bool:
 
 def revoke(service, request) -> pb.RevokeAccessResponse:
     initiator = _checked(request)
-    with service.locks.hold(f"{request.vg}/{request.lv}"):
+    with service.locks.hold(f"{request.vg}/{request.lv}"), lio.CHANGES.quick():
         rec = service.records.load(request.vg, request.lv)
         if rec is not None and rec.grants.pop(initiator, None) is not None:
             service.records.save(rec)

@@ -17,13 +17,13 @@ import logging
 import os
 import re
 import secrets
-import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from csi import runner
+from csi.storage.lio_lock import TurnLock
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,8 @@ def load_modules() -> None:
     runner.run(["modprobe", "-a", *MODULES])
 
 
-# rtslib objects are views of configfs paths that another thread may remove between two of rtslib's own
-# reads (a concurrent unexport makes a walk over the targets meet a vanished directory: FileNotFoundError).
-# Every change to LIO therefore runs under this one lock; each change takes milliseconds, so it costs
-# nothing against the LVM work around it.
-_CHANGE = threading.RLock()
+# Every change to LIO runs under this one lock (why, and why grants and revokes go first: lio_lock.py).
+CHANGES = TurnLock()
 
 
 def _rts():
@@ -92,7 +89,7 @@ def _rts():
 def _serialised(method):
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
-        with _CHANGE:
+        with CHANGES:
             return method(self, *args, **kwargs)
     return locked
 

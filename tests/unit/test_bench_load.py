@@ -40,6 +40,7 @@ def test_render_gives_medians_p95s_the_ratio_and_whether_the_targets_are_met():
     assert r["ControllerUnpublishVolume while made"][2] == "p95 <= 2: **met**"
     assert r["ControllerPublishVolume while deleted"] == ["0", "-", ""]
     assert "Retries: CreateVolume: ABORTED 4." in table
+    assert "Errors (retried as the sidecars retry them): none." in table
     assert "Peak resident memory" not in table
     slow = load.render(10, [a_run(200.0, 100.0, [3.0] * 10)], [("agent", "guest s", 50 * 1024, 60 * 1024),
                                                               ("controller", "host", 40 * 1024, 45 * 1024)])
@@ -54,18 +55,23 @@ class Failure(grpc.RpcError):
     def code(self):
         return self._code
 
+    def details(self):
+        return "it broke"
+
 
 def test_a_call_is_retried_after_a_transient_code_only(monkeypatch):
     monkeypatch.setattr(load.time, "sleep", lambda s: None)
     bench = object.__new__(load.LoadBench)
     bench._mutex = load.threading.Lock()
-    run, answers = load.Run(), [grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE, None]
+    run, answers = load.Run(), [grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, None]
 
     def call():
         code = answers.pop(0)
         if code:
             raise Failure(code)
     assert bench.retried(run, "ControllerPublishVolume", call) >= 0
-    assert run.retries == Counter({"ControllerPublishVolume: ABORTED": 1, "ControllerPublishVolume: UNAVAILABLE": 1})
+    assert run.retries == Counter({"ControllerPublishVolume: ABORTED": 1, "ControllerPublishVolume: INTERNAL": 1,
+                                   "ControllerPublishVolume: UNAVAILABLE": 1})
+    assert run.errors == Counter({"ControllerPublishVolume: INTERNAL: it broke": 1})
     with pytest.raises(grpc.RpcError):
-        bench.retried(run, "CreateVolume", lambda: (_ for _ in ()).throw(Failure(grpc.StatusCode.INTERNAL)))
+        bench.retried(run, "CreateVolume", lambda: (_ for _ in ()).throw(Failure(grpc.StatusCode.INVALID_ARGUMENT)))
