@@ -10,6 +10,7 @@ own (shell-based) modprobe.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import ipaddress
@@ -17,12 +18,13 @@ import logging
 import os
 import re
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from csi import runner
+from csi import errors, runner
 from csi.storage.lio_lock import TurnLock
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,35 @@ def _new_store_lock():
         os.close(fd)
 
 
+STORE_BUSY_TRIES = 3
+STORE_BUSY_WAIT = 0.2
+
+
+def _make_store(rts, name: str, device: str, wwn: str):
+    """A block backstore. Enabling it makes the kernel open the device exclusively, which fails with EBUSY while
+    something else holds it so: seen once in a hundred volumes made at once (bench/run --parts load), right
+    after the volume's lvcreate. Tried again shortly, then ABORTED (the provisioner retries), never INTERNAL;
+    rtslib removes the half-made store each time."""
+    for attempt in range(1, STORE_BUSY_TRIES + 1):
+        try:
+            return rts.BlockStorageObject(name, dev=device, wwn=wwn)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            held = ", ".join(_holders(device)) or "no holder in sysfs"
+            if attempt == STORE_BUSY_TRIES:
+                raise errors.aborted(f"{device} is busy ({held}): its export cannot open it yet; retry") from None
+            log.info("%s busy (%s) when its backstore was enabled: again in %.1fs", device, held, STORE_BUSY_WAIT)
+            time.sleep(STORE_BUSY_WAIT)
+
+
+def _holders(device: str) -> list[str]:
+    try:
+        return sorted(os.listdir(f"/sys/class/block/{os.path.basename(os.path.realpath(device))}/holders"))
+    except OSError:
+        return []
+
+
 def _drop_store(so) -> None:
     """Removes a backstore whose LUN is already gone (its target was deleted).
 
@@ -174,8 +205,8 @@ class Lio:
         so = _find_store(backstore)
         if so is None:
             with _new_store_lock():
-                so = _find_store(backstore) or rts.BlockStorageObject(
-                    backstore, dev=device, wwn=str(uuid.uuid5(uuid.NAMESPACE_URL, iqn)))
+                so = _find_store(backstore) or _make_store(rts, backstore, device,
+                                                           str(uuid.uuid5(uuid.NAMESPACE_URL, iqn)))
         if thin:
             # Lets the initiator's discards (fstrim, mkfs) give blocks back to the thin pool.
             so.set_attribute("emulate_tpu", "1")
