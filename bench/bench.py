@@ -286,7 +286,6 @@ class Bench:
         return {n.name: int(n.run(["cat", "/sys/class/net/eth0/statistics/tx_packets"], timeout=30,
                                   check=True).stdout) for n in (self.s, self.w)}
 
-    # ------------------------------------------------------------------------------------ memory
 
 def _tally(events) -> dict[str, tuple[int, float]]:
     """(label, seconds) events -> label: (calls, seconds)."""

@@ -39,15 +39,19 @@ def lvm(*argv: str) -> None:
                    env={**os.environ, "LC_ALL": "C"})
 
 
-def raw_create(vg, pool, lv, size, iqn, ip, initiator):
-    import rtslib_fb as rts  # imported before the clock starts: the agent has it loaded too
-
-    started = time.monotonic()
+def lvcreate_thin(vg, pool, lv, size):
     # The argv of csi.storage.lvm.Lvm.create for a thin volume, with as many tags of about the same length.
     lvm("lvcreate", "--yes", "--name", lv, "--activate", "y", "--setactivationskip", "n",
         "--addtag", "bench.raw/cluster=raw", "--addtag", "bench.raw/kind=volume",
         "--addtag", f"bench.raw/name={lv}", "--addtag", "bench.raw/request=0123456789abcdef",
         "--virtualsize", f"{size}b", "--thin", f"{vg}/{pool}")
+
+
+def raw_create(vg, pool, lv, size, iqn, ip, initiator):
+    import rtslib_fb as rts  # imported before the clock starts: the agent has it loaded too
+
+    started = time.monotonic()
+    lvcreate_thin(vg, pool, lv, size)
     created = time.monotonic()
     _export(rts, vg, lv, iqn, ip, initiator)
     done = time.monotonic()
@@ -93,11 +97,7 @@ def raw_create_serial(vg, pool, prefix, count, size):
     """LVM's own serial rate: `count` thin LVs made one after another, with the agent's argv shape."""
     started = time.monotonic()
     for i in range(int(count)):
-        lv = f"{prefix}-{i}"
-        lvm("lvcreate", "--yes", "--name", lv, "--activate", "y", "--setactivationskip", "n",
-            "--addtag", "bench.raw/cluster=raw", "--addtag", "bench.raw/kind=volume",
-            "--addtag", f"bench.raw/name={lv}", "--addtag", "bench.raw/request=0123456789abcdef",
-            "--virtualsize", f"{size}b", "--thin", f"{vg}/{pool}")
+        lvcreate_thin(vg, pool, f"{prefix}-{i}", size)
     return {"total": time.monotonic() - started}
 
 
