@@ -21,6 +21,30 @@ def recorded_failure(name: str) -> tuple[int, str, str]:
     return int(recorded(f"{name}.rc").strip()), "", recorded(f"{name}.stderr")
 
 
+class Overlap:
+    """A fake command's body (FakeRunner.on(..., fn=Overlap(...))) that counts how many of its commands run at
+    once: `running` now, `most` the highest seen. Each holds `hold` seconds, or until `gate` is set."""
+
+    def __init__(self, hold: float = 0.0, gate=None) -> None:
+        import threading
+        self.hold, self.gate = hold, gate
+        self.running = self.most = 0
+        self._mutex = threading.Lock()
+
+    def __call__(self, argv) -> tuple[int, str, str]:
+        import time
+        with self._mutex:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        if self.gate is not None:
+            self.gate.wait(10)
+        else:
+            time.sleep(self.hold)
+        with self._mutex:
+            self.running -= 1
+        return 0, "", ""
+
+
 class FakeRunner:
     """Replaces runner.run's process start: answers come from `responses`, matched by argv prefix (the
     longest prefix wins; among equals, the latest registered); every call is recorded with its full argv and environment."""

@@ -4,7 +4,7 @@ import pytest
 
 from csi import errors
 from csi.node.iscsi import Iscsiadm, Target, parse_sessions, read_initiator_name
-from tests.unit.conftest import recorded_failure
+from tests.unit.conftest import Overlap, recorded_failure
 
 T = Target("iqn.2026-11.dev.csi.lvm-iscsi:vg.lv", ("10.0.0.1:3260",), 0, "u1", "secret-123456789", "t1",
            "mutual-secret-9876")
@@ -150,19 +150,8 @@ def test_node_database_commands_of_concurrent_stages_never_overlap(fake_run):
     # open-iscsi walks every record on update / delete / login / logout / listing: one of another volume's
     # stage changing meanwhile fails the walk (exit 6). Seen with 50 stages at once per worker.
     import threading
-    import time as _time
 
-    running, overlaps, mutex = [0], [0], threading.Lock()
-
-    def slow(argv):
-        with mutex:
-            running[0] += 1
-            overlaps[0] = max(overlaps[0], running[0])
-        _time.sleep(0.002)
-        with mutex:
-            running[0] -= 1
-        return 0, "", ""
-
+    slow = Overlap(hold=0.002)
     rc, _, err = recorded_failure("session_none")
     fake_run.on("iscsiadm", "-m", "session", rc=rc, stderr=err)
     fake_run.on("iscsiadm", "-m", "node", fn=slow)
@@ -175,7 +164,7 @@ def test_node_database_commands_of_concurrent_stages_never_overlap(fake_run):
         t.join()
     node_calls = [c for c in fake_run.calls if c[:3] == ["iscsiadm", "-m", "node"]]
     assert len(node_calls) >= 8 * 7   # per stage: new, 3 updates, login; logout, delete
-    assert overlaps[0] == 1, f"{overlaps[0]} iscsiadm -m node commands ran at once"
+    assert slow.most == 1, f"{slow.most} iscsiadm -m node commands ran at once"
 
 
 def test_a_record_is_found_under_the_name_open_iscsi_gives_it(node_db):

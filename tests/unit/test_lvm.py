@@ -6,7 +6,7 @@ import pytest
 
 from csi.runner import CommandError
 from csi.storage.lvm import Lvm, already_exists, is_missing, lvm_config, parse_thin_pool_status
-from tests.unit.conftest import recorded, recorded_failure
+from tests.unit.conftest import Overlap, recorded, recorded_failure
 
 LVS_ONE = json.dumps({"report": [{"lv": [{
     "lv_name": "c1-pvc-1-abc", "vg_name": "csi-vg", "lv_size": "1073741824",
@@ -127,17 +127,8 @@ def test_lvm_changes_take_turns_and_reports_do_not_wait_for_them(fake_run, tmp_p
 
     from csi import errors, runner
     lvm = Lvm(tmp_path / "sys", changes_at_once=2)
-    running, most, go = [0], [0], threading.Event()
-    mutex = threading.Lock()
-
-    def lvcreate(argv):
-        with mutex:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        go.wait(10)
-        with mutex:
-            running[0] -= 1
-        return 0, "", ""
+    go = threading.Event()
+    lvcreate = Overlap(gate=go)
     fake_run.on("lvcreate", fn=lvcreate)
     fake_run.on("lvs", stdout=LVS_ONE)
     makers = [threading.Thread(target=lvm.create, args=("csi-vg", f"v{i}", 1 << 30, [], "thinpool"))
@@ -145,9 +136,9 @@ def test_lvm_changes_take_turns_and_reports_do_not_wait_for_them(fake_run, tmp_p
     for t in makers:
         t.start()
     deadline = time.monotonic() + 10
-    while running[0] < 2 and time.monotonic() < deadline:
+    while lvcreate.running < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert running[0] == 2
+    assert lvcreate.running == 2
     assert lvm.lv("csi-vg", "c1-pvc-1-abc") is not None      # a report while both turns are taken
     with runner.deadline(0.2), pytest.raises(errors.CsiError) as late:
         lvm.create("csi-vg", "late", 1 << 30, [], "thinpool")
@@ -156,4 +147,4 @@ def test_lvm_changes_take_turns_and_reports_do_not_wait_for_them(fake_run, tmp_p
     go.set()
     for t in makers:
         t.join(10)
-    assert most[0] == 2 and sum(c[0] == "lvcreate" for c in fake_run.calls) == 6
+    assert lvcreate.most == 2 and sum(c[0] == "lvcreate" for c in fake_run.calls) == 6
