@@ -220,7 +220,8 @@ def unexplained_restarts(cluster) -> tuple[dict[tuple[str, str], int], list[str]
                                        START_DEADLINES.get(container, SIDECAR_START_DEADLINES))), None)
             if found:
                 lines = found.group(0).splitlines()
-                excused.append(f"{pod}/{container} ({count}x): {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else ""))
+                shown = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "")
+                excused.append(f"{pod}/{container} ({count}x): {shown}")
                 continue
         left[(pod, container)] = count
     return left, excused
