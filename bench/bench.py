@@ -28,6 +28,8 @@ runs on the host and reaches the agent over mutual TLS (csi/lab/deploy.py, as th
 8. Under load: a hundred volumes made and deleted at once through the controller, publishes and unpublishes
    timed meanwhile, and the rate next to LVM's own serial lvcreate: in its own lab, see bench/load.py
    (`--parts load`).
+9. NodeStageVolume and NodeUnstageVolume next to the same login, mkfs and mount done by hand on the worker: in
+   its own lab, see bench/stage.py (`--parts stage`).
 
 Prints the tables as Markdown and writes them to bench/results.md (--out).
 """
@@ -35,7 +37,6 @@ Prints the tables as Markdown and writes them to bench/results.md (--out).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
@@ -65,12 +66,14 @@ import randio  # noqa: E402
 import replicas  # noqa: E402
 import restart  # noqa: E402
 import snapshots  # noqa: E402
+import stage  # noqa: E402
+import stats  # noqa: E402
 from stats import percentile  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GUEST = HERE / "guest.py"
 MiB, GiB = 1 << 20, 1 << 30
-PARTS = {"create", "snapshots", "randio", "tuning", "replicas", "restart", "load"}
+PARTS = {"create", "snapshots", "randio", "tuning", "replicas", "restart", "load", "stage"}
 VOLUME_BYTES = 4 * MiB
 THIN_POOL = "thinpool"
 TCP_PORT = 7801
@@ -79,7 +82,6 @@ MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext
                              access_mode=M(mode=M.SINGLE_NODE_WRITER))
 BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
 # Lines of csi/runner.py (debug) and csi/server.py (info) in the agent's log.
-RAN = re.compile(r" ran (\[.*\]) rc=-?\d+ in ([\d.]+)s$", re.M)
 RPC = re.compile(r" csi\.server: (\w+) (?:ok in ([\d.]+)s$|failed after ([\d.]+)s: (\w+))", re.M)
 DD_RATE = re.compile(r"^(\d+) bytes .* copied, ([\d.]+) s", re.M)
 
@@ -203,8 +205,8 @@ class Bench:
         p.storage_cpu.append(self.cpu()[self.s.name] - cpu)
         text = self._agent_log_since(start)
         self.remove(vid)
-        p.commands.append(_tally((command_label(ast.literal_eval(m[1])), float(m[2])) for m in RAN.finditer(text)))
-        p.rpcs.append(_tally((f"{m[1]} -> {m[4]}" if m[4] else m[1], float(m[2] or m[3]))
+        p.commands.append(stats.commands(text, command_label))
+        p.rpcs.append(stats.tally((f"{m[1]} -> {m[4]}" if m[4] else m[1], float(m[2] or m[3]))
                              for m in RPC.finditer(text)))
 
     def raw_sample(self, p: Point, lv: str) -> None:
@@ -285,15 +287,6 @@ class Bench:
         """Frames each node has sent on its lab interface so far."""
         return {n.name: int(n.run(["cat", "/sys/class/net/eth0/statistics/tx_packets"], timeout=30,
                                   check=True).stdout) for n in (self.s, self.w)}
-
-
-def _tally(events) -> dict[str, tuple[int, float]]:
-    """(label, seconds) events -> label: (calls, seconds)."""
-    out: dict[str, tuple[int, float]] = defaultdict(lambda: (0, 0.0))
-    for label, seconds in events:
-        n, total = out[label]
-        out[label] = (n + 1, total + seconds)
-    return dict(out)
 
 
 def _session_cpu(sid: int) -> float:
@@ -394,14 +387,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--subnet", default="10.213.7", help="first three octets of the lab's private subnet")
     a.add_argument("--workdir", default=None, help="lab directory (default: a new one under /var/tmp)")
     a.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
-    a.add_argument("--parts", default="create,snapshots,randio,tuning,replicas,restart,load",
+    a.add_argument("--parts", default="create,snapshots,randio,tuning,replicas,restart,load,stage",
                    help="comma-separated: create (tables 1-3), snapshots (table 4), randio (fio), tuning (the iSCSI "
                         "path's knobs under fio), replicas (two legs next to one, resync), restart (a storage node's "
-                        "reboot), load (quick calls while many volumes are made at once); default all")
+                        "reboot), load (quick calls while many volumes are made at once), stage (NodeStageVolume "
+                        "next to a login, mkfs and mount by hand); default all")
     a.add_argument("--load-volumes", type=int, default=100, help="volumes made at once by the load part (default 100)")
     a.add_argument("--load-runs", type=int, default=2, help="runs of the load part (default 2)")
     a.add_argument("--restart-volumes", default="0,500", help="volumes in use at the reboots (default 0,500)")
     a.add_argument("--restart-runs", type=int, default=2, help="reboots per count and side (default 2)")
+    a.add_argument("--stage-samples", type=int, default=5, help="samples of the stage part (default 5)")
     a.add_argument("--snap-mib", type=int, default=1024, help="MiB written to the snapshot bench's source volume")
     a.add_argument("--snap-samples", type=int, default=3, help="samples per snapshot / restore kind")
     a.add_argument("--fio-mib", type=int, default=512, help="MiB of the fio bench's volumes")
@@ -435,6 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.error(f"--tuning-variants {args.tuning_variants!r}: comma-separated indexes, like 2,3")
     if args.tuning_variants and not all(0 <= i < len(iscsi_tuning.VARIANTS) for i in args.tuning_variants):
         a.error(f"--tuning-variants: indexes from 0 to {len(iscsi_tuning.VARIANTS) - 1}")
+    if args.stage_samples < 1:
+        a.error("--stage-samples must be >= 1")
     if args.load_volumes < 1 or args.load_runs < 1:
         a.error("--load-volumes and --load-runs must be >= 1")
     if args.fio_mib < 64 or args.fio_runs < 1 or args.fio_seconds < 1:
@@ -479,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{args.load_volumes} volumes made and deleted at once, {args.load_runs} runs")
             report += "\n" + load.run(workdir / "load", args.subnet, args.load_volumes, args.load_runs,
                                        args.disk_gib, log)
+        if "stage" in args.parts:
+            log(f"NodeStageVolume and NodeUnstageVolume next to them by hand, {args.stage_samples} samples")
+            report += "\n" + stage.run(workdir / "stage", args.subnet, args.stage_samples, args.disk_gib, log)
     finally:
         if args.keep:
             log(f"logs kept in {workdir}")

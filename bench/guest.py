@@ -7,6 +7,10 @@ and rtslib-fb only. Each sub-command prints one JSON line.
   raw-delete VG LV IQN                                 undo raw-create
   raw-restore VG PORTAL_IP INITIATOR LISTING           a boot's floor: one `vgchange -ay`, then raw-create's
                                                        export of each [lv, iqn] of the JSON file LISTING
+  raw-stage IQN PORTAL MKFS MOUNTPOINT                 on a worker, by hand: node record, raw-create's CHAP
+                                                       lines written into it, login, the by-path link awaited,
+                                                       mkfs.ext4 with the driver's options if MKFS is 1, mount
+  raw-unstage IQN MOUNTPOINT                           undo raw-stage: umount, logout, delete the record
   tcp-recv IP PORT                                     accept one connection, read to EOF: bytes, seconds
   tcp-send IP PORT BYTES                               connect (retrying until the receiver listens), send
   timed CMD ARG...                                     run one command (LVM's, say): its seconds
@@ -21,6 +25,7 @@ and rtslib-fb only. Each sub-command prints one JSON line.
                                                        the 48 bytes: round-trip mean and p99 in microseconds
 """
 
+import glob
 import json
 import mmap
 import os
@@ -91,6 +96,63 @@ def raw_restore(vg, ip, initiator, listing):
         _export(rts, vg, lv, iqn, ip, initiator)
     done = time.monotonic()
     return {"activate": activated - started, "export": done - activated, "total": done - started}
+
+
+def _iscsiadm(*args: str) -> None:
+    subprocess.run(["iscsiadm", *args], check=True, capture_output=True, stdin=subprocess.DEVNULL,
+                   env={**os.environ, "LC_ALL": "C"})
+
+
+def _write_chap(iqn, portal):
+    """raw-create's CHAP lines into the node record (not through `iscsiadm -o update`: no secret in an argv)."""
+    ip, port = portal.rsplit(":", 1)
+    # "<ip>,<port>" a plain file for a record made with `-o new`; "<ip>,<port>,<tpgt>/default" after a discovery
+    records = [p for d in ("/etc/iscsi/nodes", "/var/lib/iscsi/nodes")
+               for p in glob.glob(f"{d}/{iqn}/{ip},{port}") + glob.glob(f"{d}/{iqn}/{ip},{port},*/default")
+               if os.path.isfile(p)]
+    if not records:
+        raise RuntimeError(f"no node record of {iqn} at {portal}")
+    auth = (f"node.session.auth.authmethod = CHAP\nnode.session.auth.username = {CHAP_USER}\n"
+            f"node.session.auth.password = {CHAP_SECRET}\n")
+    for path in records:
+        with open(path) as f:
+            text = f.read()
+        text = text.replace("# END RECORD", auth + "# END RECORD", 1) if "# END RECORD" in text else text + auth
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def raw_stage(iqn, portal, mkfs, mountpoint):
+    """What a person staging raw-create's export on a worker does (the driver's mkfs.ext4 options)."""
+    device = f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-0"
+    os.makedirs(mountpoint, exist_ok=True)
+    started = time.monotonic()
+    _iscsiadm("-m", "node", "-T", iqn, "-p", portal, "-o", "new")
+    _write_chap(iqn, portal)
+    _iscsiadm("-m", "node", "-T", iqn, "-p", portal, "--login")
+    logged_in = time.monotonic()
+    while not os.path.exists(device):
+        if time.monotonic() - logged_in > 60:
+            raise RuntimeError(f"{device} did not appear")
+        time.sleep(0.01)
+    appeared = time.monotonic()
+    if mkfs == "1":
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", device],
+                       check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    formatted = time.monotonic()
+    subprocess.run(["mount", "-t", "ext4", device, mountpoint], check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL)
+    done = time.monotonic()
+    return {"login": logged_in - started, "device": appeared - logged_in, "mkfs": formatted - appeared,
+            "mount": done - formatted, "total": done - started}
+
+
+def raw_unstage(iqn, mountpoint):
+    started = time.monotonic()
+    subprocess.run(["umount", mountpoint], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    _iscsiadm("-m", "node", "-T", iqn, "--logout")
+    _iscsiadm("-m", "node", "-T", iqn, "-o", "delete")
+    return {"total": time.monotonic() - started}
 
 
 def raw_create_serial(vg, pool, prefix, count, size):
@@ -248,6 +310,7 @@ def tcp_ping(ip, port, count):
 
 
 COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "raw-restore": raw_restore, "tcp-recv": tcp_recv,
+            "raw-stage": raw_stage, "raw-unstage": raw_unstage,
             "raw-create-serial": raw_create_serial, "raw-remove-serial": raw_remove_serial,
             "tcp-send": tcp_send, "timed": timed, "recv-file": recv_file, "send-file": send_file,
             "send-device": send_device, "tcp-echo": tcp_echo, "tcp-ping": tcp_ping}

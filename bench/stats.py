@@ -1,8 +1,14 @@
-"""Statistics shared by the benches (bench.py, scale.py)."""
+"""Statistics shared by the benches (bench.py, scale.py, stage.py)."""
 
 from __future__ import annotations
 
+import ast
 import math
+import re
+from collections import defaultdict
+
+# csi.runner's debug line for each external command (bench/hook turns them on in a daemon)
+RAN = re.compile(r" ran (\[.*\]) rc=-?\d+ in ([\d.]+)s$", re.M)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -12,3 +18,17 @@ def percentile(values: list[float], q: float) -> float:
     lo = math.floor(k)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def tally(events) -> dict[str, tuple[int, float]]:
+    """(label, seconds) events -> label: (calls, seconds)."""
+    out: dict[str, tuple[int, float]] = defaultdict(lambda: (0, 0.0))
+    for label, seconds in events:
+        n, total = out[label]
+        out[label] = (n + 1, total + seconds)
+    return dict(out)
+
+
+def commands(log_text: str, label) -> dict[str, tuple[int, float]]:
+    """The external commands a daemon's log shows it ran: label(argv) -> (calls, seconds)."""
+    return tally((label(ast.literal_eval(m[1])), float(m[2])) for m in RAN.finditer(log_text))
