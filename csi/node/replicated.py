@@ -141,10 +141,10 @@ class Replicated:
             if access.block:
                 return
             staging.mkdir(parents=True, exist_ok=True)
-            found = self.svc._filesystem(legs[0].ref, device, access, mkfs_opts)
+            found, formatted = self.svc._filesystem(legs[0].ref, device, access, mkfs_opts)
             mount.mount(device, staging, found, self.svc._options(found, access))
             faults.step("stage.mount")
-            if not access.read_only:
+            if not access.read_only and not formatted:
                 mount.grow_filesystem(device, found, staging)
         except Exception:
             self.unstage(volume_id, staging)
@@ -337,10 +337,12 @@ class Replicated:
 
     def reconcile(self) -> None:
         """Puts back every leg md runs without, once its session carries I/O again."""
+        # assembled read-only: md writes nothing, so no leg is put back
+        records = [rec for rec in self.records() if not rec.get("read_only")]
+        if not records:
+            return   # no `iscsiadm -m session` every RECONCILE_S on a worker with no replicated volume
         sessions = {(s.iqn, s.portal): s for s in self.svc.iscsi.sessions()}
-        for rec in self.records():
-            if rec.get("read_only"):
-                continue   # assembled read-only: md writes nothing, so no leg is put back
+        for rec in records:
             volume_id, key = rec["volume_id"], rec["key"]
             try:
                 # Asked outside the volume's lock (agents over the network, a TLS handshake each): the volume's

@@ -198,11 +198,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if access.block:
                     return csi.NodeStageVolumeResponse()
                 staging.mkdir(parents=True, exist_ok=True)
-                found = self._filesystem(ref, device, access, mkfs_opts)
+                found, formatted = self._filesystem(ref, device, access, mkfs_opts)
                 mount.mount(device, staging, found, self._options(found, access))
                 faults.step("stage.mount")
-                if not access.read_only:
-                    # A volume restored or cloned bigger than its source: the filesystem fills it on first stage.
+                if not access.read_only and not formatted:
+                    # A volume restored or cloned bigger than its source: the filesystem fills it on first stage
+                    # (one mkfs just made fills its device already).
                     mount.grow_filesystem(device, found, staging)
             except Exception:
                 # Leave nothing half-done: a failed stage logs out again (the CO will retry the whole stage).
@@ -242,10 +243,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                   f"disk ({disk}); unmount it first")
 
     @staticmethod
-    def _filesystem(ref: ids.LvRef, device: Path, access: caps.Access, mkfs_opts) -> str:
-        """The filesystem to mount: the one on the device, or a new one when blkid finds no signature of any
-        kind. A partition table, an LVM / RAID member, LUKS, two signatures at once, a filesystem beside a
-        partition table: someone's data, never formatted and never mounted."""
+    def _filesystem(ref: ids.LvRef, device: Path, access: caps.Access, mkfs_opts) -> tuple[str, bool]:
+        """The filesystem to mount, and whether it was made now: the one on the device, or a new one when blkid
+        finds no signature of any kind. A partition table, an LVM / RAID member, LUKS, two signatures at once, a
+        filesystem beside a partition table: someone's data, never formatted and never mounted."""
         found = mount.probe(device)
         if found.blank:
             if access.read_only:
@@ -254,7 +255,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             log.info("formatting %s (%s) as %s: blkid finds no signature on it", ref, device, access.fs_type)
             mount.mkfs(device, access.fs_type, mkfs_options.mkfs_args(access.fs_type, mkfs_opts))
             faults.step("stage.mkfs")
-            return access.fs_type
+            return access.fs_type, True
         if found.type in caps.FS_TYPES and not found.pt_type:
             if found.type == "ext4" and not access.read_only:
                 try:
@@ -266,7 +267,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                         f"the ext4 filesystem on {ref} has errors e2fsck -p may not repair on its own ({exc}); "
                         f"nothing was mounted. Check it by hand (e2fsck -f on {device}, the volume staged "
                         "nowhere else) or restore it from a snapshot") from None
-            return found.type
+            return found.type, False
         raise errors.precondition(f"the volume holds {found.describe()}, not a filesystem this driver mounts "
                                   f"({', '.join(caps.FS_TYPES)}); nothing was written to it")
 

@@ -110,6 +110,34 @@ def sys_block(tmp_path, monkeypatch) -> Path:
     return path
 
 
+class IscsiSysfs:
+    """The kernel's iSCSI sessions as sysfs shows them (/sys/class/iscsi_session/session<sid>/targetname, and
+    /sys/class/iscsi_connection/connection<sid>:0/persistent_address and persistent_port), in a temporary tree."""
+
+    def __init__(self, root: Path):
+        self.sessions, self.connections = root / "iscsi_session", root / "iscsi_connection"
+        self.sessions.mkdir(parents=True)
+        self.connections.mkdir()
+
+    def add(self, sid: int, iqn: str, address: str, port: int = 3260) -> None:
+        (self.sessions / f"session{sid}").mkdir()
+        (self.sessions / f"session{sid}" / "targetname").write_text(iqn + "\n")
+        conn = self.connections / f"connection{sid}:0"
+        conn.mkdir()
+        (conn / "persistent_address").write_text(address + "\n")
+        (conn / "persistent_port").write_text(f"{port}\n")
+
+
+@pytest.fixture(autouse=True)
+def iscsi_sysfs(tmp_path, monkeypatch) -> IscsiSysfs:
+    """The iSCSI sessions the node plugin reads in sysfs: none unless a test adds one, never the host's."""
+    from csi.node import iscsi
+    tree = IscsiSysfs(tmp_path / "sys-class")
+    monkeypatch.setattr(iscsi, "SYSFS_SESSIONS", tree.sessions)
+    monkeypatch.setattr(iscsi, "SYSFS_CONNECTIONS", tree.connections)
+    return tree
+
+
 @pytest.fixture
 def fake_run(monkeypatch) -> FakeRunner:
     fake = FakeRunner()

@@ -24,19 +24,20 @@ def test_parse_sessions():
 
 def test_login_sets_manual_startup_and_chap_with_no_secret_in_any_argv(fake_run, caplog, node_db):
     caplog.set_level("DEBUG")
-    rc, _, err = recorded_failure("session_none")
-    fake_run.on("iscsiadm", "-m", "session", rc=rc, stderr=err)
     fake_run.on("iscsiadm", "-m", "node")
     Iscsiadm().login(T)
     base = ["iscsiadm", "-m", "node", "-T", T.iqn, "-p", "10.0.0.1:3260"]
-    upd = lambda k, v: base + ["-o", "update", "-n", k, "-v", v]  # noqa: E731
-    assert fake_run.calls[1:] == [base + ["-o", "new"], upd("node.startup", "manual"),
-                                  upd("node.conn[0].timeo.login_timeout", "10"),
-                                  upd("node.session.initial_login_retry_max", "2"),
-                                  base + ["--login"]]
-    # the CHAP settings are in the record file itself, private, and nowhere in a command line or a log
+    # two processes: the record is made, then written once with every setting, then the login
+    assert fake_run.calls == [base + ["-o", "new"], base + ["--login"]]
     record = node_db / T.iqn / "10.0.0.1,3260,1" / "default"   # open-iscsi's own naming
     lines = record.read_text().splitlines()
+    settings = dict(line.split(" = ", 1) for line in lines if " = " in line)
+    assert settings["node.startup"] == "manual"     # replaced, not doubled: the fake record said automatic
+    assert [line for line in lines if line.startswith("node.startup")] == ["node.startup = manual"]
+    assert settings["node.conn[0].timeo.login_timeout"] == "10"
+    assert settings["node.session.initial_login_retry_max"] == "2"
+    assert settings["node.name"] == T.iqn         # what iscsiadm wrote is kept
+    # the CHAP settings are in the record file itself, private, and nowhere in a command line or a log
     assert [line for line in lines if line.startswith("node.session.auth.")] == [
         "node.session.auth.authmethod = CHAP", "node.session.auth.username = u1",
         "node.session.auth.password = secret-123456789", "node.session.auth.username_in = t1",
@@ -47,11 +48,27 @@ def test_login_sets_manual_startup_and_chap_with_no_secret_in_any_argv(fake_run,
     assert "secret-123456789" not in caplog.text and "mutual-secret-9876" not in caplog.text
 
 
-def test_login_skipped_when_session_exists(fake_run):
-    fake_run.on("iscsiadm", "-m", "session", stdout=SESSION_OUT)
+def test_login_skipped_when_session_exists(fake_run, iscsi_sysfs):
+    iscsi_sysfs.add(3, T.iqn, "10.0.0.1")
     fake_run.on("iscsiadm", "-m", "node")
     Iscsiadm().login(T)
     assert not any("--login" in c for c in fake_run.calls)
+
+
+def test_sessions_are_read_from_sysfs_by_target_and_portal(iscsi_sysfs):
+    iscsi_sysfs.add(1, T.iqn, "10.0.0.1")
+    iscsi_sysfs.add(2, T.iqn, "fd00:0::7", 3261)              # printed as Portal prints it
+    iscsi_sysfs.add(4, "iqn.2026-11.dev.csi.lvm-iscsi:vg.other", "10.0.0.2")
+    (iscsi_sysfs.sessions / "session9").mkdir()               # going away meanwhile: no targetname
+    assert Iscsiadm().logged_in_portals(T.iqn) == {"10.0.0.1:3260", "[fd00::7]:3261"}
+    assert Iscsiadm().logged_in_portals("iqn.2026-11.dev.csi.lvm-iscsi:vg.none") == set()
+
+
+def test_login_goes_on_when_sysfs_missed_a_session_that_exists(fake_run):
+    fake_run.on("iscsiadm", "-m", "node")
+    fake_run.on("iscsiadm", "-m", "node", "-T", T.iqn, "-p", "10.0.0.1:3260", "--login", rc=15,
+                stderr="iscsiadm: default: 1 session requested, but 1 already present.")
+    Iscsiadm().login(T)   # exit 15, session exists: success
 
 
 def test_auth_failure_is_failed_precondition_without_secret(fake_run):
@@ -140,8 +157,8 @@ def test_record_writes_outlive_a_spent_rpc_deadline(fake_run):
     with runner.deadline(0.5):
         Iscsiadm().login(T)
         Iscsiadm().logout(T.iqn)
-    writes = [t for c, t in zip(fake_run.calls, fake_run.timeouts) if "-o" in c]   # new, 3 updates, delete
-    assert len(writes) == 5 and all(t > iscsi.RECORD_TIMEOUT_S - 1 for t in writes), writes
+    writes = [t for c, t in zip(fake_run.calls, fake_run.timeouts) if "-o" in c]   # new, delete
+    assert len(writes) == 2 and all(t > iscsi.RECORD_TIMEOUT_S - 1 for t in writes), writes
     others = [t for c, t in zip(fake_run.calls, fake_run.timeouts) if "-o" not in c]
     assert others and all(t <= runner.MIN_TIMEOUT for t in others)
 
@@ -163,7 +180,7 @@ def test_node_database_commands_of_concurrent_stages_never_overlap(fake_run):
     for t in threads:
         t.join()
     node_calls = [c for c in fake_run.calls if c[:3] == ["iscsiadm", "-m", "node"]]
-    assert len(node_calls) >= 8 * 7   # per stage: new, 3 updates, login; logout, delete
+    assert len(node_calls) == 8 * 4   # per stage: new, login; logout, delete
     assert slow.most == 1, f"{slow.most} iscsiadm -m node commands ran at once"
 
 
@@ -190,5 +207,5 @@ def test_a_record_made_with_o_new_has_no_tpgt_and_is_found(node_db):
     made.write_text("# BEGIN RECORD 2.1.8\nnode.name = x\n# END RECORD\n")
     (node_db / T.iqn / "10.0.0.1,32600").write_text("another port that merely starts alike\n")
     assert noderecord.record_files([node_db], T.iqn, "10.0.0.1:3260") == [made]
-    noderecord.write_auth([node_db], T.iqn, "10.0.0.1:3260", noderecord.auth_settings("u", "s"))
+    noderecord.write_settings([node_db], T.iqn, "10.0.0.1:3260", noderecord.auth_settings("u", "s"))
     assert "node.session.auth.username = u" in made.read_text()

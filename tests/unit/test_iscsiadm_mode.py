@@ -21,7 +21,7 @@ def test_host_mode_runs_every_iscsiadm_in_the_hosts_mount_namespace(fake_run, no
     tool.rescan(T.iqn)
     tool.logout(T.iqn)
     base = HOST + ["iscsiadm", "-m", "node", "-T", T.iqn]
-    assert fake_run.calls[1] == base + ["-p", "10.0.0.1:3260", "-o", "new"]
+    assert fake_run.calls[0] == base + ["-p", "10.0.0.1:3260", "-o", "new"]
     assert fake_run.calls[-3:] == [base + ["-R"], base + ["--logout"], base + ["-o", "delete"]]
     assert all(c[:len(HOST) + 1] == HOST + ["iscsiadm"] for c in fake_run.calls), fake_run.calls
     assert not [c for c in fake_run.calls if any("secret" in a for a in c)]

@@ -174,6 +174,8 @@ def test_stage_formats_a_blank_device(fake_run, node, mounts, fs):
     node.NodeStageVolume(stage_request(node, fs), None)
     assert writes(fake_run)[0][0] == f"mkfs.{fs}" and writes(fake_run)[0][-1] == DEVICE
     assert [(m.source, m.fs_type) for m in mounts] == [(DEVICE, fs)]
+    # the filesystem mkfs just made fills the device: nothing to grow
+    assert [c[0] for c in writes(fake_run)] == [f"mkfs.{fs}", "mount"]
 
 
 @pytest.mark.parametrize("case", ["ext4", "xfs"])
@@ -183,6 +185,8 @@ def test_stage_mounts_a_filesystem_it_finds_without_formatting(fake_run, node, m
     node.NodeStageVolume(stage_request(node, "ext4"), None)
     assert not [c for c in fake_run.calls if c[0].startswith("mkfs")]
     assert [(m.source, m.fs_type) for m in mounts] == [(DEVICE, case)]
+    # one found may be smaller than its device (a restore or clone made bigger than its source): grown
+    assert [c[0] for c in writes(fake_run)] == ["mount", "resize2fs" if case == "ext4" else "xfs_growfs"]
 
 
 @pytest.mark.parametrize("rc, repaired", [(0, False), (1, True)])

@@ -230,3 +230,17 @@ def test_a_stage_with_a_publish_context_from_before_a_replacement_takes_the_new_
     w.peer = apb.LegLocation(index=0, storage_node="storage-3", vg=VG, agent="10.0.0.3:7600", target_iqn=IQN,
                              portals=[portal(3)], replaces=["storage-9"])
     assert w.rep._current_legs(KEY, legs) == legs                      # an older location: nothing changes
+
+
+def test_a_worker_with_no_replicated_volume_lists_no_sessions_each_round(tmp_path, monkeypatch):
+    w = World(tmp_path, monkeypatch)
+    listed = []
+    w.svc.iscsi.sessions = lambda: listed.append(1) or []
+    w.svc._record_path(VOLUME_ID).unlink()
+    w.rep.reconcile()
+    assert listed == [] and w.done == []
+    w.svc._record_path(VOLUME_ID).write_text(json.dumps(
+        {"volume_id": VOLUME_ID, "replicated": True, "key": KEY, "staging": "/s", "block": True,
+         "read_only": False, "legs": [leg(1), leg(2)]}))
+    w.rep.reconcile()
+    assert listed == [1]
