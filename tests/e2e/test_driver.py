@@ -61,6 +61,18 @@ def test_lifecycle_across_the_network_with_checksums(cluster):
                                 "'/sys/block/sd*/queue/scheduler')): print(open(f).read().strip())"],
                                timeout=30, check=True).stdout.split("\n")
     assert [s for s in schedulers if s] and all("[none]" in s for s in schedulers if s), schedulers
+    # the settings the plugin writes into the node record file are what open-iscsi reads back
+    shown = cluster.w.run(["iscsiadm", "-m", "node", "-T", ctx["targetIqn"], "-p", ctx["portals"]], timeout=30,
+                          check=True).stdout
+    record = dict(line.split(" = ", 1) for line in shown.splitlines() if " = " in line)
+    assert (record["node.startup"], record["node.conn[0].timeo.login_timeout"],
+            record["node.session.initial_login_retry_max"], record["node.session.auth.authmethod"]) == (
+        "manual", "10", "2", "CHAP"), record
+    # and the kernel's sessions as the plugin reads them in sysfs (before a login: logged in already?)
+    live = cluster.w.run([sys.executable, "-c", "import sys\nfrom csi.node.iscsi import Iscsiadm\n"
+                          "print(sorted(Iscsiadm().logged_in_portals(sys.argv[1])))", ctx["targetIqn"]],
+                         timeout=60, check=True).stdout.strip()
+    assert live == str([ctx["portals"]]), live
     # unstage and stage again: the data came from the storage node, not from a cache
     staging, _ = cluster.paths(v.volume_id)
     cluster.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=v.volume_id, target_path=str(target)))
