@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MODULES = ("configfs", "target_core_mod", "target_core_iblock", "iscsi_target_mod")
 CONFIGFS = Path("/sys/kernel/config/target")
+STORE_PLUGIN = "iblock"   # configfs names a block backstore's HBA directory iblock_<index>
 # The host's (the chart mounts /run/lock/lvm-iscsi-csi): every agent of the node, of any cluster, takes it.
 STORE_LOCK = Path("/run/lock/lvm-iscsi-csi/lio-backstores.lock")
 
@@ -97,38 +98,39 @@ def _serialised(method):
 
 
 def _find_store(name: str):
-    """The block backstore of that name, or None. rtslib caches which backstore index holds which name once
-    per process (tcm.bs_cache): a store made since by another process (the agent of another cluster on the
-    same node, an operator's targetcli) is missing from it, so a miss reads configfs again before it counts."""
+    """The block backstore of that name, or None: from rtslib's per-process map of backstore names to indexes
+    (tcm.bs_cache, read from configfs once, at the first lookup), with no new read of configfs on a miss. That
+    read lists every backstore's directory: done per new store it made a start with 500 volumes spend most of
+    its time there. A miss is sure for this agent's names: only this agent makes them (another cluster's agent
+    makes its own names), and an agent started again reads the map afresh."""
     rts = _rts()
-    for attempt in (1, 2):
-        try:
-            return rts.BlockStorageObject(name)
-        except rts.RTSLibNotInCFSError:
-            if attempt == 2:
-                return None
-            _refresh_store_cache()
-    return None
-
-
-def _refresh_store_cache() -> None:
-    from rtslib_fb import tcm
-    tcm.bs_cache.clear()   # rtslib fills it again from configfs at its next lookup
+    try:
+        return rts.BlockStorageObject(name)
+    except rts.RTSLibNotInCFSError:
+        return None   # rtslib also drops an entry whose directory is gone
 
 
 @contextlib.contextmanager
 def _new_store_lock():
-    """Held while a backstore is made. rtslib picks a new backstore's index from its per-process cache, so two
-    agents sharing one node's LIO (two clusters) could pick the same one; every agent makes its stores under
-    this lock, with the cache read again from configfs first."""
+    """Held while a backstore is made: every agent on the node (one per cluster) picks a new store's index
+    under this lock, among the directories that do not exist then (_free_store_index)."""
     STORE_LOCK.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(STORE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        _refresh_store_cache()
         yield
     finally:
         os.close(fd)
+
+
+def _free_store_index() -> int:
+    """A block backstore index whose HBA directory does not exist: the lowest that rtslib's map does not hold,
+    past those that other processes (another cluster's agent, an operator's targetcli) took meanwhile."""
+    taken = set(_store_map().values())
+    index = 0
+    while index in taken or (CONFIGFS / "core" / f"{STORE_PLUGIN}_{index}").exists():
+        index += 1
+    return index
 
 
 STORE_BUSY_TRIES = 3
@@ -141,8 +143,9 @@ def _make_store(rts, name: str, device: str, wwn: str):
     after the volume's lvcreate. Tried again shortly, then ABORTED (the provisioner retries), never INTERNAL;
     rtslib removes the half-made store each time."""
     for attempt in range(1, STORE_BUSY_TRIES + 1):
+        index = _free_store_index()
         try:
-            return rts.BlockStorageObject(name, dev=device, wwn=wwn)
+            so = rts.BlockStorageObject(name, dev=device, wwn=wwn, index=index)
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise
@@ -151,6 +154,19 @@ def _make_store(rts, name: str, device: str, wwn: str):
                 raise errors.aborted(f"{device} is busy ({held}): its export cannot open it yet; retry") from None
             log.info("%s busy (%s) when its backstore was enabled: again in %.1fs", device, held, STORE_BUSY_WAIT)
             time.sleep(STORE_BUSY_WAIT)
+            continue
+        # rtslib maps a store made with a given index nowhere: the next lookup by name must find it
+        _store_map()[f"{STORE_PLUGIN}/{name}"] = index
+        return so
+
+
+def _store_map() -> dict:
+    """rtslib's map of backstore names to indexes. Read from configfs first if still empty: rtslib reads it only
+    while it is empty, so an entry added to an unread map would hide every store made before."""
+    from rtslib_fb import tcm
+    if not tcm.bs_cache:
+        _find_store(".unread")   # a lookup reads the map (then misses: no LV of ours is named so)
+    return tcm.bs_cache
 
 
 def _holders(device: str) -> list[str]:

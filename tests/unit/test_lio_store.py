@@ -1,5 +1,6 @@
-"""A block backstore whose device is busy when it is enabled (csi/storage/lio.py _make_store): tried again, then
-ABORTED for the provisioner to retry, never INTERNAL; other failures are not retried."""
+"""Making a block backstore (csi/storage/lio.py _make_store): a device busy when it is enabled is tried again,
+then ABORTED for the provisioner to retry, never INTERNAL; other failures are not retried. A new store takes an
+index that neither this agent's map nor configfs holds, and is in the map at once, with no read of configfs."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ class Rts:
     def __init__(self, failures):
         self.failures, self.made = list(failures), []
 
-    def BlockStorageObject(self, name, dev, wwn):   # noqa: N802 - rtslib's name
+    def BlockStorageObject(self, name, dev, wwn, index):   # noqa: N802 - rtslib's name
         if self.failures:
             raise self.failures.pop(0)
         self.made.append((name, dev, wwn))
+        self.index = index
         return name
 
 
@@ -29,6 +31,36 @@ def busy():
 @pytest.fixture(autouse=True)
 def no_wait(monkeypatch):
     monkeypatch.setattr(lio.time, "sleep", lambda s: None)
+
+
+@pytest.fixture(autouse=True)
+def store_map(tmp_path, monkeypatch) -> dict:
+    """rtslib's map of backstore names to indexes (already read), and a configfs of our own."""
+    from rtslib_fb import tcm
+    monkeypatch.setattr(tcm, "bs_cache", {"iblock/old": 0, "fileio/f": 1})
+    monkeypatch.setattr(lio, "CONFIGFS", tmp_path / "target")
+    (tmp_path / "target" / "core").mkdir(parents=True)
+    return tcm.bs_cache
+
+
+def test_a_new_store_takes_an_index_free_in_the_map_and_in_configfs_and_is_mapped_at_once(store_map):
+    (lio.CONFIGFS / "core" / "iblock_2").mkdir()        # another cluster's agent made one meanwhile
+    rts = Rts([])
+    lio._make_store(rts, "lv1", "/dev/vg/lv1", "w")
+    assert rts.index == 3 and store_map["iblock/lv1"] == 3
+    assert lio._free_store_index() == 4
+
+
+def test_an_unread_map_is_read_before_a_new_store_enters_it(monkeypatch):
+    from rtslib_fb import tcm
+    monkeypatch.setattr(tcm, "bs_cache", {})
+    looked_up = []
+
+    def lookup(name):   # what rtslib does at a lookup while its map is empty: reads every store from configfs
+        looked_up.append(name)
+        tcm.bs_cache.update({"iblock/made-before": 0})
+    monkeypatch.setattr(lio, "_find_store", lookup)
+    assert lio._free_store_index() == 1 and len(looked_up) == 1
 
 
 def test_a_busy_device_is_tried_again():
