@@ -130,6 +130,14 @@ class PoolTotals:
         t = counted[pool.name]
         return Totals(t.virtual, t.volumes, t.at)
 
+    def seed(self, vg: str, lvs: list[LogicalVolume]) -> None:
+        """A listing of the VG read by the agent's start (restore.plan), before it serves: the count the first
+        GetInfo serves while its own listing waits behind the start's activation, which holds the VG."""
+        now = time.monotonic()
+        counted = {p.name: self._count(p, lvs, now) for p in self._service.config.pools if p.vg == vg}
+        with self._mutex:
+            self._totals.update(counted)
+
     def _count(self, pool: PoolConfig, lvs: list[LogicalVolume], at: float) -> Totals:
         if pool.thin:
             inside = [lv for lv in lvs if lv.pool == pool.thin_pool]
@@ -207,6 +215,14 @@ class PoolReports:
         if report is not None:
             with self._mutex:
                 self._reports[key] = (time.monotonic(), report)
+
+    def seed(self, vg: str, pool: str, state: ThinPoolState) -> None:
+        """A thin pool's report read by the agent's start (restore.plan), before it serves: later looks take its
+        fill from the kernel (no LVM command, none waiting behind the start's activation of the VG)."""
+        self._keep((vg, pool), state)
+        self._note((vg, pool), state)
+        if state.group is not None:
+            self._keep((vg, ""), state.group)
 
     def thin_pool(self, vg: str, pool: str) -> ThinPoolState | None:
         fresh, last, recent = self._cached((vg, pool), POOL_REPORT_TTL)

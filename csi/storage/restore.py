@@ -101,9 +101,13 @@ def plan(service) -> Plan:
             log.warning("thin pool %s/%s queued writes when full; making it fail them at once (--errorwhenfull y)",
                         pool.vg, pool.thin_pool)
             lvm.set_error_when_full(pool.vg, pool.thin_pool)
+        if state is not None:
+            service.pool_reports.seed(pool.vg, pool.thin_pool, state)   # its size and fill: what GetInfo needs
     lvs = {}
     for vg in sorted({p.vg for p in cfg.pools}):
-        lvs.update({(vg, lv.name): lv for lv in lvm.lvs(vg)})
+        listed = lvm.lvs(vg)
+        service.totals.seed(vg, listed)
+        lvs.update({(vg, lv.name): lv for lv in listed})
     rebuilt = rebuild.ensure(service, lvs)
     records = list(service.records.all())
     recorded = {(rec.vg, rec.lv) for rec in records}

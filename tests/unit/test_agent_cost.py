@@ -487,3 +487,21 @@ def test_a_snapshot_is_its_origins_size_as_the_device_says_and_waits_for_no_expa
     monkeypatch.setattr(snapshots.copy, "device_size", lambda path: seen.append(path) or 2 * GiB)
     snap = a.CreateSnapshot(req, None)
     assert snap.size_bytes == 2 * GiB and seen == [f"/dev/{vol.vg}/{vol.lv}"]
+
+
+def test_a_start_leaves_the_reports_its_plan_read_for_the_first_getinfo(agent):
+    """restore.plan reads each thin pool and lists each VG before the agent serves; GetInfo then needs no LVM
+    command of its own (one would wait behind the start's activation of the VG: seen at 500 volumes, the first
+    GetInfo calls timed out for 20 s)."""
+    from csi.storage import restore
+    a, run, _ = agent
+    for i in range(3):
+        a.CreateVolume(apb.CreateVolumeRequest(name=f"seeded-{i}", pool="thin", size_bytes=SIZE,
+                                               attributes=ATTRIBUTES), None)
+    counted = {p.name: (p.volume_count, p.available_bytes) for p in a.GetInfo(apb.GetInfoRequest(), None).pools}
+    started = AgentService(a.config, a.lvm, FakeLio(), a.records, a.device_node_exists)   # the agent again
+    restore.plan(started)
+    run.calls.clear()
+    info = started.GetInfo(apb.GetInfoRequest(), None)
+    assert lvm_calls(run.calls) == [], run.calls
+    assert {p.name: (p.volume_count, p.available_bytes) for p in info.pools} == counted
