@@ -196,14 +196,14 @@ class Bench:
         return p
 
     def driver_sample(self, p: Point, name: str) -> None:
-        start = self._agent_log_size()
+        start = stats.log_size(self.s, "agent")
         cpu = self.cpu()[self.s.name]
         began = time.monotonic()
         vid = self.create(name)
         self.publish(vid)
         p.driver.append(time.monotonic() - began)
         p.storage_cpu.append(self.cpu()[self.s.name] - cpu)
-        text = self._agent_log_since(start)
+        text = stats.log_since(self.s, "agent", start)
         self.remove(vid)
         p.commands.append(stats.commands(text, command_label))
         p.rpcs.append(stats.tally((f"{m[1]} -> {m[4]}" if m[4] else m[1], float(m[2] or m[3]))
@@ -218,15 +218,6 @@ class Bench:
         p.raw_parts["lvcreate"].append(parts["lvcreate"])
         p.raw_parts["export"].append(parts["export"])
         self.s.run([PYTHON, str(GUEST), "raw-delete", VG_NAME, lv, iqn], env=self.lvm_env, timeout=300, check=True)
-
-    def _agent_log_size(self) -> int:
-        # Read through the guest: it wrote the file over hostfs and its view is the complete one.
-        r = self.s.run(["stat", "-c", "%s", str(self.s.log_path("agent"))], timeout=30, check=True)
-        return int(r.stdout)
-
-    def _agent_log_since(self, offset: int) -> str:
-        return self.s.run(["tail", "-c", f"+{offset + 1}", str(self.s.log_path("agent"))],
-                          timeout=60, check=True).stdout
 
     # ------------------------------------------------------------------------------------ throughput
 

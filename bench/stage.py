@@ -81,15 +81,6 @@ class StageBench(attach.Clients):
         r = node.run([PYTHON, str(GUEST), *argv], env=env, timeout=600, check=True)
         return json.loads(r.stdout.splitlines()[-1])
 
-    def _log_size(self) -> int:
-        # Read through the guest: it wrote the file over hostfs and its view is the complete one.
-        r = self.w.run(["stat", "-c", "%s", str(self.w.log_path("node-plugin"))], timeout=30, check=True)
-        return int(r.stdout)
-
-    def _log_since(self, offset: int) -> str:
-        return self.w.run(["tail", "-c", f"+{offset + 1}", str(self.w.log_path("node-plugin"))],
-                          timeout=60, check=True).stdout
-
     def driver_sample(self, out: Samples, name: str) -> None:
         vid = self.ctrl.CreateVolume(csi.CreateVolumeRequest(
             name=name, capacity_range=csi.CapacityRange(required_bytes=SIZE), volume_capabilities=[MOUNT]),
@@ -101,14 +92,14 @@ class StageBench(attach.Clients):
         stage = csi.NodeStageVolumeRequest(volume_id=vid, publish_context=ctx, staging_target_path=str(staging),
                                            volume_capability=MOUNT)
         unstage = csi.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging))
-        offset = self._log_size()
+        offset = stats.log_size(self.w, "node-plugin")
         for step, call, request in zip(STEPS, (self.node.NodeStageVolume, self.node.NodeUnstageVolume) * 2,
                                        (stage, unstage) * 2):
             began = time.monotonic()
             call(request, timeout=300)
             out.driver[step].append(time.monotonic() - began)
             if step == STEPS[0]:
-                out.commands.append(stats.commands(self._log_since(offset), command_label))
+                out.commands.append(stats.commands(stats.log_since(self.w, "node-plugin", offset), command_label))
         self.ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
             volume_id=vid, node_id=self.w.initiator_iqn), timeout=300)
         self.ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vid), timeout=300)

@@ -32,3 +32,13 @@ def tally(events) -> dict[str, tuple[int, float]]:
 def commands(log_text: str, label) -> dict[str, tuple[int, float]]:
     """The external commands a daemon's log shows it ran: label(argv) -> (calls, seconds)."""
     return tally((label(ast.literal_eval(m[1])), float(m[2])) for m in RAN.finditer(log_text))
+
+
+def log_size(node, daemon: str) -> int:
+    """Bytes in a lab daemon's log now (a LabNode's). Read through the guest: it wrote the file over hostfs and
+    its view is the complete one."""
+    return int(node.run(["stat", "-c", "%s", str(node.log_path(daemon))], timeout=30, check=True).stdout)
+
+
+def log_since(node, daemon: str, offset: int) -> str:
+    return node.run(["tail", "-c", f"+{offset + 1}", str(node.log_path(daemon))], timeout=60, check=True).stdout
