@@ -104,10 +104,18 @@ def _find_store(name: str):
     its time there. A miss is sure for this agent's names: only this agent makes them (another cluster's agent
     makes its own names), and an agent started again reads the map afresh."""
     rts = _rts()
+    from rtslib_fb import tcm
+    key = f"{STORE_PLUGIN}/{name}"
+    index = tcm.bs_cache.get(key)
+    if index is not None and not (CONFIGFS / "core" / f"{STORE_PLUGIN}_{index}" / name).is_dir():
+        # Removed behind this agent's back (targetcli), its index perhaps another's now: rtslib, asked, would
+        # try to remove that HBA directory, another agent's store in it.
+        tcm.bs_cache.pop(key, None)
+        return None
     try:
         return rts.BlockStorageObject(name)
     except rts.RTSLibNotInCFSError:
-        return None   # rtslib also drops an entry whose directory is gone
+        return None
 
 
 @contextlib.contextmanager

@@ -82,3 +82,25 @@ def test_other_failures_are_not_retried():
     with pytest.raises(OSError) as e:
         lio._make_store(rts, "lv1", "/dev/vg/lv1", "w")
     assert e.value.errno == errno.ENOENT and len(rts.failures) == 1
+
+
+def test_a_store_made_with_its_own_index_is_what_rtslib_finds_by_name(store_map, monkeypatch):
+    """The map's key for a store made with an explicit index is rtslib's own: its lookup by name finds it."""
+    from rtslib_fb import node
+    monkeypatch.setattr(node.CFSNode, "configfs_dir", str(lio.CONFIGFS))
+    rts = Rts([])
+    lio._make_store(rts, "lv1", "/dev/vg/lv1", "w")
+    (lio.CONFIGFS / "core" / f"iblock_{rts.index}" / "lv1").mkdir(parents=True)   # what the kernel holds then
+    found = lio._find_store("lv1")
+    assert found is not None and found.path == str(lio.CONFIGFS / "core" / f"iblock_{rts.index}" / "lv1")
+    assert lio._find_store("lv2") is None
+
+
+def test_a_store_removed_behind_the_agents_back_is_forgotten_without_touching_its_old_index(store_map):
+    """targetcli removed our store at index 0 and another cluster's agent made its own there since: rtslib,
+    asked about ours, would try to remove that HBA directory. The entry is dropped and nothing is asked."""
+    store_map["iblock/ours"] = 5
+    theirs = lio.CONFIGFS / "core" / "iblock_5" / "theirs"
+    theirs.mkdir(parents=True)
+    assert lio._find_store("ours") is None
+    assert "iblock/ours" not in store_map and theirs.is_dir()
