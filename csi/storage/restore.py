@@ -10,6 +10,7 @@ retried) while every other call is served, health probes included.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import defaultdict
@@ -94,6 +95,7 @@ def plan(service) -> Plan:
             log.warning("thin pool %s/%s did not zero new blocks; turning zeroing on so no tenant reads "
                         "another's old data", pool.vg, pool.thin_pool)
             lvm.set_zeroing(pool.vg, pool.thin_pool)
+            state = dataclasses.replace(state, zeroing=True)
         if state is not None and not state.error_when_full:
             # Nothing extends a pool here (the agent's lvm.conf has monitoring off: no dmeventd, no autoextend),
             # so a full pool that queues I/O only hangs every writer for the kernel's no_space_timeout (60 s)
@@ -101,8 +103,11 @@ def plan(service) -> Plan:
             log.warning("thin pool %s/%s queued writes when full; making it fail them at once (--errorwhenfull y)",
                         pool.vg, pool.thin_pool)
             lvm.set_error_when_full(pool.vg, pool.thin_pool)
-        if state is not None:
-            service.pool_reports.seed(pool.vg, pool.thin_pool, state)   # its size and fill: what GetInfo needs
+            state = dataclasses.replace(state, error_when_full=True)
+        if state is not None and state.metadata_percent > 0:
+            # Its size and fill, what GetInfo needs. An inactive pool (after a reboot, before the first of its
+            # volumes is activated) reports no fill at all, not 0 %: GetInfo reads that one itself.
+            service.pool_reports.seed(pool.vg, pool.thin_pool, state)
     lvs = {}
     for vg in sorted({p.vg for p in cfg.pools}):
         listed = lvm.lvs(vg)

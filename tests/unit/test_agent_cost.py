@@ -505,3 +505,17 @@ def test_a_start_leaves_the_reports_its_plan_read_for_the_first_getinfo(agent):
     info = started.GetInfo(apb.GetInfoRequest(), None)
     assert lvm_calls(run.calls) == [], run.calls
     assert {p.name: (p.volume_count, p.available_bytes) for p in info.pools} == counted
+
+
+def test_an_inactive_thin_pool_at_the_start_is_not_served_as_empty(agent):
+    """After a reboot the pool is inactive until its first volume is: LVM reports no fill, which must not pass
+    for 0 % (the max_fill_percent guard would not hold). GetInfo reads that pool's report itself."""
+    from csi.storage import restore
+    a, run, sim = agent
+    _deactivate(sim, "vg", "tp")
+    sim.lvs[("vg", "tp")].update(data_percent="", metadata_percent="")   # what lvs prints for an inactive pool
+    started = AgentService(a.config, a.lvm, FakeLio(), a.records, a.device_node_exists)
+    restore.plan(started)
+    run.calls.clear()
+    started.GetInfo(apb.GetInfoRequest(), None)
+    assert [c for c in run.calls if c[0] == "lvs" and c[-1] == "vg/tp"], run.calls
