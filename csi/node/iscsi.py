@@ -275,6 +275,9 @@ class Iscsiadm:
                                       f"logged in to {target.iqn}, but LUN {target.lun} did not appear under "
                                       f"/dev/disk/by-path within {timeout:.0f}s (is udev running?)")
             if rescans and now - began >= rescans[0]:
-                rescans.pop(0)
                 self.rescan(target.iqn)
+                # the points it took us past go too: one rescan that waited for the node database's lock is
+                # not followed by another at once
+                done = time.monotonic() - began
+                rescans = [at for at in rescans if at > done]
             time.sleep(DEVICE_POLL_S)

@@ -114,6 +114,14 @@ def _legs_hold_the_same_bytes(cluster, key: str, legs, mib: int) -> None:
     assert len(set(digests.values())) == 1, digests
 
 
+# The replacement timeout of every session to the given targets, as the kernel holds it.
+LEG_TIMEOUTS = """import glob, sys
+for s in sorted(glob.glob('/sys/class/iscsi_session/session*')):
+    if open(s + '/targetname').read().strip() in sys.argv[1:]:
+        print(open(s + '/recovery_tmo').read().strip())
+"""
+
+
 def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_by_itself(cluster, record_property):
     s1, s2, w = cluster.s1, cluster.s2, cluster.w
     v = cluster.create("replicated-power-cut", size=128 * MiB, zone="zone-a", params=PARAMS)
@@ -124,6 +132,11 @@ def test_a_writer_goes_on_through_a_storage_node_power_cut_and_the_leg_resyncs_b
     assert sorted(leg.storage_node for leg in legs) == ["storage-1", "storage-2"]
     target = cluster.stage_publish(v.volume_id, ctx)
     assert wait_until("the array runs with both legs in sync", lambda: synced(w, key), timeout=60)
+    # Each leg's session fails its I/O 5 s after its storage node stops answering (LEG_SETTINGS, written into
+    # the node record by the plugin): the kernel's own figure.
+    iqns = sorted({leg.attachment.iqn for leg in legs})
+    timeouts = w.run([PY, "-c", LEG_TIMEOUTS, *iqns], timeout=30, check=True).stdout.split()
+    assert timeouts == ["5", "5"], timeouts
 
     # Nothing but the node plugin assembles the array: udev on the storage nodes, told about the legs again,
     # leaves them alone (Debian's incremental assembly rule is installed in the lab: mdadm is a driver package).

@@ -209,3 +209,22 @@ def test_a_record_made_with_o_new_has_no_tpgt_and_is_found(node_db):
     assert noderecord.record_files([node_db], T.iqn, "10.0.0.1:3260") == [made]
     noderecord.write_settings([node_db], T.iqn, "10.0.0.1:3260", noderecord.auth_settings("u", "s"))
     assert "node.session.auth.username = u" in made.read_text()
+
+
+def test_the_wait_for_a_disk_rescans_once_per_point_passed_even_after_a_slow_rescan(monkeypatch, tmp_path):
+    from csi.node import iscsi
+    clock = [0.0]
+    monkeypatch.setattr(iscsi.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(iscsi.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    disk = tmp_path / "sdb"
+    disk.touch()
+    rescans = []
+    tool = Iscsiadm()
+    monkeypatch.setattr(tool, "find_device", lambda t: disk if clock[0] >= 9.0 else None)
+
+    def rescan(iqn):   # waited 2.5 s for the node database's lock: past the next point (3 s) already
+        rescans.append(round(clock[0], 2))
+        clock[0] += 2.5
+    monkeypatch.setattr(tool, "rescan", rescan)
+    assert tool.wait_for_device(T, timeout=20) == disk
+    assert len(rescans) == 2 and 1.0 <= rescans[0] < 1.1 and 7.0 <= rescans[1] < 7.1, rescans
