@@ -91,6 +91,15 @@ def plan(service) -> Plan:
     cfg, lvm = service.config, service.lvm
     for pool in cfg.pools:
         state = lvm.thin_pool(pool.vg, pool.thin_pool) if pool.thin else None
+        if state is not None and state.metadata_percent == 0:
+            # Inactive (after a reboot, until its first volume is): LVM knows no fill for it. Activated first, so
+            # that the report GetInfo is served from (seed below) says how full the pool is from the start.
+            try:
+                lvm.activate(pool.vg, pool.thin_pool)
+                state = lvm.thin_pool(pool.vg, pool.thin_pool) or state
+            except CommandError as exc:
+                log.warning("could not activate thin pool %s/%s before its volumes: %s", pool.vg,
+                            pool.thin_pool, str(exc)[-300:])
         if state is not None and not state.zeroing:
             log.warning("thin pool %s/%s did not zero new blocks; turning zeroing on so no tenant reads "
                         "another's old data", pool.vg, pool.thin_pool)

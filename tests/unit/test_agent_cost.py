@@ -507,15 +507,23 @@ def test_a_start_leaves_the_reports_its_plan_read_for_the_first_getinfo(agent):
     assert {p.name: (p.volume_count, p.available_bytes) for p in info.pools} == counted
 
 
-def test_an_inactive_thin_pool_at_the_start_is_not_served_as_empty(agent):
-    """After a reboot the pool is inactive until its first volume is: LVM reports no fill, which must not pass
-    for 0 % (the max_fill_percent guard would not hold). GetInfo reads that pool's report itself."""
+def test_an_inactive_thin_pool_is_activated_at_the_start_and_served_with_its_fill(agent):
+    """After a reboot the pool is inactive until its first volume is, and LVM reports no fill for it, which must
+    not pass for 0 % (the max_fill_percent guard would not hold). The start activates it first."""
     from csi.storage import restore
     a, run, sim = agent
     _deactivate(sim, "vg", "tp")
     sim.lvs[("vg", "tp")].update(data_percent="", metadata_percent="")   # what lvs prints for an inactive pool
+    lvchange = sim.lvchange
+
+    def activate_with_fill(argv):   # active again: LVM knows its fill
+        if "--activate" in argv and "vg/tp" in argv:
+            sim.lvs[("vg", "tp")].update(data_percent="91.00", metadata_percent="2.00")
+        return lvchange(argv)
+    run.on("lvchange", fn=activate_with_fill)
     started = AgentService(a.config, a.lvm, FakeLio(), a.records, a.device_node_exists)
     restore.plan(started)
+    assert [c for c in run.calls if c[0] == "lvchange" and c[-1] == "vg/tp" and "--activate" in c], run.calls
     run.calls.clear()
-    started.GetInfo(apb.GetInfoRequest(), None)
-    assert [c for c in run.calls if c[0] == "lvs" and c[-1] == "vg/tp"], run.calls
+    thin = {p.name: p for p in started.GetInfo(apb.GetInfoRequest(), None).pools}["thin"]
+    assert lvm_calls(run.calls) == [] and round(thin.data_percent) == 91, run.calls
