@@ -122,21 +122,23 @@ class PoolTotals:
                 raise
             log.info("pool %s: the LVM listing was late; the last count serves meanwhile", pool.name)
             return Totals(t.virtual, t.volumes, t.at)
-        now = time.monotonic()
-        counted = {p.name: self._count(p, lvs, now) for p in self._service.config.pools if p.vg == pool.vg}
-        counted.setdefault(pool.name, self._count(pool, lvs, now))
-        with self._mutex:
-            self._totals.update(counted)
-        t = counted[pool.name]
+        t = self._recount(pool.vg, lvs, pool)[pool.name]
         return Totals(t.virtual, t.volumes, t.at)
 
     def seed(self, vg: str, lvs: list[LogicalVolume]) -> None:
         """A listing of the VG read by the agent's start (restore.plan), before it serves: the count the first
         GetInfo serves while its own listing waits behind the start's activation, which holds the VG."""
+        self._recount(vg, lvs)
+
+    def _recount(self, vg: str, lvs: list[LogicalVolume], asked: PoolConfig | None = None) -> dict[str, Totals]:
+        """Every configured pool of the VG counted from one listing (and `asked`, should it not be configured)."""
         now = time.monotonic()
         counted = {p.name: self._count(p, lvs, now) for p in self._service.config.pools if p.vg == vg}
+        if asked is not None:
+            counted.setdefault(asked.name, self._count(asked, lvs, now))
         with self._mutex:
             self._totals.update(counted)
+        return counted
 
     def _count(self, pool: PoolConfig, lvs: list[LogicalVolume], at: float) -> Totals:
         if pool.thin:
