@@ -1,5 +1,6 @@
 """The benchmark's guest side: run inside a lab node (the host's tree is the guest's root), standard library
-and rtslib-fb only. Each sub-command prints one JSON line.
+and rtslib-fb only (and csi.node.noderecord, where a node record file is found and rewritten). Each sub-command
+prints one JSON line.
 
   raw-create VG POOL LV SIZE IQN PORTAL_IP INITIATOR   the raw floor: the agent's thin lvcreate + the export
                                                        it makes (backstore, target, TPG, LUN 0, portal, ACL
@@ -25,7 +26,6 @@ and rtslib-fb only. Each sub-command prints one JSON line.
                                                        the 48 bytes: round-trip mean and p99 in microseconds
 """
 
-import glob
 import json
 import mmap
 import os
@@ -33,20 +33,21 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CHUNK = 1 << 20
 CHAP_USER = "ubenchraw000000"
 CHAP_SECRET = "benchRawChapSecret012345"  # throw-away target in a throw-away lab
 
 
-def lvm(*argv: str) -> None:
+def run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, stdin=subprocess.DEVNULL,
                    env={**os.environ, "LC_ALL": "C"})
 
 
 def lvcreate_thin(vg, pool, lv, size):
     # The argv of csi.storage.lvm.Lvm.create for a thin volume, with as many tags of about the same length.
-    lvm("lvcreate", "--yes", "--name", lv, "--activate", "y", "--setactivationskip", "n",
+    run("lvcreate", "--yes", "--name", lv, "--activate", "y", "--setactivationskip", "n",
         "--addtag", "bench.raw/cluster=raw", "--addtag", "bench.raw/kind=volume",
         "--addtag", f"bench.raw/name={lv}", "--addtag", "bench.raw/request=0123456789abcdef",
         "--virtualsize", f"{size}b", "--thin", f"{vg}/{pool}")
@@ -90,7 +91,7 @@ def raw_restore(vg, ip, initiator, listing):
     with open(listing) as f:
         volumes = json.load(f)
     started = time.monotonic()
-    lvm("vgchange", "--activate", "y", "--ignoreactivationskip", vg)
+    run("vgchange", "--activate", "y", "--ignoreactivationskip", vg)
     activated = time.monotonic()
     for lv, iqn in volumes:
         _export(rts, vg, lv, iqn, ip, initiator)
@@ -98,38 +99,27 @@ def raw_restore(vg, ip, initiator, listing):
     return {"activate": activated - started, "export": done - activated, "total": done - started}
 
 
-def _iscsiadm(*args: str) -> None:
-    subprocess.run(["iscsiadm", *args], check=True, capture_output=True, stdin=subprocess.DEVNULL,
-                   env={**os.environ, "LC_ALL": "C"})
-
-
-def _write_chap(iqn, portal):
-    """raw-create's CHAP lines into the node record (not through `iscsiadm -o update`: no secret in an argv)."""
-    ip, port = portal.rsplit(":", 1)
-    # "<ip>,<port>" a plain file for a record made with `-o new`; "<ip>,<port>,<tpgt>/default" after a discovery
-    records = [p for d in ("/etc/iscsi/nodes", "/var/lib/iscsi/nodes")
-               for p in glob.glob(f"{d}/{iqn}/{ip},{port}") + glob.glob(f"{d}/{iqn}/{ip},{port},*/default")
-               if os.path.isfile(p)]
+def _write_chap(noderecord, iqn, portal):
+    """raw-create's CHAP lines into the node record, as the driver writes them (not through `iscsiadm -o
+    update`: no secret in an argv); a plain write, no fsync."""
+    dbs = (Path("/etc/iscsi/nodes"), Path("/var/lib/iscsi/nodes"))
+    records = noderecord.record_files(dbs, iqn, portal)
     if not records:
         raise RuntimeError(f"no node record of {iqn} at {portal}")
-    auth = (f"node.session.auth.authmethod = CHAP\nnode.session.auth.username = {CHAP_USER}\n"
-            f"node.session.auth.password = {CHAP_SECRET}\n")
     for path in records:
-        with open(path) as f:
-            text = f.read()
-        text = text.replace("# END RECORD", auth + "# END RECORD", 1) if "# END RECORD" in text else text + auth
-        with open(path, "w") as f:
-            f.write(text)
+        path.write_text(noderecord.rewrite(path.read_text(), noderecord.auth_settings(CHAP_USER, CHAP_SECRET)))
 
 
 def raw_stage(iqn, portal, mkfs, mountpoint):
     """What a person staging raw-create's export on a worker does (the driver's mkfs.ext4 options)."""
+    from csi.node import noderecord  # imported before the clock starts: the node plugin has it loaded too
+
     device = f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-0"
     os.makedirs(mountpoint, exist_ok=True)
     started = time.monotonic()
-    _iscsiadm("-m", "node", "-T", iqn, "-p", portal, "-o", "new")
-    _write_chap(iqn, portal)
-    _iscsiadm("-m", "node", "-T", iqn, "-p", portal, "--login")
+    run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-o", "new")
+    _write_chap(noderecord, iqn, portal)
+    run("iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--login")
     logged_in = time.monotonic()
     while not os.path.exists(device):
         if time.monotonic() - logged_in > 60:
@@ -137,11 +127,9 @@ def raw_stage(iqn, portal, mkfs, mountpoint):
         time.sleep(0.01)
     appeared = time.monotonic()
     if mkfs == "1":
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", device],
-                       check=True, capture_output=True, stdin=subprocess.DEVNULL)
+        run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", device)
     formatted = time.monotonic()
-    subprocess.run(["mount", "-t", "ext4", device, mountpoint], check=True, capture_output=True,
-                   stdin=subprocess.DEVNULL)
+    run("mount", "-t", "ext4", device, mountpoint)
     done = time.monotonic()
     return {"login": logged_in - started, "device": appeared - logged_in, "mkfs": formatted - appeared,
             "mount": done - formatted, "total": done - started}
@@ -149,9 +137,9 @@ def raw_stage(iqn, portal, mkfs, mountpoint):
 
 def raw_unstage(iqn, mountpoint):
     started = time.monotonic()
-    subprocess.run(["umount", mountpoint], check=True, capture_output=True, stdin=subprocess.DEVNULL)
-    _iscsiadm("-m", "node", "-T", iqn, "--logout")
-    _iscsiadm("-m", "node", "-T", iqn, "-o", "delete")
+    run("umount", mountpoint)
+    run("iscsiadm", "-m", "node", "-T", iqn, "--logout")
+    run("iscsiadm", "-m", "node", "-T", iqn, "-o", "delete")
     return {"total": time.monotonic() - started}
 
 
@@ -164,7 +152,7 @@ def raw_create_serial(vg, pool, prefix, count, size):
 
 
 def raw_remove_serial(vg, prefix, count):
-    lvm("lvremove", "--yes", *(f"{vg}/{prefix}-{i}" for i in range(int(count))))
+    run("lvremove", "--yes", *(f"{vg}/{prefix}-{i}" for i in range(int(count))))
     return {}
 
 
@@ -179,7 +167,7 @@ def raw_delete(vg, lv, iqn):
         rts.BlockStorageObject(lv).delete()
     except rts.RTSLibNotInCFSError:
         pass
-    lvm("lvremove", "--yes", f"{vg}/{lv}")
+    run("lvremove", "--yes", f"{vg}/{lv}")
     return {}
 
 
@@ -220,7 +208,7 @@ def tcp_send(ip, port, size):
 
 def timed(*argv):
     started = time.monotonic()
-    lvm(*argv)
+    run(*argv)
     return {"seconds": time.monotonic() - started}
 
 
