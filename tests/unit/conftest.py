@@ -120,12 +120,16 @@ class IscsiSysfs:
         self.connections.mkdir()
 
     def add(self, sid: int, iqn: str, address: str, port: int = 3260) -> None:
-        (self.sessions / f"session{sid}").mkdir()
+        (self.sessions / f"session{sid}").mkdir(exist_ok=True)
         (self.sessions / f"session{sid}" / "targetname").write_text(iqn + "\n")
         conn = self.connections / f"connection{sid}:0"
         conn.mkdir()
         (conn / "persistent_address").write_text(address + "\n")
         (conn / "persistent_port").write_text(f"{port}\n")
+
+    def set_state(self, sid: int, state: str) -> None:
+        (self.sessions / f"session{sid}").mkdir(exist_ok=True)
+        (self.sessions / f"session{sid}" / "state").write_text(state + "\n")
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 
 from csi import errors, ids
 from csi.config import NodeConfig
-from csi.node import iscsi, mount
+from csi.node import mount
 from csi.node.iscsi import Iscsiadm, Session
 from csi.node.service import NodeService
 from csi.proto import csi_pb2 as csi
@@ -26,14 +26,8 @@ def session_line(sid: int, iqn: str) -> str:
 
 
 @pytest.fixture
-def sysfs(tmp_path, monkeypatch):
-    root = tmp_path / "iscsi_session"
-    monkeypatch.setattr(iscsi, "SYSFS_SESSIONS", root)
-
-    def set_state(sid: int, state: str) -> None:
-        (root / f"session{sid}").mkdir(parents=True, exist_ok=True)
-        (root / f"session{sid}" / "state").write_text(state + "\n")
-    return set_state
+def sysfs(iscsi_sysfs):
+    return iscsi_sysfs.set_state
 
 
 @pytest.fixture
