@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -12,11 +13,12 @@ from pathlib import Path
 import grpc
 
 from csi.lab import Lab, LabNode
-from csi.lab.deploy import Deployment
+from csi.lab.deploy import PYTHON, Deployment
 from csi.proto import csi_pb2 as csi
 from csi.proto import csi_pb2_grpc
 
 MiB, GiB = 1 << 20, 1 << 30
+GUEST = Path(__file__).resolve().parent / "guest.py"
 M = csi.VolumeCapability.AccessMode
 BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
 
@@ -110,3 +112,9 @@ def daemon_memory(d: Deployment, storage: LabNode, worker: LabNode) -> list[tupl
 def _rss(status: str) -> tuple[int, int]:
     values = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
     return int(values["VmRSS"]), int(values["VmHWM"])
+
+
+def guest(node: LabNode, *argv: str, env: dict[str, str] | None = None, timeout: float = 600) -> dict:
+    """A bench/guest.py sub-command run in a lab node: the JSON line it answers."""
+    r = node.run([PYTHON, str(GUEST), *argv], env=env, timeout=timeout, check=True)
+    return json.loads(r.stdout.splitlines()[-1])

@@ -52,9 +52,7 @@ class SnapshotBench(attach.Clients):
         return {"LVM_SYSTEM_DIR": str(self.d.agent_state(node) / "lvm-system")}   # the agent's lvm.conf
 
     def guest(self, node: LabNode, *argv: str, timeout: float = 600) -> dict:
-        r = node.run([PYTHON, str(Path(__file__).resolve().parent / "guest.py"), *argv], env=self.lvm_env(node),
-                     timeout=timeout, check=True)
-        return json.loads(r.stdout.splitlines()[-1])
+        return attach.guest(node, *argv, env=self.lvm_env(node), timeout=timeout)
 
     # ------------------------------------------------------------------------------------ CSI calls
 
@@ -129,7 +127,7 @@ class SnapshotBench(attach.Clients):
         create = self.guest(self.s2, "timed", "lvcreate", "--yes", "--name", name, "--activate", "y",
                             "--setactivationskip", "n", "--virtualsize", f"{size}b", "--thin",
                             f"{VG_NAME}/{THIN_POOL}")["seconds"]
-        self.s2.spawn("recv-file", [PYTHON, str(Path(__file__).resolve().parent / "guest.py"), "recv-file",
+        self.s2.spawn("recv-file", [PYTHON, str(attach.GUEST), "recv-file",
                                     self.s2.ip, str(COPY_PORT), f"/dev/{VG_NAME}/{name}"])
         self.guest(self.s1, "send-file", self.s2.ip, str(COPY_PORT), f"/dev/{VG_NAME}/{snap_lv}", str(size),
                    timeout=3600)

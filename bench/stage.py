@@ -16,7 +16,6 @@ The node plugin logs each command it runs (bench/hook): summed per first stage i
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from csi import ids
 from csi.lab import VG_NAME, LabNode
-from csi.lab.deploy import PYTHON, Deployment
+from csi.lab.deploy import Deployment
 from csi.proto import csi_pb2 as csi
 
 import attach  # bench/ is on sys.path: bench.py puts it there
@@ -36,7 +35,6 @@ MiB, GiB = 1 << 20, 1 << 30
 SIZE = GiB
 THIN_POOL = "thinpool"
 HERE = Path(__file__).resolve().parent
-GUEST = HERE / "guest.py"
 M = csi.VolumeCapability.AccessMode
 MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext4"),
                              access_mode=M(mode=M.SINGLE_NODE_WRITER))
@@ -77,10 +75,6 @@ class StageBench(attach.Clients):
         self.d, self.s, self.w, self.log = d, s, w, log
         self.lvm_env = {"LVM_SYSTEM_DIR": str(d.agent_state(s) / "lvm-system")}   # the agent's lvm.conf
 
-    def guest(self, node: LabNode, *argv: str, env: dict[str, str] | None = None) -> dict:
-        r = node.run([PYTHON, str(GUEST), *argv], env=env, timeout=600, check=True)
-        return json.loads(r.stdout.splitlines()[-1])
-
     def driver_sample(self, out: Samples, name: str) -> None:
         vid = self.ctrl.CreateVolume(csi.CreateVolumeRequest(
             name=name, capacity_range=csi.CapacityRange(required_bytes=SIZE), volume_capabilities=[MOUNT]),
@@ -106,7 +100,7 @@ class StageBench(attach.Clients):
 
     def raw_sample(self, out: Samples, lv: str) -> None:
         iqn = ids.target_iqn(VG_NAME, lv)
-        self.guest(self.s, "raw-create", VG_NAME, THIN_POOL, lv, str(SIZE), iqn, self.s.ip, self.w.initiator_iqn,
+        attach.guest(self.s, "raw-create", VG_NAME, THIN_POOL, lv, str(SIZE), iqn, self.s.ip, self.w.initiator_iqn,
                    env=self.lvm_env)
         mountpoint = self.w.workdir / f"raw-stage-{lv}"
         portal = f"{self.s.ip}:3260"
@@ -115,12 +109,12 @@ class StageBench(attach.Clients):
                                           ("raw-unstage", iqn, str(mountpoint)),
                                           ("raw-stage", iqn, portal, "0", str(mountpoint)),
                                           ("raw-unstage", iqn, str(mountpoint)))):
-                parts = self.guest(self.w, *argv)
+                parts = attach.guest(self.w, *argv)
                 out.raw[step].append(parts["total"])
                 if step == STEPS[0]:
                     out.raw_parts.append(parts)
         finally:
-            self.guest(self.s, "raw-delete", VG_NAME, lv, iqn, env=self.lvm_env)
+            attach.guest(self.s, "raw-delete", VG_NAME, lv, iqn, env=self.lvm_env)
 
 
 def render(out: Samples, samples: int) -> str:
