@@ -46,7 +46,8 @@ LOGIN_TIMEOUT_S = 10
 LOGIN_RETRIES = 2
 SYSFS_SESSIONS = Path("/sys/class/iscsi_session")
 SYSFS_CONNECTIONS = Path("/sys/class/iscsi_connection")   # connection<sid>:<cid>
-# Polling for a new disk's by-path link: a stat, cheap; the link appears some 0.1-0.5 s after login.
+DEV = Path("/dev")
+# Polling for a new disk in sysfs (a glob and a stat, cheap): it appears within some 0.1 s of the login.
 DEVICE_POLL_S = 0.05
 DEVICE_RESCAN_AT_S = (1.0, 3.0, 7.0)     # seconds after the wait began: a rescan of the target's sessions
 _NODE_DB = threading.RLock()   # see the module doc
@@ -105,7 +106,7 @@ def read_initiator_name(path: Path) -> str:
 
 
 def by_path(portal: str, iqn: str, lun: int) -> Path:
-    return Path(f"/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-{lun}")
+    return DEV / "disk" / "by-path" / f"ip-{portal}-iscsi-{iqn}-lun-{lun}"
 
 
 def parse_sessions(text: str) -> list[Session]:
@@ -184,11 +185,10 @@ class Iscsiadm:
         with _node_db_lock():
             noderecord.write_settings(NODE_DB_DIRS, target.iqn, portal, settings)
 
-    def logged_in_portals(self, iqn: str) -> set[str]:
-        """The portals ("ip:port", as Portal prints them) with a session to the target now, read from sysfs: no
-        iscsiadm process. Unreadable entries are left out: the login that follows then answers "session exists"
-        (exit 15), which is success too."""
-        out = set()
+    @staticmethod
+    def _sessions_of(iqn: str):
+        """(sysfs directory, portal as Portal prints it) of each session of the kernel to the target now. An
+        entry that cannot be read (a session going away meanwhile) is left out."""
         for session in SYSFS_SESSIONS.glob("session*"):
             try:
                 if (session / "targetname").read_text().strip() != iqn:
@@ -196,10 +196,36 @@ class Iscsiadm:
                 conn = SYSFS_CONNECTIONS / f"connection{session.name[len('session'):]}:0"
                 address = (conn / "persistent_address").read_text().strip()
                 port = int((conn / "persistent_port").read_text().strip())
-                out.add(str(Portal.parse(f"[{address}]:{port}")))
+                yield session, str(Portal.parse(f"[{address}]:{port}"))
             except (OSError, ValueError):
                 continue
-        return out
+
+    def logged_in_portals(self, iqn: str) -> set[str]:
+        """The portals ("ip:port") with a session to the target now, read from sysfs: no iscsiadm process. An
+        unreadable entry is left out: the login that follows then answers "session exists" (exit 15), which is
+        success too."""
+        return {portal for _, portal in self._sessions_of(iqn)}
+
+    @classmethod
+    def session_disk(cls, target: Target) -> Path | None:
+        """The disk of LUN `lun` as the kernel made it for a session to one of the target's portals (sysfs:
+        session<sid>/device/target<h>:<c>:<t>/<h>:<c>:<t>:<lun>/block/<name>), once its /dev node exists; None
+        when there is none now. The portal matters: replica legs on two storage nodes can share one IQN."""
+        sessions = dict((portal, session) for session, portal in cls._sessions_of(target.iqn))
+        for portal in target.portals:
+            if portal not in sessions:
+                continue
+            for lun_dir in (sessions[portal] / "device").glob(f"target*/*:{target.lun}"):
+                if lun_dir.name.count(":") != 3:
+                    continue
+                try:
+                    names = sorted(entry.name for entry in (lun_dir / "block").iterdir())
+                except OSError:
+                    continue      # the disk is not registered yet, or went away meanwhile
+                for name in names:
+                    if (DEV / name).exists():
+                        return DEV / name
+        return None
 
     def login(self, target: Target) -> None:
         """Records with our settings, then login on every portal. Already logged in is success."""
@@ -245,10 +271,14 @@ class Iscsiadm:
                 out.append((parts[0].split(",")[0], parts[1]))
         return out
 
-    @staticmethod
-    def find_device(target: Target) -> Path | None:
-        """The disk of LUN `lun` through any portal (its /dev/disk/by-path link resolved), None when there is
-        none now: no session, or udev has not made the link yet."""
+    @classmethod
+    def find_device(cls, target: Target) -> Path | None:
+        """The disk of LUN `lun` through any portal, None when there is none now. Found from its session in
+        sysfs as soon as the kernel registers it (udev's /dev/disk/by-path link follows 0.1-0.5 s later, and
+        not at all where udev does not run); the link, resolved, where sysfs does not show it."""
+        disk = cls.session_disk(target)
+        if disk is not None:
+            return disk
         for portal in target.portals:
             link = by_path(portal, target.iqn, target.lun)
             if link.exists():
@@ -256,8 +286,8 @@ class Iscsiadm:
         return None
 
     def wait_for_device(self, target: Target, timeout: float = 20.0) -> Path:
-        """The disk of LUN `lun` through any portal, once udev made it (with no I/O scheduler: disk_queue.py);
-        rescans on a bounded schedule."""
+        """The disk of LUN `lun` through any portal, once the kernel made it (with no I/O scheduler:
+        disk_queue.py); rescans on a bounded schedule."""
         began = time.monotonic()
         deadline = began + min(timeout, runner.time_left())
         rescans = list(DEVICE_RESCAN_AT_S)
@@ -272,8 +302,8 @@ class Iscsiadm:
             now = time.monotonic()
             if now >= deadline:
                 raise errors.CsiError(errors.Code.DEADLINE_EXCEEDED,
-                                      f"logged in to {target.iqn}, but LUN {target.lun} did not appear under "
-                                      f"/dev/disk/by-path within {timeout:.0f}s (is udev running?)")
+                                      f"logged in to {target.iqn}, but LUN {target.lun} did not appear "
+                                      f"in sysfs or /dev/disk/by-path within {timeout:.0f}s")
             if rescans and now - began >= rescans[0]:
                 self.rescan(target.iqn)
                 # the points it took us past go too: one rescan that waited for the node database's lock is

@@ -68,11 +68,14 @@ def test_lifecycle_across_the_network_with_checksums(cluster):
     assert (record["node.startup"], record["node.conn[0].timeo.login_timeout"],
             record["node.session.initial_login_retry_max"], record["node.session.auth.authmethod"]) == (
         "manual", "10", "2", "CHAP"), record
-    # and the kernel's sessions as the plugin reads them in sysfs (before a login: logged in already?)
-    live = cluster.w.run([sys.executable, "-c", "import sys\nfrom csi.node.iscsi import Iscsiadm\n"
-                          "print(sorted(Iscsiadm().logged_in_portals(sys.argv[1])))", ctx["targetIqn"]],
-                         timeout=60, check=True).stdout.strip()
-    assert live == str([ctx["portals"]]), live
+    # and the kernel's sessions as the plugin reads them in sysfs (before a login: logged in already?), and
+    # the disk it finds there without waiting for udev: the one udev's by-path link names
+    live = cluster.w.run([sys.executable, "-c", "import os, sys\nfrom csi.node.iscsi import Iscsiadm, Target, "
+                          "by_path\niqn, portal = sys.argv[1:]\nprint(sorted(Iscsiadm().logged_in_portals(iqn)))\n"
+                          "print(Iscsiadm.session_disk(Target(iqn, (portal,), 0)))\n"
+                          "print(os.path.realpath(by_path(portal, iqn, 0)))", ctx["targetIqn"], ctx["portals"]],
+                         timeout=60, check=True).stdout.split()
+    assert live[0] == str([ctx["portals"]]) and live[1].startswith("/dev/sd") and live[1] == live[2], live
     # unstage and stage again: the data came from the storage node, not from a cache
     staging, _ = cluster.paths(v.volume_id)
     cluster.node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=v.volume_id, target_path=str(target)))

@@ -112,12 +112,15 @@ def sys_block(tmp_path, monkeypatch) -> Path:
 
 class IscsiSysfs:
     """The kernel's iSCSI sessions as sysfs shows them (/sys/class/iscsi_session/session<sid>/targetname, and
-    /sys/class/iscsi_connection/connection<sid>:0/persistent_address and persistent_port), in a temporary tree."""
+    /sys/class/iscsi_connection/connection<sid>:0/persistent_address and persistent_port), their disks, and
+    /dev, in a temporary tree."""
 
     def __init__(self, root: Path):
         self.sessions, self.connections = root / "iscsi_session", root / "iscsi_connection"
+        self.dev = root / "dev"
         self.sessions.mkdir(parents=True)
         self.connections.mkdir()
+        self.dev.mkdir()
 
     def add(self, sid: int, iqn: str, address: str, port: int = 3260) -> None:
         (self.sessions / f"session{sid}").mkdir(exist_ok=True)
@@ -126,6 +129,17 @@ class IscsiSysfs:
         conn.mkdir()
         (conn / "persistent_address").write_text(address + "\n")
         (conn / "persistent_port").write_text(f"{port}\n")
+
+    def add_disk(self, sid: int, lun: int, name: str, node: bool = True) -> Path:
+        """LUN `lun` of session `sid` as the kernel registers it (host 2 + sid, channel 0, target 0), and its
+        /dev node unless `node` is False (devtmpfs makes it just after the sysfs entry)."""
+        host = 2 + sid
+        lun_dir = self.sessions / f"session{sid}" / "device" / f"target{host}:0:0" / f"{host}:0:0:{lun}"
+        (lun_dir / "block" / name).mkdir(parents=True)
+        (lun_dir / "power").mkdir(exist_ok=True)       # sysfs keeps other entries beside the LUNs
+        if node:
+            (self.dev / name).touch()
+        return self.dev / name
 
     def set_state(self, sid: int, state: str) -> None:
         (self.sessions / f"session{sid}").mkdir(exist_ok=True)
@@ -139,6 +153,7 @@ def iscsi_sysfs(tmp_path, monkeypatch) -> IscsiSysfs:
     tree = IscsiSysfs(tmp_path / "sys-class")
     monkeypatch.setattr(iscsi, "SYSFS_SESSIONS", tree.sessions)
     monkeypatch.setattr(iscsi, "SYSFS_CONNECTIONS", tree.connections)
+    monkeypatch.setattr(iscsi, "DEV", tree.dev)
     return tree
 
 

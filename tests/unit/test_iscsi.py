@@ -64,6 +64,37 @@ def test_sessions_are_read_from_sysfs_by_target_and_portal(iscsi_sysfs):
     assert Iscsiadm().logged_in_portals("iqn.2026-11.dev.csi.lvm-iscsi:vg.none") == set()
 
 
+def test_the_disk_is_found_in_sysfs_by_target_portal_and_lun(iscsi_sysfs):
+    leg_a = Target(T.iqn, ("10.0.0.1:3260",), 1)
+    leg_b = Target(T.iqn, ("10.0.0.2:3260",), 1)     # replica legs on two storage nodes share one IQN
+    iscsi_sysfs.add(1, T.iqn, "10.0.0.1")
+    iscsi_sysfs.add(2, T.iqn, "10.0.0.2")
+    iscsi_sysfs.add_disk(1, 10, "sdb")                # LUN 10 is not LUN 1
+    sdc = iscsi_sysfs.add_disk(1, 1, "sdc")
+    sdd = iscsi_sysfs.add_disk(2, 1, "sdd")
+    assert Iscsiadm.session_disk(leg_a) == sdc and Iscsiadm.find_device(leg_a) == sdc
+    assert Iscsiadm.session_disk(leg_b) == sdd
+    assert Iscsiadm.find_device(Target(T.iqn, ("10.0.0.3:3260",), 1)) is None     # no session there
+    assert Iscsiadm.find_device(Target(T.iqn, ("10.0.0.1:3260",), 2)) is None     # no such LUN
+
+
+def test_a_disk_whose_dev_node_is_not_made_yet_is_not_found(iscsi_sysfs):
+    iscsi_sysfs.add(1, T.iqn, "10.0.0.1")
+    iscsi_sysfs.add_disk(1, 0, "sdb", node=False)     # registered in sysfs, devtmpfs not done yet
+    assert Iscsiadm.find_device(T) is None
+    (iscsi_sysfs.dev / "sdb").touch()
+    assert Iscsiadm.find_device(T) == iscsi_sysfs.dev / "sdb"
+
+
+def test_the_by_path_link_serves_where_sysfs_shows_no_disk(iscsi_sysfs):
+    disk = iscsi_sysfs.dev / "sde"
+    disk.touch()
+    link = iscsi_sysfs.dev / "disk" / "by-path" / f"ip-10.0.0.1:3260-iscsi-{T.iqn}-lun-0"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("../../sde")
+    assert Iscsiadm.find_device(T) == disk
+
+
 def test_login_goes_on_when_sysfs_missed_a_session_that_exists(fake_run):
     fake_run.on("iscsiadm", "-m", "node")
     fake_run.on("iscsiadm", "-m", "node", "-T", T.iqn, "-p", "10.0.0.1:3260", "--login", rc=15,
