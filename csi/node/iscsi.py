@@ -207,24 +207,37 @@ class Iscsiadm:
         return {portal for _, portal in self._sessions_of(iqn)}
 
     @classmethod
-    def session_disk(cls, target: Target) -> Path | None:
-        """The disk of LUN `lun` as the kernel made it for a session to one of the target's portals (sysfs:
-        session<sid>/device/target<h>:<c>:<t>/<h>:<c>:<t>:<lun>/block/<name>), once its /dev node exists; None
-        when there is none now. The portal matters: replica legs on two storage nodes can share one IQN."""
-        sessions = dict((portal, session) for session, portal in cls._sessions_of(target.iqn))
-        for portal in target.portals:
-            if portal not in sessions:
+    def _session_dirs(cls, target: Target) -> list[Path]:
+        """The sysfs directories of the kernel's sessions to the target at its portals, in its portals' order. The
+        portal matters: replica legs on two storage nodes can share one IQN."""
+        found = dict((portal, session) for session, portal in cls._sessions_of(target.iqn))
+        return [found[portal] for portal in target.portals if portal in found]
+
+    @staticmethod
+    def _disk_of(session: Path, lun: int) -> Path | None:
+        """LUN `lun` of one session as the kernel registered it (session<sid>/device/target<h>:<c>:<t>/
+        <h>:<c>:<t>:<lun>/block/<name>), once its /dev node exists."""
+        for lun_dir in (session / "device").glob(f"target*/*:{lun}"):
+            if lun_dir.name.count(":") != 3:
                 continue
-            for lun_dir in (sessions[portal] / "device").glob(f"target*/*:{target.lun}"):
-                if lun_dir.name.count(":") != 3:
-                    continue
-                try:
-                    names = sorted(entry.name for entry in (lun_dir / "block").iterdir())
-                except OSError:
-                    continue      # the disk is not registered yet, or went away meanwhile
-                for name in names:
-                    if (DEV / name).exists():
-                        return DEV / name
+            try:
+                names = sorted(entry.name for entry in (lun_dir / "block").iterdir())
+            except OSError:
+                continue      # the disk is not registered yet, or went away meanwhile
+            for name in names:
+                if (DEV / name).exists():
+                    return DEV / name
+        return None
+
+    @classmethod
+    def session_disk(cls, target: Target, sessions: list[Path] | None = None) -> Path | None:
+        """The disk of LUN `lun` as the kernel made it for a session to one of the target's portals (of
+        `sessions` when the caller found them already: walking every session of a busy worker each time costs),
+        None when there is none now."""
+        for session in cls._session_dirs(target) if sessions is None else sessions:
+            disk = cls._disk_of(session, target.lun)
+            if disk is not None:
+                return disk
         return None
 
     def login(self, target: Target) -> None:
@@ -276,7 +289,11 @@ class Iscsiadm:
         """The disk of LUN `lun` through any portal, None when there is none now. Found from its session in
         sysfs as soon as the kernel registers it (udev's /dev/disk/by-path link follows 0.1-0.5 s later, and
         not at all where udev does not run); the link, resolved, where sysfs does not show it."""
-        disk = cls.session_disk(target)
+        return cls._find_device(target, None)
+
+    @classmethod
+    def _find_device(cls, target: Target, sessions: list[Path] | None) -> Path | None:
+        disk = cls.session_disk(target, sessions)
         if disk is not None:
             return disk
         for portal in target.portals:
@@ -291,8 +308,11 @@ class Iscsiadm:
         began = time.monotonic()
         deadline = began + min(timeout, runner.time_left())
         rescans = list(DEVICE_RESCAN_AT_S)
+        sessions: list[Path] = []
         while True:
-            device = self.find_device(target)
+            if not sessions:      # every session walked until the target's show up, then only theirs
+                sessions = self._session_dirs(target)
+            device = self._find_device(target, sessions)
             if device is not None:
                 found = time.monotonic()
                 disk_queue.use_no_scheduler(device)
@@ -306,6 +326,7 @@ class Iscsiadm:
                                       f"in sysfs or /dev/disk/by-path within {timeout:.0f}s")
             if rescans and now - began >= rescans[0]:
                 self.rescan(target.iqn)
+                sessions = []
                 # the points it took us past go too: one rescan that waited for the node database's lock is
                 # not followed by another at once
                 done = time.monotonic() - began

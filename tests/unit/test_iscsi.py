@@ -251,7 +251,7 @@ def test_the_wait_for_a_disk_rescans_once_per_point_passed_even_after_a_slow_res
     disk.touch()
     rescans = []
     tool = Iscsiadm()
-    monkeypatch.setattr(tool, "find_device", lambda t: disk if clock[0] >= 9.0 else None)
+    monkeypatch.setattr(tool, "_find_device", lambda t, sessions: disk if clock[0] >= 9.0 else None)
 
     def rescan(iqn):   # waited 2.5 s for the node database's lock: past the next point (3 s) already
         rescans.append(round(clock[0], 2))
@@ -259,3 +259,27 @@ def test_the_wait_for_a_disk_rescans_once_per_point_passed_even_after_a_slow_res
     monkeypatch.setattr(tool, "rescan", rescan)
     assert tool.wait_for_device(T, timeout=20) == disk
     assert len(rescans) == 2 and 1.0 <= rescans[0] < 1.1 and 7.0 <= rescans[1] < 7.1, rescans
+
+
+def test_the_wait_for_a_disk_walks_every_session_only_until_the_targets_show_up(monkeypatch, iscsi_sysfs):
+    """A busy worker has a hundred sessions: the 50 ms poll watches this target's session, not all of them."""
+    from csi.node import iscsi
+    for sid in range(1, 50):
+        iscsi_sysfs.add(sid, f"iqn.2026-11.dev.csi.lvm-iscsi:vg.other{sid}", "10.0.0.1")
+    polls, walks = [0], [0]
+    real_walk = Iscsiadm._sessions_of
+
+    def walk(iqn):
+        walks[0] += 1
+        return real_walk(iqn)
+
+    def sleep(seconds):
+        polls[0] += 1
+        if polls[0] == 2:
+            iscsi_sysfs.add(77, T.iqn, "10.0.0.1")       # the login's session, its disk not yet there
+        if polls[0] == 6:
+            iscsi_sysfs.add_disk(77, 0, "sdx")
+    monkeypatch.setattr(Iscsiadm, "_sessions_of", staticmethod(walk))
+    monkeypatch.setattr(iscsi.time, "sleep", sleep)
+    assert Iscsiadm().wait_for_device(T, timeout=20) == iscsi_sysfs.dev / "sdx"
+    assert polls[0] == 6 and walks[0] == 3, (polls, walks)
