@@ -19,6 +19,7 @@ from csi.proto import csi_pb2_grpc
 
 MiB, GiB = 1 << 20, 1 << 30
 GUEST = Path(__file__).resolve().parent / "guest.py"
+HOOK = Path(__file__).resolve().parent / "hook"
 M = csi.VolumeCapability.AccessMode
 BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
 
@@ -37,6 +38,16 @@ def storage_and_worker(workdir: Path, name: str, subnet: str, disk_gib: int, boo
             yield d, s, w
         finally:
             d.stop_controller()
+
+
+@contextlib.contextmanager
+def storage_and_worker_profiled(workdir: Path, name: str, subnet: str, disk_gib: int,
+                                boot_timeout: float):
+    """storage_and_worker, with the worker's node plugin logging each command it runs (bench/hook): the
+    profile of the stage benches."""
+    with storage_and_worker(workdir, name, subnet, disk_gib, boot_timeout) as (d, s, w):
+        d.start_node_plugin(w, env={"PYTHONPATH": str(HOOK)})
+        yield d, s, w
 
 
 class Clients:

@@ -30,6 +30,8 @@ runs on the host and reaches the agent over mutual TLS (csi/lab/deploy.py, as th
    (`--parts load`).
 9. NodeStageVolume and NodeUnstageVolume next to the same login, mkfs and mount done by hand on the worker: in
    its own lab, see bench/stage.py (`--parts stage`).
+10. Many NodeStageVolume calls at once on one worker, each with kubelet's deadline: in its own lab, see
+   bench/stage_burst.py (`--parts burst`).
 
 Prints the tables as Markdown and writes them to bench/results.md (--out).
 """
@@ -67,13 +69,14 @@ import replicas  # noqa: E402
 import restart  # noqa: E402
 import snapshots  # noqa: E402
 import stage  # noqa: E402
+import stage_burst  # noqa: E402
 import stats  # noqa: E402
 from stats import percentile  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GUEST = HERE / "guest.py"
 MiB, GiB = 1 << 20, 1 << 30
-PARTS = {"create", "snapshots", "randio", "tuning", "replicas", "restart", "load", "stage"}
+PARTS = {"create", "snapshots", "randio", "tuning", "replicas", "restart", "load", "stage", "burst"}
 VOLUME_BYTES = 4 * MiB
 THIN_POOL = "thinpool"
 TCP_PORT = 7801
@@ -378,16 +381,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--subnet", default="10.213.7", help="first three octets of the lab's private subnet")
     a.add_argument("--workdir", default=None, help="lab directory (default: a new one under /var/tmp)")
     a.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
-    a.add_argument("--parts", default="create,snapshots,randio,tuning,replicas,restart,load,stage",
+    a.add_argument("--parts", default="create,snapshots,randio,tuning,replicas,restart,load,stage,burst",
                    help="comma-separated: create (tables 1-3), snapshots (table 4), randio (fio), tuning (the iSCSI "
                         "path's knobs under fio), replicas (two legs next to one, resync), restart (a storage node's "
                         "reboot), load (quick calls while many volumes are made at once), stage (NodeStageVolume "
-                        "next to a login, mkfs and mount by hand); default all")
+                        "next to a login, mkfs and mount by hand), burst (many NodeStageVolume at once on one worker); "
+                        "default all")
     a.add_argument("--load-volumes", type=int, default=100, help="volumes made at once by the load part (default 100)")
     a.add_argument("--load-runs", type=int, default=2, help="runs of the load part (default 2)")
     a.add_argument("--restart-volumes", default="0,500", help="volumes in use at the reboots (default 0,500)")
     a.add_argument("--restart-runs", type=int, default=2, help="reboots per count and side (default 2)")
     a.add_argument("--stage-samples", type=int, default=5, help="samples of the stage part (default 5)")
+    a.add_argument("--burst-volumes", type=int, default=100,
+                   help="volumes staged at once by the burst part (default 100)")
     a.add_argument("--snap-mib", type=int, default=1024, help="MiB written to the snapshot bench's source volume")
     a.add_argument("--snap-samples", type=int, default=3, help="samples per snapshot / restore kind")
     a.add_argument("--fio-mib", type=int, default=512, help="MiB of the fio bench's volumes")
@@ -423,6 +429,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.error(f"--tuning-variants: indexes from 0 to {len(iscsi_tuning.VARIANTS) - 1}")
     if args.stage_samples < 1:
         a.error("--stage-samples must be >= 1")
+    if args.burst_volumes < 1:
+        a.error("--burst-volumes must be >= 1")
     if args.load_volumes < 1 or args.load_runs < 1:
         a.error("--load-volumes and --load-runs must be >= 1")
     if args.fio_mib < 64 or args.fio_runs < 1 or args.fio_seconds < 1:
@@ -470,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         if "stage" in args.parts:
             log(f"NodeStageVolume and NodeUnstageVolume next to them by hand, {args.stage_samples} samples")
             report += "\n" + stage.run(workdir / "stage", args.subnet, args.stage_samples, args.disk_gib, log)
+        if "burst" in args.parts:
+            log(f"{args.burst_volumes} NodeStageVolume at once on one worker, then as many NodeUnstageVolume")
+            report += "\n" + stage_burst.run(workdir / "burst", args.subnet, args.burst_volumes, args.disk_gib, log)
     finally:
         if args.keep:
             log(f"logs kept in {workdir}")

@@ -12,6 +12,8 @@ prints one JSON line.
                                                        lines written into it, login, the by-path link awaited,
                                                        mkfs.ext4 with the driver's options if MKFS is 1, mount
   raw-unstage IQN MOUNTPOINT                           undo raw-stage: umount, logout, delete the record
+  raw-stage-serial PORTAL MOUNTROOT LISTING            raw-stage (with mkfs) of each IQN of the JSON list LISTING,
+                                                       one after another: each one's seconds, and the whole
   tcp-recv IP PORT                                     accept one connection, read to EOF: bytes, seconds
   tcp-send IP PORT BYTES                               connect (retrying until the receiver listens), send
   timed CMD ARG...                                     run one command (LVM's, say): its seconds
@@ -133,6 +135,15 @@ def raw_stage(iqn, portal, mkfs, mountpoint):
     done = time.monotonic()
     return {"login": logged_in - started, "device": appeared - logged_in, "mkfs": formatted - appeared,
             "mount": done - formatted, "total": done - started}
+
+
+def raw_stage_serial(portal, mountroot, listing):
+    """Many stages by hand on one worker, as a person's loop would run them: the lab's own rate of stages."""
+    with open(listing) as f:
+        iqns = json.load(f)
+    started = time.monotonic()
+    each = [raw_stage(iqn, portal, "1", os.path.join(mountroot, str(i)))["total"] for i, iqn in enumerate(iqns)]
+    return {"stages": each, "total": time.monotonic() - started}
 
 
 def raw_unstage(iqn, mountpoint):
@@ -298,7 +309,7 @@ def tcp_ping(ip, port, count):
 
 
 COMMANDS = {"raw-create": raw_create, "raw-delete": raw_delete, "raw-restore": raw_restore, "tcp-recv": tcp_recv,
-            "raw-stage": raw_stage, "raw-unstage": raw_unstage,
+            "raw-stage": raw_stage, "raw-unstage": raw_unstage, "raw-stage-serial": raw_stage_serial,
             "raw-create-serial": raw_create_serial, "raw-remove-serial": raw_remove_serial,
             "tcp-send": tcp_send, "timed": timed, "recv-file": recv_file, "send-file": send_file,
             "send-device": send_device, "tcp-echo": tcp_echo, "tcp-ping": tcp_ping}

@@ -34,7 +34,6 @@ import stats
 MiB, GiB = 1 << 20, 1 << 30
 SIZE = GiB
 THIN_POOL = "thinpool"
-HERE = Path(__file__).resolve().parent
 M = csi.VolumeCapability.AccessMode
 MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext4"),
                              access_mode=M(mode=M.SINGLE_NODE_WRITER))
@@ -150,8 +149,8 @@ def render(out: Samples, samples: int) -> str:
 def run(workdir: Path, subnet: str, samples: int, disk_gib: int, log) -> str:
     started = time.monotonic()
     out = Samples()
-    with attach.storage_and_worker(workdir, f"bstg{os.getpid() % 10000}", subnet, disk_gib, 240) as (d, s, w):
-        d.start_node_plugin(w, env={"PYTHONPATH": str(HERE / "hook")})  # the runner's debug lines, for the profile
+    name = f"bstg{os.getpid() % 10000}"
+    with attach.storage_and_worker_profiled(workdir, name, subnet, disk_gib, 240) as (d, s, w):
         bench = StageBench(d, s, w, log)
         try:
             for i in range(samples):
