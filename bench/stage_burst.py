@@ -18,6 +18,7 @@ over the stage burst.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-
-import json
 
 from csi import ids
 from csi.lab.deploy import Deployment

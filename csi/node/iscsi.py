@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from csi import errors, runner
 from csi.node import disk_queue, noderecord
@@ -186,7 +187,7 @@ class Iscsiadm:
             noderecord.write_settings(NODE_DB_DIRS, target.iqn, portal, settings)
 
     @staticmethod
-    def _sessions_of(iqn: str):
+    def _sessions_of(iqn: str) -> Iterator[tuple[Path, str]]:
         """(sysfs directory, portal as Portal prints it) of each session of the kernel to the target now. An
         entry that cannot be read (a session going away meanwhile) is left out."""
         for session in SYSFS_SESSIONS.glob("session*"):
@@ -216,7 +217,9 @@ class Iscsiadm:
     @staticmethod
     def _disk_of(session: Path, lun: int) -> Path | None:
         """LUN `lun` of one session as the kernel registered it (session<sid>/device/target<h>:<c>:<t>/
-        <h>:<c>:<t>:<lun>/block/<name>), once its /dev node exists."""
+        <h>:<c>:<t>:<lun>/block/<name>), once its /dev node opens. The kernel shows the disk in sysfs and makes
+        its node before the disk can be opened (device_add_disk: the block device is added last); an open in
+        between fails with ENXIO, and blkid, failing so, says "nothing found" (exit 2) of a disk full of data."""
         for lun_dir in (session / "device").glob(f"target*/*:{lun}"):
             if lun_dir.name.count(":") != 3:
                 continue
@@ -225,8 +228,11 @@ class Iscsiadm:
             except OSError:
                 continue      # the disk is not registered yet, or went away meanwhile
             for name in names:
-                if (DEV / name).exists():
-                    return DEV / name
+                try:
+                    os.close(os.open(DEV / name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+                except OSError:
+                    continue  # no node yet, or not openable yet (ENXIO)
+                return DEV / name
         return None
 
     @classmethod
@@ -310,7 +316,8 @@ class Iscsiadm:
         rescans = list(DEVICE_RESCAN_AT_S)
         sessions: list[Path] = []
         while True:
-            if not sessions:      # every session walked until the target's show up, then only theirs
+            if not sessions or not all(session.exists() for session in sessions):
+                # every session walked until the target's show up, then only theirs (again if one went away)
                 sessions = self._session_dirs(target)
             device = self._find_device(target, sessions)
             if device is not None:

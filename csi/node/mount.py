@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from csi import runner
+from csi import errors, runner
 
 RC_BLKID_NOTHING = 2
 RC_BLKID_AMBIVALENT = 8   # low-level probing found more than one valid-looking superblock
@@ -128,12 +128,16 @@ def parse_blkid_export(text: str) -> dict[str, str]:
 
 def probe(device: Path) -> Signatures:
     """Every signature blkid finds on the whole device: superblocks and partition tables (`-p`: low-level
-    probing, no cache). Exit code 2 means nothing at all was found."""
+    probing, no cache). Exit code 2 means nothing at all was found, unless blkid says it could not read the
+    device (`error: <device>: <reason>`, exit code 2 too): that is no answer, and never a blank device."""
     r = runner.run(["blkid", "-p", "-o", "export", str(device)],
                    ok_codes=(0, RC_BLKID_NOTHING, RC_BLKID_AMBIVALENT))
     if r.rc == RC_BLKID_AMBIVALENT:
         return Signatures(ambivalent=True)
     if r.rc == RC_BLKID_NOTHING:
+        if "error:" in r.stderr:
+            raise errors.unavailable(f"blkid cannot read {device}, so whether it holds data is not known: "
+                                     f"{r.stderr.strip()[-200:]}")
         return Signatures()
     fields = parse_blkid_export(r.stdout)
     return Signatures(fields.get("TYPE", ""), fields.get("USAGE", ""), fields.get("PTTYPE", ""))
@@ -218,6 +222,7 @@ EXT4_SUPER = 1024                 # the ext4 superblock's offset on its device
 EXT4_MAGIC = 0xEF53
 EXT4_INCOMPAT_64BIT = 0x80
 XFS_MAGIC = b"XFSB"
+XFS_BLOCK_SIZES = frozenset(1 << n for n in range(9, 17))
 
 
 def filesystem_blocks(device: Path, fs: str) -> tuple[int, int] | None:
@@ -236,12 +241,15 @@ def filesystem_blocks(device: Path, fs: str) -> tuple[int, int] | None:
                 blocks = int.from_bytes(sb[0x4:0x8], "little")
                 if int.from_bytes(sb[0x60:0x64], "little") & EXT4_INCOMPAT_64BIT:
                     blocks |= int.from_bytes(sb[0x150:0x154], "little") << 32
-                return blocks, 1024 << int.from_bytes(sb[0x18:0x1C], "little")
+                log_block = int.from_bytes(sb[0x18:0x1C], "little")
+                return (blocks, 1024 << log_block) if log_block <= 6 else None     # 1 KiB to 64 KiB blocks
             if fs == "xfs":
                 sb = dev.read(16)
                 if len(sb) < 16 or sb[:4] != XFS_MAGIC:
                     return None
-                return int.from_bytes(sb[8:16], "big"), int.from_bytes(sb[4:8], "big")
+                block = int.from_bytes(sb[4:8], "big")
+                # 512 B to 64 KiB, a power of two; anything else is no superblock to trust
+                return (int.from_bytes(sb[8:16], "big"), block) if block in XFS_BLOCK_SIZES else None
     except OSError:
         return None
     return None

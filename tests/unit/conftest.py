@@ -136,7 +136,7 @@ class IscsiSysfs:
         host = 2 + sid
         lun_dir = self.sessions / f"session{sid}" / "device" / f"target{host}:0:0" / f"{host}:0:0:{lun}"
         (lun_dir / "block" / name).mkdir(parents=True)
-        (lun_dir / "power").mkdir(exist_ok=True)       # sysfs keeps other entries beside the LUNs
+        (lun_dir.parent / "power").mkdir(exist_ok=True)   # sysfs keeps other entries beside the LUNs
         if node:
             (self.dev / name).touch()
         return self.dev / name

@@ -37,8 +37,8 @@ def grow(path: Path, by: int) -> None:
     ("ext4", 64 * MiB, ("-F", "-b", "1024", "-O", "^64bit"), (65536, 1024)),
     ("xfs", 320 * MiB, (), (81920, 4096)),
 ])
-def test_a_filesystem_that_fills_its_device_is_not_grown_one_that_does_not_is(tmp_path, fake_run, fs, size,
-                                                                               args, blocks):
+def test_a_filesystem_that_fills_its_device_is_not_grown_one_that_does_not_is(tmp_path, fake_run, fs, size, args,
+                                                                               blocks):
     dev = image(tmp_path, fs, size, *args)
     assert mount.filesystem_blocks(dev, fs) == blocks
     mount.grow_filesystem(dev, fs, tmp_path / "mnt")
@@ -56,6 +56,33 @@ def test_the_high_half_of_a_64bit_ext4_block_count_is_read(tmp_path):
         f.seek(1024 + 0x150)
         f.write((1).to_bytes(4, "little"))
     assert mount.filesystem_blocks(dev, "ext4") == ((1 << 32) + 16384, 4096)
+
+
+def test_the_high_half_of_the_block_count_counts_only_with_the_64bit_feature(tmp_path):
+    dev = image(tmp_path, "ext4", 64 * MiB, "-F", "-b", "4096", "-O", "^64bit")
+    with open(dev, "r+b") as f:          # a field a filesystem without the feature does not use
+        f.seek(1024 + 0x150)
+        f.write((1).to_bytes(4, "little"))
+    assert mount.filesystem_blocks(dev, "ext4") == (16384, 4096)
+
+
+@pytest.mark.parametrize("fs,size,offset,value", [
+    ("ext4", 64 * MiB, 1024 + 0x18, (7).to_bytes(4, "little")),      # log block size 7: 128 KiB blocks
+    ("xfs", 320 * MiB, 4, (3000).to_bytes(4, "big")),                # not a power of two
+    ("xfs", 320 * MiB, 4, (1 << 17).to_bytes(4, "big")),             # 128 KiB
+])
+def test_a_block_size_no_such_filesystem_has_is_no_superblock_and_the_grow_runs(tmp_path, fake_run, fs, size,
+                                                                                offset, value):
+    """Else a block bigger than the device would make any size look like "fills": never grown."""
+    dev = image(tmp_path, fs, size, *(("-F",) if fs == "ext4" else ()))
+    with open(dev, "r+b") as f:
+        f.seek(offset)
+        f.write(value)
+    assert mount.filesystem_blocks(dev, fs) is None
+    fake_run.on("resize2fs")
+    fake_run.on("xfs_growfs")
+    mount.grow_filesystem(dev, fs, tmp_path / "mnt")
+    assert len(fake_run.calls) == 1
 
 
 def test_no_superblock_of_that_filesystem_means_the_grow_runs(tmp_path, fake_run):

@@ -78,12 +78,20 @@ def test_the_disk_is_found_in_sysfs_by_target_portal_and_lun(iscsi_sysfs):
     assert Iscsiadm.find_device(Target(T.iqn, ("10.0.0.1:3260",), 2)) is None     # no such LUN
 
 
-def test_a_disk_whose_dev_node_is_not_made_yet_is_not_found(iscsi_sysfs):
+def test_a_disk_whose_dev_node_is_not_made_or_does_not_open_yet_is_not_found(iscsi_sysfs):
+    """The kernel shows the disk in sysfs and makes its node before the disk opens (ENXIO until then): blkid
+    on it then would say "nothing found" of a disk full of data."""
+    import socket
     iscsi_sysfs.add(1, T.iqn, "10.0.0.1")
     iscsi_sysfs.add_disk(1, 0, "sdb", node=False)     # registered in sysfs, devtmpfs not done yet
     assert Iscsiadm.find_device(T) is None
-    (iscsi_sysfs.dev / "sdb").touch()
-    assert Iscsiadm.find_device(T) == iscsi_sysfs.dev / "sdb"
+    node = iscsi_sysfs.dev / "sdb"
+    with socket.socket(socket.AF_UNIX) as not_openable:   # open(2) of a socket file fails with ENXIO
+        not_openable.bind(str(node))
+        assert Iscsiadm.find_device(T) is None
+    node.unlink()
+    node.touch()
+    assert Iscsiadm.find_device(T) == node
 
 
 def test_the_by_path_link_serves_where_sysfs_shows_no_disk(iscsi_sysfs):

@@ -76,6 +76,20 @@ def test_an_ambivalent_probe_is_not_blank(fake_run):
     assert not found.blank and "more than one" in found.describe()
 
 
+def test_a_disk_blkid_cannot_read_is_never_called_blank(fake_run, node, mounts):
+    """blkid exits 2 both for "nothing found" and when it cannot open the device (ENXIO for a disk the kernel
+    has not finished adding, say): the second is no answer, and a stage on it writes nothing."""
+    fake_run.on("blkid", rc=2, stderr=f"blkid: error: {DEVICE}: No such device or address\n")
+    with pytest.raises(errors.CsiError) as e:
+        mount.probe(Path(DEVICE))
+    assert e.value.code == errors.Code.UNAVAILABLE and "No such device or address" in e.value.message
+    mount_tools(fake_run, mounts)
+    with pytest.raises(errors.CsiError):
+        node.NodeStageVolume(stage_request(node, "ext4"), None)
+    assert writes(fake_run) == [] and mounts == []
+    assert node.iscsi.logouts == [REF.iqn]
+
+
 # ---------------------------------------------------------------------------------------------- stage
 
 class FakeIscsi(Iscsiadm):
