@@ -22,6 +22,16 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+def device_size(path: str | Path) -> int:
+    """Bytes of a block device (or a file): where a seek to its end lands. No process (blockdev --getsize64 gives
+    the same, the BLKGETSIZE64 the kernel answers)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from csi import errors, runner
+from csi import errors, fsutil, runner
 
 RC_BLKID_NOTHING = 2
 RC_BLKID_AMBIVALENT = 8   # low-level probing found more than one valid-looking superblock
@@ -262,11 +262,7 @@ def _fills_device(device: Path, fs: str) -> bool:
         return False
     blocks, block = found
     try:
-        fd = os.open(device, os.O_RDONLY)
-        try:
-            size = os.lseek(fd, 0, os.SEEK_END)
-        finally:
-            os.close(fd)
+        size = fsutil.device_size(device)
     except OSError:
         return False
     return blocks >= size // block
