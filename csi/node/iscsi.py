@@ -291,14 +291,10 @@ class Iscsiadm:
         return out
 
     @classmethod
-    def find_device(cls, target: Target) -> Path | None:
-        """The disk of LUN `lun` through any portal, None when there is none now. Found from its session in
-        sysfs as soon as the kernel registers it (udev's /dev/disk/by-path link follows 0.1-0.5 s later, and
-        not at all where udev does not run); the link, resolved, where sysfs does not show it."""
-        return cls._find_device(target, None)
-
-    @classmethod
-    def _find_device(cls, target: Target, sessions: list[Path] | None) -> Path | None:
+    def find_device(cls, target: Target, sessions: list[Path] | None = None) -> Path | None:
+        """The disk of LUN `lun` through any portal (of `sessions`, as session_disk), None when there is none
+        now. Found from its session in sysfs as soon as it opens (udev's /dev/disk/by-path link follows 0.1-0.5 s
+        later, and not at all where udev does not run); the link, resolved, where sysfs does not show it."""
         disk = cls.session_disk(target, sessions)
         if disk is not None:
             return disk
@@ -319,7 +315,7 @@ class Iscsiadm:
             if not sessions or not all(session.exists() for session in sessions):
                 # every session walked until the target's show up, then only theirs (again if one went away)
                 sessions = self._session_dirs(target)
-            device = self._find_device(target, sessions)
+            device = self.find_device(target, sessions)
             if device is not None:
                 found = time.monotonic()
                 disk_queue.use_no_scheduler(device)

@@ -259,7 +259,7 @@ def test_the_wait_for_a_disk_rescans_once_per_point_passed_even_after_a_slow_res
     disk.touch()
     rescans = []
     tool = Iscsiadm()
-    monkeypatch.setattr(tool, "_find_device", lambda t, sessions: disk if clock[0] >= 9.0 else None)
+    monkeypatch.setattr(tool, "find_device", lambda t, sessions=None: disk if clock[0] >= 9.0 else None)
 
     def rescan(iqn):   # waited 2.5 s for the node database's lock: past the next point (3 s) already
         rescans.append(round(clock[0], 2))
