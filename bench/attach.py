@@ -22,6 +22,9 @@ GUEST = Path(__file__).resolve().parent / "guest.py"
 HOOK = Path(__file__).resolve().parent / "hook"
 M = csi.VolumeCapability.AccessMode
 BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
+MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext4"),
+                             access_mode=M(mode=M.SINGLE_NODE_WRITER))
+THIN_POOL = "thinpool"   # the lab storage node's thin pool (csi/lab/node.py)
 
 
 @contextlib.contextmanager
@@ -48,6 +51,11 @@ def storage_and_worker_profiled(workdir: Path, name: str, subnet: str, disk_gib:
     with storage_and_worker(workdir, name, subnet, disk_gib, boot_timeout) as (d, s, w):
         d.start_node_plugin(w, env={"PYTHONPATH": str(HOOK)})
         yield d, s, w
+
+
+def lvm_env(d: Deployment, node: LabNode) -> dict[str, str]:
+    """The environment that gives LVM, run by hand on a lab storage node, the agent's lvm.conf."""
+    return {"LVM_SYSTEM_DIR": str(d.agent_state(node) / "lvm-system")}
 
 
 class Clients:

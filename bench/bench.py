@@ -78,12 +78,7 @@ GUEST = HERE / "guest.py"
 MiB, GiB = 1 << 20, 1 << 30
 PARTS = {"create", "snapshots", "randio", "tuning", "replicas", "restart", "load", "stage", "burst"}
 VOLUME_BYTES = 4 * MiB
-THIN_POOL = "thinpool"
 TCP_PORT = 7801
-M = csi.VolumeCapability.AccessMode
-MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext4"),
-                             access_mode=M(mode=M.SINGLE_NODE_WRITER))
-BLOCK = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=M(mode=M.SINGLE_NODE_WRITER))
 # Lines of csi/runner.py (debug) and csi/server.py (info) in the agent's log.
 RPC = re.compile(r" csi\.server: (\w+) (?:ok in ([\d.]+)s$|failed after ([\d.]+)s: (\w+))", re.M)
 DD_RATE = re.compile(r"^(\d+) bytes .* copied, ([\d.]+) s", re.M)
@@ -151,7 +146,7 @@ class Bench:
         self.ctrl = csi_pb2_grpc.ControllerStub(self._cch)
         self.node = csi_pb2_grpc.NodeStub(self._nch)
         self.background = 0
-        self.lvm_env = {"LVM_SYSTEM_DIR": str(d.agent_state(storage) / "lvm-system")}  # the agent's lvm.conf
+        self.lvm_env = attach.lvm_env(d, storage)
 
     def close(self) -> None:
         self._cch.close()
@@ -159,12 +154,12 @@ class Bench:
 
     # ------------------------------------------------------------------------------------ CSI calls
 
-    def create(self, name: str, size: int = VOLUME_BYTES, cap=MOUNT, timeout: float = 300) -> str:
+    def create(self, name: str, size: int = VOLUME_BYTES, cap=attach.MOUNT, timeout: float = 300) -> str:
         req = csi.CreateVolumeRequest(name=name, capacity_range=csi.CapacityRange(required_bytes=size),
                                       volume_capabilities=[cap])
         return self.ctrl.CreateVolume(req, timeout=timeout).volume.volume_id
 
-    def publish(self, vid: str, cap=MOUNT) -> dict[str, str]:
+    def publish(self, vid: str, cap=attach.MOUNT) -> dict[str, str]:
         return dict(self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
             volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=cap), timeout=300).publish_context)
 
@@ -214,7 +209,7 @@ class Bench:
 
     def raw_sample(self, p: Point, lv: str) -> None:
         iqn = f"iqn.2026-11.dev.csi.bench:{lv}"
-        r = self.s.run([PYTHON, str(GUEST), "raw-create", VG_NAME, THIN_POOL, lv, str(VOLUME_BYTES), iqn,
+        r = self.s.run([PYTHON, str(GUEST), "raw-create", VG_NAME, attach.THIN_POOL, lv, str(VOLUME_BYTES), iqn,
                         self.s.ip, self.w.initiator_iqn], env=self.lvm_env, timeout=300, check=True)
         parts = json.loads(r.stdout.splitlines()[-1])
         p.raw.append(parts["total"])
@@ -226,7 +221,7 @@ class Bench:
 
     def throughput(self, size: int, runs: int) -> dict[str, Reads]:
         """dd iflag=direct from a staged volume and raw TCP, storage node -> worker, runs alternating."""
-        vid = self.create("bench-io", size=size, cap=BLOCK)
+        vid = self.create("bench-io", size=size, cap=attach.BLOCK)
         target = attach.attach(self.ctrl, self.node, self.d, self.w, vid, "io")
         log(f"writing {size // MiB} MiB to the staged volume")
         attach.fill_random(self.w, target, size)

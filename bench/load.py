@@ -39,7 +39,6 @@ from stats import percentile
 
 MiB = 1 << 20
 SIZE = 4 * MiB
-THIN_POOL = "thinpool"
 PROBES = 4
 RETRIED = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
            grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -141,10 +140,10 @@ class LoadBench(attach.Clients):
                 lambda vid: self.delete(run, vid), vids)))
 
     def raw(self, run: Run, count: int, tag: str) -> None:
-        env = {"LVM_SYSTEM_DIR": str(self.d.agent_state(self.s) / "lvm-system")}   # the agent's lvm.conf
+        env = attach.lvm_env(self.d, self.s)
         prefix = f"raw-load-{tag}"
-        r = self.s.run([PYTHON, str(GUEST), "raw-create-serial", VG_NAME, THIN_POOL, prefix, str(count), str(SIZE)],
-                       env=env, timeout=3600, check=True)
+        r = self.s.run([PYTHON, str(GUEST), "raw-create-serial", VG_NAME, attach.THIN_POOL, prefix, str(count),
+                        str(SIZE)], env=env, timeout=3600, check=True)
         run.raw = json.loads(r.stdout.splitlines()[-1])["total"]
         self.s.run([PYTHON, str(GUEST), "raw-remove-serial", VG_NAME, prefix, str(count)], env=env, timeout=3600,
                    check=True)

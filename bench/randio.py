@@ -155,7 +155,7 @@ class RandioBench(attach.Clients):
         # The volume's LV stays claimed by its LIO export until it is deleted, so the local side is an LV of
         # the same size in the same thin pool, made, formatted and filled the same way.
         ref = ids.parse_id(vid)
-        env = {"LVM_SYSTEM_DIR": str(self.d.agent_state(self.s) / "lvm-system")}   # the agent's lvm.conf
+        env = attach.lvm_env(self.d, self.s)
         lv, mnt = f"{ref.vg}/bench-randio-local", self.s.workdir / "randio-fs"
         self.s.run(["lvcreate", "--yes", "--thin", "--virtualsize", f"{size}b", "--name", lv.split("/")[1],
                     f"{ref.vg}/thinpool"], env=env, timeout=300, check=True)

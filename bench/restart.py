@@ -102,7 +102,7 @@ class RestartBench(attach.Clients):
         listing = self.s.workdir / "bench-restart-volumes.json"
         lvs = [ids.parse_id(vid).lv for vid in self.volumes]
         listing.write_text(json.dumps([[lv, ids.target_iqn(VG_NAME, lv)] for lv in lvs]))
-        env = {"LVM_SYSTEM_DIR": str(self.d.agent_state(self.s) / "lvm-system")}   # the agent's lvm.conf
+        env = attach.lvm_env(self.d, self.s)
         r = self.s.run([PYTHON, str(GUEST), "raw-restore", VG_NAME, self.s.ip, self.w.initiator_iqn, str(listing)],
                        env=env, timeout=3600, check=True)
         found = targets(self.s)

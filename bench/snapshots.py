@@ -28,7 +28,6 @@ from csi.proto import csi_pb2 as csi
 import attach  # bench/ is on sys.path: bench.py puts it there
 
 MiB, GiB = 1 << 20, 1 << 30
-THIN_POOL = "thinpool"
 COPY_PORT = 7802
 ZONE_KEY = "topology.lvm-iscsi.csi.dev/zone"
 ZONES = {"storage-1": "zone-a", "storage-2": "zone-b"}
@@ -49,7 +48,7 @@ class SnapshotBench(attach.Clients):
         self.lab, self.d, self.s1, self.s2, self.w, self.log = lab, d, s1, s2, w, log
 
     def lvm_env(self, node: LabNode) -> dict[str, str]:
-        return {"LVM_SYSTEM_DIR": str(self.d.agent_state(node) / "lvm-system")}   # the agent's lvm.conf
+        return attach.lvm_env(self.d, node)
 
     def guest(self, node: LabNode, *argv: str, timeout: float = 600) -> dict:
         return attach.guest(node, *argv, env=self.lvm_env(node), timeout=timeout)
@@ -126,7 +125,7 @@ class SnapshotBench(attach.Clients):
                               f"{VG_NAME}/{snap_lv}")["seconds"]
         create = self.guest(self.s2, "timed", "lvcreate", "--yes", "--name", name, "--activate", "y",
                             "--setactivationskip", "n", "--virtualsize", f"{size}b", "--thin",
-                            f"{VG_NAME}/{THIN_POOL}")["seconds"]
+                            f"{VG_NAME}/{attach.THIN_POOL}")["seconds"]
         self.s2.spawn("recv-file", [PYTHON, str(attach.GUEST), "recv-file",
                                     self.s2.ip, str(COPY_PORT), f"/dev/{VG_NAME}/{name}"])
         self.guest(self.s1, "send-file", self.s2.ip, str(COPY_PORT), f"/dev/{VG_NAME}/{snap_lv}", str(size),

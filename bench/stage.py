@@ -33,10 +33,6 @@ import stats
 
 MiB, GiB = 1 << 20, 1 << 30
 SIZE = GiB
-THIN_POOL = "thinpool"
-M = csi.VolumeCapability.AccessMode
-MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext4"),
-                             access_mode=M(mode=M.SINGLE_NODE_WRITER))
 STEPS = ("NodeStageVolume, blank volume (mkfs)", "NodeUnstageVolume",
          "NodeStageVolume, formatted volume", "NodeUnstageVolume, again")
 TARGET = {STEPS[0]: 1.2}
@@ -72,18 +68,18 @@ class StageBench(attach.Clients):
     def __init__(self, d: Deployment, s: LabNode, w: LabNode, log):
         super().__init__(d, w)
         self.d, self.s, self.w, self.log = d, s, w, log
-        self.lvm_env = {"LVM_SYSTEM_DIR": str(d.agent_state(s) / "lvm-system")}   # the agent's lvm.conf
+        self.lvm_env = attach.lvm_env(d, s)
 
     def driver_sample(self, out: Samples, name: str) -> None:
         vid = self.ctrl.CreateVolume(csi.CreateVolumeRequest(
-            name=name, capacity_range=csi.CapacityRange(required_bytes=SIZE), volume_capabilities=[MOUNT]),
+            name=name, capacity_range=csi.CapacityRange(required_bytes=SIZE), volume_capabilities=[attach.MOUNT]),
             timeout=300).volume.volume_id
         ctx = dict(self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
-            volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=MOUNT), timeout=300).publish_context)
+            volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=attach.MOUNT), timeout=300).publish_context)
         staging, _ = attach.paths(self.d, self.w, vid, name)
         staging.mkdir(parents=True, exist_ok=True)
         stage = csi.NodeStageVolumeRequest(volume_id=vid, publish_context=ctx, staging_target_path=str(staging),
-                                           volume_capability=MOUNT)
+                                           volume_capability=attach.MOUNT)
         unstage = csi.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging))
         offset = stats.log_size(self.w, "node-plugin")
         for step, call, request in zip(STEPS, (self.node.NodeStageVolume, self.node.NodeUnstageVolume) * 2,
@@ -99,8 +95,8 @@ class StageBench(attach.Clients):
 
     def raw_sample(self, out: Samples, lv: str) -> None:
         iqn = ids.target_iqn(VG_NAME, lv)
-        attach.guest(self.s, "raw-create", VG_NAME, THIN_POOL, lv, str(SIZE), iqn, self.s.ip, self.w.initiator_iqn,
-                   env=self.lvm_env)
+        attach.guest(self.s, "raw-create", VG_NAME, attach.THIN_POOL, lv, str(SIZE), iqn, self.s.ip,
+                     self.w.initiator_iqn, env=self.lvm_env)
         mountpoint = self.w.workdir / f"raw-stage-{lv}"
         portal = f"{self.s.ip}:3260"
         try:

@@ -40,10 +40,6 @@ MiB = 1 << 20
 SIZE = 256 * MiB
 KUBELET_DEADLINE_S = 120.0     # kubelet's csiTimeout (pkg/volume/csi): the deadline of each of its CSI calls
 SETUP_AT_ONCE = 16
-THIN_POOL = "thinpool"
-M = csi.VolumeCapability.AccessMode
-MOUNT = csi.VolumeCapability(mount=csi.VolumeCapability.MountVolume(fs_type="ext4"),
-                             access_mode=M(mode=M.SINGLE_NODE_WRITER))
 CALLS = ("NodeStageVolume", "NodeUnstageVolume")
 
 
@@ -76,10 +72,11 @@ class Burst(attach.Clients):
         def one(i: int):
             name = f"bench-burst-{i}"
             vid = self.ctrl.CreateVolume(csi.CreateVolumeRequest(
-                name=name, capacity_range=csi.CapacityRange(required_bytes=SIZE), volume_capabilities=[MOUNT]),
+                name=name, capacity_range=csi.CapacityRange(required_bytes=SIZE), volume_capabilities=[attach.MOUNT]),
                 timeout=600).volume.volume_id
             ctx = dict(self.ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
-                volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=MOUNT), timeout=600).publish_context)
+                volume_id=vid, node_id=self.w.initiator_iqn, volume_capability=attach.MOUNT),
+                timeout=600).publish_context)
             staging, _ = attach.paths(self.d, self.w, vid, name)
             staging.mkdir(parents=True, exist_ok=True)
             return vid, ctx, staging
@@ -100,7 +97,7 @@ class Burst(attach.Clients):
     def burst(self, out: Outcome, call: str) -> None:
         if call == "NodeStageVolume":
             requests = [csi.NodeStageVolumeRequest(volume_id=vid, publish_context=ctx, staging_target_path=str(st),
-                                                   volume_capability=MOUNT) for vid, ctx, st in self.volumes]
+                                                   volume_capability=attach.MOUNT) for vid, ctx, st in self.volumes]
         else:
             requests = [csi.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(st))
                         for vid, _, st in self.volumes]
@@ -115,9 +112,9 @@ class Burst(attach.Clients):
 
     def raw(self, out: Outcome, s: LabNode, count: int) -> None:
         """The same number of exports made directly on the storage node, staged by hand one after another."""
-        env = {"LVM_SYSTEM_DIR": str(self.d.agent_state(s) / "lvm-system")}   # the agent's lvm.conf
+        env = attach.lvm_env(self.d, s)
         prefix = "bench-burst-raw"
-        attach.guest(s, "raw-create-serial", VG_NAME, THIN_POOL, prefix, str(count), str(SIZE), env=env,
+        attach.guest(s, "raw-create-serial", VG_NAME, attach.THIN_POOL, prefix, str(count), str(SIZE), env=env,
                      timeout=3600)
         iqns = [ids.target_iqn(VG_NAME, f"{prefix}-{i}") for i in range(count)]
         listing = s.workdir / "bench-burst-raw.json"
@@ -143,6 +140,13 @@ class Burst(attach.Clients):
             list(pool.map(one, self.volumes))
 
 
+def _spread(seconds: list[float]) -> list[str]:
+    """p50, p95 and the slowest, as the table prints them; dashes when there are none."""
+    if not seconds:
+        return ["-"] * 3
+    return [f"{stats.percentile(seconds, q):.2f}" for q in (0.5, 0.95)] + [f"{max(seconds):.2f}"]
+
+
 def render(out: Outcome, count: int) -> str:
     lines = [f"### {count} NodeStageVolume at once on one worker, then {count} NodeUnstageVolume "
              f"(each with kubelet's {KUBELET_DEADLINE_S:.0f} s deadline)", "",
@@ -150,7 +154,7 @@ def render(out: Outcome, count: int) -> str:
              "target |", "|---|---:|---|---:|---:|---:|---:|---|"]
     for call in CALLS:
         ok, failed = out.seconds[call], out.failures[call]
-        spread = [f"{stats.percentile(ok, q):.2f}" for q in (0.5, 0.95)] + [f"{max(ok):.2f}"] if ok else ["-"] * 3
+        spread = _spread(ok)
         codes = ", ".join(f"{code} {n}" for code, n in sorted(failed.items())) or "none"
         target = ""
         if call == "NodeStageVolume":
@@ -159,8 +163,7 @@ def render(out: Outcome, count: int) -> str:
                      f"{target} |")
     if out.raw_stages:
         lines.append(f"| by hand, one after another (the lab's own rate) | {len(out.raw_stages)} | | "
-                     f"{stats.percentile(out.raw_stages, 0.5):.2f} | {stats.percentile(out.raw_stages, 0.95):.2f} | "
-                     f"{max(out.raw_stages):.2f} | {out.raw_total:.1f} | |")
+                     f"{' | '.join(_spread(out.raw_stages))} | {out.raw_total:.1f} | |")
     if out.commands:
         lines += ["", "The worker's commands during the stage burst (from the node plugin's log; a command's seconds "
                   "include its wait for the CPU):", "", "| command | calls | mean (s) | total (s) |",
