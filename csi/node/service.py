@@ -22,7 +22,7 @@ from csi import capabilities as caps
 from csi import contract, errors, faults, ids, mkfs_options
 from csi.config import NodeConfig
 from csi.fsutil import remove, write_atomic
-from csi.node import credentials, health, iscsiadm_mode, mount, raid, replicated
+from csi.node import credentials, disk_queue, health, iscsiadm_mode, mount, raid, replicated
 from csi.node.iscsi import Iscsiadm, Target, read_initiator_name
 from csi.node.ledger import LoginLedger
 from csi.proto import csi_pb2 as csi
@@ -205,6 +205,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     # A volume restored or cloned bigger than its source: the filesystem fills it on first stage
                     # (one mkfs just made fills its device already).
                     mount.grow_filesystem(device, found, staging)
+                # Once more now that udev has had the disk for the mkfs and mount: a rule of the host's that
+                # sets a scheduler on new disks ran after wait_for_device's (a block volume's publish checks too).
+                disk_queue.use_no_scheduler(device)
             except Exception:
                 # Leave nothing half-done: a failed stage logs out again (the CO will retry the whole stage).
                 self._undo_stage(request.volume_id, ref, staging)

@@ -192,6 +192,19 @@ def test_stage_formats_a_blank_device(fake_run, node, mounts, fs):
     assert [c[0] for c in writes(fake_run)] == [f"mkfs.{fs}", "mount"]
 
 
+def test_stage_leaves_the_disk_without_a_scheduler_a_udev_rule_set_after_the_login(fake_run, node, mounts,
+                                                                                     sys_block):
+    """The plugin sets `none` as it finds the disk (disk_queue.py); a host's udev rule may set mq-deadline after
+    that, while mkfs runs: the stage sets `none` again at its end."""
+    scheduler = sys_block / Path(DEVICE).name / "queue" / "scheduler"
+    scheduler.parent.mkdir(parents=True)
+    scheduler.write_text("[mq-deadline] none\n")           # FakeIscsi's wait_for_device leaves it so
+    fake_run.on("blkid", fn=fake_blkid("blank"))
+    mount_tools(fake_run, mounts)
+    node.NodeStageVolume(stage_request(node, "ext4"), None)
+    assert scheduler.read_text() == "none"
+
+
 @pytest.mark.parametrize("case", ["ext4", "xfs"])
 def test_stage_mounts_a_filesystem_it_finds_without_formatting(fake_run, node, mounts, case):
     fake_run.on("blkid", fn=fake_blkid(case))
