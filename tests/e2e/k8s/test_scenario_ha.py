@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -141,10 +142,14 @@ class HostController:
         (self.dir / "storage-nodes.yaml").write_text(yaml.safe_dump({"storageNodes": [
             {"name": storage.name, "address": f"{storage.ip}:{drv.AGENT_PORT}", "zone": "zone-a"}]}))
         self.socket = self.dir / "controller.sock"
+        self.tmp = self.dir / "tmp"
         self.proc = None
 
     def start(self, kill_at: str = "") -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.k8s.admin_kubeconfig)}
+        # The kubernetes client writes the kubeconfig's admin key into temporary files and removes them at exit;
+        # a controller killed (SIGKILL) never gets there, so they go into a directory stop() removes.
+        self.tmp.mkdir(exist_ok=True)
+        env = {**os.environ, "KUBECONFIG": str(self.k8s.admin_kubeconfig), "TMPDIR": str(self.tmp)}
         env.pop(faults.ENV, None)
         if kill_at:
             env[faults.ENV] = kill_at
@@ -169,6 +174,7 @@ class HostController:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def stub(self):
         return csi_pb2_grpc.ControllerStub(grpc.insecure_channel(f"unix:{self.socket}"))
