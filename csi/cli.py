@@ -193,13 +193,15 @@ def run_node(a: argparse.Namespace) -> int:
 
 
 def run_agent(a: argparse.Namespace) -> int:
-    from csi import server
+    from csi import heap, server
     from csi.config import AgentConfig
     from csi.proto import agent_pb2_grpc
     from csi.storage import access, lio
     from csi.storage.lvm import Lvm
     from csi.storage.records import RecordStore
     from csi.storage.service import AgentService
+
+    heap.keep_freed_memory()   # before gRPC's threads: its TLS buffers reused, not paged in per message
 
     config = AgentConfig.build(node_name=a.node_name, listen=a.listen, portals=a.portal or [],
                                portal_cidrs=a.portal_cidr or [], portal_port=a.portal_port,
