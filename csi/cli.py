@@ -201,7 +201,7 @@ def run_agent(a: argparse.Namespace) -> int:
     from csi.storage.records import RecordStore
     from csi.storage.service import AgentService
 
-    heap.keep_freed_memory()   # before gRPC's threads: its TLS buffers reused, not paged in per message
+    heap.keep_freed_memory()   # before any copy: gRPC's TLS buffers reused, not paged in per message
 
     config = AgentConfig.build(node_name=a.node_name, listen=a.listen, portals=a.portal or [],
                                portal_cidrs=a.portal_cidr or [], portal_port=a.portal_port,
