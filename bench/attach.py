@@ -117,15 +117,23 @@ def fill_random(worker: LabNode, target: Path, size: int) -> None:
         src.unlink()
 
 
+def process_memory(node: LabNode, name: str) -> tuple[str, str, int, int]:
+    """(daemon, where, VmRSS KiB, VmHWM KiB) of a daemon the lab started on a guest, now."""
+    pid = node.status(name)["pid"]
+    return (name, f"guest {node.name}", *_rss(node.run(["cat", f"/proc/{pid}/status"], timeout=30, check=True).stdout))
+
+
 def daemon_memory(d: Deployment, storage: LabNode, worker: LabNode) -> list[tuple[str, str, int, int]]:
     """(daemon, where, VmRSS KiB, VmHWM KiB) of the agent, the node plugin and the controller, now."""
-    out = []
-    for node, name in ((storage, "agent"), (worker, "node-plugin")):
-        pid = node.status(name)["pid"]
-        text = node.run(["cat", f"/proc/{pid}/status"], timeout=30, check=True).stdout
-        out.append((name, f"guest {node.name}", *_rss(text)))
-    out.append(("controller", "host", *_rss(Path(f"/proc/{d.controller.pid}/status").read_text())))
-    return out
+    return [process_memory(storage, "agent"), process_memory(worker, "node-plugin"),
+            ("controller", "host", *_rss(Path(f"/proc/{d.controller.pid}/status").read_text()))]
+
+
+def memory_table(memory: list[tuple[str, str, int, int]]) -> list[str]:
+    """The lines of a "Resident memory after the run" table of daemon_memory's (or process_memory's) rows."""
+    return ["### Resident memory after the run", "", "| daemon | runs on | RSS (MiB) | peak RSS (MiB) |",
+            "|---|---|---:|---:|", *(f"| {name} | {where} | {rss / 1024:.1f} | {hwm / 1024:.1f} |"
+                                       for name, where, rss, hwm in memory)]
 
 
 def _rss(status: str) -> tuple[int, int]:

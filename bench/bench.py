@@ -308,9 +308,7 @@ def render(points: list[Point], memory, reads: dict[str, Reads], samples: int, i
     lines += ["", "Raw: the agent's thin `lvcreate` (same argv, same lvm.conf) + rtslib export (backstore, target, "
                   "TPG, LUN 0, portal, ACL with CHAP, mapped LUN), run directly on the storage node.", ""]
     lines += _profile(points)
-    lines += ["", "### Resident memory after the run", "", "| daemon | runs on | RSS (MiB) | peak RSS (MiB) |",
-              "|---|---|---:|---:|"]
-    lines += [f"| {name} | {where} | {rss / 1024:.1f} | {hwm / 1024:.1f} |" for name, where, rss, hwm in memory]
+    lines += ["", *attach.memory_table(memory)]
     lines += _throughput(reads, io_mib)
     return "\n".join(lines) + "\n"
 

@@ -142,7 +142,7 @@ class SnapshotBench(attach.Clients):
         return activate + create + got["seconds"]
 
 
-def render(rows: list[Row], size: int, samples: int) -> str:
+def render(rows: list[Row], size: int, samples: int, memory: list[tuple[str, str, int, int]] = ()) -> str:
     lines = [f"### Snapshots and restores of {size // MiB} MiB of written data, median of {samples} samples", "",
              "| operation | driver (s) | raw floor (s) | driver / raw | raw floor is |", "|---|---:|---:|---:|---|"]
     for r in rows:
@@ -152,6 +152,8 @@ def render(rows: list[Row], size: int, samples: int) -> str:
     lines += ["", f"Across storage nodes the driver moved {size / statistics.median(far.driver) / 1e6:.1f} MB/s "
                   f"(mutual TLS, sparse-aware, sha256-verified); the plain TCP stream "
                   f"{size / statistics.median(far.raw) / 1e6:.1f} MB/s (setup included in both)."]
+    if memory:   # storage-1 sent the cross-node copies, storage-2 received them
+        lines += ["", *attach.memory_table(memory)]
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +169,8 @@ def run(workdir: Path, subnet: str, size: int, samples: int, disk_gib: int, log)
         bench = SnapshotBench(lab, d, s1, s2, w, log)
         try:
             rows = bench.run(size, samples)
+            memory = [attach.process_memory(node, "agent") for node in (s1, s2)]
         finally:
             bench.close()
             d.stop_controller()
-    return render(rows, size, samples)
+    return render(rows, size, samples, memory)
